@@ -1,0 +1,3 @@
+from sputnik.cli import main
+
+raise SystemExit(main())
