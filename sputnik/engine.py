@@ -1,0 +1,208 @@
+"""Batched generation: prefill once per prompt, fork the cache for n samples, decode with sampling.
+
+Shared by RL rollouts, distillation, evaluation, chat and the server. The model side of the
+contract (docs/CONTRACTS.md):
+    cache = model.new_cache(batch_size, max_len, dtype, device)
+    logits_BTV = model.forward_cached(input_ids_BT, cache, cache_seqlens_B)
+    cache = cache.select(rows_R)          # keep/repeat batch rows (fork and compaction)
+`forward_cached` writes the T new tokens of row b at positions cache_seqlens[b] ... and attends to
+everything before them; the engine owns cache_seqlens. For MLA the cache holds only the compressed
+latent and the RoPE key (absorbed attention at decode).
+
+Shape legend: B rows being decoded, P prompts, T time, V vocab.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]  # includes the stop token when one ended the sequence
+    logprobs: list[float]  # log p(token) under softmax(logits / temperature), unfiltered
+    text: str = ""
+    finish_reason: str = "length"  # "stop" | "length"
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    decode_steps: int = 0
+    forward_rows: int = 0  # sum over decode steps of rows computed (compaction shrinks it)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / max(self.seconds, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+def filter_logits(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) everything outside the top-k set and outside the smallest prefix of the
+    sorted distribution whose mass reaches top_p (the most likely token is always kept)."""
+    if top_k > 0 and top_k < logits_BV.shape[-1]:
+        kth = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits_BV, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
+        logits_BV = logits_BV.masked_fill(drop, float("-inf"))
+    return logits_BV
+
+
+def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
+    """-> (tokens_B, logprobs_B). Log-probs are of the policy at this temperature without
+    top-k/top-p (what RL's importance ratios compare against, as TRL does)."""
+    logits_BV = logits_BV.float()
+    if params.temperature == 0:
+        tokens_B = logits_BV.argmax(-1)
+        logprobs_B = F.log_softmax(logits_BV, -1).gather(-1, tokens_B[:, None])[:, 0]
+        return tokens_B, logprobs_B
+    scaled_BV = logits_BV / params.temperature
+    logp_BV = F.log_softmax(scaled_BV, -1)
+    filtered_BV = filter_logits(scaled_BV, params.top_k, params.top_p)
+    probs_BV = filtered_BV.softmax(-1)
+    tokens_B = torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
+    return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+class Engine:
+    def __init__(self, model, tokenizer=None, *, max_batch_size: int = 256, dtype: torch.dtype | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        p = next(model.parameters())
+        self.device = p.device
+        self.dtype = dtype or p.dtype
+        self.last_stats = GenerationStats()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, num_samples: int = 1) -> list[list[Completion]]:
+        """Sample `num_samples` completions for each prompt (token id lists). Returns one list per
+        prompt. Prompts are processed in waves of at most max_batch_size rows."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples={num_samples}: must be >= 1")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        was_training = self.model.training
+        self.model.eval()
+        stats = GenerationStats()
+        t0 = time.perf_counter()
+        gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        out: list[list[Completion]] = [[] for _ in prompts]
+        per_wave = max(1, self.max_batch_size // num_samples)
+        try:
+            for start in range(0, len(prompts), per_wave):
+                idx = list(range(start, min(start + per_wave, len(prompts))))
+                for c in self._generate_wave([prompts[i] for i in idx], idx, params, num_samples, gen, stats):
+                    out[c.prompt_index].append(c)
+        finally:
+            self.model.train(was_training)
+        for row in out:
+            row.sort(key=lambda c: c.sample_index)
+        stats.seconds = time.perf_counter() - t0
+        self.last_stats = stats
+        return out
+
+    def _generate_wave(self, prompts, prompt_ids, params, n, gen, stats) -> list[Completion]:
+        P, dev = len(prompts), self.device
+        lens_P = torch.tensor([len(p) for p in prompts], device=dev)
+        T = int(lens_P.max())
+        max_len = T + params.max_new_tokens
+        stats.prompt_tokens += int(lens_P.sum())
+
+        # --- prefill each prompt once (right-padded; pad positions are overwritten later)
+        ids_PT = torch.zeros(P, T, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            ids_PT[i, : len(p)] = torch.tensor(p, device=dev)
+        cache = self.model.new_cache(P, max_len, self.dtype, dev)
+        logits_PTV = self.model.forward_cached(ids_PT, cache, torch.zeros(P, dtype=torch.long, device=dev))
+        last_PV = logits_PTV[torch.arange(P, device=dev), lens_P - 1]
+
+        # --- fork: n rows per prompt share the prefilled prefix
+        rows = torch.arange(P, device=dev).repeat_interleave(n)
+        cache = cache.select(rows) if n > 1 else cache
+        logits_BV, seqlens_B = last_PV[rows], lens_P[rows].clone()
+        owner = [(prompt_ids[r // n], r % n) for r in range(P * n)]  # row -> (prompt, sample)
+        tokens: list[list[int]] = [[] for _ in owner]
+        logps: list[list[float]] = [[] for _ in owner]
+        done: list[Completion] = []
+        live = list(range(len(owner)))  # row slot -> index into owner/tokens
+        stop_ids = torch.tensor(params.stop_token_ids or [-1], device=dev)
+
+        for step in range(params.max_new_tokens):
+            tok_B, logp_B = sample_next(logits_BV, params, gen)
+            tok_list, logp_list = tok_B.tolist(), logp_B.tolist()
+            finished = torch.isin(tok_B, stop_ids).tolist()
+            for b, k in enumerate(live):
+                tokens[k].append(tok_list[b])
+                logps[k].append(logp_list[b])
+                if not finished[b] and params.stop_strings and self._hit_stop_string(tokens[k], params.stop_strings):
+                    finished[b] = True
+            stats.generated_tokens += len(live)
+            last_step = step == params.max_new_tokens - 1
+            keep = [b for b in range(len(live)) if not finished[b]]
+            for b in range(len(live)):
+                if finished[b] or last_step:
+                    k = live[b]
+                    done.append(self._completion(owner[k], tokens[k], logps[k], "stop" if finished[b] else "length"))
+            if last_step or not keep:
+                break
+            # --- compaction: finished rows leave the batch and stop costing compute
+            if len(keep) < len(live):
+                keep_t = torch.tensor(keep, device=dev)
+                cache, seqlens_B, tok_B = cache.select(keep_t), seqlens_B[keep_t], tok_B[keep_t]
+                live = [live[b] for b in keep]
+            logits_BV = self.model.forward_cached(tok_B[:, None], cache, seqlens_B)[:, -1]
+            seqlens_B = seqlens_B + 1
+            stats.decode_steps += 1
+            stats.forward_rows += len(live)
+        return done
+
+    def _hit_stop_string(self, toks: list[int], stops: tuple[str, ...]) -> bool:
+        # Only the tail can newly contain a stop string: decode a bounded window, not the whole text.
+        window = self.tokenizer.decode(toks[-16:])
+        return any(s in window for s in stops)
+
+    def _completion(self, owner, toks, logps, reason) -> Completion:
+        text = ""
+        if self.tokenizer is not None:
+            eot = getattr(self.tokenizer, "eot_id", None)
+            body = toks[:-1] if reason == "stop" and toks and toks[-1] == eot else toks
+            text = self.tokenizer.decode(body)
+        return Completion(owner[0], owner[1], list(toks), list(logps), text, reason)

@@ -1,0 +1,127 @@
+"""Engine semantics on a tiny stand-in model that honours the cache contract; the real models'
+cached-decode parity lives in test_mla.py / test_llama.py, and test_engine_models.py runs the
+engine on them."""
+import pytest
+import torch
+from torch import nn
+
+from sputnik.engine import Engine, SamplingParams, filter_logits, sample_next
+
+
+class TokenCache:
+    def __init__(self, ids_BS):
+        self.ids_BS = ids_BS
+
+    def select(self, rows):
+        return TokenCache(self.ids_BS[rows].clone())
+
+
+class CountingLM(nn.Module):
+    """logits[t] = f(token t, token t-1, position): enough history dependence that a wrong cache
+    row, position or fork shows up in the samples."""
+
+    def __init__(self, vocab=11):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.a = nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.b = nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.pos = nn.Parameter(torch.randn(64, vocab, generator=g))
+        self.calls = []
+
+    def full_logits(self, ids_BT):
+        prev = torch.cat([torch.zeros_like(ids_BT[:, :1]), ids_BT[:, :-1]], 1)
+        T = ids_BT.shape[1]
+        return self.a[ids_BT] + 0.5 * self.b[prev] + self.pos[:T]
+
+    def new_cache(self, batch, max_len, dtype, device):
+        return TokenCache(torch.zeros(batch, max_len, dtype=torch.long, device=device))
+
+    def forward_cached(self, ids_BT, cache, seqlens_B):
+        B, T = ids_BT.shape
+        self.calls.append(B)
+        pos_BT = seqlens_B[:, None] + torch.arange(T)
+        cache.ids_BS.scatter_(1, pos_BT, ids_BT)
+        prev_BT = cache.ids_BS.gather(1, (pos_BT - 1).clamp(min=0)) * (pos_BT > 0)
+        return self.a[ids_BT] + 0.5 * self.b[prev_BT] + self.pos[pos_BT]
+
+
+def test_greedy_matches_full_forward_and_is_deterministic():
+    m = CountingLM()
+    eng = Engine(m)
+    prompt = [3, 1, 4]
+    out = eng.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0))[0][0]
+    seq = list(prompt)
+    for _ in range(8):  # reference: greedy with the full (uncached) forward
+        seq.append(int(m.full_logits(torch.tensor([seq]))[0, -1].argmax()))
+    assert out.token_ids == seq[3:]
+    assert out.finish_reason == "length" and len(out.logprobs) == 8
+    again = eng.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0))[0][0]
+    assert again.token_ids == out.token_ids
+
+
+def test_batch_equals_one_by_one_greedy_with_ragged_prompts():
+    m = CountingLM()
+    eng = Engine(m)
+    prompts = [[1], [2, 3, 4, 5], [6, 7]]
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    batched = [r[0].token_ids for r in eng.generate(prompts, params)]
+    single = [eng.generate([p], params)[0][0].token_ids for p in prompts]
+    assert batched == single
+
+
+def test_forked_group_equals_separate_prefill():
+    """n samples of one prompt (one prefill, forked cache) == the same prompt repeated n times."""
+    m = CountingLM()
+    eng = Engine(m)
+    params = SamplingParams(max_new_tokens=7, temperature=1.0, seed=5)
+    forked = eng.generate([[2, 9]], params, num_samples=4)[0]
+    repeated = eng.generate([[2, 9]] * 4, params, num_samples=1)
+    assert [c.token_ids for c in forked] == [r[0].token_ids for r in repeated]
+    assert m.calls[0] == 1  # the forked run prefilled the prompt once
+
+
+def test_stop_token_and_compaction():
+    m = CountingLM(vocab=5)
+    eng = Engine(m)
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, stop_token_ids=(0,), seed=3)
+    outs = eng.generate([[1, 2]], params, num_samples=16)[0]
+    for c in outs:
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] == 0 and 0 not in c.token_ids[:-1]
+        else:
+            assert len(c.token_ids) == 30 and 0 not in c.token_ids
+    assert any(c.finish_reason == "stop" for c in outs)
+    # finished rows leave the batch: later decode calls have fewer rows
+    assert min(m.calls[1:]) < 16
+
+
+def test_logprobs_are_policy_logprobs():
+    m = CountingLM()
+    eng = Engine(m)
+    c = eng.generate([[4, 4]], SamplingParams(max_new_tokens=5, temperature=0.7, seed=1))[0][0]
+    seq = [4, 4] + c.token_ids
+    logits = m.full_logits(torch.tensor([seq]))[0] / 0.7
+    ref = torch.log_softmax(logits, -1)[1:-1].gather(-1, torch.tensor(seq[2:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-5)
+
+
+def test_top_k_and_top_p_never_sample_outside_their_sets():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(2000, 1)
+    toks, _ = sample_next(logits, SamplingParams(temperature=1.0, top_k=2), g)
+    assert set(toks.tolist()) == {0, 1}
+    p = torch.softmax(logits[0], -1)  # 0.61, 0.22, 0.08, ... -> top_p 0.8 keeps {0, 1}
+    assert p[0] < 0.8 < p[0] + p[1]
+    toks, _ = sample_next(logits, SamplingParams(temperature=1.0, top_p=0.8), g)
+    assert set(toks.tolist()) == {0, 1}
+    f = filter_logits(logits[:1], 0, 0.5)  # the top token alone reaches 0.5 -> only it survives
+    assert torch.isfinite(f).sum() == 1
+
+
+def test_bad_params():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="empty prompt"):
+        Engine(CountingLM()).generate([[]], SamplingParams())
