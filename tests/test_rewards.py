@@ -1,0 +1,55 @@
+import time
+
+import pytest
+
+from sputnik.rewards import IsolatedReward, import_by_path
+
+
+def _batch(*completions):
+    return [{"prompt": "p", "completion": c, "answer": "a"} for c in completions]
+
+
+def test_isolated_reward_values():
+    r = IsolatedReward("reward_fixtures:length_reward")
+    try:
+        assert r(_batch("abc", "abcdefghij")) == [pytest.approx(0.3), pytest.approx(1.0)]
+        assert r.failures.total() == 0
+    finally:
+        r.close()
+
+
+def test_raising_reward_scores_zero_and_run_continues():
+    r = IsolatedReward("reward_fixtures:raising_reward")
+    try:
+        assert r(_batch("ok", "boom", "fine")) == [1.0, 0.0, 1.0]
+        assert r.failures.raised == 1 and "reward exploded" in r.failures.examples[0]
+    finally:
+        r.close()
+
+
+def test_hanging_reward_is_killed_at_its_time_limit():
+    r = IsolatedReward("reward_fixtures:hanging_reward", timeout_s=0.5)
+    try:
+        r(_batch("warm"))  # worker start-up is not charged to the time limit
+        t0 = time.perf_counter()
+        assert r(_batch("hang", "fine")) == [0.0, 0.5]
+        assert time.perf_counter() - t0 < 8
+        assert r.failures.timed_out == 1
+    finally:
+        r.close()
+
+
+def test_non_finite_reward_is_zero():
+    r = IsolatedReward("reward_fixtures:nan_reward")
+    try:
+        assert r(_batch("x")) == [0.0]
+        assert r.failures.non_finite == 1
+    finally:
+        r.close()
+
+
+def test_bad_import_path():
+    with pytest.raises(ValueError, match="cannot be imported"):
+        import_by_path("no_such_module_xyz:fn")
+    with pytest.raises(ValueError, match="expected"):
+        import_by_path("justaname")
