@@ -1,0 +1,61 @@
+"""Rollout batches for RL and on-policy distillation: prompt + sampled completion -> padded
+training tensors, and the policy's per-token log-probs on the completion tokens.
+
+Shape legend: B sequences (prompts x samples), T padded length, N completion tokens in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sputnik.losses import token_logprobs
+
+
+@dataclass
+class RolloutBatch:
+    input_ids_BT: torch.Tensor  # prompt + completion, right-padded
+    targets_BT: torch.Tensor  # next token at completion positions, -100 elsewhere
+    completion_mask_BT: torch.Tensor  # float 1.0 where targets_BT is a completion token
+    sampler_logp_BT: torch.Tensor  # the engine's log-probs at those positions (0 elsewhere)
+
+    def to(self, device):
+        return RolloutBatch(*(t.to(device) for t in (self.input_ids_BT, self.targets_BT,
+                                                        self.completion_mask_BT, self.sampler_logp_BT)))
+
+    def select(self, rows):
+        return RolloutBatch(self.input_ids_BT[rows], self.targets_BT[rows], self.completion_mask_BT[rows],
+                            self.sampler_logp_BT[rows])
+
+
+def build_rollout_batch(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],
+                        pad_id: int) -> RolloutBatch:
+    """Position p-1+j of row b predicts completion token j (p = prompt length): the hidden state
+    at the last prompt token produces the first sampled token."""
+    if not (len(prompts) == len(completions) == len(logprobs)):
+        raise ValueError("prompts, completions and logprobs must have the same length")
+    B = len(prompts)
+    T = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    tgt = torch.full((B, T), -100, dtype=torch.long)
+    slp = torch.zeros(B, T)
+    for b, (p, c, lp) in enumerate(zip(prompts, completions, logprobs)):
+        seq = (p + c)[:T]
+        ids[b, : len(seq)] = torch.tensor(seq)
+        if c:
+            start = len(p) - 1
+            tgt[b, start: start + len(c)] = torch.tensor(c)
+            slp[b, start: start + len(c)] = torch.tensor(lp, dtype=torch.float32)
+    return RolloutBatch(ids, tgt, (tgt != -100).float(), slp)
+
+
+def policy_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, chunk_size: int = 1024):
+    """-> (logp_BT, entropy_BT), zero outside the completion. Only completion positions go
+    through the LM head (chunked), so no [B, T, V] tensor is built."""
+    h_BTD = model.hidden_states(batch.input_ids_BT)
+    mask_BT = batch.targets_BT != -100
+    logp_N, ent_N = token_logprobs(h_BTD[mask_BT], model.lm_head.weight, batch.targets_BT[mask_BT],
+                                   temperature=temperature, chunk_size=chunk_size)
+    logp_BT = torch.zeros(mask_BT.shape, dtype=logp_N.dtype, device=logp_N.device).masked_scatter(mask_BT, logp_N)
+    ent_BT = torch.zeros(mask_BT.shape, dtype=ent_N.dtype, device=ent_N.device).masked_scatter(mask_BT, ent_N)
+    return logp_BT, ent_BT
