@@ -1,0 +1,177 @@
+"""The report card: markdown + PNG plots built only from the ledger and the stages' metrics files
+(never from strings formatted inside training loops; STYLE.md §12).
+
+Inputs: `<project>/ledger.jsonl` (one row per run, with the stage's resolved config, cost and
+summary metrics such as `heldout_accuracy`, `params_total`, `params_active`) and each run's
+`<out_dir>/metrics.jsonl` (per-step records). Output: `<project>/report/report.md` and PNGs.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from sputnik import ledger
+from sputnik.common import atomic_write_text
+
+STAGE_ORDER = ["tokenizer", "pretrain", "sft", "rl", "distill", "eval"]
+
+
+def read_metrics(out_dir: str | None) -> list[dict]:
+    """Per-step records of a stage; tolerant of a torn last line (a killed writer)."""
+    if not out_dir:
+        return []
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _series(records: list[dict], key: str, x: str = "step"):
+    pts = [(r[x], r[key]) for r in records if isinstance(r.get(key), (int, float)) and x in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot(path: Path, panels: list[tuple[str, list[tuple[str, list, list]]]], xlabel: str = "step") -> str | None:
+    """panels: [(title, [(label, xs, ys), ...]), ...] -> one PNG with a subplot per panel."""
+    panels = [(t, [s for s in series if s[1]]) for t, series in panels]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for label, xs, ys in series:
+            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path.name
+
+
+def _fmt(v, spec: str = ".3g") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def stage_rows(rows: list[dict]) -> list[dict]:
+    """The latest ok run of each command, in pipeline order, plus any later commands."""
+    latest: dict[str, dict] = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            latest[r["command"]] = r
+    order = [c for c in STAGE_ORDER if c in latest] + [c for c in latest if c not in STAGE_ORDER]
+    return [latest[c] for c in order]
+
+
+def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    project = Path(project_dir)
+    rows = ledger.load(project)
+    if not rows:
+        raise ValueError(f"no runs in {ledger.ledger_path(project)}: nothing to report")
+    out = Path(out_dir) if out_dir else project / "report"
+    stages = stage_rows(rows)
+    tot = ledger.totals(rows)
+    figs = []
+
+    # --- loss curves of the training stages
+    loss_series, eval_series = [], []
+    for r in stages:
+        m = read_metrics((r.get("config") or {}).get("out_dir"))
+        loss_series.append((r["command"], *_series(m, "loss")))
+        eval_series.append((r["command"], *_series(m, "eval_loss")))
+    figs.append(("Loss curves", _plot(out / "loss.png", [("train loss", loss_series), ("held-out loss", eval_series)])))
+
+    # --- RL: reward, accuracy, response length
+    for r in stages:
+        if r["command"] != "rl":
+            continue
+        m = read_metrics((r.get("config") or {}).get("out_dir"))
+        figs.append(("Reinforcement learning", _plot(out / "rl.png", [
+            ("reward", [("mean reward", *_series(m, "reward_mean"))]),
+            ("accuracy", [("rollout accuracy", *_series(m, "accuracy")),
+                          ("held-out (greedy)", *_series(m, "heldout_accuracy"))]),
+            ("response length", [("mean", *_series(m, "length_mean")), ("max", *_series(m, "length_max"))]),
+        ])))
+
+    # --- expert load balance during pretraining
+    for r in stages:
+        if r["command"] == "pretrain":
+            m = read_metrics((r.get("config") or {}).get("out_dir"))
+            figs.append(("Expert load (max/mean tokens per expert; 1 = perfectly balanced)", _plot(
+                out / "expert_load.png", [("expert load max/mean", [("pretrain", *_series(m, "expert_load_max_over_mean"))])])))
+
+    # --- accuracy against cumulative FLOPs across the stages
+    cum, xs, ys, labels = 0.0, [], [], []
+    for r in stages:
+        cum += r.get("flops") or 0.0
+        acc = (r.get("metrics") or {}).get("heldout_accuracy")
+        if acc is not None:
+            xs.append(cum)
+            ys.append(acc)
+            labels.append(r["command"])
+    if xs:
+        figs.append(("Held-out accuracy against cumulative training FLOPs",
+                     _plot(out / "accuracy_vs_flops.png", [("accuracy vs FLOPs", [(" → ".join(labels), xs, ys)])],
+                           xlabel="cumulative FLOPs")))
+
+    # --- markdown
+    lines = [f"# Sputnik report card — {project.resolve().name}", ""]
+    lines += ["| stage | status | held-out accuracy | params total | params active | FLOPs | time (s) | device-hours | money (USD) | energy (kWh) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in stages:
+        m = r.get("metrics") or {}
+        lines.append(f"| {r['command']} | {r['status']} | {_fmt(m.get('heldout_accuracy'), '.3f')} | "
+                     f"{_fmt(m.get('params_total'), ',')} | {_fmt(m.get('params_active'), ',')} | "
+                     f"{_fmt(r.get('flops'), '.3g')} | {_fmt(r.get('wall_s'), '.0f')} | {_fmt(r.get('device_hours'), '.4f')} | "
+                     f"{_fmt(r.get('money_usd'), '.4f')} | {_fmt((r.get('energy_j') or 0) / 3.6e6, '.4f')} |")
+    for r in stages:  # per-stage extra numbers, e.g. the distillation comparison
+        extra = (r.get("metrics") or {}).get("report_table")
+        if extra:
+            lines += ["", f"### {r['command']}", "", *extra]
+    lines += ["", "## Cost: the final model vs everything spent", "",
+              "| | runs | device-hours | FLOPs | money (USD) | energy (kWh) |", "|---|---|---|---|---|---|"]
+    for name, t in [("final model's lineage", tot["final"]), ("all runs (failed, aborted, killed included)", tot["all"])] + \
+            [(f"of which {s}", v) for s, v in tot["by_status"].items()]:
+        lines.append(f"| {name} | {t['runs']} | {t['device_hours']:.4f} | {t['flops']:.3g} | {t['money_usd']:.4f} | "
+                     f"{t['energy_j'] / 3.6e6:.4f} |")
+    if tot["overhead"]:
+        lines += ["", f"Everything spent cost {tot['overhead']:.2f}× the final lineage alone."]
+    first = rows[0]
+    lines += ["", "## Hardware and software", "",
+              f"- device: {first.get('device_count')}× {first.get('device_name') or first.get('device_key')} "
+              f"(CPU: {first.get('cpu_model')})",
+              f"- python {platform.python_version()}, torch {(first.get('versions') or {}).get('torch')}, "
+              f"git {str((first.get('git') or {}).get('revision') or '?')[:12]}{' (dirty)' if (first.get('git') or {}).get('dirty') else ''}",
+              f"- prices: {first.get('price_usd_per_hour')} USD/device-hour, power {first.get('power_w')} W (override with --prices)"]
+    for title, name in figs:
+        if name:
+            lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="build the report card (markdown + plots) from a project's ledger and metrics")
+    p.add_argument("--project", default="runs/speedrun", metavar="DIR", help="project directory holding ledger.jsonl")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default PROJECT/report)")
+    p.set_defaults(func=lambda a: print(build(a.project, a.out)) or 0)

@@ -1,0 +1,318 @@
+"""`sputnik rl`: GRPO with verifiable rewards (DeepSeekMath §4.1; R1 §2), with the Dr. GRPO and
+DAPO variants.
+
+One step: sample G completions for each of P prompts with the engine (one prefill per prompt,
+forked cache) -> verifier rewards (+ optional user reward, overlong shaping) -> group-normalised
+advantages (DAPO dynamic sampling drops zero-variance groups) -> μ inner updates of the clipped
+surrogate (+ β·k3 KL to a frozen reference when β > 0).
+
+Where we depart from the papers, on purpose:
+- old log-probs: the first inner update's forward is π_old exactly, so ratios start at 1 with no
+  extra forward pass; the engine's log-probs are compared against it every step and the
+  mismatch (sampler vs trainer) is reported; with `tis_cap` > 0 the loss is re-weighted by the
+  truncated importance ratio π_train/π_sampler (TIS), as needed when sampling in bf16.
+- the R1-Zero recipe wraps the question in R1's template; the R1 recipe uses the chat prompt of
+  the SFT stage. Neither pre-fills `<think>` (a health check refuses prompts that do).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from sputnik import checkpoint as ckpt
+from sputnik import rl_losses
+from sputnik.common import append_jsonl, autocast, pick_device, print0, seed_everything, set_threads
+from sputnik.config import add_config_args, config_from_args, knob, save_config
+from sputnik.engine import Engine, SamplingParams
+from sputnik.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
+from sputnik.rewards import IsolatedReward, RewardWeights, verifier_rewards
+from sputnik.rl_health import HealthConfig, HealthMonitor, prompt_prefills_format
+from sputnik.rollout import build_rollout_batch, policy_logprobs
+
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+    "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
+    "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. User: {prompt}"
+)
+
+# variant -> (advantage scaled by group std, loss aggregation, dynamic sampling default)
+VARIANTS = {
+    "grpo": dict(scale_by_std=True, aggregate="sequence"),  # DeepSeekMath: per-sequence mean
+    "dr_grpo": dict(scale_by_std=False, aggregate="constant"),  # Liu et al. 2025: no std, no 1/|o|
+    "dapo": dict(scale_by_std=True, aggregate="token"),  # Yu et al. 2025: token-level mean
+}
+
+
+@dataclass
+class RLConfig:
+    init: str = knob("", "policy to start from: a sputnik model directory (SFT or base output) or a local HF causal LM dir")
+    out_dir: str = knob("runs/rl", "output directory (checkpoints, metrics.jsonl, final model)")
+    ledger_dir: str = knob("runs", "project directory whose ledger.jsonl records this run")
+    recipe: Literal["r1", "r1_zero"] = knob("r1", "r1: RL from an SFT checkpoint with the chat prompt; r1_zero: RL from a base model with R1's template")
+    tasks: list[str] = knob(default_factory=lambda: ["addition", "subtraction"], help="training tasks (sputnik tasks list)")
+    steps: int = knob(40, "RL steps (one rollout batch each)", min=1)
+    prompts_per_step: int = knob(8, "prompts per step", min=1)
+    group_size: int = knob(8, "G: completions per prompt", min=2)
+    max_new_tokens: int = knob(96, "completion length limit", min=1)
+    temperature: float = knob(1.0, "rollout temperature (log-probs use the same, as TRL)", min=0.01)
+    top_p: float = knob(1.0, "rollout nucleus sampling (1 = off)", min=0.01, max=1.0)
+    variant: Literal["grpo", "dr_grpo", "dapo"] = knob("dapo", "objective: grpo (per-sequence mean), dr_grpo, dapo (token mean, clip-higher)")
+    eps_low: float = knob(0.2, "clip range below 1", min=0.0)
+    eps_high: float = knob(0.28, "clip range above 1 (DAPO clip-higher; = eps_low for plain GRPO)", min=0.0)
+    beta: float = knob(0.0, "KL penalty weight to the frozen reference (0 = no reference model in memory)", min=0.0)
+    inner_updates: int = knob(1, "μ: optimizer steps on each rollout batch", min=1)
+    micro_batch: int = knob(64, "sequences per forward/backward in the update", min=1)
+    dynamic_sampling: bool = knob(True, "DAPO: drop groups whose rewards are all equal (they carry no gradient)")
+    overlong_cache: int = knob(0, "DAPO soft overlong punishment window in tokens (0 = off)", min=0)
+    tis_cap: float = knob(0.0, "truncated importance sampling cap for sampler/trainer mismatch (0 = off)", min=0.0)
+    accuracy_weight: float = knob(1.0, "reward for a correct answer", min=0.0)
+    format_weight: float = knob(0.1, "reward for the <think>…</think><answer>…</answer> format", min=0.0)
+    reward_fn: str = knob("", "extra reward 'package.module:function(prompt, completion, answer)', run isolated")
+    reward_timeout_s: float = knob(2.0, "time limit of one call of reward_fn", min=0.01)
+    eval_every: int = knob(10, "held-out greedy accuracy every N steps (0 = only at the end)", min=0)
+    eval_examples: int = knob(100, "held-out problems per evaluation", min=1)
+    checkpoint_every: int = knob(20, "checkpoint every N steps", min=1)
+    keep_last: int = knob(2, "checkpoints kept", min=1)
+    resume: str = knob("", "'' fresh, 'auto' latest if any, 'latest', or a checkpoint dir")
+    seed: int = knob(0, "seed for prompts, sampling and init")
+    device: str = knob("auto", "auto, cpu, cuda or mps")
+    num_threads: int = knob(0, "CPU threads (0 = all available cores)", min=0)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant",
+                                                                   weight_decay=0.0))
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+def sample_prompts(tasks, step: int, n: int, seed: int):
+    """Deterministic per step (so a resumed run sees the same prompts): task round-robin."""
+    rng = random.Random(seed * 1_000_003 + step)
+    out = []
+    for i in range(n):
+        task = tasks[(step * n + i) % len(tasks)]
+        out.append(task.generate(1, split="train", seed=rng.randrange(2**31))[0])
+    return out
+
+
+def render(tokenizer, prompt: str, recipe: str) -> list[int]:
+    return tokenizer.render_prompt(R1_ZERO_TEMPLATE.format(prompt=prompt) if recipe == "r1_zero" else prompt)
+
+
+def aggregate_fn(cfg: RLConfig):
+    kind = VARIANTS[cfg.variant]["aggregate"]
+    if kind == "sequence":
+        return rl_losses.sequence_mean
+    if kind == "token":
+        return rl_losses.token_mean
+    return lambda loss_BT, mask_BT: rl_losses.constant_norm(loss_BT, mask_BT, cfg.max_new_tokens)
+
+
+def score(cfg, tasks_by_name, examples, completions, custom):
+    weights = RewardWeights(accuracy=cfg.accuracy_weight, format=cfg.format_weight)
+    texts = [c.text for c in completions]
+    rewards, verdicts = verifier_rewards(lambda ex, c: tasks_by_name[ex.task].verify(ex, c), examples, texts, weights)
+    if custom is not None:
+        extra = custom([{"prompt": ex.prompt, "completion": t, "answer": ex.answer} for ex, t in zip(examples, texts)])
+        rewards = [r + e for r, e in zip(rewards, extra)]
+    if cfg.overlong_cache:
+        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        pen = rl_losses.soft_overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
+        rewards = [r + float(p) for r, p in zip(rewards, pen)]
+    return rewards, verdicts
+
+
+def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate):
+    """μ optimizer steps on one rollout batch. Returns metrics of the last inner step."""
+    B = batch.input_ids_BT.shape[0]
+    old_logp_BT, metrics = None, {}
+    for inner in range(cfg.inner_updates):
+        num_tokens = batch.completion_mask_BT.sum()
+        tot = dict(loss=0.0, clip_frac=0.0, kl=0.0, entropy=0.0, mismatch=0.0)
+        first_logps = []
+        for s in range(0, B, cfg.micro_batch):
+            mb = batch.select(slice(s, s + cfg.micro_batch))
+            mask_BT = mb.completion_mask_BT
+            with autocast(dc):
+                logp_BT, ent_BT = policy_logprobs(model, mb, cfg.temperature)
+                old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[s: s + cfg.micro_batch]
+                ref = None
+                if ref_model is not None:
+                    with torch.no_grad():
+                        ref, _ = policy_logprobs(ref_model, mb, cfg.temperature)
+                is_w = rl_losses.truncated_importance_weights(old, mb.sampler_logp_BT, cfg.tis_cap) if cfg.tis_cap else None
+                agg = (lambda l, m: rl_losses.token_mean(l, m, num_tokens_global=num_tokens)) \
+                    if VARIANTS[cfg.variant]["aggregate"] == "token" else aggregate
+                loss, m = rl_losses.grpo_loss(logp_BT, old, adv_B[s: s + cfg.micro_batch], mask_BT,
+                                              eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
+                                              ref_logp_BT=ref, aggregate=agg, is_weights_BT=is_w)
+                if VARIANTS[cfg.variant]["aggregate"] != "token":
+                    loss = loss * mask_BT.shape[0] / B  # per-micro-batch means -> a mean over the batch
+            loss.backward()
+            if inner == 0:
+                first_logps.append(logp_BT.detach())
+                diff = (logp_BT.detach() - mb.sampler_logp_BT).abs() * mask_BT
+                tot["mismatch"] += float(diff.sum())
+            w = float(mask_BT.sum()) / max(float(num_tokens), 1.0)
+            tot["loss"] += float(loss)
+            tot["clip_frac"] += float(m["clip_frac"]) * w
+            tot["kl"] += float(m["kl"]) * w
+            tot["entropy"] += float((ent_BT.detach() * mask_BT).sum()) / max(float(num_tokens), 1.0)
+        if old_logp_BT is None:
+            old_logp_BT = torch.cat(first_logps, 0)
+            metrics["logp_mismatch"] = tot["mismatch"] / max(float(num_tokens), 1.0)
+        grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
+        stepped = guarded_step(optimizer, tot["loss"], grad_norm)
+        if stepped:
+            model.update_expert_bias()
+        metrics.update(loss=tot["loss"], clip_frac=tot["clip_frac"], kl=tot["kl"], entropy=tot["entropy"],
+                       grad_norm=grad_norm, skipped=int(not stepped))
+    return metrics
+
+
+@torch.no_grad()
+def heldout_accuracy(engine, tokenizer, tasks, cfg, n: int) -> float:
+    per_task = max(1, n // len(tasks))
+    exs = [ex for t in tasks for ex in t.generate(per_task, split="test", seed=cfg.seed)]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0, stop_token_ids=(tokenizer.eot_id,))
+    outs = engine.generate([render(tokenizer, ex.prompt, cfg.recipe) for ex in exs], params)
+    by_name = {t.name: t for t in tasks}
+    return sum(by_name[ex.task].verify(ex, o[0].text).correct for ex, o in zip(exs, outs)) / len(exs)
+
+
+# ---------------------------------------------------------------------------------------------
+def run(cfg: RLConfig) -> dict:
+    from sputnik import ledger
+    from sputnik.model.accounting import rollout_and_update_flops
+    from sputnik.tasks import get_task
+    from sputnik.train_common import load_model_dir, save_model_dir
+
+    # --- setup
+    if not cfg.init:
+        raise ValueError("init: give the policy to start from (a sputnik model directory or an HF model dir)")
+    set_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    dc = pick_device(cfg.device)
+    print0(f"rl: device {dc.device} ({dc.reason})")
+    model, tokenizer, model_cfg = load_model_dir(cfg.init, dc.device)
+    model.train()
+    ref_model = None
+    if cfg.beta > 0:  # β = 0 drops the reference model and its memory
+        ref_model, _, _ = load_model_dir(cfg.init, dc.device)
+        ref_model.eval().requires_grad_(False)
+    tasks = [get_task(n) for n in cfg.tasks]
+    tasks_by_name = {t.name: t for t in tasks}
+    bad = prompt_prefills_format(tokenizer.decode(render(tokenizer, "2+2", cfg.recipe)))
+    if bad:
+        raise ValueError(f"the prompt template pre-fills {bad!r}: the policy would get format reward for free")
+    custom = IsolatedReward(cfg.reward_fn, cfg.reward_timeout_s) if cfg.reward_fn else None
+    optimizer = build_optimizer(model, cfg.optim)
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            stop_token_ids=(tokenizer.eot_id,))
+    monitor = HealthMonitor(cfg.health)
+    aggregate = aggregate_fn(cfg)
+    metrics_path = f"{cfg.out_dir}/metrics.jsonl"
+    save_config(cfg, f"{cfg.out_dir}/config.json")
+    start_step, acc_history = 0, []
+    resume_from = ckpt.resolve(cfg.resume, cfg.out_dir)
+    if resume_from is not None:
+        c = ckpt.validate(resume_from, expected_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
+                          config=cfg)
+        model_state, optim_state, rng = ckpt.load(c)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        ckpt.restore_rng(rng)
+        start_step, acc_history = c.step, c.loop_state.get("acc_history", [])
+        print0(f"rl: resumed from {resume_from} at step {start_step}")
+
+    with ledger.record_run(cfg.ledger_dir, "rl", cfg, devices=dc) as led:
+        if not acc_history:
+            acc_history.append((0, heldout_accuracy(engine, tokenizer, tasks, cfg, cfg.eval_examples)))
+            print0(f"rl: held-out accuracy before RL {acc_history[-1][1]:.3f}")
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            # --- rollout: one prefill per prompt, G forked samples each
+            examples = sample_prompts(tasks, step, cfg.prompts_per_step, cfg.seed)
+            prompts = [render(tokenizer, ex.prompt, cfg.recipe) for ex in examples]
+            params.seed = cfg.seed * 7919 + step
+            groups = engine.generate(prompts, params, num_samples=cfg.group_size)
+            t_roll = time.perf_counter() - t0
+            flat = [c for g in groups for c in g]
+            flat_ex = [ex for ex, g in zip(examples, groups) for _ in g]
+            # --- reward
+            t1 = time.perf_counter()
+            rewards, verdicts = score(cfg, tasks_by_name, flat_ex, flat, custom)
+            t_rew = time.perf_counter() - t1
+            # --- advantages (+ DAPO dynamic sampling)
+            r_BG = torch.tensor(rewards).view(len(examples), cfg.group_size)
+            adv = rl_losses.group_advantages(r_BG, cfg.group_size, scale_by_std=VARIANTS[cfg.variant]["scale_by_std"])
+            keep_groups = rl_losses.dynamic_sampling_mask(r_BG, cfg.group_size)
+            keep = keep_groups.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else torch.ones(len(flat), dtype=torch.bool)
+            # --- update
+            t2 = time.perf_counter()
+            m = {}
+            if keep.any():
+                rows = keep.nonzero()[:, 0].tolist()
+                batch = build_rollout_batch([prompts[i // cfg.group_size] for i in rows], [flat[i].token_ids for i in rows],
+                                            [flat[i].logprobs for i in rows], tokenizer.pad_id).to(dc.device)
+                set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.optim))
+                m = update(model, ref_model, optimizer, batch, adv.reshape(-1)[keep].to(dc.device), cfg, dc, aggregate)
+                led.add(flops=rollout_and_update_flops(model_cfg, batch, cfg.inner_updates, cfg.beta > 0),
+                        tokens=int(batch.completion_mask_BT.sum()))
+            t_upd = time.perf_counter() - t2
+            # --- metrics and health
+            lengths = [len(c.token_ids) for c in flat]
+            rec = dict(step=step + 1, reward_mean=sum(rewards) / len(rewards),
+                       reward_std=float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
+                       accuracy=sum(v.correct for v in verdicts) / len(verdicts),
+                       format_rate=sum(v.well_formatted for v in verdicts) / len(verdicts),
+                       parse_failure_frac=sum(v.extracted is None for v in verdicts) / len(verdicts),
+                       truncated_frac=sum(c.finish_reason == "length" for c in flat) / len(flat),
+                       zero_variance_frac=1.0 - float(keep_groups.float().mean()),
+                       length_mean=sum(lengths) / len(lengths), length_max=max(lengths),
+                       kept_sequences=int(keep.sum()), time_rollout=t_roll, time_reward=t_rew, time_update=t_upd,
+                       tokens_per_s=sum(lengths) / max(t_roll, 1e-9),
+                       reward_failures=custom.failures.total() if custom else 0, **m)
+            if step < 3 or (step + 1) % 10 == 0:
+                rec["sample"] = flat[0].text[:300]
+            warnings = monitor.observe_step(rec)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                acc = heldout_accuracy(engine, tokenizer, tasks, cfg, cfg.eval_examples)
+                acc_history.append((step + 1, acc))
+                rec["heldout_accuracy"] = acc
+                warnings += monitor.observe_eval(rec["reward_mean"], acc)
+            rec["warnings"] = warnings
+            append_jsonl(metrics_path, rec)
+            print0(f"rl step {step + 1}/{cfg.steps} reward {rec['reward_mean']:.3f} acc {rec['accuracy']:.3f} "
+                   f"fmt {rec['format_rate']:.2f} len {rec['length_mean']:.0f} kl {m.get('kl', 0):.4f} "
+                   f"ent {m.get('entropy', 0):.3f} roll {t_roll:.1f}s upd {t_upd:.1f}s"
+                   + (f" heldout {rec['heldout_accuracy']:.3f}" if "heldout_accuracy" in rec else ""))
+            for w in warnings:
+                print0(f"rl: WARNING {w}")
+            if warnings and cfg.health.stop_on_pathology:
+                raise KeyboardInterrupt(f"stopped by health check: {warnings[0]}")
+            # --- checkpoint
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                ckpt.save(f"{cfg.out_dir}/checkpoints", step + 1, model_state=model.state_dict(),
+                          optimizer_state=optimizer.state_dict(), rng_states=[ckpt.capture_rng()],
+                          loop_state={"acc_history": acc_history}, config=cfg, keep_last=cfg.keep_last)
+        final_dir = save_model_dir(model, tokenizer, f"{cfg.out_dir}/final")
+        led.artifacts.append(str(final_dir))
+        led.metrics.update(heldout_accuracy_before=acc_history[0][1], heldout_accuracy=acc_history[-1][1],
+                           accuracy_curve=acc_history)
+    if custom is not None:
+        custom.close()
+    return dict(final_dir=str(final_dir), accuracy_before=acc_history[0][1], accuracy_after=acc_history[-1][1],
+                accuracy_curve=acc_history)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("rl", help="GRPO / Dr. GRPO / DAPO with verifiable rewards (R1 and R1-Zero recipes)",
+                       description=__doc__.split("\n\n")[0])
+    add_config_args(p, RLConfig)
+    p.set_defaults(func=lambda args: (run(config_from_args(args, RLConfig)), 0)[1])
