@@ -1,0 +1,137 @@
+"""Tasks: prompts, gold answers, solution traces and safe verifiers (the reward contract).
+
+    get_task("addition", max_digits=6)                  built-in procedural task, knobs validated
+    get_task("rg:chain_sum", min_terms=3)                a reasoning-gym dataset (extra `gym`)
+    get_task("gsm8k", path=".../gsm8k_test.jsonl")      evaluation file (split="test" only)
+    task.generate(n, split="train", seed=0)              deterministic; train/test never overlap
+    task.verify(example, completion) -> Verdict          total, bounded, never eval()s
+    verify(example, completion)                          the same, dispatched on example.task
+    mixture(tasks, n, split, seed, weights=None)         examples of several tasks, interleaved
+    corpus_text(tasks, n, seed)                          plain text for pretraining / tokenizer fitting
+
+Files: base.py (Example, Verdict, Task, split_of), numbers.py (answer extraction, number
+canonicalisation), sandbox.py + symbolic.py (math-verify in a killable worker), arithmetic.py,
+countdown.py, word_problems.py, reasoning_gym.py, datasets.py (JSONL, GSM8K, SVAMP), cli.py.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from sputnik.config import build
+from sputnik.tasks.arithmetic import Addition, Multiplication, Subtraction
+from sputnik.tasks.base import Example, Task, Verdict, format_completion, split_of
+from sputnik.tasks.countdown import Countdown
+from sputnik.tasks.datasets import GSM8K, SVAMP, JsonlTask, gsm8k, load_gsm8k, load_jsonl, load_svamp, svamp
+from sputnik.tasks.reasoning_gym import ReasoningGymTask
+from sputnik.tasks.word_problems import WordProblems
+
+__all__ = ["Example", "Verdict", "Task", "split_of", "format_completion", "get_task", "list_tasks", "describe_task",
+           "verify", "mixture", "corpus_text", "example_text", "gsm8k", "svamp", "JsonlTask", "load_jsonl",
+           "load_gsm8k", "load_svamp", "REGISTRY"]
+
+REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (
+    Addition, Subtraction, Multiplication, Countdown, WordProblems, JsonlTask, GSM8K, SVAMP)}
+FILE_TASKS = {"jsonl", "gsm8k", "svamp"}
+_RG_OWN_KNOBS = {"use_rg_scorer", "allow_test_derived"}
+
+
+def _config_value(value):
+    """CLI strings -> JSON values for reasoning-gym configs ("3" -> 3, "true" -> True)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def get_task(name: str, **knobs) -> Task:
+    """A task by name with validated knobs; "rg:NAME" builds a reasoning-gym adapter, and its
+    knobs other than use_rg_scorer / allow_test_derived go to the dataset config."""
+    if not isinstance(name, str):
+        raise ValueError(f"task name must be a string, got {name!r}")
+    try:
+        if name.startswith("rg:"):
+            own = {k: v for k, v in knobs.items() if k in _RG_OWN_KNOBS}
+            config = {k: _config_value(v) for k, v in knobs.items() if k not in _RG_OWN_KNOBS}
+            return build(ReasoningGymTask, {"dataset": name[3:], "config": config, **own})
+        if name not in REGISTRY:
+            raise ValueError(f"unknown task {name!r}; known: {', '.join(list_tasks())}, rg:<dataset>")
+        return build(REGISTRY[name], knobs)
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
+
+
+def list_tasks() -> list[str]:
+    """Registered task names (reasoning-gym datasets are reachable as "rg:NAME" besides these)."""
+    return list(REGISTRY)
+
+
+def describe_task(name: str) -> tuple[str, list[tuple[str, object, str]]]:
+    """(description, [(knob, default, help)]) for `sputnik tasks list`."""
+    if name.startswith("rg:"):  # the dataset comes from the name and config from the extra knobs
+        return ReasoningGymTask.description, [k for k in ReasoningGymTask.knob_help() if k[0] in _RG_OWN_KNOBS]
+    return REGISTRY[name].description, REGISTRY[name].knob_help()
+
+
+@lru_cache(maxsize=None)
+def _default_task(name: str) -> Task:
+    return REGISTRY[name]()
+
+
+def verify(example: Example, completion: str) -> Verdict:
+    """Judge `completion` with the verifier of `example.task` (default knobs: verification reads
+    only the example). File-backed tasks use the generic answer check. Never raises."""
+    try:
+        if example.task.startswith("rg:"):
+            task = ReasoningGymTask(dataset=example.task[3:], use_rg_scorer=bool(example.meta.get("rg_scorer")))
+        elif example.task in REGISTRY and example.task not in FILE_TASKS:
+            task = _default_task(example.task)
+        else:
+            task = Task()
+    except Exception as e:  # a malformed example must not crash a training loop either
+        return Verdict(False, False, None, f"no verifier for task {getattr(example, 'task', None)!r} ({type(e).__name__})")
+    return task.verify(example, completion)
+
+
+def _apportion(n: int, weights: list[float]) -> list[int]:
+    """Largest-remainder split of n into integer counts proportional to weights."""
+    total = sum(weights)
+    exact = [n * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mixture(names_or_tasks: list, n: int, split: str = "train", seed: int = 0,
+            weights: list[float] | None = None) -> list[Example]:
+    """n examples from several tasks: counts proportional to `weights` (equal by default), spread
+    evenly through the list (plain round-robin for equal weights). Task i generates with seed
+    seed * 1_000_003 + i, so two entries of the same task do not repeat each other."""
+    tasks = [get_task(t) if isinstance(t, str) else t for t in names_or_tasks]
+    if not tasks:
+        raise ValueError("mixture needs at least one task")
+    weights = [1.0] * len(tasks) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(tasks) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights={weights}: need {len(tasks)} non-negative numbers with a positive sum")
+    counts = _apportion(n, weights)
+    slots = []
+    for i, (task, count) in enumerate(zip(tasks, counts)):
+        for k, ex in enumerate(task.generate(count, split=split, seed=seed * 1_000_003 + i)):
+            slots.append(((k + 0.5) / count, i, ex))
+    return [ex for _, _, ex in sorted(slots, key=lambda s: s[:2])]
+
+
+def example_text(example: Example) -> str:
+    """An example as plain text: prompt, trace (if any), "Answer: ..."."""
+    parts = [example.prompt] + ([example.solution] if example.solution else []) + [f"Answer: {example.answer}"]
+    return "\n".join(parts)
+
+
+def corpus_text(names_or_tasks: list, n: int, seed: int = 0) -> list[str]:
+    """n training-split examples of the tasks as plain text (for pretraining / tokenizer fitting);
+    the test split never enters a corpus, and evaluation files raise."""
+    return [example_text(ex) for ex in mixture(names_or_tasks, n, split="train", seed=seed)]

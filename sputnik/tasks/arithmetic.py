@@ -1,0 +1,146 @@
+"""Multi-digit addition, subtraction and long multiplication with written-out column traces.
+
+The traces are what a ~5M-parameter model learns to imitate, so they are short, regular lines in
+the order a person writes them (least significant column first), and every trace ends with the
+full equation, e.g. for 4821 + 397:
+
+    1+7=8, write 8
+    2+9=11, write 1 carry 1
+    8+3+1=12, write 2 carry 1
+    4+0+1=5, write 5
+    4821+397=5218
+
+Missing digits of the shorter operand are written as 0 so every column line has the same shape.
+Subtraction always has a >= b (no negative results) and borrows are written "12-9-1=2, write 2
+borrow 1" (the 1 in front of the top digit is the borrowed ten). Multiplication writes one
+partial product per non-zero digit of the second factor, shifted, then adds them up.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sputnik.config import knob
+from sputnik.tasks.base import Example, Task
+
+
+def sample_int(rng: random.Random, min_digits: int, max_digits: int) -> int:
+    """Uniform digit count in [min_digits, max_digits], then uniform among numbers with that many
+    digits (so 5-digit numbers are not 10x rarer than 4-digit ones)."""
+    d = rng.randrange(min_digits, max_digits + 1)  # randrange: randint's extra call costs ~15%
+    return rng.randrange(10) if d == 1 else rng.randrange(10 ** (d - 1), 10 ** d)
+
+
+def _columns(a: int, b: int) -> list[tuple[int, int]]:
+    """Digit pairs, least significant first, the shorter number padded with 0."""
+    sa, sb = str(a)[::-1], str(b)[::-1]
+    width = max(len(sa), len(sb))
+    return [(int(sa[i]) if i < len(sa) else 0, int(sb[i]) if i < len(sb) else 0) for i in range(width)]
+
+
+def addition_trace(a: int, b: int) -> list[str]:
+    lines, carry = [], 0
+    for x, y in _columns(a, b):
+        total = x + y + carry
+        lhs = f"{x}+{y}" + ("+1" if carry else "")
+        carry = total // 10
+        lines.append(f"{lhs}={total}, write {total % 10}" + (" carry 1" if carry else ""))
+    if carry:
+        lines.append("write the carry 1")
+    return lines + [f"{a}+{b}={a + b}"]
+
+
+def subtraction_trace(a: int, b: int) -> list[str]:
+    assert a >= b, "subtraction traces are written for a >= b"
+    lines, borrow = [], 0
+    for x, y in _columns(a, b):
+        lhs = f"{x}-{y}" + ("-1" if borrow else "")
+        value = x - y - borrow
+        if value < 0:  # borrow a ten from the next column: write the top digit as 1x
+            value += 10
+            lhs = f"1{x}-{y}" + ("-1" if borrow else "")
+            borrow = 1
+        else:
+            borrow = 0
+        lines.append(f"{lhs}={value}, write {value}" + (" borrow 1" if borrow else ""))
+    return lines + [f"{a}-{b}={a - b}"]
+
+
+def multiplication_trace(a: int, b: int) -> list[str]:
+    lines, partials = [], []
+    for place, digit in enumerate(int(d) for d in str(b)[::-1]):
+        if digit == 0:
+            continue  # people skip zero rows; the shift of later rows still accounts for them
+        shifted = digit * 10 ** place
+        partials.append(a * shifted)
+        lines.append(f"{a}*{shifted}={a * shifted}")
+    if len(partials) <= 1:  # one partial product is the answer itself: don't write it twice
+        return [f"{a}*{b}={a * b}"]
+    running = partials[0]
+    for p in partials[1:]:
+        lines.append(f"{running}+{p}={running + p}")
+        running += p
+    return lines + [f"{a}*{b}={a * b}"]
+
+
+def _digits_knob(default: int, what: str):
+    return knob(default, f"{what} (digits)", min=1, max=30)
+
+
+@dataclass
+class Addition(Task):
+    """a + b with column-by-column carries."""
+    name: ClassVar[str] = "addition"
+    description: ClassVar[str] = "multi-digit addition, digit by digit with carries"
+    min_digits: int = _digits_knob(1, "smallest operand length")
+    max_digits: int = _digits_knob(4, "largest operand length")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"{self.name}: min_digits={self.min_digits} > max_digits={self.max_digits}")
+
+    def sample_problem(self, rng):
+        a, b = sample_int(rng, self.min_digits, self.max_digits), sample_int(rng, self.min_digits, self.max_digits)
+        return f"{a}+{b}", (a, b)
+
+    def build_example(self, key, problem, split):
+        a, b = problem
+        return Example(self.name, f"What is {a} + {b}?", str(a + b), "\n".join(addition_trace(a, b)),
+                       {"key": key, "split": split})
+
+
+@dataclass
+class Subtraction(Addition):
+    """a - b (a >= b) with column-by-column borrows."""
+    name: ClassVar[str] = "subtraction"
+    description: ClassVar[str] = "multi-digit subtraction (non-negative result), digit by digit with borrows"
+
+    def sample_problem(self, rng):
+        a, b = sample_int(rng, self.min_digits, self.max_digits), sample_int(rng, self.min_digits, self.max_digits)
+        a, b = max(a, b), min(a, b)
+        return f"{a}-{b}", (a, b)
+
+    def build_example(self, key, problem, split):
+        a, b = problem
+        return Example(self.name, f"What is {a} - {b}?", str(a - b), "\n".join(subtraction_trace(a, b)),
+                       {"key": key, "split": split})
+
+
+@dataclass
+class Multiplication(Task):
+    """a * b by long multiplication: shifted partial products, then their running sum."""
+    name: ClassVar[str] = "multiplication"
+    description: ClassVar[str] = "long multiplication: partial products, then their sum"
+    max_digits_a: int = knob(3, "largest first factor (digits; the smallest has 1)", min=1, max=12)
+    max_digits_b: int = knob(2, "largest second factor (digits; the smallest has 1)", min=1, max=12)
+
+    def sample_problem(self, rng):
+        a, b = sample_int(rng, 1, self.max_digits_a), sample_int(rng, 1, self.max_digits_b)
+        return f"{a}*{b}", (a, b)
+
+    def build_example(self, key, problem, split):
+        a, b = problem
+        return Example(self.name, f"What is {a} * {b}?", str(a * b), "\n".join(multiplication_trace(a, b)),
+                       {"key": key, "split": split})

@@ -1,0 +1,70 @@
+"""Addition, subtraction, multiplication: exact traces, every target completion verifies."""
+import pytest
+
+from sputnik.tasks import format_completion, get_task
+from sputnik.tasks.arithmetic import addition_trace, multiplication_trace, subtraction_trace
+
+
+def test_addition_trace_by_hand():
+    assert addition_trace(4821, 397) == [
+        "1+7=8, write 8",
+        "2+9=11, write 1 carry 1",
+        "8+3+1=12, write 2 carry 1",
+        "4+0+1=5, write 5",
+        "4821+397=5218",
+    ]
+    assert addition_trace(95, 7)[-2:] == ["write the carry 1", "95+7=102"]
+
+
+def test_subtraction_trace_by_hand():
+    assert subtraction_trace(5363, 834) == [
+        "13-4=9, write 9 borrow 1",
+        "6-3-1=2, write 2",
+        "13-8=5, write 5 borrow 1",
+        "5-0-1=4, write 4",
+        "5363-834=4529",
+    ]
+    # borrowing through zeros
+    assert subtraction_trace(1000, 1) == ["10-1=9, write 9 borrow 1", "10-0-1=9, write 9 borrow 1",
+                                          "10-0-1=9, write 9 borrow 1", "1-0-1=0, write 0", "1000-1=999"]
+
+
+def test_multiplication_trace_by_hand():
+    assert multiplication_trace(4821, 307) == [
+        "4821*7=33747",
+        "4821*300=1446300",  # the zero digit is skipped
+        "33747+1446300=1480047",
+        "4821*307=1480047",
+    ]
+    assert multiplication_trace(273, 1) == ["273*1=273"]  # one partial product is not repeated
+    assert multiplication_trace(12, 0) == ["12*0=0"]
+
+
+@pytest.mark.parametrize("name, knobs", [
+    ("addition", {"min_digits": 1, "max_digits": 8}),
+    ("subtraction", {"min_digits": 1, "max_digits": 8}),
+    ("multiplication", {"max_digits_a": 5, "max_digits_b": 4}),
+])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_trace_ends_in_the_answer_and_verifies(name, knobs, split):
+    task = get_task(name, **knobs)
+    for seed in range(3):
+        for ex in task.generate(150, split=split, seed=seed):
+            a, op, b = ex.meta["key"].partition({"addition": "+", "subtraction": "-", "multiplication": "*"}[name])[::1]
+            expected = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            assert ex.answer == str(expected) and ex.solution.endswith(f"={expected}")
+            v = task.verify(ex, format_completion(ex))
+            assert v.correct and v.well_formatted, (ex, v)
+            assert not task.verify(ex, f"<think>x</think><answer>{expected + 1}</answer>").correct
+
+
+def test_digit_knobs_are_respected():
+    for ex in get_task("addition", min_digits=3, max_digits=4).generate(200):
+        a, b = ex.meta["key"].split("+")
+        assert 3 <= len(a) <= 4 and 3 <= len(b) <= 4
+    for ex in get_task("subtraction", min_digits=2, max_digits=2).generate(200):
+        a, b = map(int, ex.meta["key"].split("-"))
+        assert 10 <= b <= a <= 99
+    for ex in get_task("multiplication", max_digits_a=2, max_digits_b=1).generate(200):
+        a, b = map(int, ex.meta["key"].split("*"))
+        assert a < 100 and b < 10
