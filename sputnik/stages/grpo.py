@@ -20,6 +20,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -174,6 +175,19 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate):
     return metrics
 
 
+def rl_step_flops(model, batch, cfg: RLConfig) -> float:
+    """FLOPs of one RL step: rollout forward (prefill + decode, 1/3 of a training token's cost per
+    token), μ training passes over the kept sequences, and the reference forward when β > 0."""
+    from sputnik import train_common as tc
+
+    B, T = batch.input_ids_BT.shape
+    train_per_token = tc.flops_per_token(model, T)
+    rollout = (B * T) * train_per_token / 3
+    update = cfg.inner_updates * (B * T) * train_per_token
+    ref = (B * T) * train_per_token / 3 if cfg.beta > 0 else 0.0
+    return rollout + update + ref
+
+
 @torch.no_grad()
 def heldout_accuracy(engine, tokenizer, tasks, cfg, n: int) -> float:
     per_task = max(1, n // len(tasks))
@@ -187,9 +201,9 @@ def heldout_accuracy(engine, tokenizer, tasks, cfg, n: int) -> float:
 # ---------------------------------------------------------------------------------------------
 def run(cfg: RLConfig) -> dict:
     from sputnik import ledger
-    from sputnik.model.accounting import rollout_and_update_flops
+    from sputnik import train_common as tc
+    from sputnik.model.config import ModelConfig
     from sputnik.tasks import get_task
-    from sputnik.train_common import load_model_dir, save_model_dir
 
     # --- setup
     if not cfg.init:
@@ -198,11 +212,13 @@ def run(cfg: RLConfig) -> dict:
     seed_everything(cfg.seed)
     dc = pick_device(cfg.device)
     print0(f"rl: device {dc.device} ({dc.reason})")
-    model, tokenizer, model_cfg = load_model_dir(cfg.init, dc.device)
+    init = tc.InitConfig(hf_dir=cfg.init)
+    tokenizer = tc.load_tokenizer("", init)
+    model = tc.load_model(ModelConfig(), init).to(dc.device)
     model.train()
     ref_model = None
     if cfg.beta > 0:  # β = 0 drops the reference model and its memory
-        ref_model, _, _ = load_model_dir(cfg.init, dc.device)
+        ref_model = tc.load_model(ModelConfig(), init).to(dc.device)
         ref_model.eval().requires_grad_(False)
     tasks = [get_task(n) for n in cfg.tasks]
     tasks_by_name = {t.name: t for t in tasks}
@@ -262,8 +278,7 @@ def run(cfg: RLConfig) -> dict:
                                             [flat[i].logprobs for i in rows], tokenizer.pad_id).to(dc.device)
                 set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.optim))
                 m = update(model, ref_model, optimizer, batch, adv.reshape(-1)[keep].to(dc.device), cfg, dc, aggregate)
-                led.add(flops=rollout_and_update_flops(model_cfg, batch, cfg.inner_updates, cfg.beta > 0),
-                        tokens=int(batch.completion_mask_BT.sum()))
+                led.add(flops=rl_step_flops(model, batch, cfg), tokens=int(batch.input_ids_BT.numel()))
             t_upd = time.perf_counter() - t2
             # --- metrics and health
             lengths = [len(c.token_ids) for c in flat]
@@ -301,7 +316,7 @@ def run(cfg: RLConfig) -> dict:
                 ckpt.save(f"{cfg.out_dir}/checkpoints", step + 1, model_state=model.state_dict(),
                           optimizer_state=optimizer.state_dict(), rng_states=[ckpt.capture_rng()],
                           loop_state={"acc_history": acc_history}, config=cfg, keep_last=cfg.keep_last)
-        final_dir = save_model_dir(model, tokenizer, f"{cfg.out_dir}/final")
+        final_dir = tc.save_model(model, Path(cfg.out_dir) / "model", tokenizer, cfg)
         led.artifacts.append(str(final_dir))
         led.metrics.update(heldout_accuracy_before=acc_history[0][1], heldout_accuracy=acc_history[-1][1],
                            accuracy_curve=acc_history)
