@@ -33,6 +33,7 @@ class Config:
     num_examples: int = knob(2000, "examples generated per task", min=0)
     text_files: list[str] = knob(default_factory=list, help="your UTF-8 text files, one document each (comma separated)")
     seed: int = knob(0, "seed of the task generators", min=0)
+    ledger_dir: str = knob("", "project directory of the cost ledger ('' = the parent of out_dir)")
 
     def __post_init__(self):
         missing = [p for p in self.text_files if not Path(p).is_file()]
@@ -54,8 +55,18 @@ def build_corpus(config: Config) -> list[str]:
 
 def run(config: Config) -> dict:
     """Train, save to out_dir, report bytes/token on held-out documents. Returns the summary."""
-    t0 = time.perf_counter()
+    from sputnik.ledger import record_run
+
     out_dir = Path(config.out_dir)
+    with record_run(config.ledger_dir or out_dir.resolve().parent, "tokenizer", config) as led:
+        result = _fit(config, out_dir)
+        led.metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        led.artifacts.append(str(out_dir))
+    return result
+
+
+def _fit(config: Config, out_dir: Path) -> dict:
+    t0 = time.perf_counter()
     docs = build_corpus(config)
     train_docs, held_docs = split_documents(docs, HELD_OUT_FRACTION)
     tok = train_tokenizer(train_docs, config.vocab_size)
@@ -77,7 +88,6 @@ def run(config: Config) -> dict:
         print0(f"tokenizer: corpus exhausted merges at vocab_size {tok.vocab_size} < requested {config.vocab_size}")
     print0(f"tokenizer: vocab {tok.vocab_size}, {result['bytes_per_token']} bytes/token on "
            f"{result['bytes_per_token_on']} text -> {out_dir}")
-    # LEDGER HOOK: record this stage (config, wall time, outcome, result metrics) here.
     return result
 
 

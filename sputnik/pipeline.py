@@ -1,0 +1,169 @@
+"""`sputnik speedrun`: the whole DeepSeek recipe, small, in one command.
+
+    tokenizer -> pretrain (MoE base) -> SFT (cold start on step-by-step traces) -> GRPO
+              -> distil into a smaller student (rejection-sampled teacher traces) -> evaluate both
+              -> report card (markdown + plots) built from the ledger
+
+Each stage writes `<project>/<stage>/DONE.json` (atomically) when it finishes; a rerun skips
+finished stages unless `--force STAGE,...`, and a killed run continues from the stage it reached,
+from that stage's last checkpoint (every stage runs with resume=auto). Every stage records itself
+in `<project>/ledger.jsonl`; the final evaluation names the runs that produced the student as its
+parents, so the ledger separates the final model's cost from everything spent.
+
+Presets (functions returning the stage settings; `--preset`):
+- cpu  : the 2-core laptop default, ≤ 20 minutes end to end.
+- gpu  : one GPU; bigger model (small-ish MoE), more steps, bf16 autocast.
+- gpus : the gpu preset for `torchrun --nproc_per_node N -m sputnik speedrun --preset gpus`
+         (training stages use DDP; RL/distill/eval run on rank 0's device).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sputnik.common import atomic_write_json, is_rank0, print0
+from sputnik.config import add_config_args, build, config_from_args, knob, save_config
+
+STAGES = ["tokenizer", "pretrain", "sft", "rl", "distill", "report"]
+SPEEDRUN_TASKS = ["addition", "subtraction"]
+
+
+@dataclass
+class SpeedrunConfig:
+    project: str = knob("runs/speedrun", "project directory: one sub-directory per stage, ledger.jsonl, report/")
+    preset: Literal["cpu", "gpu", "gpus"] = knob("cpu", "cpu (laptop, ≤ 20 min), gpu (one GPU), gpus (torchrun)")
+    tasks: list[str] = knob(default_factory=lambda: list(SPEEDRUN_TASKS), help="tasks for SFT, RL and distillation")
+    force: list[str] = knob(default_factory=list, help=f"stages to rerun even if done ({', '.join(STAGES)}; 'all')")
+    scale: float = knob(1.0, "multiply every stage's step count (0.1 = a quick smoke run)", min=0.01, max=100.0)
+    seed: int = knob(0, "seed of every stage")
+    device: str = knob("auto", "auto, cpu, cuda or mps")
+    num_threads: int = knob(0, "CPU threads (0 = all cores)", min=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: the settings of each stage, as plain dicts validated by the stages' own Configs
+def _teacher_model(preset: str) -> dict:
+    if preset == "cpu":  # the model issue's tiny config, with the speedrun's small vocabulary
+        return dict(vocab_size=1024, hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1,
+                    intermediate_size=768, moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=2,
+                    n_shared_experts=1, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64,
+                    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_nextn_predict_layers=1,
+                    max_position_embeddings=512)
+    return dict(vocab_size=4096, hidden_size=768, num_hidden_layers=8, first_k_dense_replace=1, intermediate_size=2048,
+                moe_intermediate_size=256, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
+                num_attention_heads=12, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16,
+                v_head_dim=48, num_nextn_predict_layers=1, max_position_embeddings=1024)
+
+
+def _student_model(preset: str) -> dict:
+    """≤ 1/4 of the teacher's active parameters (checked in the report)."""
+    if preset == "cpu":
+        return dict(vocab_size=1024, hidden_size=128, num_hidden_layers=3, first_k_dense_replace=1,
+                    intermediate_size=384, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
+                    n_shared_experts=1, num_attention_heads=2, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
+                    qk_rope_head_dim=16, v_head_dim=32, num_nextn_predict_layers=0, max_position_embeddings=512)
+    return dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=768,
+                moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1,
+                num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                v_head_dim=32, num_nextn_predict_layers=0, max_position_embeddings=1024)
+
+
+def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
+    gpu = cfg.preset != "cpu"
+    s = lambda n: max(1, round(n * cfg.scale * (4 if gpu else 1)))  # noqa: E731 - steps scale with the preset
+    p = Path(cfg.project)
+    common = dict(seed=cfg.seed, device=cfg.device, num_threads=cfg.num_threads)
+    loop = dict(common, project_dir=str(p), progress=True, resume="auto")
+    tok = str(p / "tokenizer")
+    return {
+        "tokenizer": dict(out_dir=tok, vocab_size=_teacher_model(cfg.preset)["vocab_size"], num_examples=3000,
+                          tasks=["addition", "subtraction", "multiplication", "word_problems"], seed=cfg.seed,
+                          ledger_dir=str(p)),
+        "pretrain": dict(loop, out_dir=str(p / "pretrain"), tokenizer=tok, model=_teacher_model(cfg.preset),
+                         tasks=["addition", "subtraction", "multiplication", "word_problems"], task_docs=40000,
+                         seq_len=256, batch_size=8 if not gpu else 32, max_steps=s(400), eval_every=s(100),
+                         checkpoint_every=s(100), optim=dict(lr=3e-3, warmup_steps=20)),
+        "sft": dict(loop, out_dir=str(p / "sft"), tokenizer=tok, init=dict(hf_dir=str(p / "pretrain" / "model")),
+                    model=_teacher_model(cfg.preset), tasks=list(cfg.tasks), num_examples=20000, max_len=256,
+                    batch_size=16 if not gpu else 64, max_steps=s(250), eval_every=s(250), eval_examples=100,
+                    checkpoint_every=s(125), max_new_tokens=160, optim=dict(lr=1e-3, warmup_steps=10)),
+        "rl": dict(common, init=str(p / "sft" / "model"), out_dir=str(p / "rl"), ledger_dir=str(p), tasks=list(cfg.tasks),
+                   steps=s(40), prompts_per_step=8, group_size=8, max_new_tokens=160, eval_every=s(10),
+                   eval_examples=100, checkpoint_every=s(10), resume="auto", optim=dict(lr=1e-4, warmup_steps=0,
+                                                                                       schedule="constant", weight_decay=0.0)),
+        "distill": dict(common, teacher=str(p / "rl" / "model"), out_dir=str(p / "distill"), ledger_dir=str(p),
+                        student=_student_model(cfg.preset), tasks=list(cfg.tasks), num_prompts=s(600),
+                        samples_per_prompt=2, max_new_tokens=160, steps=s(400), batch_size=16, max_len=256,
+                        eval_examples=100, optim=dict(lr=3e-3, warmup_steps=20)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+def _done_path(project: Path, stage: str) -> Path:
+    return project / stage / "DONE.json"
+
+
+def _run_ids(project: Path, command: str, out_dir: str) -> list[str]:
+    """run_ids of the ok runs of `command` that wrote into out_dir (the stage's lineage link)."""
+    from sputnik import ledger
+
+    want = str(Path(out_dir).resolve())
+    ids = []
+    for r in ledger.load(project):
+        od = (r.get("config") or {}).get("out_dir")
+        if r.get("command") == command and r.get("status") == "ok" and od and str(Path(od).resolve()) == want:
+            ids.append(r["run_id"])
+    return ids[-1:]
+
+
+def run(cfg: SpeedrunConfig) -> dict:
+    from sputnik import report
+    from sputnik.stages import distill, grpo, pretrain, sft, train_tokenizer
+
+    project = Path(cfg.project)
+    project.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, project / "speedrun_config.json")
+    settings = stage_settings(cfg)
+    force = set(STAGES) if "all" in cfg.force else set(cfg.force)
+    unknown = force - set(STAGES)
+    if unknown:
+        raise ValueError(f"force={sorted(unknown)}: allowed {', '.join(STAGES)}, all")
+    stages = {
+        "tokenizer": (train_tokenizer.Config, train_tokenizer.run),
+        "pretrain": (pretrain.Config, pretrain.run),
+        "sft": (sft.Config, sft.run),
+        "rl": (grpo.RLConfig, grpo.run),
+        "distill": (distill.DistillConfig, distill.run),
+    }
+    # Validate every stage's settings before any work: a typo fails now, not after 10 minutes.
+    configs = {name: build(cls, settings[name]) for name, (cls, _) in stages.items()}
+    results, t0 = {}, time.time()
+    for name, (_, fn) in stages.items():
+        done = _done_path(project, name)
+        if done.is_file() and name not in force:
+            results[name] = json.loads(done.read_text())
+            print0(f"speedrun: {name} already done ({done}); --force {name} reruns it")
+            continue
+        print0(f"\n=== speedrun stage: {name} ({time.time() - t0:.0f}s elapsed) ===")
+        if name == "distill":  # the final model: its evaluation run names the whole lineage as parents
+            parents = [rid for st in ("tokenizer", "pretrain", "sft", "rl")
+                       for rid in _run_ids(project, st, settings[st]["out_dir"])]
+            results[name] = fn(configs[name], parents=parents, final_model=True)
+        else:
+            results[name] = fn(configs[name])
+        if is_rank0():
+            atomic_write_json(done, results[name])
+    path = report.build(project) if is_rank0() else None
+    summary = dict(report=str(path), wall_s=time.time() - t0, **{k: v for k, v in results.items()})
+    print0(f"\nspeedrun done in {summary['wall_s']:.0f}s; report card: {path}")
+    return summary
+
+
+def register(sub) -> None:
+    p = sub.add_parser("speedrun", help="the whole recipe: tokenizer, MoE pretraining, CoT SFT, GRPO, distillation, "
+                                        "evaluation and the report card", description=__doc__.split("\n\n")[0])
+    add_config_args(p, SpeedrunConfig)
+    p.set_defaults(func=lambda args: run(config_from_args(args, SpeedrunConfig)) and 0)
