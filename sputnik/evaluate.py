@@ -1,0 +1,166 @@
+"""`sputnik eval`: accuracy of a model on a task, with the statistics reasoning papers report.
+
+pass@1 (mean correctness over all samples), unbiased pass@k (Chen et al. 2021), maj@k
+(self-consistency: majority vote over the k extracted answers), format-compliance rate, mean
+response length and generated tokens/s, each with a 95% interval (Wilson for proportions over
+problems, percentile bootstrap otherwise). The sampling settings and seed are recorded with the
+results. Works on sputnik model directories and any local Hugging Face causal LM; the task can be
+built-in, `rg:<dataset>`, `jsonl` (path=...), or the real benchmarks `gsm8k` / `svamp` by path.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sputnik.common import atomic_write_json, atomic_write_text, pick_device, print0, seed_everything, set_threads
+from sputnik.config import add_config_args, config_from_args, knob, save_config
+from sputnik.engine import Engine, SamplingParams
+from sputnik.metrics import bootstrap_interval, majority_vote, pass_at_k, wilson_interval
+
+
+@dataclass
+class EvalConfig:
+    model: str = knob("", "model directory (sputnik stage output <out>/model, or a local HF causal LM)")
+    task: str = knob("addition", "task name (sputnik tasks list), rg:<dataset>, jsonl, gsm8k or svamp")
+    task_args: list[str] = knob(default_factory=list, help="task knobs as key=value (e.g. path=../shared/data/svamp.json)")
+    split: str = knob("test", "split to evaluate", choices=("train", "test"))
+    num_problems: int = knob(200, "problems (file tasks: the first N; 0 = all)", min=0)
+    samples: int = knob(1, "samples per problem (k for pass@k / maj@k)", min=1)
+    temperature: float = knob(0.0, "0 = greedy (samples must be 1), else sampling temperature", min=0.0)
+    top_p: float = knob(1.0, "nucleus sampling", min=0.01, max=1.0)
+    top_k: int = knob(0, "top-k sampling (0 = off)", min=0)
+    max_new_tokens: int = knob(256, "generation budget per sample", min=1)
+    prompt_template: str = knob("{prompt}", "how a problem becomes the user turn ({prompt} is replaced)")
+    batch_size: int = knob(64, "rows decoded together", min=1)
+    out: str = knob("", "output directory for results.json and results.md ('' = <model>/eval/<task>)")
+    ledger_dir: str = knob("", "project directory of the cost ledger ('' = no ledger entry)")
+    seed: int = knob(0, "sampling seed")
+    device: str = knob("auto", "auto, cpu, cuda or mps")
+    num_threads: int = knob(0, "CPU threads (0 = all)", min=0)
+
+    def __post_init__(self):
+        if self.temperature == 0 and self.samples > 1:
+            raise ValueError(f"samples={self.samples} with temperature=0: greedy samples are identical; "
+                             "set --temperature > 0 for pass@k / maj@k")
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError(f"prompt_template={self.prompt_template!r}: must contain {{prompt}}")
+
+
+def _task(cfg: EvalConfig):
+    from sputnik.tasks import get_task
+
+    knobs = {}
+    for kv in cfg.task_args:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ValueError(f"task_args: {kv!r} is not key=value")
+        knobs[k] = v
+    return get_task(cfg.task, **knobs)
+
+
+def score(examples, completions, verify, k: int) -> dict:
+    """Per-problem statistics -> the summary dict (pure: tested on hand-made verdicts)."""
+    n_prob = len(examples)
+    correct = [[verify(ex, c.text) for c in comps] for ex, comps in zip(examples, completions)]
+    c_counts = [sum(v.correct for v in vs) for vs in correct]
+    pass1 = [c / k for c in c_counts]
+    out = {"problems": n_prob, "samples_per_problem": k}
+    out["pass@1"] = sum(pass1) / n_prob
+    out["pass@1_ci"] = wilson_interval(sum(pass1), n_prob) if k == 1 else bootstrap_interval(pass1)
+    if k > 1:
+        pk = [pass_at_k(k, c, k) for c in c_counts]
+        out[f"pass@{k}"] = sum(pk) / n_prob
+        out[f"pass@{k}_ci"] = wilson_interval(sum(pk), n_prob)
+        maj = []
+        for ex, vs in zip(examples, correct):
+            winner = majority_vote([v.extracted for v in vs])
+            maj.append(any(v.correct and v.extracted == winner for v in vs) if winner is not None else False)
+        out[f"maj@{k}"] = sum(maj) / n_prob
+        out[f"maj@{k}_ci"] = wilson_interval(sum(maj), n_prob)
+    fmt = [sum(v.well_formatted for v in vs) / k for vs in correct]
+    out["format_rate"] = sum(fmt) / n_prob
+    out["format_rate_ci"] = bootstrap_interval(fmt)
+    lengths = [len(c.token_ids) for comps in completions for c in comps]
+    out["mean_length"] = sum(lengths) / len(lengths)
+    out["mean_length_ci"] = bootstrap_interval([float(x) for x in lengths])
+    out["truncated_rate"] = sum(c.finish_reason == "length" for comps in completions for c in comps) / len(lengths)
+    return out, correct
+
+
+def markdown(res: dict) -> str:
+    rows = [("pass@1", "pass@1")] + [(k, k) for k in res if (k.startswith("pass@") or k.startswith("maj@"))
+                                     and not k.endswith("_ci") and k != "pass@1"]
+    rows += [("format compliance", "format_rate"), ("mean length (tokens)", "mean_length")]
+    lines = [f"## {res['task']} — {res['model']}", "", "| metric | value | 95% interval |", "|---|---|---|"]
+    for label, key in rows:
+        lo, hi = res.get(key + "_ci", (None, None))
+        lines.append(f"| {label} | {res[key]:.4g} | {'' if lo is None else f'[{lo:.4g}, {hi:.4g}]'} |")
+    lines.append(f"| tokens/s (generation) | {res['tokens_per_s']:.1f} | |")
+    lines += ["", f"{res['problems']} problems × {res['samples_per_problem']} samples; sampling: "
+                  f"{json.dumps(res['sampling'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: EvalConfig) -> dict:
+    from sputnik import train_common as tc
+    from sputnik.model.config import ModelConfig
+
+    if not cfg.model:
+        raise ValueError("model: give a model directory")
+    set_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    task = _task(cfg)
+    dc = pick_device(cfg.device)
+    init = tc.InitConfig(hf_dir=cfg.model)
+    tokenizer = tc.load_tokenizer("", init)
+    model = tc.load_model(ModelConfig(), init).to(dc.device).eval()
+    if cfg.num_problems == 0 and cfg.task not in ("gsm8k", "svamp", "jsonl"):
+        raise ValueError("num_problems=0 (all) only applies to file tasks; procedural tasks are endless")
+    with warnings.catch_warnings():  # "asked for more than the file has" is the point of num_problems=0
+        warnings.simplefilter("ignore")
+        examples = task.generate(cfg.num_problems or 10**6, split=cfg.split, seed=cfg.seed)
+    if not examples:
+        raise ValueError(f"task {cfg.task} has no {cfg.split} problems")
+    engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size * cfg.samples)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, stop_token_ids=(tokenizer.eot_id,), seed=cfg.seed)
+    t0 = time.perf_counter()
+    prompts = [tokenizer.render_prompt(cfg.prompt_template.format(prompt=ex.prompt)) for ex in examples]
+    completions = engine.generate(prompts, params, num_samples=cfg.samples)
+    gen_s = time.perf_counter() - t0
+    res, verdicts = score(examples, completions, task.verify, cfg.samples)
+    res.update(task=cfg.task, task_args=cfg.task_args, split=cfg.split, model=str(cfg.model), seed=cfg.seed,
+               sampling=asdict(params) | {"samples": cfg.samples, "prompt_template": cfg.prompt_template},
+               tokens_per_s=sum(len(c.token_ids) for cs in completions for c in cs) / max(gen_s, 1e-9),
+               generation_seconds=gen_s)
+    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval" / cfg.task.replace(":", "_")
+    atomic_write_json(out / "results.json", res)
+    atomic_write_text(out / "results.md", markdown(res))
+    atomic_write_text(out / "samples.jsonl", "".join(
+        json.dumps(dict(prompt=ex.prompt, answer=ex.answer, completion=cs[0].text, correct=vs[0].correct,
+                        extracted=vs[0].extracted, reason=vs[0].reason)) + "\n"
+        for ex, cs, vs in list(zip(examples, completions, verdicts))[:50]))
+    save_config(cfg, out / "eval_config.json")
+    print0(markdown(res))
+    return res
+
+
+def _run_ledgered(cfg: EvalConfig) -> dict:
+    if not cfg.ledger_dir:
+        return run(cfg)
+    from sputnik.ledger import record_run
+
+    with record_run(cfg.ledger_dir, "eval", cfg) as led:
+        res = run(cfg)
+        led.metrics.update(heldout_accuracy=res["pass@1"], task=cfg.task)
+        return res
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="pass@1, pass@k, maj@k, format rate, length, tokens/s of a model on a task",
+                       description=__doc__.split("\n\n")[0])
+    add_config_args(p, EvalConfig)
+    p.set_defaults(func=lambda args: _run_ledgered(config_from_args(args, EvalConfig)) and 0)
