@@ -1,0 +1,268 @@
+"""DeepSeekMoE (V3): sigmoid router with group-limited top-k, auxiliary-loss-free bias balancing, the
+complementary sequence-wise balance loss, fine-grained routed experts and always-on shared experts.
+
+Paper: DeepSeek-V3 §2.1.2 (eqs. 12-20). Code semantics and state_dict keys: transformers 5.23
+`DeepseekV3TopkRouter` / `DeepseekV3Experts` / `DeepseekV3MoE` (fused expert tensors included), so a
+state_dict copies across without a mapping. No token is ever dropped: there is no capacity factor.
+
+Shape legend: B batch, T time, N = B·T tokens, D hidden_size, E n_routed_experts, K num_experts_per_tok,
+G n_group, X = E/G experts per group, I moe_intermediate_size, S = N·K token-slots (one per (token,
+chosen expert) pair), M tokens of one expert, O/F output/input width of a grouped matmul.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sputnik.model.config import ModelConfig
+from sputnik.model.layers import MLP
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: the balancing rules
+def expert_bias_delta(load_E: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Aux-loss-free balancing step (V3 §2.1.2; Wang et al. 2024, arXiv 2408.15664):
+    Δb_i = γ · sign(mean_j c_j − c_i), c_i = tokens routed to expert i in the step.
+    Overloaded experts get a lower selection bias, underloaded ones a higher; not a gradient."""
+    return gamma * torch.sign(load_E.float().mean() - load_E.float())
+
+
+def seq_balance_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Complementary sequence-wise balance loss (V3 eqs. 17-20), for each sequence of T tokens:
+        f_i = E / (K·T) · Σ_t 1[i ∈ selected(t)]          (a constant: no gradient)
+        s'_{i,t} = s_{i,t} / Σ_j s_{j,t}                  (sigmoid scores renormalised over all E)
+        P_i = (1/T) Σ_t s'_{i,t}
+        L = α · Σ_i f_i · P_i,   then the mean over the B sequences.
+    Uniform routing gives f_i = 1, P_i = 1/E, L = α. The indicator uses the actual (biased,
+    group-limited) selection, not eq. 18's unbiased top-K: it is the load the experts really get."""
+    B, T, E = scores_BTE.shape
+    K = topk_idx_BTK.shape[-1]
+    idx_BS = topk_idx_BTK.reshape(B, T * K)
+    hits_BE = torch.zeros(B, E, device=scores_BTE.device, dtype=scores_BTE.dtype)
+    hits_BE.scatter_add_(1, idx_BS, torch.ones_like(idx_BS, dtype=scores_BTE.dtype))
+    f_BE = hits_BE * (E / (K * T))
+    p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
+    return alpha * (f_BE * p_BE).sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Router
+class Router(nn.Module):
+    """s = sigmoid(x Wᵀ) in fp32; select K experts by s + b under group limits; gate from unbiased s:
+        z = s + b;  group score_g = sum of the top-2 z in group g;  keep the topk_group best groups,
+        z = −inf elsewhere;  idx = topk(z, K);  w = s[idx] / (Σ s[idx] + 1e-20) · routed_scaling_factor.
+    The bias b (`e_score_correction_bias`) only steers selection, never the gate values (V3 eq. 16)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        nn.init.normal_(self.weight, std=config.initializer_range)
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts), persistent=True)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would round the bias to 8 mantissa bits, which swallows γ = 0.001 steps once
+        # |b| > 0.25; HF pins it with _keep_in_fp32_modules_strict, we pin it here (device still follows fn).
+        bias_E = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        moved_E = self.e_score_correction_bias
+        if moved_E.dtype != torch.float32:
+            src_E = moved_E if bias_E.is_meta or moved_E.is_meta else bias_E
+            self._buffers["e_score_correction_bias"] = src_E.to(device=moved_E.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x_ND: torch.Tensor):
+        """Returns topk_idx_NK (int64), topk_weight_NK (fp32, differentiable) and scores_NE (fp32 sigmoid
+        scores, differentiable; the balance loss needs them)."""
+        scores_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        # Selection is a discrete choice: detach so no graph is kept for it.
+        choice_NE = scores_NE.detach() + self.e_score_correction_bias
+        if self.n_group > 1:  # with one group the limit is a no-op; skip its three extra kernels
+            choice_NE = self._limit_groups(choice_NE)
+        # sorted=False as in HF: only the set matters, and the same call gives HF's slot order.
+        topk_idx_NK = torch.topk(choice_NE, k=self.top_k, dim=-1, sorted=False).indices
+        topk_weight_NK = scores_NE.gather(1, topk_idx_NK)
+        if self.norm_topk_prob:  # sigmoid scores do not sum to 1, so V3 renormalises over the chosen K
+            topk_weight_NK = topk_weight_NK / (topk_weight_NK.sum(-1, keepdim=True) + 1e-20)
+        return topk_idx_NK, topk_weight_NK * self.routed_scaling_factor, scores_NE
+
+    def _limit_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
+        """Node-limited routing (V3 §2.1.2): mask all but the topk_group groups with the best top-2 sums."""
+        N, G = choice_NE.shape[0], self.n_group
+        choice_NGX = choice_NE.view(N, G, self.num_experts // G)
+        group_score_NG = choice_NGX.topk(2, dim=-1).values.sum(-1)
+        keep_idx = group_score_NG.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep_NG = torch.zeros_like(group_score_NG, dtype=torch.bool).scatter_(1, keep_idx, True)
+        # −inf, not 0 (HF 4.5x used 0.0 and could pick a masked expert when all kept z are negative)
+        return choice_NGX.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).view(N, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routed experts: a loop reference and a sorted / grouped-GEMM fast path
+@functools.lru_cache(maxsize=None)
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Probe once per (device type, dtype) whether torch._grouped_mm runs forward and backward correctly.
+    torch ≤ 2.8 has no CPU kernel and CUDA needs SM80+; torch 2.13 runs CPU fp32/bf16 as well."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    # The first call may come from inside no_grad / inference_mode / autocast (e.g. generation); the probe
+    # needs a backward, and a cached False would silently pin the slow path for the whole run.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        return _probe_grouped_mm(device_type, dtype)
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    try:
+        x_SF = torch.randn(24, 16, device=device_type).to(dtype).requires_grad_()
+        w_EOF = torch.randn(3, 16, 16, device=device_type).to(dtype).requires_grad_()
+        offsets = torch.tensor([8, 8, 24], device=device_type, dtype=torch.int32)  # includes an empty group
+        y_SO = torch._grouped_mm(x_SF, w_EOF.transpose(-2, -1), offs=offsets)
+        y_SO.backward(torch.ones_like(y_SO))
+        ref_SO = torch.cat([x_SF[:8] @ w_EOF[0].T, x_SF[8:] @ w_EOF[2].T])
+        return bool(torch.allclose(y_SO.float(), ref_SO.float(), atol=0.5, rtol=0.05))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def grouped_linear(x_SF: torch.Tensor, w_EOF: torch.Tensor, counts_E: torch.Tensor,
+                   use_grouped_mm: bool | None = None) -> torch.Tensor:
+    """y_s = W_{e(s)} x_s for rows sorted by expert (expert e owns the next counts_E[e] rows) -> y_SO.
+    use_grouped_mm None = whenever supported here; the fallback is one matmul per expert block."""
+    if torch.is_autocast_enabled(x_SF.device.type):  # _grouped_mm is not autocast-aware
+        dtype = torch.get_autocast_dtype(x_SF.device.type)
+        x_SF, w_EOF = x_SF.to(dtype), w_EOF.to(dtype)
+    x_SF = x_SF.to(w_EOF.dtype)
+    # Strides must be 16-byte aligned for the CUDA kernel (and CPU kernels of torch <= 2.10).
+    aligned = all(n * w_EOF.element_size() % 16 == 0 for n in w_EOF.shape[1:])
+    if use_grouped_mm is None:
+        use_grouped_mm = aligned and grouped_mm_supported(x_SF.device.type, w_EOF.dtype)
+    if use_grouped_mm:
+        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        return torch._grouped_mm(x_SF, w_EOF.transpose(-2, -1), offs=offsets_E)
+    # split/unbind rather than slicing: their backward is one cat/stack, whereas E slices each zero-fill a
+    # full-size gradient (measured ~10x slower backward on CPU). .tolist() syncs once on GPU.
+    blocks = x_SF.split(counts_E.tolist())
+    return torch.cat([F.linear(x_MF, w_OF) for x_MF, w_OF in zip(blocks, w_EOF.unbind(0))])
+
+
+def routed_experts_loop(x_ND, topk_idx_NK, topk_weight_NK, gate_up_E2ID, down_EDI) -> torch.Tensor:
+    """Reference: y_n = Σ_k w_{n,k} · FFN_{idx_{n,k}}(x_n), one plain pass per expert (like HF eager)."""
+    acc_dtype = torch.promote_types(x_ND.dtype, torch.float32)  # accumulate gates·outputs in ≥ fp32
+    y_ND = torch.zeros(x_ND.shape, device=x_ND.device, dtype=acc_dtype)
+    for e in range(gate_up_E2ID.shape[0]):
+        token_M, slot_M = torch.where(topk_idx_NK == e)
+        gate_MI, up_MI = F.linear(x_ND.index_select(0, token_M), gate_up_E2ID[e]).chunk(2, dim=-1)
+        out_MD = F.linear(F.silu(gate_MI) * up_MI, down_EDI[e])
+        y_ND.index_add_(0, token_M, (out_MD * topk_weight_NK[token_M, slot_M].unsqueeze(-1)).to(acc_dtype))
+    return y_ND.to(x_ND.dtype)
+
+
+def routed_experts_grouped(x_ND, topk_idx_NK, topk_weight_NK, gate_up_E2ID, down_EDI, counts_E,
+                           use_grouped_mm: bool | None = None) -> torch.Tensor:
+    """Same sum as routed_experts_loop with no Python loop over tokens: sort the S token-slots by expert,
+    gather x once, two grouped matmuls, weight, and scatter back."""
+    N, K = topk_idx_NK.shape
+    # Stable sort: a deterministic slot order inside each expert block (slot s = n·K + k).
+    slot_S = torch.argsort(topk_idx_NK.flatten(), stable=True)
+    token_S = slot_S // K
+    x_SD = x_ND.index_select(0, token_S)
+    gate_SI, up_SI = grouped_linear(x_SD, gate_up_E2ID, counts_E, use_grouped_mm).chunk(2, dim=-1)
+    # w·W_down(h) = W_down(w·h): weighting the I-wide hidden instead of the D-wide output halves that
+    # multiply and its backward at tiny (I = D/2) and V3 (I = 2048 < D = 7168) sizes.
+    weight_S1 = topk_weight_NK.flatten().index_select(0, slot_S).unsqueeze(-1)
+    hidden_SI = F.silu(gate_SI) * (up_SI * weight_S1)
+    weighted_SD = grouped_linear(hidden_SI, down_EDI, counts_E, use_grouped_mm)
+    acc_dtype = torch.promote_types(x_ND.dtype, torch.float32)
+    # Un-sort with index_copy_ (a permutation: no collisions) and sum the K slots of each token: unlike
+    # index_add_ this is deterministic on CUDA (no atomics) and sums in ≥ fp32 for bf16 activations.
+    y_SD = torch.empty(N * K, x_ND.shape[1], device=x_ND.device, dtype=acc_dtype)
+    y_SD.index_copy_(0, slot_S, weighted_SD.to(acc_dtype))  # every row is written: empty, not zeros
+    return y_SD.view(N, K, -1).sum(1).to(x_ND.dtype)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts FFN_e(x) = W_down,e (silu(W_gate,e x) ⊙ W_up,e x) as HF 5.x fused tensors:
+    gate_up_proj [E, 2I, D] (rows [W_gate; W_up] per expert), down_proj [E, D, I]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        nn.init.normal_(self.gate_up_proj, std=config.initializer_range)  # as HF _init_weights
+        nn.init.normal_(self.down_proj, std=config.initializer_range)
+        self.impl = config.moe_impl
+        self.use_grouped_mm: bool | None = None  # None = auto-detect; tests force the fallback with False
+
+    def forward(self, x_ND, topk_idx_NK, topk_weight_NK, counts_E) -> torch.Tensor:
+        if self.impl == "loop":
+            return routed_experts_loop(x_ND, topk_idx_NK, topk_weight_NK, self.gate_up_proj, self.down_proj)
+        return routed_experts_grouped(x_ND, topk_idx_NK, topk_weight_NK, self.gate_up_proj, self.down_proj,
+                                      counts_E, self.use_grouped_mm)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoE block
+class MoE(nn.Module):
+    """h ↦ Σ_shared FFN^s(h) + Σ_i w_i FFN^r_i(h) (V3 eq. 13; the residual is added by the Block).
+
+    Balancing state: `last_load` [E] fp32 accumulates routed token counts over training forwards
+    (micro-batches) until `update_bias()` consumes it; `last_aux_loss` is the sequence-wise balance
+    loss of the last training forward (None in eval or when seq_aux_loss_alpha == 0)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.bias_update_speed, self.seq_aux_loss_alpha = config.bias_update_speed, config.seq_aux_loss_alpha
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts > 0 else None)
+        # A plain attribute, not a buffer: DDP broadcasts buffers from rank 0 every forward, which would
+        # overwrite each rank's own counts before update_bias all-reduces them.
+        self.last_load = torch.zeros(config.n_routed_experts)
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        topk_idx_NK, topk_weight_NK, scores_NE = self.gate(x_ND)
+        # scatter_add_ instead of bincount: bincount sizes its output from max() and syncs on CUDA.
+        flat_S = topk_idx_NK.flatten()
+        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_BTD.device)
+        counts_E.scatter_add_(0, flat_S, torch.ones_like(flat_S))
+        self.last_aux_loss = None
+        if self.training:  # eval / generation must not move the bias
+            self.last_load = self.last_load.to(counts_E.device) + counts_E.float()
+            if self.seq_aux_loss_alpha > 0:
+                self.last_aux_loss = seq_balance_loss(scores_NE.view(B, T, -1), topk_idx_NK.view(B, T, -1),
+                                                      self.seq_aux_loss_alpha)
+        y_ND = self.experts(x_ND, topk_idx_NK, topk_weight_NK, counts_E)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        return y_ND.view(B, T, D)
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float | None = None) -> torch.Tensor:
+        """b ← b + γ·sign(mean(c) − c) with c the counts since the last call (all ranks summed), then reset c.
+        Call on every rank after optimizer.step() (a collective under torch.distributed). Returns c."""
+        gamma = self.bias_update_speed if gamma is None else gamma
+        bias_E = self.gate.e_score_correction_bias
+        load_E = self.last_load.to(device=bias_E.device, dtype=torch.float32)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load_E)  # V3 balances the load of the whole global batch, not one rank's share
+        bias_E += expert_bias_delta(load_E, gamma)
+        self.last_load = torch.zeros_like(load_E)
+        return load_E
+
+    def load_stats(self) -> dict:
+        """Counts accumulated since the last update_bias() and max/mean (1.0 = balanced; 0.0 if empty)."""
+        counts = self.last_load.tolist()
+        mean = sum(counts) / len(counts)
+        return {"counts": counts, "max_over_mean": max(counts) / mean if mean > 0 else 0.0}

@@ -1,0 +1,295 @@
+"""DeepSeekMoE: parity with transformers 5.x DeepseekV3MoE, grouped == loop (values and gradients),
+routing rules with hand-made scores, the aux-loss-free bias step and the sequence-wise balance loss."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sputnik.model.config import tiny
+from sputnik.model.moe import MoE, Router, expert_bias_delta, grouped_mm_supported, seq_balance_loss
+
+HF_MOE = dict(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, n_group=4, topk_group=2,
+              num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)
+IMPLS = [("loop", None), ("grouped", None), ("grouped", False)]  # (moe_impl, use_grouped_mm); False = fallback
+
+
+def make_moe(impl="grouped", use_grouped_mm=None, **overrides) -> MoE:
+    moe = MoE(tiny(**{**HF_MOE, **overrides}, moe_impl=impl))
+    moe.experts.use_grouped_mm = use_grouped_mm
+    return moe
+
+
+def logit(p):
+    p = torch.as_tensor(p, dtype=torch.float32)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def router_with_scores(scores_NE, **overrides) -> tuple[Router, torch.Tensor]:
+    """A router with D = E and W = I, and inputs x = logit(s): sigmoid(x Wᵀ) reproduces the given scores.
+    Fewer than 8 experts are padded with experts scoring 0.01 (ModelConfig needs hidden_size >= 8)."""
+    if scores_NE.shape[1] < 8:
+        pad = torch.full((scores_NE.shape[0], 8 - scores_NE.shape[1]), 0.01)
+        scores_NE = torch.cat([scores_NE, pad], dim=1)
+    E = scores_NE.shape[1]
+    cfg = tiny(**{**HF_MOE, "hidden_size": E, "n_routed_experts": E, **overrides})
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E))
+    return router, logit(scores_NE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with transformers
+@pytest.mark.parametrize("impl,use_grouped_mm", IMPLS)
+def test_matches_transformers_deepseek_v3_moe(impl, use_grouped_mm):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    hf_cfg = DeepseekV3Config(**HF_MOE)
+    hf_cfg._experts_implementation = "eager"  # HF's per-expert loop: the plainest reference
+    hf = DeepseekV3MoE(hf_cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(std=0.3)  # wide enough that routing margins dwarf 1e-7 rounding
+        hf.gate.e_score_correction_bias.normal_(std=0.3)
+    ours = make_moe(impl, use_grouped_mm)
+    assert sorted(ours.state_dict()) == sorted(hf.state_dict())
+    ours.load_state_dict(hf.state_dict())
+
+    x_BTD = torch.randn(3, 7, 32)
+    x_ours = x_BTD.clone().requires_grad_()
+    x_hf = x_BTD.clone().requires_grad_()
+    y_ours, y_hf = ours(x_ours), hf(x_hf)
+    assert (y_ours - y_hf).abs().max() <= 1e-5
+
+    # The bias really changes the selection here (else the test would not cover it).
+    idx_biased = ours.gate(x_BTD.view(-1, 32))[0].sort(-1).values
+    with torch.no_grad():
+        saved = ours.gate.e_score_correction_bias.clone()
+        ours.gate.e_score_correction_bias.zero_()
+        idx_unbiased = ours.gate(x_BTD.view(-1, 32))[0].sort(-1).values
+        ours.gate.e_score_correction_bias.copy_(saved)
+    assert (idx_biased != idx_unbiased).any(dim=-1).sum() >= 3
+    hf_idx = hf.gate(x_BTD)[2].sort(-1).values
+    assert torch.equal(idx_biased, hf_idx)
+
+    (y_ours.square().sum()).backward()
+    (y_hf.square().sum()).backward()
+    assert (x_ours.grad - x_hf.grad).abs().max() <= 1e-6 * x_hf.grad.abs().max()
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():  # relative: these grads reach ~1e3
+        assert (p.grad - hf_params[name].grad).abs().max() <= 1e-6 * max(1.0, p.grad.abs().max().item()), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped fast path == loop reference
+@pytest.mark.parametrize("use_grouped_mm", [None, False])
+def test_grouped_equals_loop_values_and_gradients(use_grouped_mm):
+    kw = dict(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, n_group=4, topk_group=2,
+              num_experts_per_tok=3, seq_aux_loss_alpha=0.01)
+    loop, grouped = make_moe("loop", **kw), make_moe("grouped", use_grouped_mm, **kw)
+    with torch.no_grad():
+        loop.gate.e_score_correction_bias.normal_(std=0.1)
+        loop.gate.e_score_correction_bias[5] = -10.0  # expert 5 gets no token: an empty group in the sort
+    grouped.load_state_dict(loop.state_dict())
+    x_BTD = torch.randn(2, 24, 64)
+    results = []
+    for moe in (loop, grouped):
+        x = x_BTD.clone().requires_grad_()
+        y = moe(x)
+        (y.sin().sum() + moe.last_aux_loss).backward()  # non-uniform upstream gradient
+        results.append((y.detach(), x.grad, {n: p.grad for n, p in moe.named_parameters()}))
+    (y_l, gx_l, g_l), (y_g, gx_g, g_g) = results
+    assert (y_l - y_g).abs().max() <= 1e-5
+    assert (gx_l - gx_g).abs().max() <= 1e-5
+    for name, grad in g_l.items():
+        assert (grad - g_g[name]).abs().max() <= 1e-5, name
+    assert torch.equal(loop.last_load, grouped.last_load) and loop.last_load[5] == 0
+    used = grouped.last_load > 0  # experts with tokens get gradient, the starved one none
+    assert g_g["experts.gate_up_proj"].flatten(1).abs().amax(1).gt(0).tolist() == used.tolist()
+    assert g_g["experts.down_proj"].flatten(1).abs().amax(1).gt(0).tolist() == used.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing rules on hand-made scores
+def test_bias_changes_selection_not_gate_values():
+    s = torch.tensor([[0.9, 0.8, 0.3, 0.1]])
+    router, x = router_with_scores(s, n_group=1, topk_group=1, num_experts_per_tok=2, routed_scaling_factor=2.5)
+    idx, w, scores = router(x)
+    order = idx.argsort(-1)
+    assert idx.gather(1, order).tolist() == [[0, 1]]
+    assert torch.allclose(w.gather(1, order), torch.tensor([[0.9, 0.8]]) / 1.7 * 2.5, atol=1e-6)
+    assert torch.allclose(scores[:, :4], s, atol=1e-6)
+
+    router.e_score_correction_bias[2] = 0.6  # z = [0.9, 0.8, 0.9, 0.1, 0.01, ...]
+    idx, w, _ = router(x)
+    order = idx.argsort(-1)
+    assert idx.gather(1, order).tolist() == [[0, 2]]
+    # gates come from the unbiased s = [0.9, 0.3], normalised then scaled: 2.5·[0.75, 0.25]
+    assert torch.allclose(w.gather(1, order), torch.tensor([[1.875, 0.625]]), atol=1e-6)
+
+
+def test_gates_unnormalised_when_norm_topk_prob_false():
+    s = torch.tensor([[0.9, 0.8, 0.3, 0.1]])
+    router, x = router_with_scores(s, n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=2.0)
+    idx, w, _ = router(x)
+    assert torch.allclose(w.sort(-1).values, torch.tensor([[1.6, 1.8]]), atol=1e-6)
+
+
+def test_group_limited_routing_drops_best_expert_of_a_weak_group():
+    # groups of 2: g0 = [0.95, 0.01] (top-2 sum 0.96), g1 = [0.6, 0.6] (1.2), g2 = [0.55, 0.55] (1.1), g3 (0.2)
+    s = torch.tensor([[0.95, 0.01, 0.6, 0.6, 0.55, 0.55, 0.1, 0.1]])
+    router, x = router_with_scores(s, n_group=4, topk_group=2, num_experts_per_tok=2)
+    assert sorted(router(x)[0][0].tolist()) == [2, 3]  # expert 0 has the top score but its group is dropped
+    router.n_group, router.topk_group = 1, 1
+    assert 0 in router(x)[0][0].tolist()
+
+
+def test_group_limited_routing_never_selects_a_dropped_group():
+    E, G, TG, K = 16, 4, 2, 4
+    router, _ = router_with_scores(torch.rand(1, E), n_group=G, topk_group=TG, num_experts_per_tok=K)
+    x = torch.randn(500, E) * 2
+    # All biased scores negative: a 0.0-masked (HF 4.5x) router would pick dropped experts here.
+    router.e_score_correction_bias.fill_(-3.0)
+    idx, _, scores = router(x)
+    z = (scores + router.e_score_correction_bias).view(-1, G, E // G)
+    kept = z.topk(2, dim=-1).values.sum(-1).topk(TG, dim=-1).indices  # by hand
+    chosen_groups = idx // (E // G)
+    assert (chosen_groups.unsqueeze(-1) == kept.unsqueeze(1)).any(-1).all()
+    assert max(len(set(row)) for row in chosen_groups.tolist()) <= TG
+
+
+def test_bias_stays_fp32_under_dtype_casts():
+    moe = make_moe().to(torch.bfloat16)
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+    assert moe.gate.weight.dtype == torch.bfloat16
+    moe.gate.e_score_correction_bias.fill_(0.5)
+    moe.last_load = torch.tensor([9.0, 0, 0, 0, 0, 0, 0, 7])
+    moe.update_bias(0.001)  # 0.5 ± 0.001 is not representable in bf16
+    assert moe.gate.e_score_correction_bias.sub(0.5).abs().max().item() == pytest.approx(0.001, abs=1e-7)
+    y = moe(torch.randn(1, 4, 32, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# Aux-loss-free balancing
+def test_expert_bias_delta_formula():
+    delta = expert_bias_delta(torch.tensor([1.0, 2.0, 3.0, 6.0]), 0.01)  # mean 3
+    assert delta.tolist() == pytest.approx([0.01, 0.01, 0.0, -0.01])
+
+
+def test_load_accumulates_over_micro_batches_and_resets():
+    moe = make_moe()
+    x = torch.randn(2, 5, 32)
+    moe(x)
+    moe(x)
+    assert moe.last_load.sum().item() == 2 * 10 * 2  # 2 forwards x 10 tokens x top-2
+    stats = moe.load_stats()
+    assert sum(stats["counts"]) == 40 and stats["max_over_mean"] == pytest.approx(max(stats["counts"]) / 5)
+    moe.eval()
+    moe(x)  # eval forwards do not count
+    assert moe.last_load.sum().item() == 40 and moe.last_aux_loss is None
+    load = moe.update_bias(0.0)  # γ = 0: bias frozen, counts still consumed
+    assert load.sum().item() == 40 and moe.last_load.sum().item() == 0
+    assert moe.gate.e_score_correction_bias.abs().max() == 0 and moe.load_stats()["max_over_mean"] == 0.0
+
+
+def test_update_bias_all_reduces_under_torch_distributed():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        moe = make_moe()
+        moe.last_load = torch.tensor([4.0, 0, 0, 0, 0, 0, 0, 4])
+        moe.update_bias(0.1)
+        assert moe.gate.e_score_correction_bias.tolist() == pytest.approx([-0.1] + [0.1] * 6 + [-0.1])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bias_update_reduces_load_imbalance():
+    D, E = 16, 8
+    moe = make_moe(hidden_size=D, moe_intermediate_size=8, n_routed_experts=E, n_group=1, topk_group=1)
+    u = torch.nn.functional.normalize(torch.randn(D), dim=0)
+    with torch.no_grad():  # experts 0 and 1 align with the tokens' common direction u
+        moe.gate.weight.normal_(std=0.1)
+        moe.gate.weight[:2] += 3.0 * u
+    x = torch.randn(4, 64, D) + 1.5 * u
+    ratios = []
+    for _ in range(100):
+        moe(x)
+        ratios.append(moe.load_stats()["max_over_mean"])
+        moe.update_bias(0.01)
+    assert ratios[0] > 3.0  # most tokens go to experts 0 and 1 (4.0 = all of them)
+    # The sign rule with a fixed γ ends in a small limit cycle, so average its last steps.
+    late = sum(ratios[-20:]) / 20
+    assert late < 1.6 and late < 0.5 * ratios[0]
+    assert moe.gate.e_score_correction_bias[:2].max() < moe.gate.e_score_correction_bias[2:].min()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence-wise balance loss
+def test_seq_balance_loss_hand_computed():
+    scores = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.8, 0.1, 0.05, 0.05]],
+                           [[0.2, 0.2, 0.4, 0.2], [0.1, 0.3, 0.3, 0.3]]])
+    idx = torch.tensor([[[0], [0]], [[2], [1]]])  # K = 1
+    # seq 0: P = [0.525, 0.175, 0.15, 0.15], f = [4, 0, 0, 0] -> 2.1
+    # seq 1: P = [0.15, 0.25, 0.35, 0.25],   f = [0, 2, 2, 0] -> 1.2;  mean 1.65, x alpha 0.1
+    assert seq_balance_loss(scores, idx, 0.1).item() == pytest.approx(0.165, rel=1e-6)
+    uniform = torch.full((1, 4, 4), 0.3)
+    assert seq_balance_loss(uniform, torch.tensor([[[0], [1], [2], [3]]]), 0.5).item() == pytest.approx(0.5)
+
+
+def test_moe_aux_loss_value_and_gradient_only_through_router():
+    moe = make_moe(seq_aux_loss_alpha=0.01)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    moe(x)
+    idx, _, scores = moe.gate(x.detach().view(-1, 32))
+    expected = seq_balance_loss(scores.view(2, 6, -1), idx.view(2, 6, -1), 0.01)
+    assert moe.last_aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert moe.last_aux_loss.item() == pytest.approx(0.01, rel=0.5)  # near-uniform at init
+    moe.last_aux_loss.backward()
+    assert moe.gate.weight.grad.abs().max() > 0 and x.grad.abs().max() > 0
+    for name, p in moe.named_parameters():
+        if not name.startswith("gate."):
+            assert p.grad is None, name
+    off = make_moe(seq_aux_loss_alpha=0.0)  # alpha = 0: not computed at all
+    off(torch.randn(1, 3, 32))
+    assert off.last_aux_loss is None
+
+
+def test_no_shared_experts_and_state_dict_layout():
+    moe = make_moe(n_shared_experts=0)
+    shapes = {k: tuple(v.shape) for k, v in moe.state_dict().items()}
+    assert shapes == {"gate.weight": (8, 32), "gate.e_score_correction_bias": (8,),
+                      "experts.gate_up_proj": (8, 32, 32), "experts.down_proj": (8, 32, 16)}
+    assert moe(torch.randn(2, 3, 32)).shape == (2, 3, 32)
+
+
+def test_grouped_mm_probe_is_not_fooled_by_no_grad():
+    expected = grouped_mm_supported("cpu", torch.float32)
+    grouped_mm_supported.cache_clear()
+    with torch.inference_mode():  # a first call from generation code must not cache a false "unsupported"
+        assert grouped_mm_supported("cpu", torch.float32) == expected
+    if hasattr(torch, "_grouped_mm") and torch.__version__ >= (2, 9):
+        assert expected  # torch >= 2.9 has a CPU kernel; if this fails we silently run the fallback
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the torch._grouped_mm bf16 path
+@pytest.mark.gpu
+def test_grouped_mm_bf16_cuda_matches_loop():
+    assert grouped_mm_supported("cuda", torch.bfloat16)
+    kw = dict(hidden_size=256, moe_intermediate_size=128, n_routed_experts=16, n_group=1, topk_group=1)
+    loop = make_moe("loop", **kw).cuda().to(torch.bfloat16)
+    grouped = make_moe("grouped", None, **kw).cuda().to(torch.bfloat16)
+    grouped.load_state_dict(loop.state_dict())
+    x_BTD = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for moe in (loop, grouped):
+        x = x_BTD.clone().requires_grad_()
+        y = moe(x)
+        y.float().square().sum().backward()
+        outs.append((y.float(), x.grad.float(), moe.experts.gate_up_proj.grad.float()))
+    for a, b in zip(*outs):
+        assert (a - b).abs().max() <= 2e-2 * max(1.0, a.abs().max().item())
+    assert not math.isnan(outs[1][0].sum().item())
