@@ -110,6 +110,9 @@ class Engine:
         self.device = p.device
         self.dtype = dtype or p.dtype
         self.last_stats = GenerationStats()
+        # A head wider than the tokenizer (vocab rounded up, or merges ran out) has rows no text
+        # maps to: never sample them.
+        self.vocab_limit = getattr(tokenizer, "vocab_size", None)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, num_samples: int = 1) -> list[list[Completion]]:
@@ -139,6 +142,12 @@ class Engine:
         self.last_stats = stats
         return out
 
+    def _logits(self, logits_BV: torch.Tensor) -> torch.Tensor:
+        if self.vocab_limit is not None and logits_BV.shape[-1] > self.vocab_limit:
+            logits_BV = logits_BV.clone()
+            logits_BV[:, self.vocab_limit:] = float("-inf")
+        return logits_BV
+
     def _generate_wave(self, prompts, prompt_ids, params, n, gen, stats) -> list[Completion]:
         P, dev = len(prompts), self.device
         lens_P = torch.tensor([len(p) for p in prompts], device=dev)
@@ -166,7 +175,7 @@ class Engine:
         stop_ids = torch.tensor(params.stop_token_ids or [-1], device=dev)
 
         for step in range(params.max_new_tokens):
-            tok_B, logp_B = sample_next(logits_BV, params, gen)
+            tok_B, logp_B = sample_next(self._logits(logits_BV), params, gen)
             tok_list, logp_list = tok_B.tolist(), logp_B.tolist()
             finished = torch.isin(tok_B, stop_ids).tolist()
             for b, k in enumerate(live):

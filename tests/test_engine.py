@@ -125,3 +125,18 @@ def test_bad_params():
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="empty prompt"):
         Engine(CountingLM()).generate([[]], SamplingParams())
+
+
+def test_never_samples_ids_beyond_the_tokenizer_vocabulary():
+    class Tok:
+        vocab_size, eot_id = 4, None
+
+        def decode(self, ids):
+            assert max(ids) < 4
+            return ""
+
+    m = CountingLM(vocab=11)
+    with torch.no_grad():
+        m.a[:, 4:] += 50.0  # the untrained tail would win every draw
+    outs = Engine(m, Tok()).generate([[1, 2]], SamplingParams(max_new_tokens=6, temperature=1.0), num_samples=8)[0]
+    assert all(t < 4 for c in outs for t in c.token_ids)
