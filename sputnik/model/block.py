@@ -1,0 +1,38 @@
+"""One pre-norm decoder block of DeepSeek-V3: MLA, then a dense SwiGLU or a DeepSeekMoE layer.
+
+Shape legend: B batch, T time, D hidden_size, F = qk_rope_head_dim / 2.
+Used for the main layers and, by subclassing, for the multi-token-prediction modules (mtp.py),
+whose checkpoint keys are a block's keys plus four extras.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sputnik.model.config import ModelConfig
+from sputnik.model.layers import MLP, RMSNorm
+from sputnik.model.mla import MLA, MLACache
+
+
+class Block(nn.Module):
+    """h = h + MLA(RMSNorm(h));  h = h + FFN(RMSNorm(h)),  FFN = MLP if layer < first_k_dense_replace
+    else MoE (V3 §4.2: "all FFNs except for the first three layers"). HF key names."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, moe: bool | None = None):
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = MLA(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(D, eps)
+        use_moe = config.is_moe_layer(layer_idx) if moe is None else moe
+        if use_moe:
+            from sputnik.model.moe import MoE  # imported here so attention-only users need no MoE
+
+            self.mlp = MoE(config)
+        else:
+            self.mlp = MLP(D, config.intermediate_size)
+
+    def forward(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: MLACache | None = None) -> torch.Tensor:
+        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), cos, sin, cache)
+        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))

@@ -1,0 +1,161 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1): naive form for training and
+prefill, weight-absorbed form over a compressed latent cache for decode.
+
+Shape legend: B batch, T new tokens, S cached key positions, D hidden_size, H heads,
+N qk_nope_head_dim, R qk_rope_head_dim, K = N + R (qk head dim), V v_head_dim,
+Q q_lora_rank, C kv_lora_rank, X = C + R (one cache row), F = R/2.
+
+Module names equal transformers' `DeepseekV3Attention`, so state-dict keys are the HF keys.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sputnik.model.config import ModelConfig
+from sputnik.model.layers import RMSNorm
+from sputnik.model.rope import apply_rope, softmax_scale
+
+
+class MLACache:
+    """Preallocated decode cache holding ONLY what MLA needs (§1.5): per layer one buffer
+    kv_BSX = [c_KV (post kv_a_layernorm, C) | k_R (post-RoPE shared key, R)], i.e. C + R numbers
+    per token per layer instead of 2·H·K for MHA. Keeping both in one row lets decode score all
+    keys with one batched matmul (q̃ and q_R concatenated against [c | k_R]).
+
+    Rows may hold sequences of different lengths: the caller owns `cache_seqlens` [B] (tokens
+    already cached per row) and advances it after each step; `prepare` turns it into write
+    positions and a key mask shared by all layers of the step.
+    """
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        self.kv_lora_rank, self.max_len = kv_lora_rank, max_len
+        self.kv_BSX = [torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+                       for _ in range(num_layers)]
+        self.positions_BT = self.key_mask_BT1S = None
+
+    def select(self, rows_R: torch.Tensor) -> "MLACache":
+        """A cache whose row r is a copy of row rows_R[r] (fork n samples of one prompt, or drop
+        finished rows). The old cache stays valid."""
+        new = MLACache.__new__(MLACache)
+        new.kv_lora_rank, new.max_len = self.kv_lora_rank, self.max_len
+        new.kv_BSX = [buf.index_select(0, rows_R) for buf in self.kv_BSX]
+        new.positions_BT = new.key_mask_BT1S = None
+        return new
+
+    def c_kv(self, layer_idx: int) -> torch.Tensor:
+        return self.kv_BSX[layer_idx][..., : self.kv_lora_rank]
+
+    def k_rope(self, layer_idx: int) -> torch.Tensor:
+        return self.kv_BSX[layer_idx][..., self.kv_lora_rank:]
+
+    def prepare(self, cache_seqlens_B: torch.Tensor, num_new: int) -> torch.Tensor:
+        """Positions of the new tokens (seqlen_b + t) and the key mask (key s visible to new token
+        t of row b iff s <= seqlen_b + t). One host sync per step (the longest row decides how
+        much of the buffer the step reads), not one per layer."""
+        steps_T = torch.arange(num_new, device=cache_seqlens_B.device)
+        self.positions_BT = cache_seqlens_B.long()[:, None] + steps_T[None, :]
+        kv_len = int(self.positions_BT.max()) + 1
+        if kv_len > self.max_len:
+            raise ValueError(f"cache overflow: a row needs {kv_len} positions, cache holds {self.max_len}")
+        keys_S = torch.arange(kv_len, device=cache_seqlens_B.device)
+        self.key_mask_BT1S = (keys_S[None, None, :] <= self.positions_BT[:, :, None]).unsqueeze(2)
+        return self.positions_BT
+
+    def update(self, layer_idx: int, kv_BTX: torch.Tensor) -> torch.Tensor:
+        """Write the new rows at their positions; return the readable prefix kv_BSX[:, :kv_len]."""
+        buf_BSX, pos_BT = self.kv_BSX[layer_idx], self.positions_BT
+        rows_BT = torch.arange(buf_BSX.shape[0], device=buf_BSX.device)[:, None].expand_as(pos_BT)
+        buf_BSX[rows_BT, pos_BT] = kv_BTX.to(buf_BSX.dtype)
+        return buf_BSX[:, : self.key_mask_BT1S.shape[-1]]
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention.
+
+    c_Q = RMSNorm(W_DQ x); [q_C; q_R]_h = W_UQ c_Q (per head [nope | rope]); q_R ← RoPE(q_R)
+    [c~; k_R] = W_DKV x; c_KV = RMSNorm(c~); k_R ← RoPE(k_R)  (one rope key shared by all heads)
+    [k_C; v]_h = W_UKV c_KV;  k_h = [k_C,h ; k_R]
+    o_h = softmax(s · q_h·k_hᵀ + causal) v_h;  out = W_O [o_1; …; o_H]
+    s = K^−1/2 (× mscale² under YaRN).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        D, H = config.hidden_size, config.num_attention_heads
+        self.H, self.N, self.R, self.V = H, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.C, self.q_lora_rank = config.kv_lora_rank, config.q_lora_rank
+        K = self.N + self.R
+        if self.q_lora_rank > 0:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * K, bias=False)
+        else:  # V2-Lite style: no query compression
+            self.q_proj = nn.Linear(D, H * K, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.C + self.R, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.C, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.C, H * (self.N + self.V), bias=False)
+        self.o_proj = nn.Linear(H * self.V, D, bias=False)
+        self.scale = softmax_scale(config)
+        # Pad V to K for SDPA: None = auto (pad where V < K, see _attend_naive), True/False = force.
+        self.pad_v: bool | None = None
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: MLACache | None = None) -> torch.Tensor:
+        """cos/sin from RotaryTables: [T,1,F] for positions 0..T−1, or [B,T,1,F] at the cache's
+        positions. Without a cache: causal self-attention over the T tokens (training, scoring).
+        With a cache (after `cache.prepare`): append the T tokens and attend over the row's past."""
+        B, T, _ = x_BTD.shape
+        q_BTHK = (self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD))) if self.q_lora_rank > 0
+                  else self.q_proj(x_BTD)).view(B, T, self.H, self.N + self.R)
+        q_nope_BTHN, q_rope_BTHR = q_BTHK.split([self.N, self.R], dim=-1)
+        q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin)
+        c_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.C, self.R], dim=-1)
+        c_BTC = self.kv_a_layernorm(c_BTC)  # the RMSNorm touches the latent only, never k_R
+        k_rope_BT1R = apply_rope(k_rope_BTR.unsqueeze(2), cos, sin)
+        if cache is None:
+            o_BTHV = self._attend_naive(q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R)
+        else:
+            kv_BSX = cache.update(self.layer_idx, torch.cat([c_BTC, k_rope_BT1R.squeeze(2)], dim=-1))
+            o_BTHV = self._attend_absorbed(q_nope_BTHN, q_rope_BTHR, kv_BSX, cache.key_mask_BT1S)
+        return self.o_proj(o_BTHV.reshape(B, T, self.H * self.V))
+
+    def _attend_naive(self, q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R) -> torch.Tensor:
+        """Expanded K/V per head, fused causal SDPA. Cheaper than the absorbed form when queries
+        and keys are the same T tokens (K-dim scores instead of C+R; §1.6)."""
+        B, T, H = q_nope_BTHN.shape[:3]
+        kv_BTHX = self.kv_b_proj(c_BTC).view(B, T, H, self.N + self.V)
+        k_nope_BTHN, v_BTHV = kv_BTHX.split([self.N, self.V], dim=-1)
+        q_BHTK = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1).transpose(1, 2)
+        k_BHTK = torch.cat([k_nope_BTHN, k_rope_BT1R.expand(B, T, H, self.R)], dim=-1).transpose(1, 2)
+        v_BHTV = v_BTHV.transpose(1, 2)
+        K = self.N + self.R
+        # Flash kernels (CUDA flash-attn, and the CPU flash kernel) want the value dim equal to the
+        # qk dim; with V < K SDPA falls back to a slower kernel. Zero-padding V to K and slicing the
+        # output is exact: the padded columns of p·v are p·0 = 0.
+        pad = self.pad_v if self.pad_v is not None else self.V < K
+        if pad and self.V != K:
+            v_BHTV = F.pad(v_BHTV, (0, K - self.V))
+        o_BHTV = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTV, is_causal=True, scale=self.scale)
+        return o_BHTV[..., : self.V].transpose(1, 2)
+
+    def _attend_absorbed(self, q_nope_BTHN, q_rope_BTHR, kv_BSX, key_mask_BT1S) -> torch.Tensor:
+        """Decode form (§1.6): fold W_UK into the query and W_UV into the output so attention runs
+        as MQA over the cached rows [c_KV | k_R]; per-head K and V are never materialised.
+
+        q̃_h = W_UK,hᵀ q_C,h;  score_h,s = s·([q̃_h; q_R,h] · [c_s; k_R,s]);  z_h = Σ_s p_h,s c_s;
+        o_h = W_UV,h z_h.
+        """
+        B, T, H = q_nope_BTHN.shape[:3]
+        w_HYC = self.kv_b_proj.weight.view(H, self.N + self.V, self.C)
+        w_uk_HNC, w_uv_HVC = w_HYC[:, : self.N], w_HYC[:, self.N:]
+        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC)
+        q_BMX = torch.cat([q_lat_BTHC, q_rope_BTHR], dim=-1).reshape(B, T * H, self.C + self.R)  # M = T·H
+        scores_BTHS = torch.bmm(q_BMX, kv_BSX.transpose(1, 2)).view(B, T, H, -1) * self.scale
+        scores_BTHS = scores_BTHS.masked_fill(~key_mask_BT1S, float("-inf"))
+        p_BMS = torch.softmax(scores_BTHS, dim=-1, dtype=torch.float32).to(q_BMX.dtype).view(B, T * H, -1)
+        z_BTHC = torch.bmm(p_BMS, kv_BSX[..., : self.C]).view(B, T, H, self.C)
+        return torch.einsum("bthc,hvc->bthv", z_BTHC, w_uv_HVC)

@@ -1,0 +1,121 @@
+"""Transformer: the loss contract (chunked CE == full-logits CE, loss decomposition, no logits with
+targets), hidden states, tying, init, parameter counts == accounting, expert-balance hooks,
+build_model dispatch. HF logit parity lives in test_hf.py."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sputnik.model import ModelConfig, Transformer, build_model
+from sputnik.model.accounting import param_counts
+from sputnik.model.config import tiny, tiny_dense
+from sputnik.model.layers import RMSNorm
+
+
+def small(**kw):
+    base = dict(vocab_size=96, hidden_size=48, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=64,
+                moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=3,
+                q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                seq_aux_loss_alpha=0.01, max_position_embeddings=64)
+    return tiny(**{**base, **kw})
+
+
+def batch(B=2, T=10, V=96, seed=0):
+    ids_BT = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    targets_BT = torch.cat([ids_BT[:, 1:], torch.full((B, 1), -100)], 1)
+    targets_BT[0, :3] = -100  # e.g. a prompt
+    return ids_BT, targets_BT
+
+
+def test_loss_contract_and_chunked_ce_equals_full_logits():
+    model = Transformer(small())  # training mode: aux loss on
+    ids_BT, targets_BT = batch()
+    out = model(ids_BT, targets_BT)
+    assert out.logits is None and out.num_tokens.item() == 2 * 9 - 3
+    logits_BTV = model.lm_head(model.hidden_states(ids_BT))
+    ce = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.ce_loss, ce, atol=1e-5, rtol=1e-5)
+    aux = sum(m.last_aux_loss for m in model.moe_layers().values())  # 2 main MoE layers + the MTP block
+    assert len(model.moe_layers()) == 3 and aux.item() > 0
+    torch.testing.assert_close(out.aux_loss, aux.detach())
+    torch.testing.assert_close(out.loss, ce + 0.3 * out.mtp_loss + aux, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    assert model.mtp[0].mlp.gate.weight.grad.abs().max() > 0  # aux + MTP reach the MTP router
+    eval_out = model.eval()(ids_BT)
+    torch.testing.assert_close(eval_out.logits, logits_BTV)
+    assert eval_out.loss is None
+
+
+def test_no_mtp_and_no_aux():
+    model = Transformer(small(num_nextn_predict_layers=0, seq_aux_loss_alpha=0.0))
+    out = model(*batch())
+    assert out.mtp_loss.item() == 0 and out.aux_loss.item() == 0 and len(model.mtp) == 0
+    torch.testing.assert_close(out.loss, out.ce_loss)
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = Transformer(small(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head.weight" in model.state_dict()  # HF keys; hf.py drops it on export when tied
+
+
+def test_init_weights():
+    model = Transformer(tiny(initializer_range=0.02))
+    sd = model.state_dict()
+    assert sd["model.layers.1.mlp.experts.gate_up_proj"].std().item() == pytest.approx(0.02, rel=0.02)
+    assert sd["model.layers.0.self_attn.kv_b_proj.weight"].std().item() == pytest.approx(0.02, rel=0.05)
+    assert sd["model.embed_tokens.weight"].std().item() == pytest.approx(0.02, rel=0.02)
+    norms = [m.weight for m in model.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) == 4 * 4 + 1 + 7 and all(w.eq(1).all() for w in norms)  # 4 per block, final, MTP's 7
+    assert all(m.gate.e_score_correction_bias.eq(0).all() for m in model.moe_layers().values())
+
+
+@pytest.mark.parametrize("cfg", [tiny(), small(q_lora_rank=0, tie_word_embeddings=True, num_nextn_predict_layers=2),
+                                 small(first_k_dense_replace=3)], ids=["tiny", "qproj-tied-mtp2", "all-dense"])
+def test_num_params_equal_accounting(cfg):
+    model, counts = Transformer(cfg), param_counts(cfg)
+    assert model.num_params() == counts["total"]
+    assert model.num_params(active=True) == counts["active"]
+    assert model.num_params(include_mtp=True) == counts["total_with_mtp"]
+    assert model.num_params(active=True, include_mtp=True) == counts["active_with_mtp"]
+    # and they are what a checkpoint stores, less the router-bias buffers
+    stored = {k: v for k, v in model.state_dict().items()
+              if not k.startswith("mtp.") and not k.endswith("e_score_correction_bias")}
+    if cfg.tie_word_embeddings:
+        stored.pop("lm_head.weight")
+    assert sum(v.numel() for v in stored.values()) == counts["total"]
+
+
+def test_tiny_sizes():
+    model = Transformer(tiny())
+    assert model.num_params() == 8_223_744 and model.num_params(active=True) == 4_094_976
+
+
+def test_expert_load_and_bias_update():
+    model = Transformer(small(bias_update_speed=0.01))
+    model(*batch(B=4, T=16))
+    loads = model.expert_load()
+    assert list(loads) == ["model.layers.1.mlp", "model.layers.2.mlp", "mtp.0.mlp"]
+    assert loads["model.layers.1.mlp"].sum().item() == 4 * 16 * 2  # every token routed to top-2
+    load = loads["model.layers.1.mlp"].clone()
+    model.update_expert_bias()
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    expected = 0.01 * torch.sign(load.mean() - load)
+    torch.testing.assert_close(bias, expected)
+    assert bias.requires_grad is False
+
+
+def test_build_model_dispatch():
+    assert isinstance(build_model(small()), Transformer)
+    dense = build_model(tiny_dense(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    assert type(dense).__name__ == "LlamaModel"
+    with pytest.raises(ValueError, match="deepseek_v3"):
+        Transformer(tiny_dense())
+    assert isinstance(small(), ModelConfig)
+
+
+def test_too_long_sequence_raises():
+    model = Transformer(small())
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.new_cache(1, 65)
