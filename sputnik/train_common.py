@@ -72,6 +72,7 @@ class LoopConfig:
     parallel: Literal["ddp", "fsdp"] = knob("ddp", "wrapping under torchrun (ignored for one process)")
     num_threads: int = knob(0, "CPU threads (0 = all cores of the affinity mask)", min=0)
     project_dir: str = knob("", "directory of the cost ledger ledger.jsonl ('' = the parent of out_dir)")
+    ledger_command: str = knob("", "name of this run in the cost ledger ('' = the stage's name)")
 
     def __post_init__(self):
         if self.optim.optimizer == "muon" and self.parallel == "fsdp":
@@ -374,7 +375,7 @@ def ledger(session: Session, command: str, final_model: bool = False):
     except ImportError:
         return contextlib.nullcontext(_NullRun())
     project = session.cfg.project_dir or str(session.out.resolve().parent)
-    return record_run(project, command, session.cfg, final_model=final_model)
+    return record_run(project, session.cfg.ledger_command or command, session.cfg, final_model=final_model)
 
 
 class _NullRun:

@@ -145,6 +145,14 @@ class KVCache:
     def max_len(self) -> int:
         return self.k_LBKSC.shape[3]
 
+    @staticmethod
+    def concat(caches: list["KVCache"]) -> "KVCache":
+        """Stack the rows of several caches (same layers, heads and max_len) into one: the server's
+        scheduler joins a freshly prefilled request to the running batch this way."""
+        if not caches:
+            raise ValueError("KVCache.concat: no caches")
+        return KVCache(torch.cat([c.k_LBKSC for c in caches], dim=1), torch.cat([c.v_LBKSC for c in caches], dim=1))
+
 
 # ---------------------------------------------------------------------------------------------
 class LlamaModel(nn.Module):
