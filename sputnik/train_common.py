@@ -40,8 +40,9 @@ class InitConfig:
     hf_dir: str = knob("", "start from this local Hugging Face causal-LM directory (a stage's <out>/model, "
                            "or any transformers model); '' = fresh init from the model settings")
     checkpoint: str = knob("", "start from the weights of this sputnik training checkpoint directory")
-    hf_impl: Literal["auto", "transformers"] = knob("auto", "auto: our model code for deepseek_v3 and sputnik llama "
-                                                            "exports, transformers otherwise; transformers: always AutoModelForCausalLM")
+    hf_impl: Literal["auto", "transformers"] = knob(
+        "auto", "auto: our model code for deepseek_v3 and sputnik llama exports, transformers otherwise; "
+                "transformers: always AutoModelForCausalLM")
 
     def __post_init__(self):
         if self.hf_dir and self.checkpoint:
@@ -113,6 +114,14 @@ class HFCausalLM(nn.Module):
 
     def update_expert_bias(self) -> None:
         return None
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None):  # engine contract (engine_hf.py)
+        from sputnik import engine_hf
+        return engine_hf.new_cache(self.hf, batch, max_len, dtype, device)
+
+    def forward_cached(self, input_ids_BT, cache, cache_seqlens_B, return_hidden: bool = False):
+        from sputnik import engine_hf
+        return engine_hf.forward_cached(self.hf, input_ids_BT, cache, cache_seqlens_B, return_hidden)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,21 +378,11 @@ def save_checkpoint(session: Session, step: int, loop_state: dict, eval_loss: fl
 
 
 def ledger(session: Session, command: str, final_model: bool = False):
-    """The stage's one ledger call (a no-op context when sputnik.ledger is unavailable)."""
-    try:
-        from sputnik.ledger import record_run
-    except ImportError:
-        return contextlib.nullcontext(_NullRun())
+    """The stage's one ledger call (rank 0 records; the ledger ignores other ranks)."""
+    from sputnik.ledger import record_run
+
     project = session.cfg.project_dir or str(session.out.resolve().parent)
     return record_run(project, session.cfg.ledger_command or command, session.cfg, final_model=final_model)
-
-
-class _NullRun:
-    def __init__(self):
-        self.metrics, self.artifacts = {}, []
-
-    def add(self, flops: float = 0.0, tokens: int = 0) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +454,19 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], *, max_new_token
     on its own first len_b positions, so ragged rows need no attention mask. Under distribution
     every rank must run the same number of forwards (FSDP gathers weights in each): the batch
     count and the early exit are agreed over ranks."""
+    raw = dist_lib.unwrap(model)
+    sharded = any(hasattr(p, "full_tensor") for p in raw.parameters())  # FSDP2 DTensors need its forward hooks
+    if hasattr(raw, "new_cache") and not sharded:
+        # Fast path: the inference engine (latent KV cache, finished rows leave the batch); ranks
+        # decode their own prompts independently, no collectives needed.
+        from sputnik.engine import Engine, SamplingParams
+
+        with amp():
+            outs = Engine(raw, max_batch_size=batch_size).generate(
+                prompts, SamplingParams(max_new_tokens=max_new_tokens if max_len is None else
+                                        max(1, min(max_new_tokens, max_len - max(map(len, prompts)))),
+                                        temperature=0, stop_token_ids=tuple(stop_ids)))
+        return [o[0].token_ids for o in outs]
     was_training = model.training
     model.eval()
     results: list[list[int]] = []
@@ -528,7 +540,8 @@ class Progress:
         if not live:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
 
         console = Console(stderr=True)
         if console.is_terminal:
