@@ -259,7 +259,7 @@ def run(cfg: DistillConfig, *, parents: list[str] = (), final_model: bool = Fals
     # SFT in sequence mode is its own run ("distill-sft") between the trace and evaluation runs.
     traces_path = Path(cfg.traces) if cfg.traces else out / "traces.jsonl"
     lineage = list(parents)
-    with ledger.record_run(cfg.ledger_dir, "distill", cfg, devices=dc) as led:
+    with ledger.record_run(cfg.ledger_dir, "distill", cfg) as led:
         lineage.append(led.run_id)
         # --- teacher traces, rejection-sampled (or reused)
         if cfg.traces or traces_path.is_file():
@@ -286,7 +286,7 @@ def run(cfg: DistillConfig, *, parents: list[str] = (), final_model: bool = Fals
         lineage += _latest_run_ids(cfg.ledger_dir, "distill-sft")
         student = tc.load_model(ModelConfig(), tc.InitConfig(hf_dir=res["model_dir"])).to(dc.device)
     # --- report: student vs teacher on held-out problems
-    with ledger.record_run(cfg.ledger_dir, "distill-eval", cfg, devices=dc, parents=lineage,
+    with ledger.record_run(cfg.ledger_dir, "distill-eval", cfg, parents=lineage,
                            final_model=final_model) as led:
         s_acc, s_tps = heldout_accuracy(student, s_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
         t_acc, t_tps = heldout_accuracy(teacher, t_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)

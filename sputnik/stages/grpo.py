@@ -246,7 +246,7 @@ def run(cfg: RLConfig) -> dict:
         start_step, acc_history = c.step, c.loop_state.get("acc_history", [])
         print0(f"rl: resumed from {resume_from} at step {start_step}")
 
-    with ledger.record_run(cfg.ledger_dir, "rl", cfg, devices=dc) as led:
+    with ledger.record_run(cfg.ledger_dir, "rl", cfg) as led:
         if not acc_history:
             acc_history.append((0, heldout_accuracy(engine, tokenizer, tasks, cfg, cfg.eval_examples)))
             print0(f"rl: held-out accuracy before RL {acc_history[-1][1]:.3f}")
