@@ -116,7 +116,7 @@ def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         if r["command"] == "pretrain":
             m = read_metrics((r.get("config") or {}).get("out_dir"))
             figs.append(("Expert load (max/mean tokens per expert; 1 = perfectly balanced)", _plot(
-                out / "expert_load.png", [("expert load max/mean", [("pretrain", *_series(m, "expert_load_max_over_mean"))])])))
+                out / "expert_load.png", [("expert load max/mean", [("pretrain", *_series(m, "moe_max_over_mean"))])])))
 
     # --- accuracy against cumulative FLOPs across the stages
     cum, xs, ys, labels = 0.0, [], [], []
