@@ -99,7 +99,8 @@ class OptimizerList:
 
     def load_state_dict(self, state: dict) -> None:
         if len(state.get("optimizers", [])) != len(self.optimizers):
-            raise ValueError(f"optimizer state holds {len(state.get('optimizers', []))} optimizers, expected {len(self.optimizers)}")
+            raise ValueError(f"optimizer state holds {len(state.get('optimizers', []))} optimizers, "
+                             f"expected {len(self.optimizers)}")
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
 

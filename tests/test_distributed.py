@@ -72,7 +72,8 @@ def torchrun(ws, out, parallel):
     for k, v in COMMON.items():
         if k not in ("tasks", "optim"):
             args += [f"--{k}", str(v)]
-    args += ["--optim.lr", "3e-3", "--optim.warmup_steps", "2"] + [a for k, v in TINY_MOE.items() for a in (f"--model.{k}", str(v))]
+    args += ["--optim.lr", "3e-3", "--optim.warmup_steps", "2"]
+    args += [a for k, v in TINY_MOE.items() for a in (f"--model.{k}", str(v))]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]

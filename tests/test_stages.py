@@ -345,6 +345,7 @@ def _goal(tmp_path, pre_steps, sft_steps, eval_examples, tasks=("addition",), mo
         optim={"lr": 3e-3, "warmup_steps": 20})))
     t_pre, cpu_pre = time.time() - t0, time.process_time() - c0
     print(f"pretrain: {t_pre:.0f}s wall, {cpu_pre:.0f}s CPU")
+    pre["cpu_s"] = cpu_pre
     post = sft.run(build(sft.Config, dict(
         out_dir=str(tmp_path / "sft"), init={"hf_dir": str(tmp_path / "pre" / "model")}, tasks=tasks, num_examples=4000,
         eval_examples=eval_examples, max_new_tokens=100, batch_size=16, max_steps=sft_steps, eval_every=0,
@@ -365,16 +366,20 @@ def test_goal_small_arithmetic(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_goal_arithmetic(tmp_path):
     """The issue's goal, measured on this project's 2-vCPU machine with one thread (2026-11-23):
     pretraining 800 steps x 2,048 tokens: held-out loss 5.95 -> 1.12 (step 200) -> 0.86 (400) ->
     0.72 (600) -> 0.62 (800) in 131 s wall (111 s CPU); SFT 1,000 steps on the step-by-step traces:
     held-out loss 0.019, exact-match 0.758 (97/128 test problems, 1-4 digit addition), format 0.99,
-    134 s. Thresholds leave room for other machines (accuracy: 4 binomial s.d. below)."""
+    134 s. The 180 s budget is checked on CPU seconds. Thresholds leave room for other machines
+    (accuracy: 4 binomial s.d. below the measurement)."""
     pre, post, t_pre, t_sft = _goal(tmp_path, pre_steps=800, sft_steps=1000, eval_examples=128, threads=1)
     print(f"goal: pretrain eval {pre['final_eval_loss']:.3f} in {t_pre:.0f}s; "
           f"sft eval {post['final_eval_loss']:.3f}, accuracy {post['accuracy']:.3f} in {t_sft:.0f}s")
-    assert t_pre <= 180
+    # One thread, so CPU seconds = wall seconds on an idle machine; wall time itself is not
+    # asserted because this 2-vCPU machine is shared (measured 131 s idle, 272 s contended).
+    assert pre["cpu_s"] <= 180
     assert pre["final_eval_loss"] < 0.70
     assert post["final_eval_loss"] < 0.05
     assert post["accuracy"] >= 0.6

@@ -7,7 +7,7 @@ batch_size x grad_accum x world_size windows; the loss is the token mean over it
 balance loss, see model/transformer.py), after which the MoE router biases take their
 aux-loss-free step (DeepSeek-V3 §2.1.2). A NaN/inf loss or gradient skips the step.
 
-    sputnik pretrain --out_dir runs/pretrain --tokenizer runs/tok --tasks arithmetic --max_steps 300
+    sputnik pretrain --out_dir runs/pretrain --tokenizer runs/tok --tasks addition,subtraction --max_steps 300
     torchrun --nproc_per_node 2 -m sputnik pretrain ...   # same command, data sharded per rank
 """
 from __future__ import annotations
@@ -30,7 +30,8 @@ from sputnik.optim import clip_grad_norm, guarded_step, lr_multiplier, set_lr
 class Config(tc.LoopConfig):
     out_dir: str = knob("runs/pretrain", "output directory: metrics.jsonl, checkpoints/, model/, stage_config.json")
     texts: list[str] = knob(default_factory=list, help="UTF-8 text files or directories of *.txt (one document per file)")
-    tasks: list[str] = knob(default_factory=lambda: ["arithmetic"], help="built-in task corpora mixed in: name or name:knob=value:... (comma-separated; '' for none)")
+    tasks: list[str] = knob(default_factory=lambda: ["addition", "subtraction", "multiplication"],
+                            help="built-in task corpora mixed in: name or name:knob=value:... (comma-separated; '' for none)")
     task_docs: int = knob(20000, "worked problems drawn from the task corpora", min=0)
     eval_fraction: float = knob(0.05, "share of documents held out for the eval loss", min=0.0, max=0.5)
     seq_len: int = knob(256, "tokens per packed window", min=2)

@@ -29,9 +29,12 @@ from sputnik.optim import OptimConfig, clip_grad_norm, guarded_step, lr_multipli
 class Config(tc.LoopConfig):
     out_dir: str = knob("runs/sft", "output directory: metrics.jsonl, samples.jsonl, checkpoints/, model/")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
-    data: list[str] = knob(default_factory=list, help="JSONL files of {prompt, completion} / {prompt, answer, solution} / {messages}")
+    data: list[str] = knob(default_factory=list,
+                           help="JSONL files of {prompt, completion} / {prompt, answer, solution} / {messages}")
     skip_bad_lines: bool = knob(False, "skip (and count) malformed JSONL lines instead of stopping")
-    tasks: list[str] = knob(default_factory=lambda: ["addition"], help="built-in tasks whose worked train problems are SFT data: name or name:knob=value:... (comma-separated)")
+    tasks: list[str] = knob(default_factory=lambda: ["addition"],
+                            help="built-in tasks whose worked train problems are SFT data: name or name:knob=value:... "
+                                 "(comma-separated)")
     num_examples: int = knob(5000, "train examples drawn from the tasks", min=0)
     eval_examples: int = knob(64, "held-out test-split problems for accuracy and eval loss", min=0)
     eval_fraction: float = knob(0.05, "JSONL data only: share of records held out", min=0.0, max=0.5)
