@@ -7,7 +7,7 @@ BIN      = $(VENV)/bin
 # The CPU wheel; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup speedrun test test-slow bench clean
+.PHONY: setup speedrun test test-slow browser clean
 
 $(BIN)/sputnik: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,11 @@ setup: $(BIN)/sputnik
 speedrun: setup
 	$(BIN)/sputnik speedrun $(ARGS)
 
-test: setup
+# The web-page test drives headless Chromium (Debian package); it skips when none can be installed.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ; } || echo "chromium not installed: the web-page test will be skipped"
+
+test: setup browser
 	$(BIN)/python -m pytest $(ARGS)
 
 test-slow: setup
