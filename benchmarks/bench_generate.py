@@ -1,0 +1,259 @@
+"""Generation throughput: Sputnik's Engine vs transformers' DeepseekV3ForCausalLM.generate() on the
+same weights, plus the MLA cache size, the decode step against the memory-bandwidth floor, and
+MTP self-speculative decoding at batch 1.
+
+    .venv/bin/python benchmarks/bench_generate.py [--threads 2] [--repeats 3] [--batches 1,32]
+        [--checkpoint DIR] [--profile] [--out bench_generate.json] [--device cpu|cuda]
+
+Workload (the model issue's): the tiny preset (vocab 4096, hidden 256, 4 layers, first dense, 16
+experts top-2 + 1 shared, MLA q_lora 128 / kv_lora 64), fp32 on CPU, 32-token random prompts, 128
+new tokens, sampling at temperature 1 without top-k/top-p (HF: do_sample, top_k=0,
+min_new_tokens = max_new_tokens so every row is exactly as long as ours). Ours and HF alternate
+inside each repeat (noise hits both alike); medians are reported, ratios come from the same run.
+tokens/s counts generated tokens only (batch × new tokens) over the whole generate call, prefill
+included, for both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from sputnik.common import atomic_write_text
+from sputnik.engine import Engine, SamplingParams
+from sputnik.model import build_model
+from sputnik.model.config import tiny
+from sputnik.model.hf import load_hf, save_hf
+from sputnik.speculative import speculative_generate
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+def load_models(args):
+    if args.checkpoint:
+        ours = load_hf(args.checkpoint)
+        path = args.checkpoint
+    else:
+        torch.manual_seed(0)
+        ours = build_model(tiny())
+        path = tempfile.mkdtemp(prefix="bench_generate_")
+        save_hf(ours, path)
+    from transformers import DeepseekV3ForCausalLM
+
+    hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    dev = torch.device(args.device)
+    return ours.to(dev).eval(), hf.to(dev).eval()
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Timed runs
+def run_ours(model, prompts_BT, new_tokens, seed) -> float:
+    eng = Engine(model)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=seed)
+    t0 = time.perf_counter()
+    out = eng.generate(prompts_BT.tolist(), params)
+    sync(prompts_BT.device)
+    dt = time.perf_counter() - t0
+    assert all(len(r[0].token_ids) == new_tokens for r in out)
+    return dt
+
+
+@torch.no_grad()
+def run_hf(hf, prompts_BT, new_tokens, seed) -> float:
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    out = hf.generate(prompts_BT, attention_mask=torch.ones_like(prompts_BT), do_sample=True, temperature=1.0,
+                      top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    sync(prompts_BT.device)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == prompts_BT.shape[1] + new_tokens
+    return dt
+
+
+@torch.no_grad()
+def decode_step_ms(model, batch, prompt_len, steps=32) -> float:
+    """Median wall time of one cached single-token forward (the engine's decode step minus
+    sampling and bookkeeping) after a prompt_len prefill."""
+    dev = model.lm_head.weight.device
+    cache = model.new_cache(batch, prompt_len + steps + 1, None, dev)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=dev)
+    model.forward_cached(ids, cache, torch.zeros(batch, dtype=torch.long, device=dev))
+    seqlens, tok, times = torch.full((batch,), prompt_len, device=dev), ids[:, -1:], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        model.forward_cached(tok, cache, seqlens)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+        seqlens = seqlens + 1
+    return 1e3 * statistics.median(times)
+
+
+def memory_bandwidth_gbs(dev, mib=512, reps=5) -> float:
+    """Copy bandwidth of a large fp32 tensor (read + write counted): a practical upper bound on
+    how fast the weights can be streamed."""
+    src = torch.empty(mib * 2**20 // 4, device=dev).normal_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic sizes
+def kv_bytes_per_token(cfg, elt: int) -> dict:
+    """MLA caches c_KV and the shared RoPE key: L·(kv_lora_rank + qk_rope_head_dim) numbers a
+    token. An MHA of the same width caches per head a key (qk_head_dim) and a value (v_head_dim):
+    L·H·(qk_head_dim + v_head_dim)."""
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    mla = L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elt
+    mha = L * H * (cfg.qk_head_dim + cfg.v_head_dim) * elt
+    return {"mla": mla, "mha_same_width": mha, "ratio": mha / mla}
+
+
+def weight_bytes_per_step(model, batch: int, elt: int) -> float:
+    """Bytes a decode step must read at least once: every non-embedding main-model weight except
+    the routed experts no token of the step picks; with uniform routing a layer touches
+    E·(1 − (1 − k/E)^B) experts in expectation. The embedding reads only B rows (ignored)."""
+    cfg = model.config
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    total = model.num_params() - model.model.embed_tokens.weight.numel()
+    untouched = E - E * (1 - (1 - k / E) ** batch)
+    for name, moe in model.moe_layers().items():
+        if not name.startswith("mtp."):
+            per_expert = (moe.experts.gate_up_proj.numel() + moe.experts.down_proj.numel()) // E
+            total -= untouched * per_expert
+    return total * elt
+
+
+# ---------------------------------------------------------------------------------------------
+def speculative(model, prompt_len, new_tokens, repeats, seed):
+    """Batch-1 speculative vs plain Engine at temperature 1 and greedy, interleaved."""
+    dev = model.lm_head.weight.device
+    res = {}
+    for temp in (1.0, 0.0):
+        plain_t, spec_t, acc = [], [], []
+        for r in range(repeats):
+            g = torch.Generator().manual_seed(r)
+            prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist()
+            params = SamplingParams(max_new_tokens=new_tokens, temperature=temp, seed=seed + r)
+            plain_t.append(run_ours(model, torch.tensor([prompt], device=dev), new_tokens, seed + r))
+            t0 = time.perf_counter()
+            _, st = speculative_generate(model, prompt, params)
+            spec_t.append(time.perf_counter() - t0)
+            acc.append(st.acceptance_rate)
+        res[f"T={temp:g}"] = {"plain_tok_s": new_tokens / statistics.median(plain_t),
+                              "spec_tok_s": new_tokens / statistics.median(spec_t),
+                              "speedup": statistics.median(plain_t) / statistics.median(spec_t),
+                              "acceptance": statistics.median(acc)}
+    return res
+
+
+def profile_decode(model, batch, prompt_len, rows=15):
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = Engine(model)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len)).tolist()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        eng.generate(prompts, SamplingParams(max_new_tokens=32, temperature=1.0))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per measurement (median)")
+    ap.add_argument("--batches", default="", help="comma list; default 1,32 on CPU and 1,64 on CUDA")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--checkpoint", default="", help="HF-layout DeepSeek-V3 dir (ours, with MTP) instead of random tiny")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler table of our decode at batch 1 and the largest batch")
+    ap.add_argument("--skip-hf", action="store_true", help="only our engine (no transformers baseline)")
+    ap.add_argument("--out", default="bench_generate.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in (args.batches or ("1,64" if args.device == "cuda" else "1,32")).split(",")]
+    ours, hf = load_models(args)
+    dev, cfg, elt = torch.device(args.device), ours.config, ours.lm_head.weight.element_size()
+    print(f"threads={torch.get_num_threads()} device={dev} params={ours.num_params() / 1e6:.2f}M "
+          f"(active {ours.num_params(active=True) / 1e6:.2f}M) torch {torch.__version__}", flush=True)
+
+    # --- throughput, interleaved
+    results = {"config": vars(args), "batches": {}}
+    g = torch.Generator().manual_seed(0)
+    for B in batches:
+        prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(dev)
+        run_ours(ours, prompts, 4, 0)  # warm-up (allocator, lazy inits)
+        if not args.skip_hf:
+            run_hf(hf, prompts, 4, 0)
+        t_ours, t_hf = [], []
+        for r in range(args.repeats):
+            t_ours.append(run_ours(ours, prompts, args.new_tokens, r))
+            if not args.skip_hf:
+                t_hf.append(run_hf(hf, prompts, args.new_tokens, r))
+        n = B * args.new_tokens
+        row = {"ours_tok_s": n / statistics.median(t_ours), "ours_s": t_ours}
+        if t_hf:
+            row.update(hf_tok_s=n / statistics.median(t_hf), hf_s=t_hf,
+                       speedup=statistics.median(t_hf) / statistics.median(t_ours))
+        row["decode_step_ms"] = decode_step_ms(ours, B, args.prompt_len)
+        row["engine_step_ms"] = 1e3 * statistics.median(t_ours) / args.new_tokens
+        results["batches"][B] = row
+        print(f"batch {B}: {row}", flush=True)
+
+    # --- cache size and bandwidth floor
+    bw = memory_bandwidth_gbs(dev)
+    results["kv_bytes_per_token"] = kv_bytes_per_token(cfg, elt)
+    results["memory_bandwidth_gb_s"] = bw
+    for B, row in results["batches"].items():
+        wb = weight_bytes_per_step(ours, B, elt)
+        row["weight_bytes_per_step"] = wb
+        row["bandwidth_floor_ms"] = 1e3 * wb / (bw * 1e9)
+    if cfg.num_nextn_predict_layers:
+        results["speculative_batch1"] = speculative(ours, args.prompt_len, args.new_tokens, args.repeats, 100)
+
+    print_table(results, args)
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if args.profile:
+        for B in (1, max(batches)):
+            print(f"\n--- profile: our engine, batch {B}, 32 new tokens")
+            profile_decode(ours, B, args.prompt_len)
+
+
+def print_table(res, args):
+    print(f"\n{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | {'engine step ms':>14} | "
+          f"{'fwd step ms':>11} | {'BW floor ms':>11}")
+    for B, r in res["batches"].items():
+        hf = f"{r['hf_tok_s']:9.0f} | {r['speedup']:6.2f}x" if "hf_tok_s" in r else f"{'-':>9} | {'-':>7}"
+        print(f"{B:>5} | {r['ours_tok_s']:10.0f} | {hf} | {r['engine_step_ms']:14.2f} | {r['decode_step_ms']:11.2f} | "
+              f"{r['bandwidth_floor_ms']:11.3f}")
+    kv = res["kv_bytes_per_token"]
+    print(f"KV cache bytes/token: MLA {kv['mla']} vs MHA of the same width {kv['mha_same_width']} ({kv['ratio']:.1f}x); "
+          f"copy bandwidth {res['memory_bandwidth_gb_s']:.1f} GB/s")
+    for k, s in res.get("speculative_batch1", {}).items():
+        print(f"speculative batch 1, {k}: {s['spec_tok_s']:.0f} vs plain {s['plain_tok_s']:.0f} tok/s "
+              f"({s['speedup']:.2f}x), acceptance {s['acceptance']:.2f}")
+    if not args.checkpoint:
+        print("note: random weights. Greedy acceptance ~0 (unrelated argmaxes); at T=1 both p and q are "
+              "near-uniform, so acceptance is high but meaningless. Use --checkpoint for a trained model.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The engine's cache contract (engine.py) over any Hugging Face causal LM's own KV cache.
+
+The engine prefills right-padded prompts with cache_seqlens = 0, then feeds one token per row at
+its true position cache_seqlens[b]; a row's tokens at positions >= cache_seqlens[b] are stale
+(padding, rejected drafts) and must be forgotten. A transformers `DynamicCache` instead appends
+the same number of slots to every row, so the adapter keeps, per row and physical slot,
+    pos_BS   the logical position written there,
+    live_BS  whether that slot is still part of the row's sequence,
+and feeds HF a 2-D attention mask (= live) plus explicit position_ids (= true positions). HF's
+causal mask runs over physical slots, which is the right order: a slot written later never holds
+an earlier position of the same row that is still live.
+
+Shape legend: B rows, T new tokens, S physical cache slots, V vocab.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class HFEngineCache:
+    """A transformers DynamicCache plus the per-slot bookkeeping described above."""
+
+    def __init__(self, kv, pos_BS: torch.Tensor, live_BS: torch.Tensor, max_len: int):
+        self.kv, self.pos_BS, self.live_BS, self.max_len = kv, pos_BS, live_BS, max_len
+
+    @classmethod
+    def empty(cls, config, batch: int, max_len: int, device) -> "HFEngineCache":
+        from transformers import DynamicCache
+
+        pos = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return cls(DynamicCache(config=config), pos, pos.bool(), max_len)
+
+    def select(self, rows_R: torch.Tensor) -> "HFEngineCache":
+        """Row r of the result is a copy of row rows_R[r]; this cache stays valid.
+        `batch_select_indices` rebinds each layer's tensors (keys[idx] makes new ones), so it is run
+        on shallow copies of the layer objects, never on ours."""
+        kv = copy.copy(self.kv)
+        kv.layers = [copy.copy(layer) for layer in self.kv.layers]
+        kv.batch_select_indices(rows_R)
+        return HFEngineCache(kv, self.pos_BS[rows_R], self.live_BS[rows_R], self.max_len)
+
+    def num_slots(self) -> int:
+        return self.pos_BS.shape[1]
+
+
+def new_cache(hf_model: nn.Module, batch: int, max_len: int, dtype=None, device=None) -> HFEngineCache:
+    """dtype is the model's own (HF allocates K/V lazily in the activation dtype)."""
+    device = device or next(hf_model.parameters()).device
+    return HFEngineCache.empty(hf_model.config, batch, max_len, device)
+
+
+def forward_cached(hf_model: nn.Module, input_ids_BT: torch.Tensor, cache: HFEngineCache,
+                   cache_seqlens_B: torch.Tensor, return_hidden: bool = False):
+    """Append T tokens per row at logical positions cache_seqlens[b] … +T−1 -> logits [B, T, V]
+    (and the last hidden state, post final norm, if return_hidden)."""
+    B, T = input_ids_BT.shape
+    seqlens_B = cache_seqlens_B.to(cache.pos_BS.device).long()
+    positions_BT = seqlens_B[:, None] + torch.arange(T, device=seqlens_B.device)
+    if int(positions_BT.max()) >= cache.max_len:
+        raise ValueError(f"cache overflow: a row needs position {int(positions_BT.max())}, cache holds {cache.max_len}")
+    # Forget what the engine rolled back (pad slots of the prefill, rejected drafts): forever, so a
+    # later write of the same position does not leave two live copies of it.
+    cache.live_BS &= cache.pos_BS < seqlens_B[:, None]
+    cache.pos_BS = torch.cat([cache.pos_BS, positions_BT], dim=1)
+    cache.live_BS = torch.cat([cache.live_BS, torch.ones_like(positions_BT, dtype=torch.bool)], dim=1)
+    out = hf_model(input_ids=input_ids_BT, attention_mask=cache.live_BS.long(), position_ids=positions_BT,
+                   past_key_values=cache.kv, use_cache=True, output_hidden_states=return_hidden)
+    cache.kv = out.past_key_values  # the same object for DynamicCache; kept in case a model swaps it
+    if return_hidden:
+        return out.logits, out.hidden_states[-1]
+    return out.logits
+
+
+class HFEngineModel(nn.Module):
+    """A bare transformers causal LM behind the engine's model contract (new_cache/forward_cached).
+    HFCausalLM (train_common.py) exposes the same two methods for wrapped policies and teachers."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+        self.config = hf_model.config
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> HFEngineCache:
+        return new_cache(self.hf, batch, max_len, dtype, device)
+
+    def forward_cached(self, input_ids_BT, cache, cache_seqlens_B, return_hidden: bool = False):
+        return forward_cached(self.hf, input_ids_BT, cache, cache_seqlens_B, return_hidden)

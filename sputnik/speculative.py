@@ -1,0 +1,146 @@
+"""Self-speculative decoding with the model's own MTP module as the draft head (V3 §5.4.3), batch 1.
+
+One step, with n tokens cached and x_n the last sampled token (not yet cached):
+    draft   MTP depth 1 at position n−1:  (h_{n−1}, Emb(x_n)) -> q(x_{n+1}),  d ~ q
+    verify  one main-model forward over [x_n, d] at positions n, n+1 -> p_0 (for x_{n+1}), p_1 (x_{n+2})
+    accept  d with probability min(1, p_0(d) / q(d)); on reject emit x ~ norm(max(0, p_0 − q)),
+            on accept also emit the bonus x ~ p_1.
+The accept/resample rule (Leviathan et al. 2023, Chen et al. 2023) makes every emitted token
+distributed exactly as plain sampling from the main model; with temperature 0, p and q are one-hot
+at their argmax, the rule reduces to "accept iff d == argmax p_0", and the output equals plain
+greedy decoding. p and q are the engine's sampling distributions (temperature, then top-k/top-p).
+
+Cache rollback is free: the engine-style cache_seqlens only advance over accepted tokens, so a
+rejected draft's slot is overwritten by the next step (the MLA key mask hides it meanwhile).
+The MTP block keeps its own cache layer (index num_hidden_layers): position i holds
+(h_i, t_{i+1}); positions the main model accepted since the last draft are fed to it in the
+next draft call together, so its cache never holds a rejected token.
+
+Only depth 1 drafts (one draft token per step, at most 2 tokens per main forward); deeper MTP
+modules, if any, are unused. Shape legend: V vocab, K drafts per step, J = K + 1, N independent trials.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sputnik.engine import Completion, SamplingParams, filter_logits
+
+
+@dataclass
+class SpecStats:
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0  # main-model forwards after the prefill (one per step)
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / max(self.target_forwards + 1, 1)
+
+
+def sampling_probs(logits_NV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution the engine samples from: softmax(filter(logits / T)); one-hot argmax at T = 0."""
+    logits_NV = logits_NV.float()
+    if params.temperature == 0:
+        return F.one_hot(logits_NV.argmax(-1), logits_NV.shape[-1]).float()
+    return filter_logits(logits_NV / params.temperature, params.top_k, params.top_p).softmax(-1)
+
+
+def policy_logprobs(logits_NV: torch.Tensor, tokens_N: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """log p(token) at the temperature without top-k/top-p, as engine.sample_next reports it."""
+    scaled_NV = logits_NV.float() / (params.temperature or 1.0)
+    return F.log_softmax(scaled_NV, -1).gather(-1, tokens_N[:, None])[:, 0]
+
+
+def accept_drafts(p_NJV: torch.Tensor, q_NKV: torch.Tensor, drafts_NK: torch.Tensor,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling over N independent trials. p_NJV: target distributions at the K draft
+    positions plus one (the bonus); q_NKV: the draft distributions the drafts were sampled from.
+    Draft j is kept iff all before it were and u_j < p_j(d_j) / q_j(d_j), u_j ~ U[0, 1).
+    Returns (a_N accepted drafts, next_N): next ~ norm(max(0, p_a − q_a)) if a < K, else ~ p_K."""
+    N, K = drafts_NK.shape
+    u_NK = torch.rand(N, K, generator=generator, device=p_NJV.device)
+    p_at_NK = p_NJV[:, :K].gather(-1, drafts_NK[..., None])[..., 0]
+    q_at_NK = q_NKV.gather(-1, drafts_NK[..., None])[..., 0]
+    ok_NK = u_NK * q_at_NK < p_at_NK  # u < p/q without dividing (q(d) > 0: d was drawn from q)
+    a_N = ok_NK.long().cumprod(-1).sum(-1)
+    rows_N = torch.arange(N, device=p_NJV.device)
+    p_a_NV = p_NJV[rows_N, a_N]
+    q_pad_NJV = torch.cat([q_NKV, torch.zeros_like(q_NKV[:, :1])], dim=1)  # q ≡ 0 at the bonus slot
+    resid_NV = (p_a_NV - q_pad_NJV[rows_N, a_N]).clamp(min=0)
+    # p == q at the rejected slot has rejection probability 0; fall back to p only to stay finite.
+    mass_N1 = resid_NV.sum(-1, keepdim=True)
+    resid_NV = torch.where(mass_N1 > 0, resid_NV, p_a_NV)
+    next_N = torch.multinomial(resid_NV, 1, generator=generator)[:, 0]
+    return a_N, next_N
+
+
+@torch.no_grad()
+def speculative_generate(model, prompt: list[int], params: SamplingParams) -> tuple[Completion, SpecStats]:
+    """Batch-1 decoding of `prompt` with MTP depth-1 drafts, verified by the main model. Same
+    output distribution as Engine.generate (exactly the same tokens at temperature 0)."""
+    if not getattr(model, "mtp", None):
+        raise ValueError("speculative_generate needs a model with MTP modules (num_nextn_predict_layers >= 1)")
+    if not prompt:
+        raise ValueError("empty prompt: speculative decoding needs at least one token")
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompt, params)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompt, params):
+    t0, stats = time.perf_counter(), SpecStats()
+    dev = model.lm_head.weight.device
+    gen = torch.Generator(device=dev).manual_seed(params.seed)
+    stops = set(params.stop_token_ids)
+    one = lambda v: torch.tensor([v], device=dev)  # noqa: E731  (a [1] position / seqlen tensor)
+    # verify writes one slot past the last emitted token: +2 of slack
+    cache = model.new_cache(1, len(prompt) + params.max_new_tokens + 2, None, dev)
+
+    # --- prefill: h_0 … h_{n−1} and x_n
+    logits_1TV, h_1TD = model.forward_cached(torch.tensor([prompt], device=dev), cache, one(0), return_hidden=True)
+    tok = torch.multinomial(sampling_probs(logits_1TV[:, -1], params), 1, generator=gen)[:, 0]
+    seq, out, logps = list(prompt), [int(tok)], policy_logprobs(logits_1TV[:, -1], tok, params).tolist()
+    seq.append(out[0])
+    n, mtp_len, h_pend_1PD = len(prompt), 0, h_1TD  # h_pend: main hidden at positions mtp_len … n−1
+
+    while len(out) < params.max_new_tokens and out[-1] not in stops:
+        # --- draft: the MTP block catches up over positions mtp_len … n−1; the last one drafts x_{n+1}
+        next_ids_1P = torch.tensor([seq[mtp_len + 1: n + 1]], device=dev)
+        draft_logits_1PV, _ = model.draft(h_pend_1PD, next_ids_1P, 1, cache, one(mtp_len))
+        q_1V = sampling_probs(draft_logits_1PV[:, -1], params)
+        draft_11 = torch.multinomial(q_1V, 1, generator=gen)
+        mtp_len = n
+        # --- verify [x_n, d] at positions n, n+1
+        ids_12 = torch.cat([one(seq[n])[:, None], draft_11], dim=1)
+        logits_12V, h_12D = model.forward_cached(ids_12, cache, one(n), return_hidden=True)
+        p_12V = sampling_probs(logits_12V[0], params)
+        a_1, next_1 = accept_drafts(p_12V[None], q_1V[None], draft_11, gen)
+        a = int(a_1)
+        new_1A = torch.cat([draft_11[0, :a], next_1])  # accepted drafts, then the resampled/bonus token
+        new_logps = policy_logprobs(logits_12V[0, : a + 1], new_1A, params).tolist()
+        stats.drafted, stats.accepted, stats.target_forwards = (stats.drafted + 1, stats.accepted + a,
+                                                                stats.target_forwards + 1)
+        # --- advance: x_n and the accepted drafts are now cached; rejected slots get overwritten
+        for t, lp in zip(new_1A.tolist(), new_logps):
+            if len(out) < params.max_new_tokens and out[-1] not in stops:
+                out.append(t)
+                logps.append(lp)
+        seq += new_1A.tolist()
+        n, h_pend_1PD = n + a + 1, h_12D[:, : a + 1]
+
+    stats.generated_tokens, stats.seconds = len(out), time.perf_counter() - t0
+    reason = "stop" if out[-1] in stops else "length"
+    return Completion(0, 0, out, logps, "", reason), stats
