@@ -140,3 +140,13 @@ def test_never_samples_ids_beyond_the_tokenizer_vocabulary():
         m.a[:, 4:] += 50.0  # the untrained tail would win every draw
     outs = Engine(m, Tok()).generate([[1, 2]], SamplingParams(max_new_tokens=6, temperature=1.0), num_samples=8)[0]
     assert all(t < 4 for c in outs for t in c.token_ids)
+
+
+def test_sampling_matches_the_distribution():
+    """Inverse-CDF sampling draws from softmax(logits / T): empirical frequencies over 40k draws."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(40000, 1)
+    toks, _ = sample_next(logits, SamplingParams(temperature=0.8), g)
+    freq = torch.bincount(toks, minlength=5).float() / 40000
+    expected = torch.softmax(logits[0] / 0.8, -1)
+    assert torch.allclose(freq, expected, atol=0.01) and freq[4] == 0
