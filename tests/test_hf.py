@@ -149,3 +149,27 @@ def test_save_replaces_atomically_and_keeps_foreign_files(tmp_path):
     assert (target / "tokenizer.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left behind
     assert torch.equal(load_hf(target).model.norm.weight, model.model.norm.weight)
+
+
+def test_native_transformers_model_loads_into_ours(tmp_path):
+    """A model transformers built from its own config (q_lora_rank None, pad None, tied, no MTP)."""
+    from transformers import DeepseekV3Config
+
+    torch.manual_seed(7)
+    hc = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                          n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=None,
+                          kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                          first_k_dense_replace=1, tie_word_embeddings=True, initializer_range=0.1,
+                          num_mtp_layers=0, max_position_embeddings=64)
+    theirs = DeepseekV3ForCausalLM(hc).eval()
+    with torch.no_grad():
+        theirs.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    theirs.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path).eval()
+    assert ours.config.q_lora_rank == 0 and ours.config.tie_word_embeddings and len(ours.mtp) == 0
+    ids_BT = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(8))
+    assert routing_margin(ours, ids_BT) > 1e-4
+    with torch.no_grad():
+        theirs.config._attn_implementation = "eager"
+        torch.testing.assert_close(ours(ids_BT).logits, theirs(ids_BT).logits, atol=1e-4, rtol=0)

@@ -45,6 +45,19 @@ class MLACache:
         new.positions_BT = new.key_mask_BT1S = None
         return new
 
+    @staticmethod
+    def concat(caches: list["MLACache"]) -> "MLACache":
+        """Stack the rows of several caches (same layers, ranks and max_len) into one: the server's
+        scheduler joins a freshly prefilled request to the running batch this way."""
+        if not caches:
+            raise ValueError("MLACache.concat: no caches")
+        first = caches[0]
+        new = MLACache.__new__(MLACache)
+        new.kv_lora_rank, new.max_len = first.kv_lora_rank, first.max_len
+        new.kv_BSX = [torch.cat(bufs, dim=0) for bufs in zip(*(c.kv_BSX for c in caches))]
+        new.positions_BT = new.key_mask_BT1S = None
+        return new
+
     def c_kv(self, layer_idx: int) -> torch.Tensor:
         return self.kv_BSX[layer_idx][..., : self.kv_lora_rank]
 
@@ -154,6 +167,7 @@ class MLA(nn.Module):
         w_uk_HNC, w_uv_HVC = w_HYC[:, : self.N], w_HYC[:, self.N:]
         q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC)
         q_BMX = torch.cat([q_lat_BTHC, q_rope_BTHR], dim=-1).reshape(B, T * H, self.C + self.R)  # M = T·H
+        kv_BSX = kv_BSX.to(q_BMX.dtype)  # no-op unless the cache was allocated in another dtype
         scores_BTHS = torch.bmm(q_BMX, kv_BSX.transpose(1, 2)).view(B, T, H, -1) * self.scale
         scores_BTHS = scores_BTHS.masked_fill(~key_mask_BT1S, float("-inf"))
         p_BMS = torch.softmax(scores_BTHS, dim=-1, dtype=torch.float32).to(q_BMX.dtype).view(B, T * H, -1)

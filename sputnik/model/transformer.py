@@ -173,7 +173,8 @@ class Transformer(nn.Module):
 
     # --- auxiliary-loss-free balancing (called by the training loop after optimizer.step) ---
     def expert_load(self) -> dict[str, torch.Tensor]:
-        """{MoE prefix: tokens routed to each expert [E] in the last forward}."""
+        """{MoE prefix: tokens routed to each expert [E]}, summed over the training forwards
+        (micro-batches) since the last update_expert_bias(), which consumes and resets them."""
         return {name: m.last_load for name, m in self.moe_layers().items()}
 
     @torch.no_grad()
