@@ -159,9 +159,9 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate):
                 diff = (logp_BT.detach() - mb.sampler_logp_BT).abs() * mask_BT
                 tot["mismatch"] += float(diff.sum())
             w = float(mask_BT.sum()) / max(float(num_tokens), 1.0)
-            tot["loss"] += float(loss)
+            tot["loss"] += float(loss.detach())
             tot["clip_frac"] += float(m["clip_frac"]) * w
-            tot["kl"] += float(m["kl"]) * w
+            tot["kl"] += float(m.get("kl", 0.0)) * w  # only computed when β > 0
             tot["entropy"] += float((ent_BT.detach() * mask_BT).sum()) / max(float(num_tokens), 1.0)
         if old_logp_BT is None:
             old_logp_BT = torch.cat(first_logps, 0)
