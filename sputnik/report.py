@@ -71,6 +71,30 @@ def _fmt(v, spec: str = ".3g") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _params(r: dict) -> tuple[int | None, int | None]:
+    """(total, active) from the run's metrics, else from the model settings in its config."""
+    m = r.get("metrics") or {}
+    if m.get("params_total"):
+        return m["params_total"], m.get("params_active")
+    model = (r.get("config") or {}).get("model")
+    if not isinstance(model, dict):
+        return None, None
+    from sputnik.config import build
+    from sputnik.model.accounting import param_counts
+    from sputnik.model.config import ModelConfig
+
+    try:
+        pc = param_counts(build(ModelConfig, model))
+    except ValueError:
+        return None, None
+    return pc["total"], pc["active"]
+
+
+def _accuracy(r: dict) -> float | None:
+    m = r.get("metrics") or {}
+    return m.get("heldout_accuracy", m.get("accuracy"))
+
+
 def stage_rows(rows: list[dict]) -> list[dict]:
     """The latest ok run of each command, in pipeline order, plus any later commands."""
     latest: dict[str, dict] = {}
@@ -122,7 +146,7 @@ def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     cum, xs, ys, labels = 0.0, [], [], []
     for r in stages:
         cum += r.get("flops") or 0.0
-        acc = (r.get("metrics") or {}).get("heldout_accuracy")
+        acc = _accuracy(r)
         if acc is not None:
             xs.append(cum)
             ys.append(acc)
@@ -137,9 +161,9 @@ def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     lines += ["| stage | status | held-out accuracy | params total | params active | FLOPs | time (s) | device-hours | money (USD) | energy (kWh) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in stages:
-        m = r.get("metrics") or {}
-        lines.append(f"| {r['command']} | {r['status']} | {_fmt(m.get('heldout_accuracy'), '.3f')} | "
-                     f"{_fmt(m.get('params_total'), ',')} | {_fmt(m.get('params_active'), ',')} | "
+        total, active = _params(r)
+        lines.append(f"| {r['command']} | {r['status']} | {_fmt(_accuracy(r), '.3f')} | "
+                     f"{_fmt(total, ',')} | {_fmt(active, ',')} | "
                      f"{_fmt(r.get('flops'), '.3g')} | {_fmt(r.get('wall_s'), '.0f')} | {_fmt(r.get('device_hours'), '.4f')} | "
                      f"{_fmt(r.get('money_usd'), '.4f')} | {_fmt((r.get('energy_j') or 0) / 3.6e6, '.4f')} |")
     for r in stages:  # per-stage extra numbers, e.g. the distillation comparison

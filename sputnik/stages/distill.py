@@ -262,11 +262,18 @@ def run(cfg: DistillConfig, *, parents: list[str] = (), final_model: bool = Fals
     with ledger.record_run(cfg.ledger_dir, "distill", cfg) as led:
         lineage.append(led.run_id)
         # --- teacher traces, rejection-sampled (or reused)
-        if cfg.traces or traces_path.is_file():
+        # A killed run reuses its traces only if they were sampled with the same settings.
+        settings = dict(teacher=str(Path(cfg.teacher).resolve()), tasks=list(cfg.tasks), num_prompts=cfg.num_prompts,
+                        k=cfg.samples_per_prompt, temperature=cfg.teacher_temperature,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        meta_path = out / "traces.settings.json"
+        same = meta_path.is_file() and json.loads(meta_path.read_text()) == settings
+        if cfg.traces or (traces_path.is_file() and same):
             traces = [json.loads(line) for line in traces_path.read_text().splitlines() if line.strip()]
         else:
             traces = sample_traces(teacher, t_tok, tasks, cfg, teacher_id=str(Path(cfg.teacher).resolve()))
             write_traces(traces_path, traces)
+            atomic_write_text(meta_path, json.dumps(settings))
             led.add(flops=cfg.num_prompts * cfg.samples_per_prompt * cfg.max_new_tokens
                     * tc.flops_per_token(teacher, cfg.max_len) / 3)
         if not traces:
