@@ -249,6 +249,7 @@ def run(cfg: RLConfig) -> dict:
     with ledger.record_run(cfg.ledger_dir, "rl", cfg) as led:
         if not acc_history:
             acc_history.append((0, heldout_accuracy(engine, tokenizer, tasks, cfg, cfg.eval_examples)))
+            append_jsonl(metrics_path, {"step": 0, "heldout_accuracy": acc_history[-1][1]})
             print0(f"rl: held-out accuracy before RL {acc_history[-1][1]:.3f}")
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
