@@ -96,7 +96,7 @@ def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
                    optim=dict(lr=5e-5, warmup_steps=0, schedule="constant", weight_decay=0.0)),
         "distill": dict(common, teacher=str(p / "rl" / "model"), out_dir=str(p / "distill"), ledger_dir=str(p),
                         student=_student_model(cfg.preset), tasks=list(cfg.tasks), num_prompts=s(4000),
-                        samples_per_prompt=2, max_new_tokens=120, steps=s(1500), batch_size=16, max_len=192,
+                        samples_per_prompt=2, max_new_tokens=120, steps=s(3500), batch_size=16, max_len=192,
                         eval_examples=100, optim=dict(lr=2e-3, warmup_steps=20)),
     }
 
