@@ -327,10 +327,13 @@ def _sum(rows: list[dict]) -> dict:
 
 
 def final_lineage(rows: list[dict]) -> set[str]:
-    """run_ids of the runs that produced the final model: ok runs flagged final_model, and,
-    transitively, the runs named in their `parents`."""
+    """run_ids of the runs that produced the final model: the latest ok run flagged final_model
+    and, transitively, the runs named in its `parents`."""
     by_id = {r["run_id"]: r for r in rows}
-    todo = [r["run_id"] for r in rows if r.get("final_model") and r.get("status") == "ok"]
+    # Only the latest final model counts: earlier "final" attempts it superseded are overhead,
+    # exactly the kind of spending a final-run-only figure hides.
+    finals = [r for r in rows if r.get("final_model") and r.get("status") == "ok"]
+    todo = [max(finals, key=lambda r: r.get("start_ts") or 0)["run_id"]] if finals else []
     seen: set[str] = set()
     while todo:
         rid = todo.pop()

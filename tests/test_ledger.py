@@ -241,3 +241,15 @@ def test_bad_inputs_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="expected a config dataclass or a dict"), \
             ledger.record_run(tmp_path, "x", config=[1], devices="cpu", energy_method="table"):
         pass
+
+
+def test_superseded_final_models_count_as_overhead():
+    from sputnik.ledger import final_lineage, totals
+
+    rows = [dict(run_id="pre", status="ok", start_ts=1, money_usd=1.0),
+            dict(run_id="old-final", status="ok", start_ts=2, money_usd=2.0, final_model=True, parents=["pre"]),
+            dict(run_id="retry", status="ok", start_ts=3, money_usd=4.0),
+            dict(run_id="new-final", status="ok", start_ts=4, money_usd=8.0, final_model=True, parents=["pre", "retry"])]
+    assert final_lineage(rows) == {"new-final", "pre", "retry"}
+    t = totals(rows)
+    assert t["final"]["money_usd"] == 13.0 and t["all"]["money_usd"] == 15.0
