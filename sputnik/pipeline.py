@@ -13,8 +13,11 @@ parents, so the ledger separates the final model's cost from everything spent.
 Presets (functions returning the stage settings; `--preset`):
 - cpu  : the 2-core laptop default, ≤ 20 minutes end to end.
 - gpu  : one GPU; bigger model (small-ish MoE), more steps, bf16 autocast.
-- gpus : the gpu preset for `torchrun --nproc_per_node N -m sputnik speedrun --preset gpus`
-         (training stages use DDP; RL/distill/eval run on rank 0's device).
+- gpus : the gpu preset's settings with 4x the batch, for several GPUs. The speedrun itself runs in
+         one process; run its data-parallel stages under torchrun yourself, e.g.
+         `torchrun --nproc_per_node 8 -m sputnik pretrain --config ...` (DDP/FSDP2), then
+         `sputnik speedrun --preset gpus` skips the finished stages. Under torchrun the speedrun
+         refuses to start (RL and distillation are single-process for now).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ SPEEDRUN_TASKS = ["addition", "subtraction"]
 @dataclass
 class SpeedrunConfig:
     project: str = knob("runs/speedrun", "project directory: one sub-directory per stage, ledger.jsonl, report/")
-    preset: Literal["cpu", "gpu", "gpus"] = knob("cpu", "cpu (laptop, ≤ 20 min), gpu (one GPU), gpus (torchrun)")
+    preset: Literal["cpu", "gpu", "gpus"] = knob("cpu", "cpu (laptop, ≤ 20 min), gpu (one GPU), gpus (several GPUs: run pretrain/sft under torchrun first)")
     tasks: list[str] = knob(default_factory=lambda: list(SPEEDRUN_TASKS), help="tasks for SFT, RL and distillation")
     force: list[str] = knob(default_factory=list, help=f"stages to rerun even if done ({', '.join(STAGES)}; 'all')")
     scale: float = knob(1.0, "multiply every stage's step count (0.1 = a quick smoke run)", min=0.01, max=100.0)
@@ -74,6 +77,7 @@ def _student_model(preset: str) -> dict:
 def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
     gpu = cfg.preset != "cpu"
     s = lambda n: max(1, round(n * cfg.scale * (4 if gpu else 1)))  # noqa: E731 - steps scale with the preset
+    per_gpu = 4 if cfg.preset == "gpus" else 1
     p = Path(cfg.project)
     common = dict(seed=cfg.seed, device=cfg.device, num_threads=cfg.num_threads)
     loop = dict(common, project_dir=str(p), progress=True, resume="auto")
@@ -83,7 +87,7 @@ def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
                           tasks=["addition", "subtraction", "multiplication", "word_problems"], seed=cfg.seed,
                           ledger_dir=str(p)),
         "pretrain": dict(loop, out_dir=str(p / "pretrain"), tokenizer=tok, model=_teacher_model(cfg.preset),
-                         tasks=list(cfg.tasks), task_docs=20000, seq_len=128, batch_size=16 if not gpu else 64,
+                         tasks=list(cfg.tasks), task_docs=20000, seq_len=128, batch_size=16 if not gpu else 64 * per_gpu,
                          max_steps=s(800), eval_every=s(200), eval_batches=4, checkpoint_every=s(200), log_every=50,
                          optim=dict(lr=3e-3, warmup_steps=20)),
         "sft": dict(loop, out_dir=str(p / "sft"), tokenizer=tok, init=dict(hf_dir=str(p / "pretrain" / "model")),
@@ -123,6 +127,11 @@ def run(cfg: SpeedrunConfig) -> dict:
     from sputnik import report
     from sputnik.stages import distill, grpo, pretrain, sft, train_tokenizer
 
+    from sputnik.common import world_size
+
+    if world_size() > 1:
+        raise ValueError("sputnik speedrun runs in one process: launch its pretrain/sft stages with torchrun "
+                         "(see `sputnik speedrun --help`), then rerun the speedrun to continue from them")
     project = Path(cfg.project)
     project.mkdir(parents=True, exist_ok=True)
     save_config(cfg, project / "speedrun_config.json")
