@@ -8,10 +8,14 @@ CPU: `tiny`, fp32, batch 8×256.  GPU: `small`, bf16 weights, batch 8×2048.
     python benchmarks/bench_train.py                   # picks CPU or GPU, all cores
     python benchmarks/bench_train.py --threads 2 --repeats 7 --out bench.json
     python benchmarks/bench_train.py --compile         # adds torch.compile rows for both
+    python benchmarks/bench_train.py --proposals       # adds rows for changes proposed to other files
     python benchmarks/bench_train.py --profile 3       # torch.profiler table of our step, then exit
 
 Rows are medians over repeats (range in brackets); each repeat times `--steps` steps of every
-variant in turn, so drift on a noisy shared CPU hits all variants alike.
+variant in turn, so drift on a noisy shared CPU hits all variants alike. `cpu ms` is process CPU
+time per step (a diagnostic when the machine is oversubscribed). Peak memory: on GPU the allocator
+peak of the step; on CPU the peak RSS of the variant trained alone in a fresh process (weights,
+grads, AdamW state and activations). MFU uses accounting.flops_per_token and hardware.py's peaks.
 """
 from __future__ import annotations
 
@@ -222,7 +226,8 @@ def build_variants(args, env, only: str | None = None) -> tuple[dict, dict]:
     ours = Transformer(cfg) if need_ours else None  # built first: the HF model copies its weights
     if want("transformers") or (args.compile and want("transformers+compile")):
         hf = build_hf(cfg, ours, dtype, device)
-        info = dict(hf_attn=hf.config._attn_implementation, hf_experts=getattr(hf.config, "_experts_implementation", None))
+        info = dict(hf_attn=hf.config._attn_implementation,
+                    hf_experts=getattr(hf.config, "_experts_implementation", None))
         if want("transformers"):
             variants["transformers"] = make_step(hf, "hf", ids_BT, targets_BT, fused)
         if args.compile and want("transformers+compile"):

@@ -70,7 +70,8 @@ def test_depth_two_chains_modules_and_averages_depths():
     h1 = model.mtp[0](h0[:, :6], emb[:, 1:], cos[:6], sin[:6])
     h2 = model.mtp[1](h1[:, :5], emb[:, 2:], cos[:5], sin[:5])  # depth 2 consumes depth 1's output
     ce = [F.cross_entropy(model.lm_head(m.shared_head.norm(h)).transpose(1, 2), targets_BT[:, k:],
-                          ignore_index=-100, reduction="sum") for k, m, h in ((1, model.mtp[0], h1), (2, model.mtp[1], h2))]
+                          ignore_index=-100, reduction="sum")
+          for k, m, h in ((1, model.mtp[0], h1), (2, model.mtp[1], h2))]
     torch.testing.assert_close(out.mtp_loss, (ce[0] + ce[1]) / 12 / 2, atol=1e-5, rtol=1e-5)
 
 

@@ -84,7 +84,8 @@ def config_from_hf(d: dict) -> ModelConfig:
             raise ValueError(f"{key}={d[key]!r} is not supported (this model implements {key}={ok!r})")
     heads = d["num_attention_heads"]
     if d.get("num_key_value_heads") not in (None, heads):
-        raise ValueError(f"num_key_value_heads={d['num_key_value_heads']} must equal num_attention_heads={heads} for MLA")
+        raise ValueError(f"num_key_value_heads={d['num_key_value_heads']} must equal "
+                         f"num_attention_heads={heads} for MLA")
     rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
@@ -164,7 +165,8 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> di
                 raise ValueError(f"missing key {prefix}.{e}.{name}.weight")
             return parts[(e, name)]
         E = cfg.n_routed_experts
-        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([get(e, "gate_proj"), get(e, "up_proj")]) for e in range(E)])
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([get(e, "gate_proj"), get(e, "up_proj")])
+                                                     for e in range(E)])  # rows [gate; up] per expert
         out[f"{prefix}.down_proj"] = torch.stack([get(e, "down_proj") for e in range(E)])
         if extra := sorted(k for k in parts if k[0] >= E):
             raise ValueError(f"unexpected key {prefix}.{extra[0][0]}.{extra[0][1]}.weight (n_routed_experts={E})")
@@ -238,7 +240,8 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Transf
         if key not in expected:
             raise ValueError(f"unexpected key {key} in {path}")
         if t.shape != expected[key].shape:
-            raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(t.shape)}, model {tuple(expected[key].shape)}")
+            raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(t.shape)}, "
+                             f"model {tuple(expected[key].shape)}")
     model.load_state_dict(ours, strict=True)
     if dtype is not None:
         model.to(dtype)
