@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sputnik.common import atomic_write_json, atomic_write_text, pick_device, print0, seed_everything, set_threads

@@ -16,7 +16,6 @@ Where we depart from the papers, on purpose:
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field

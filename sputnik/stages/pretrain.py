@@ -21,6 +21,7 @@ import torch
 
 from sputnik import distributed as dist_lib
 from sputnik import train_common as tc
+from sputnik.progress import Progress, Throughput
 from sputnik.common import print0
 from sputnik.config import add_config_args, config_from_args, knob
 from sputnik.optim import clip_grad_norm, guarded_step, lr_multiplier, set_lr
@@ -99,9 +100,9 @@ def run(cfg: Config) -> dict:
 def _loop(s: tc.Session, cfg: Config, train, eval_batches, num_train_tokens: int, ledger_run) -> dict:
     tokens_per_step = cfg.batch_size * cfg.grad_accum * s.dist.world_size * cfg.seq_len
     fpt = tc.flops_per_token(s.model, cfg.seq_len)
-    speed = tc.Throughput(tc.peak_flops(s.device, s.dist.world_size))
+    speed = Throughput(tc.peak_flops(s.device, s.dist.world_size))
     state = tc.new_loop_state(s.loop_state)
-    progress = tc.Progress(cfg.max_steps, s.start_step, s.rank0 and cfg.progress, "pretrain")
+    progress = Progress(cfg.max_steps, s.start_step, s.rank0 and cfg.progress, "pretrain")
     print0(f"pretrain: {num_train_tokens:,} train tokens, {tokens_per_step:,} tokens/step, {fpt:.3g} FLOPs/token")
     step, eval_loss, eval_step, t_start, m = s.start_step, None, -1, time.time(), {"loss": float("nan")}
     while True:

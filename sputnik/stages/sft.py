@@ -20,6 +20,7 @@ import torch
 
 from sputnik import distributed as dist_lib
 from sputnik import train_common as tc
+from sputnik.progress import Progress, Throughput
 from sputnik.common import append_jsonl, print0
 from sputnik.config import add_config_args, config_from_args, knob
 from sputnik.optim import OptimConfig, clip_grad_norm, guarded_step, lr_multiplier, set_lr
@@ -123,9 +124,9 @@ def run(cfg: Config) -> dict:
 
 
 def _loop(s: tc.Session, cfg: Config, train, held, eval_examples, ledger_run) -> dict:
-    speed = tc.Throughput(tc.peak_flops(s.device, s.dist.world_size))
+    speed = Throughput(tc.peak_flops(s.device, s.dist.world_size))
     state = tc.new_loop_state(s.loop_state)
-    progress = tc.Progress(cfg.max_steps, s.start_step, s.rank0 and cfg.progress, "sft")
+    progress = Progress(cfg.max_steps, s.start_step, s.rank0 and cfg.progress, "sft")
     print0(f"sft: {len(train.rows):,} train conversations ({train.num_dropped} dropped > max_len), "
            f"{len(eval_examples)} held-out problems")
     step, ev, eval_step, t_start, m, tokens = s.start_step, {}, -1, time.time(), {"loss": float("nan")}, 0
