@@ -61,6 +61,20 @@ def _task(cfg: EvalConfig):
     return get_task(cfg.task, **knobs)
 
 
+def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None) -> tuple[float, float]:
+    """(exact-match accuracy, generated tokens/s) of greedy decoding on n held-out problems split
+    over `tasks` (test split, deterministic from seed). `render(prompt) -> ids` defaults to the chat
+    prompt; RL's R1-Zero recipe passes its template. Used by the RL and distillation stages."""
+    render = render or tokenizer.render_prompt
+    per_task = max(1, n // len(tasks))
+    exs = [ex for t in tasks for ex in t.generate(per_task, split="test", seed=seed)]
+    by_name = {t.name: t for t in tasks}
+    outs = engine.generate([render(ex.prompt) for ex in exs], SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=(tokenizer.eot_id,)))
+    acc = sum(by_name[ex.task].verify(ex, o[0].text).correct for ex, o in zip(exs, outs)) / len(exs)
+    return acc, engine.last_stats.tokens_per_second
+
+
 def score(examples, completions, verify, k: int) -> dict:
     """Per-problem statistics -> the summary dict (pure: tested on hand-made verdicts)."""
     n_prob = len(examples)

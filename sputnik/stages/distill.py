@@ -29,6 +29,7 @@ from sputnik import losses
 from sputnik.common import append_jsonl, atomic_write_text, autocast, pick_device, print0, seed_everything, set_threads
 from sputnik.config import add_config_args, config_from_args, knob, save_config
 from sputnik.engine import Engine, SamplingParams
+from sputnik.evaluate import greedy_accuracy
 from sputnik.model.config import ModelConfig
 from sputnik.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
 
@@ -154,18 +155,6 @@ def batch_from_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, devi
 
 
 # ---------------------------------------------------------------------------------------------
-def heldout_accuracy(model, tokenizer, tasks, n: int, seed: int, max_new_tokens: int) -> tuple[float, float]:
-    """(greedy exact-match accuracy, generated tokens/s) on the test split."""
-    per = max(1, n // len(tasks))
-    exs = [ex for t in tasks for ex in t.generate(per, split="test", seed=seed)]
-    by_name = {t.name: t for t in tasks}
-    eng = Engine(model, tokenizer)
-    outs = eng.generate([tokenizer.render_prompt(ex.prompt) for ex in exs],
-                        SamplingParams(max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=(tokenizer.eot_id,)))
-    acc = sum(by_name[ex.task].verify(ex, o[0].text).correct for ex, o in zip(exs, outs)) / len(exs)
-    return acc, eng.last_stats.tokens_per_second
-
-
 def _latest_run_ids(project: str, command: str) -> list[str]:
     from sputnik import ledger
 
@@ -295,8 +284,8 @@ def run(cfg: DistillConfig, *, parents: list[str] = (), final_model: bool = Fals
     # --- report: student vs teacher on held-out problems
     with ledger.record_run(cfg.ledger_dir, "distill-eval", cfg, parents=lineage,
                            final_model=final_model) as led:
-        s_acc, s_tps = heldout_accuracy(student, s_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
-        t_acc, t_tps = heldout_accuracy(teacher, t_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
+        s_acc, s_tps = greedy_accuracy(Engine(student, s_tok), s_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
+        t_acc, t_tps = greedy_accuracy(Engine(teacher, t_tok), t_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
         s_cfg, t_cfg = tc.unwrap_config(student), tc.unwrap_config(teacher)
         sp = param_counts(s_cfg) if isinstance(s_cfg, ModelConfig) else {}
         tp = param_counts(t_cfg) if isinstance(t_cfg, ModelConfig) else {}

@@ -187,14 +187,11 @@ def rl_step_flops(model, batch, cfg: RLConfig) -> float:
     return rollout + update + ref
 
 
-@torch.no_grad()
-def heldout_accuracy(engine, tokenizer, tasks, cfg, n: int) -> float:
-    per_task = max(1, n // len(tasks))
-    exs = [ex for t in tasks for ex in t.generate(per_task, split="test", seed=cfg.seed)]
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0, stop_token_ids=(tokenizer.eot_id,))
-    outs = engine.generate([render(tokenizer, ex.prompt, cfg.recipe) for ex in exs], params)
-    by_name = {t.name: t for t in tasks}
-    return sum(by_name[ex.task].verify(ex, o[0].text).correct for ex, o in zip(exs, outs)) / len(exs)
+def heldout_accuracy(engine, tokenizer, tasks, cfg: RLConfig) -> float:
+    from sputnik.evaluate import greedy_accuracy
+
+    return greedy_accuracy(engine, tokenizer, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens,
+                           render=lambda p: render(tokenizer, p, cfg.recipe))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +244,7 @@ def run(cfg: RLConfig) -> dict:
 
     with ledger.record_run(cfg.ledger_dir, "rl", cfg) as led:
         if not acc_history:
-            acc_history.append((0, heldout_accuracy(engine, tokenizer, tasks, cfg, cfg.eval_examples)))
+            acc_history.append((0, heldout_accuracy(engine, tokenizer, tasks, cfg)))
             append_jsonl(metrics_path, {"step": 0, "heldout_accuracy": acc_history[-1][1]})
             print0(f"rl: held-out accuracy before RL {acc_history[-1][1]:.3f}")
         for step in range(start_step, cfg.steps):
@@ -297,7 +294,7 @@ def run(cfg: RLConfig) -> dict:
                 rec["sample"] = flat[0].text[:300]
             warnings = monitor.observe_step(rec)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                acc = heldout_accuracy(engine, tokenizer, tasks, cfg, cfg.eval_examples)
+                acc = heldout_accuracy(engine, tokenizer, tasks, cfg)
                 acc_history.append((step + 1, acc))
                 rec["heldout_accuracy"] = acc
                 warnings += monitor.observe_eval(rec["reward_mean"], acc)
