@@ -145,6 +145,8 @@ def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     # --- accuracy against cumulative FLOPs across the stages
     cum, xs, ys, labels = 0.0, [], [], []
     for r in stages:
+        if r["command"].startswith("compare:"):  # side branches of `sputnik compare`, not this lineage
+            continue
         cum += r.get("flops") or 0.0
         acc = _accuracy(r)
         if acc is not None:

@@ -87,3 +87,36 @@ def test_logit_kd_step_lowers_the_divergence(tok):
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("mode", ["sequence", "logit"])
+def test_distill_runs_end_to_end_and_a_rerun_reuses_the_traces_with_their_lineage(tok, tmp_path, monkeypatch, mode):
+    """Both modes through run(): traces, student training, evaluation, ledger. A rerun with the
+    same settings reuses the traces: its distill run records no FLOPs, and the run that sampled
+    them stays in the final model's lineage."""
+    import sputnik.tasks
+    from sputnik import ledger
+    from sputnik import train_common as tc
+
+    monkeypatch.setattr(sputnik.tasks, "get_task", lambda name, **kw: EvenLengthTask())
+    teacher_dir = tmp_path / "teacher"
+    tc.save_model(build_model(tiny(**MICRO)), teacher_dir, tok, build(distill.DistillConfig, {}))
+    cfg = build(distill.DistillConfig, dict(
+        teacher=str(teacher_dir), out_dir=str(tmp_path / "distill"), ledger_dir=str(tmp_path), mode=mode,
+        tasks=["even"], num_prompts=12, samples_per_prompt=2, max_new_tokens=6, teacher_temperature=1.0,
+        student={**MICRO, "hidden_size": 16}, steps=2, batch_size=2, max_len=64, eval_examples=4, num_threads=1))
+    first = distill.run(cfg, parents=["pre"], final_model=True)
+    assert first["num_traces"] > 0 and 0.0 <= first["student_accuracy"] <= 1.0
+    assert first["student_params_active"] < first["teacher_params_active"]
+    distill.run(cfg, parents=["pre"], final_model=True)
+    runs = ledger.load(tmp_path)
+    sampled = [r for r in runs if r["command"] == "distill"]
+    assert len(sampled) == 2 and sampled[0]["flops"] > 0
+    if mode == "sequence":  # the student trains in its own distill-sft run
+        assert sampled[1]["flops"] == 0.0
+    else:  # KD trains inside the distill run: only the sampling is missing from the rerun
+        assert 0 < sampled[1]["flops"] < sampled[0]["flops"]
+    evals = [r for r in runs if r["command"] == "distill-eval"]
+    assert all(r["status"] == "ok" for r in runs)
+    assert evals[-1]["parents"][0] == "pre" and sampled[0]["run_id"] in evals[-1]["parents"]
+    assert sampled[0]["run_id"] in ledger.final_lineage(runs)

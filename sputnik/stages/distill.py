@@ -255,14 +255,19 @@ def run(cfg: DistillConfig, *, parents: list[str] = (), final_model: bool = Fals
         settings = dict(teacher=str(Path(cfg.teacher).resolve()), tasks=list(cfg.tasks), num_prompts=cfg.num_prompts,
                         k=cfg.samples_per_prompt, temperature=cfg.teacher_temperature,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        # The meta file also names the run that sampled them: a rerun that reuses the traces
+        # records no FLOPs itself, and puts that run in the student's lineage instead.
         meta_path = out / "traces.settings.json"
-        same = meta_path.is_file() and json.loads(meta_path.read_text()) == settings
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        same = meta.get("settings", meta) == settings
         if cfg.traces or (traces_path.is_file() and same):
             traces = [json.loads(line) for line in traces_path.read_text().splitlines() if line.strip()]
+            if not cfg.traces and meta.get("run_id") and meta["run_id"] not in lineage:
+                lineage.insert(len(lineage) - 1, meta["run_id"])
         else:
             traces = sample_traces(teacher, t_tok, tasks, cfg, teacher_id=str(Path(cfg.teacher).resolve()))
             write_traces(traces_path, traces)
-            atomic_write_text(meta_path, json.dumps(settings))
+            atomic_write_text(meta_path, json.dumps({"settings": settings, "run_id": led.run_id}))
             led.add(flops=cfg.num_prompts * cfg.samples_per_prompt * cfg.max_new_tokens
                     * tc.flops_per_token(teacher, cfg.max_len) / 3)
         if not traces:

@@ -111,7 +111,7 @@ def _loop(s: tc.Session, cfg: Config, train, eval_batches, num_train_tokens: int
         if last or (cfg.eval_every and step % cfg.eval_every == 0 and (step == 0 or step != s.start_step)):
             eval_loss, eval_step = tc.eval_loss(s, eval_batches), step
             state["best_eval"] = min(eval_loss, state["best_eval"] or float("inf"))
-            tc.log_metrics(s, {"step": step, "eval_loss": eval_loss})
+            tc.log_metrics(s, {"step": step, "eval_loss": eval_loss, "flops": fpt * tokens_per_step * step})
         # --- every checkpoint_every steps (and the last): checkpoint, never mid non-finite streak -
         if step != s.start_step and ((step % cfg.checkpoint_every == 0 and not state["nonfinite_streak"]) or last):
             tc.save_checkpoint(s, step, {**state, "loader": train.state_dict()}, eval_loss if eval_step == step else None)
@@ -135,7 +135,8 @@ def _loop(s: tc.Session, cfg: Config, train, eval_batches, num_train_tokens: int
             tok_s, mfu = speed.read()
             tc.log_metrics(s, {"step": step, "loss": m["loss"], "ce": m["ce"], "mtp": m["mtp"], "aux": m["aux"],
                                "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "mfu": mfu,
-                               "moe_max_over_mean": balance, "tokens": step * tokens_per_step})
+                               "moe_max_over_mean": balance, "tokens": step * tokens_per_step,
+                               "flops": fpt * tokens_per_step * step})
             progress.update(step, m["loss"], (tok_s, mfu))
         else:
             progress.update(step, m["loss"])

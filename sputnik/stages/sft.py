@@ -140,7 +140,7 @@ def _loop(s: tc.Session, cfg: Config, train, held, eval_examples, ledger_run) ->
                 state["best_eval"] = min(ev["eval_loss"], state["best_eval"] or float("inf"))
             if eval_examples:
                 ev.update(accuracy(s, cfg, eval_examples, step))
-            tc.log_metrics(s, {"step": step, **ev})
+            tc.log_metrics(s, {"step": step, **ev, "flops": state.get("flops", 0.0)})
             print0(f"sft step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
         # --- every checkpoint_every steps (and the last): checkpoint, never mid non-finite streak -
         if step != s.start_step and ((step % cfg.checkpoint_every == 0 and not state["nonfinite_streak"]) or last):
@@ -160,6 +160,7 @@ def _loop(s: tc.Session, cfg: Config, train, held, eval_examples, ledger_run) ->
         step_tokens = sum(x.numel() for x, _ in batches) * s.dist.world_size
         flops = tc.flops_per_token(s.model, seq_len) * step_tokens
         tokens += step_tokens
+        state["flops"] = state.get("flops", 0.0) + flops  # cumulative over resumes (rides in the checkpoint)
         speed.add(step_tokens, flops)
         ledger_run.add(flops=flops, tokens=step_tokens)
         if not tc.nonfinite_guard(s, state, stepped, step, m, grad_norm, "sft"):
@@ -169,7 +170,7 @@ def _loop(s: tc.Session, cfg: Config, train, held, eval_examples, ledger_run) ->
             tok_s, mfu = speed.read()
             tc.log_metrics(s, {"step": step, "loss": m["loss"], "ce": m["ce"], "mtp": m["mtp"], "aux": m["aux"],
                                "lr": lr, "grad_norm": grad_norm, "loss_tokens": m["tokens"], "tokens_per_s": tok_s,
-                               "mfu": mfu, "tokens": tokens})
+                               "mfu": mfu, "tokens": tokens, "flops": state["flops"]})
             progress.update(step, m["loss"], (tok_s, mfu))
         else:
             progress.update(step, m["loss"])

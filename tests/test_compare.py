@@ -1,0 +1,109 @@
+"""`sputnik compare`: the dense twin, the curves, compute-to-target, and (slow) a whole run."""
+import json
+import math
+
+import pytest
+
+from sputnik import compare
+from sputnik.config import build
+from sputnik.model.accounting import param_counts
+from sputnik.model.config import ModelConfig
+from sputnik.pipeline import SpeedrunConfig, stage_settings
+
+
+def test_dense_twin_has_the_moe_active_parameters():
+    moe = stage_settings(build(SpeedrunConfig, {}))["pretrain"]["model"]
+    dense = compare.dense_twin(moe)
+    assert dense["architecture"] == "llama" and dense["hidden_size"] == moe["hidden_size"]
+    assert dense["num_hidden_layers"] == moe["num_hidden_layers"] and dense["vocab_size"] == moe["vocab_size"]
+    want = param_counts(build(ModelConfig, dict(moe, num_nextn_predict_layers=0)))["active"]
+    got = param_counts(build(ModelConfig, dense))["active"]
+    # the SwiGLU width moves in steps of 8: one step is 3·d·8·L parameters
+    assert abs(got - want) <= 3 * moe["hidden_size"] * 8 * moe["num_hidden_layers"] / 2
+    assert abs(got - want) / want < 0.02
+
+
+def test_compute_to_reach_interpolates_and_says_never():
+    curve = [(10.0, 0.0), (20.0, 0.4), (30.0, 0.8)]
+    assert compare.compute_to_reach(curve, 0.6) == pytest.approx(25.0)
+    assert compare.compute_to_reach(curve, 0.4) == pytest.approx(20.0)
+    assert compare.compute_to_reach(curve, 0.0) == 10.0
+    assert compare.compute_to_reach(curve, 0.81) is None
+    assert compare.compute_to_reach([], 0.1) is None
+    # a dip after the first crossing does not matter: the first crossing counts
+    assert compare.compute_to_reach([(1.0, 0.5), (2.0, 0.9), (3.0, 0.1)], 0.7) == pytest.approx(1.5)
+
+
+def test_summarize_ratios_against_the_dense_baseline():
+    curves = {"dense-sft": [(100.0, 0.0), (200.0, 0.5), (400.0, 0.6)],
+              "moe-sft": [(100.0, 0.0), (150.0, 0.6), (400.0, 0.7)],
+              "moe-sft-grpo": [(100.0, 0.0), (300.0, 0.5)],
+              "distilled": [(500.0, 0.65)]}
+    s = compare.summarize(curves, 0.0, 400.0)
+    assert s["target_accuracy"] == 0.6  # the dense baseline's final accuracy
+    assert s["dense_flops_to_target"] == pytest.approx(400.0)
+    r = s["recipes"]
+    assert r["moe-sft"]["ratio_to_dense"] == pytest.approx(150.0 / 400.0)
+    assert r["moe-sft-grpo"]["flops_to_target"] is None and r["moe-sft-grpo"]["ratio_to_dense"] is None
+    assert r["distilled"]["ratio_to_dense"] == pytest.approx(500.0 / 400.0)
+    assert r["moe-sft"]["best_accuracy"] == 0.7 and r["moe-sft"]["final_flops"] == 400.0
+    md = compare.markdown(s)
+    assert "not reached" in md and "0.38×" in md
+    s2 = compare.summarize(curves, 0.5, 400.0)  # an explicit target
+    assert s2["recipes"]["moe-sft"]["flops_to_target"] == pytest.approx(100.0 + 50.0 * 0.5 / 0.6)
+
+
+def test_stage_curve_reads_cumulative_flops_and_falls_back_to_the_ledger(tmp_path):
+    out = tmp_path / "sft"
+    out.mkdir()
+    rows = [{"step": 0, "eval_loss": 2.0, "accuracy": 0.0, "flops": 0.0},
+            {"step": 10, "loss": 1.0, "flops": 50.0},
+            {"step": 10, "eval_loss": 1.0, "accuracy": 0.5, "flops": 50.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
+    c = compare.stage_curve(out)
+    assert c == {"points": [(0.0, 0.0), (50.0, 0.5)], "flops": 50.0, "steps": 10}
+    # older metrics without "flops": the ledger's ok runs into that directory, spread by step
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text(json.dumps({"step": 0, "accuracy": 0.1}) + "\n"
+                                       + json.dumps({"step": 4, "accuracy": 0.3}) + "\n")
+    ledger_rows = [{"status": "ok", "flops": 80.0, "config": {"out_dir": str(old)}},
+                   {"status": "failed", "flops": 1e9, "config": {"out_dir": str(old)}},
+                   {"status": "ok", "flops": 1e9, "config": {"out_dir": str(out)}}]
+    c = compare.stage_curve(old, ledger_rows)
+    assert c["flops"] == 80.0 and c["points"] == [(0.0, 0.1), (80.0, 0.3)]
+
+
+def test_compare_config_refuses_bad_settings():
+    with pytest.raises(ValueError, match="force"):
+        build(compare.CompareConfig, {"force": ["dense_sft", "pretrain"]})
+    with pytest.raises(ValueError):
+        build(compare.CompareConfig, {"eval_points": 0})
+    assert build(compare.CompareConfig, {"force": ["all"]}).force == ["all"]
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_small(tmp_path, monkeypatch):
+    """The speedrun's stages at 3% scale (distillation marked done: a 24-step teacher solves
+    nothing, so there are no traces), then the three budgeted runs, the plot and the tables."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p" / "distill").mkdir(parents=True)
+    (tmp_path / "p" / "distill" / "DONE.json").write_text("{}")
+    cfg = build(compare.CompareConfig, dict(project="p", scale=0.03, num_threads=2, eval_points=2))
+    s = compare.run(cfg)
+    r = s["recipes"]
+    budget = s["budget_flops"]
+    for name in ("dense-sft", "moe-sft"):  # each within a few % of the moe-sft-grpo budget
+        assert r[name]["final_flops"] == pytest.approx(budget, rel=0.1)
+        assert len(r[name]["points"]) >= 3  # step 0 + eval_points
+    assert r["moe-sft-grpo"]["final_flops"] == pytest.approx(budget, rel=1e-6)
+    assert (tmp_path / "p" / "compare" / "compare.png").stat().st_size > 1000
+    assert "dense-sft" in (tmp_path / "p" / "compare" / "compare.md").read_text()
+    cmds = [json.loads(line)["command"] for line in (tmp_path / "p" / "ledger.jsonl").read_text().splitlines()]
+    assert {"compare:dense-pretrain", "compare:dense-sft", "compare:moe-sft"} <= set(cmds)
+    assert not math.isnan(s["target_accuracy"])
+    # a rerun skips the finished compare stages (nothing new in the ledger but the report)
+    n = len(cmds)
+    compare.run(cfg)
+    cmds2 = [json.loads(line)["command"] for line in (tmp_path / "p" / "ledger.jsonl").read_text().splitlines()]
+    assert not [c for c in cmds2[n:] if c.startswith("compare:")]
