@@ -190,6 +190,11 @@ def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     for title, name in figs:
         if name:
             lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    cmp_md = project / "compare" / "compare.md"  # written by `sputnik compare` from the same ledger
+    if cmp_md.is_file():
+        body = cmp_md.read_text(encoding="utf-8").splitlines()[1:]
+        lines += ["", "## Recipes at equal compute (`sputnik compare`)",
+                  *[line.replace("](compare.png)", "](../compare/compare.png)") for line in body]]
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

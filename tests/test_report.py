@@ -1,0 +1,84 @@
+"""The report card: built only from the ledger and the metrics files."""
+import json
+
+import pytest
+
+from sputnik import ledger, report
+
+
+def _run(project, command, out_dir, *, flops, metrics=None, status="ok", final=False, parents=()):
+    try:
+        with ledger.record_run(project, command, {"out_dir": str(out_dir)}, final_model=final, parents=parents,
+                               energy_method="table") as run:
+            run.add(flops=flops, tokens=100)
+            run.metrics.update(metrics or {})
+            if status == "failed":
+                raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    return run.run_id
+
+
+def _metrics(out_dir, rows):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def project(tmp_path):
+    p = tmp_path / "proj"
+    _metrics(p / "pretrain", [{"step": 10, "loss": 2.0, "moe_max_over_mean": 1.5}, {"step": 10, "eval_loss": 2.5},
+                              {"step": 20, "loss": 1.0, "moe_max_over_mean": 1.1}])
+    _metrics(p / "rl", [{"step": 1, "reward_mean": 0.2, "accuracy": 0.3, "length_mean": 40, "length_max": 60},
+                        {"step": 2, "reward_mean": 0.6, "accuracy": 0.7, "length_mean": 30, "length_max": 50,
+                         "heldout_accuracy": 0.65}])
+    a = _run(p, "pretrain", p / "pretrain", flops=1e12)
+    _run(p, "rl", p / "rl", flops=5e11, status="failed")
+    b = _run(p, "rl", p / "rl", flops=2e11, metrics={"heldout_accuracy": 0.65})
+    _run(p, "compare:dense-sft", p / "dense_sft", flops=9e12, metrics={"accuracy": 0.5})
+    _run(p, "distill-eval", p / "distill", flops=0.0, final=True, parents=[a, b],
+         metrics={"heldout_accuracy": 0.6, "params_total": 1000, "params_active": 250})
+    return p
+
+
+def test_report_tables_plots_and_cost_split(project):
+    md = report.build(project).read_text()
+    out = project / "report"
+    for png in ("loss.png", "rl.png", "expert_load.png", "accuracy_vs_flops.png"):
+        assert (out / png).stat().st_size > 1000, png
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert "0.650" in rows["rl"] and "2e+11" in rows["rl"]  # the latest ok rl run, not the failed one
+    assert "1,000" in rows["distill-eval"] and "250" in rows["distill-eval"]
+    # final lineage: pretrain + ok rl + eval = 1.2e12 FLOPs; everything: + failed rl + compare run
+    assert "| final model's lineage | 3 |" in md and "1.2e+12" in md
+    assert "| all runs (failed, aborted, killed included) | 5 |" in md and "1.07e+13" in md
+    assert "| of which failed | 1 |" in md
+
+
+def test_report_keeps_compare_branches_out_of_the_lineage_curve(project, monkeypatch):
+    seen = {}
+    real = report._plot
+
+    def spy(path, panels, xlabel="step"):
+        seen[path.name] = panels
+        return real(path, panels, xlabel)
+
+    monkeypatch.setattr(report, "_plot", spy)
+    report.build(project)
+    (label, xs, ys), = seen["accuracy_vs_flops.png"][0][1]
+    assert "compare:" not in label
+    assert xs == [1.2e12, 1.2e12] and ys == [0.65, 0.6]  # pretrain + rl, then the student (0 FLOPs of its own)
+
+
+def test_report_includes_the_compare_table_when_present(project):
+    (project / "compare").mkdir()
+    (project / "compare" / "compare.md").write_text("# Recipes\n\n| recipe | x |\n|---|---|\n| moe-sft | 1 |\n\n"
+                                                    "![accuracy vs compute](compare.png)\n")
+    md = report.build(project).read_text()
+    assert "## Recipes at equal compute" in md and "| moe-sft | 1 |" in md
+    assert "(../compare/compare.png)" in md
+
+
+def test_report_refuses_an_empty_project(tmp_path):
+    with pytest.raises(ValueError, match="no runs"):
+        report.build(tmp_path)
