@@ -49,12 +49,21 @@ def build_rollout_batch(prompts: list[list[int]], completions: list[list[int]], 
     return RolloutBatch(ids, tgt, (tgt != -100).float(), slp)
 
 
-def policy_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, chunk_size: int = 1024):
+def policy_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, chunk_size: int = 1024,
+                    vocab_limit: int | None = None):
     """-> (logp_BT, entropy_BT), zero outside the completion. Only completion positions go
-    through the LM head (chunked), so no [B, T, V] tensor is built."""
+    through the LM head (chunked), so no [B, T, V] tensor is built.
+
+    `vocab_limit` (the tokenizer's vocabulary size) restricts the softmax to the first rows of the
+    head, as the engine does when it samples: the model's vocabulary is padded (e.g. 640 rows for
+    607 tokens), and the padding rows, never sampled, must not take probability mass here either,
+    or π_train is not the sampled policy (an untrained head gives them ~10% per token)."""
     h_BTD = model.hidden_states(batch.input_ids_BT)
     mask_BT = batch.targets_BT != -100
-    logp_N, ent_N = token_logprobs(h_BTD[mask_BT], model.lm_head.weight, batch.targets_BT[mask_BT],
+    weight_VD = model.lm_head.weight
+    if vocab_limit is not None and weight_VD.shape[0] > vocab_limit:
+        weight_VD = weight_VD[:vocab_limit]
+    logp_N, ent_N = token_logprobs(h_BTD[mask_BT], weight_VD, batch.targets_BT[mask_BT],
                                    temperature=temperature, chunk_size=chunk_size)
     logp_BT = torch.zeros(mask_BT.shape, dtype=logp_N.dtype, device=logp_N.device).masked_scatter(mask_BT, logp_N)
     ent_BT = torch.zeros(mask_BT.shape, dtype=ent_N.dtype, device=ent_N.device).masked_scatter(mask_BT, ent_N)

@@ -1,15 +1,17 @@
 """`sputnik rl` end to end on a micro model: steps run, metrics and the ledger are written, a
-resumed run continues from its checkpoint, a prefilled template is refused."""
+resumed run continues from its checkpoint (its metrics trimmed), a prefilled template is refused,
+and RL raises the reward of a barely fine-tuned policy (the learning goal, small)."""
 import json
 
 import pytest
+import torch
 
 from sputnik import ledger
 from sputnik.config import build
 from sputnik.model import build_model
 from sputnik.model.config import tiny
 from sputnik.stages import grpo
-from sputnik.tasks import corpus_text
+from sputnik.tasks import corpus_text, format_completion, get_task
 from sputnik.tokenizer import train_tokenizer
 from sputnik.train_common import save_model
 
@@ -52,9 +54,101 @@ def test_rl_runs_writes_metrics_ledger_and_resumes(policy_dir, tmp_path):
     (ck / "latest").write_text("ckpt-000001\n")
     grpo.run(_cfg(policy_dir, tmp_path, resume="auto"))
     recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs if r["step"] > 0] == [1, 2, 2]
+    # the lines of the repeated step 2 were trimmed on resume: one line per step, step 0 kept
+    assert [r["step"] for r in recs] == [0, 1, 2]
+
+
+def test_rl_fresh_start_drops_the_metrics_of_an_earlier_run(policy_dir, tmp_path):
+    metrics = tmp_path / "rl" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text('{"step": 0, "heldout_accuracy": 0.5}\n{"step": 7, "reward_mean": 9.0}\n{"step": 8, "rew')
+    grpo.run(_cfg(policy_dir, tmp_path, steps=1))
+    assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == [0, 1]
 
 
 def test_rl_refuses_a_missing_init(tmp_path):
     with pytest.raises(ValueError, match="init"):
         grpo.run(build(grpo.RLConfig, dict(out_dir=str(tmp_path / "rl"))))
+
+
+def _sft_briefly(model, tok, examples, steps: int, lr: float = 1e-2, batch: int = 16):
+    """A few AdamW steps of chat SFT (loss on the completion), in-process: a weak starting policy."""
+    rows = [tok.render_chat(ex.prompt, format_completion(ex)) for ex in examples]
+    T = max(len(ids) for ids, _ in rows)
+    ids_NT = torch.full((len(rows), T), tok.pad_id)
+    tgt_NT = torch.full((len(rows), T), -100)
+    for n, (ids, mask) in enumerate(rows):
+        ids_NT[n, :len(ids)] = torch.tensor(ids)
+        nxt, keep = torch.tensor(ids[1:] + [-100]), torch.tensor(mask[1:] + [0]).bool()
+        tgt_NT[n, :len(ids)] = torch.where(keep, nxt, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(rows), (batch,), generator=gen)
+        loss = model(ids_NT[idx], tgt_NT[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def weak_policy_dir(tmp_path_factory):
+    """A micro model after 60 SFT steps on 1-digit addition: writes the format ~1/4 of the time."""
+    d = tmp_path_factory.mktemp("weak")
+    torch.manual_seed(0)
+    tok = train_tokenizer(corpus_text(["addition"], 300, seed=0), 320)
+    model = build_model(tiny(**MICRO))
+    _sft_briefly(model, tok, get_task("addition", max_digits=1).generate(256, split="train", seed=0), steps=60)
+    save_model(model, d / "model", tok, tiny(**MICRO))
+    return d / "model"
+
+
+def _format_cfg(policy, tmp_path, **kw):
+    return _cfg(policy, tmp_path, **{**dict(task_args=["max_digits=1"], prompts_per_step=8, group_size=8,
+                                            max_new_tokens=32, checkpoint_every=100, accuracy_weight=0.0,
+                                            format_weight=1.0, dynamic_sampling=True,
+                                            optim=dict(lr=3e-3, warmup_steps=0, schedule="constant",
+                                                       weight_decay=0.0)), **kw})
+
+
+def test_rl_raises_the_format_reward_of_a_weak_policy(weak_policy_dir, tmp_path):
+    """The learning goal in small: 20 RL steps rewarding the <think>/<answer> format raise the
+    format rate of the weak policy from ~1/4 to ~0.9 (measured 0.26 -> 0.89; with other seeds of
+    the policy 0.80 -> 0.94, 0.63 -> 0.94). Fails if the update does not follow the advantages
+    (sign flipped: 0.14 -> 0.00), or if rollouts come from stale weights."""
+    grpo.run(_format_cfg(weak_policy_dir, tmp_path, steps=20))
+    fmt = [json.loads(l)["format_rate"] for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[1:]]
+    first, last = sum(fmt[:5]) / 5, sum(fmt[-5:]) / 5
+    assert first < 0.5 and last > 0.75 and last > first + 0.3, (first, last)
+
+
+def test_trainer_logprobs_are_the_sampled_policy(policy_dir, tmp_path):
+    """The micro model's head has 320 rows, its tokenizer fewer; the engine samples from the
+    tokenizer's rows only, so the trainer's softmax must too (it gave 0.105 per token before)."""
+    grpo.run(_cfg(policy_dir, tmp_path, steps=1, group_size=4))
+    rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][1]
+    assert rec["logp_mismatch"] < 1e-4, rec["logp_mismatch"]
+
+
+def test_rollouts_follow_the_updated_policy(weak_policy_dir, tmp_path):
+    """On-policy: after every optimizer step the engine samples from the new weights, so the
+    sampler's log-probs equal the trainer's (logp_mismatch ~1e-6 per token). It grows when an
+    inference-weight cache goes stale (an optimizer step that does not bump the tensors' version
+    counters, e.g. torch's fused CPU AdamW), or when the trainer's softmax covers the head's padding
+    rows that the engine never samples (0.1 per token on an untrained head)."""
+    grpo.run(_format_cfg(weak_policy_dir, tmp_path, steps=4, prompts_per_step=4, group_size=4, dynamic_sampling=False))
+    recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[1:]]
+    assert all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in recs)
+    assert max(r["logp_mismatch"] for r in recs) < 1e-4, [r["logp_mismatch"] for r in recs]
+
+
+def test_task_args_reach_the_tasks(policy_dir, tmp_path):
+    grpo.run(_cfg(policy_dir, tmp_path, steps=1, task_args=["max_digits=1"]))
+    rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == 2
+    assert grpo.task_knobs(["max_digits=1", "min_digits=1"]) == {"max_digits": "1", "min_digits": "1"}
+    with pytest.raises(ValueError, match="key=value"):
+        grpo.task_knobs(["max_digits"])
+    with pytest.raises(ValueError, match="max_digits"):
+        grpo.run(_cfg(policy_dir, tmp_path, steps=1, task_args=["max_digits=0"]))
+

@@ -30,6 +30,7 @@ from sputnik.common import append_jsonl, autocast, pick_device, print0, seed_eve
 from sputnik.config import add_config_args, config_from_args, knob, save_config
 from sputnik.engine import Engine, SamplingParams
 from sputnik.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
+from sputnik.progress import trim_metrics
 from sputnik.rewards import IsolatedReward, RewardWeights, verifier_rewards
 from sputnik.rl_health import HealthConfig, HealthMonitor, prompt_prefills_format
 from sputnik.rollout import build_rollout_batch, policy_logprobs
@@ -56,6 +57,8 @@ class RLConfig:
     ledger_dir: str = knob("runs", "project directory whose ledger.jsonl records this run")
     recipe: Literal["r1", "r1_zero"] = knob("r1", "r1: RL from an SFT checkpoint with the chat prompt; r1_zero: RL from a base model with R1's template")
     tasks: list[str] = knob(default_factory=lambda: ["addition", "subtraction"], help="training tasks (sputnik tasks list)")
+    task_args: list[str] = knob(default_factory=list, help="task knobs as key=value, given to every task "
+                                "(e.g. max_digits=2); the held-out evaluation uses the same tasks")
     steps: int = knob(40, "RL steps (one rollout batch each)", min=1)
     prompts_per_step: int = knob(8, "prompts per step", min=1)
     group_size: int = knob(8, "G: completions per prompt", min=2)
@@ -99,6 +102,17 @@ def sample_prompts(tasks, step: int, n: int, seed: int):
     return out
 
 
+def task_knobs(task_args: list[str]) -> dict[str, str]:
+    """['max_digits=2', ...] -> {'max_digits': '2'}; the task's own config validates the values."""
+    knobs = {}
+    for kv in task_args:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise ValueError(f"task_args: {kv!r} is not key=value")
+        knobs[k] = v
+    return knobs
+
+
 def render(tokenizer, prompt: str, recipe: str) -> list[int]:
     return tokenizer.render_prompt(R1_ZERO_TEMPLATE.format(prompt=prompt) if recipe == "r1_zero" else prompt)
 
@@ -126,8 +140,9 @@ def score(cfg, tasks_by_name, examples, completions, custom):
     return rewards, verdicts
 
 
-def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate):
-    """μ optimizer steps on one rollout batch. Returns metrics of the last inner step."""
+def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_limit=None):
+    """μ optimizer steps on one rollout batch. Returns metrics of the last inner step.
+    `vocab_limit`: the tokenizer's vocabulary size, the rows of the head the engine samples from."""
     B = batch.input_ids_BT.shape[0]
     old_logp_BT, metrics = None, {}
     for inner in range(cfg.inner_updates):
@@ -138,12 +153,12 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate):
             mb = batch.select(slice(s, s + cfg.micro_batch))
             mask_BT = mb.completion_mask_BT
             with autocast(dc):
-                logp_BT, ent_BT = policy_logprobs(model, mb, cfg.temperature)
+                logp_BT, ent_BT = policy_logprobs(model, mb, cfg.temperature, vocab_limit=vocab_limit)
                 old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[s: s + cfg.micro_batch]
                 ref = None
                 if ref_model is not None:
                     with torch.no_grad():
-                        ref, _ = policy_logprobs(ref_model, mb, cfg.temperature)
+                        ref, _ = policy_logprobs(ref_model, mb, cfg.temperature, vocab_limit=vocab_limit)
                 is_w = rl_losses.truncated_importance_weights(old, mb.sampler_logp_BT, cfg.tis_cap) if cfg.tis_cap else None
                 agg = (lambda l, m: rl_losses.token_mean(l, m, num_tokens_global=num_tokens)) \
                     if VARIANTS[cfg.variant]["aggregate"] == "token" else aggregate
@@ -216,7 +231,7 @@ def run(cfg: RLConfig) -> dict:
     if cfg.beta > 0:  # β = 0 drops the reference model and its memory
         ref_model = tc.load_model(ModelConfig(), init).to(dc.device)
         ref_model.eval().requires_grad_(False)
-    tasks = [get_task(n) for n in cfg.tasks]
+    tasks = [get_task(n, **task_knobs(cfg.task_args)) for n in cfg.tasks]
     tasks_by_name = {t.name: t for t in tasks}
     bad = prompt_prefills_format(tokenizer.decode(render(tokenizer, "2+2", cfg.recipe)))
     if bad:
@@ -241,8 +256,11 @@ def run(cfg: RLConfig) -> dict:
         ckpt.restore_rng(rng)
         start_step, acc_history = c.step, c.loop_state.get("acc_history", [])
         print0(f"rl: resumed from {resume_from} at step {start_step}")
+    # the run repeats the steps after its checkpoint (a fresh start all of them): drop their lines
+    trim_metrics(Path(metrics_path), start_step if resume_from is not None else -1)
 
     with ledger.record_run(cfg.ledger_dir, "rl", cfg) as led:
+        t_start = time.perf_counter()
         if not acc_history:
             acc_history.append((0, heldout_accuracy(engine, tokenizer, tasks, cfg)))
             append_jsonl(metrics_path, {"step": 0, "heldout_accuracy": acc_history[-1][1]})
@@ -274,7 +292,8 @@ def run(cfg: RLConfig) -> dict:
                 batch = build_rollout_batch([prompts[i // cfg.group_size] for i in rows], [flat[i].token_ids for i in rows],
                                             [flat[i].logprobs for i in rows], tokenizer.pad_id).to(dc.device)
                 set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.optim))
-                m = update(model, ref_model, optimizer, batch, adv.reshape(-1)[keep].to(dc.device), cfg, dc, aggregate)
+                m = update(model, ref_model, optimizer, batch, adv.reshape(-1)[keep].to(dc.device), cfg, dc, aggregate,
+                           vocab_limit=engine.vocab_limit)
                 led.add(flops=rl_step_flops(model, batch, cfg), tokens=int(batch.input_ids_BT.numel()))
             t_upd = time.perf_counter() - t2
             # --- metrics and health
@@ -299,6 +318,7 @@ def run(cfg: RLConfig) -> dict:
                 rec["heldout_accuracy"] = acc
                 warnings += monitor.observe_eval(rec["reward_mean"], acc)
             rec["warnings"] = warnings
+            rec["elapsed_s"] = time.perf_counter() - t_start  # this session's wall time, evaluations included
             append_jsonl(metrics_path, rec)
             print0(f"rl step {step + 1}/{cfg.steps} reward {rec['reward_mean']:.3f} acc {rec['accuracy']:.3f} "
                    f"fmt {rec['format_rate']:.2f} len {rec['length_mean']:.0f} kl {m.get('kl', 0):.4f} "
