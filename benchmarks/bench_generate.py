@@ -141,25 +141,52 @@ def weight_bytes_per_step(model, batch: int, elt: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-def speculative(model, prompt_len, new_tokens, repeats, seed):
-    """Batch-1 speculative vs plain Engine at temperature 1 and greedy, interleaved."""
+def task_prompts(checkpoint: str, n: int) -> tuple[list[list[int]], int] | None:
+    """Held-out addition prompts in the chat format when the checkpoint has its tokenizer (a trained
+    model's MTP head is only meaningful on the text it was trained on), else None."""
+    import os
+
+    if not checkpoint or not os.path.exists(os.path.join(checkpoint, "tokenizer.json")):
+        return None
+    from sputnik.tasks import get_task
+    from sputnik.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(checkpoint)
+    return [tok.render_prompt(ex.prompt) for ex in get_task("addition").generate(n, split="test", seed=0)], tok.eot_id
+
+
+def speculative(model, prompt_len, new_tokens, repeats, seed, checkpoint=""):
+    """Batch-1 speculative vs plain Engine at temperature 1 and greedy, interleaved prompt by prompt.
+    With a trained checkpoint: held-out task prompts, stopping at end-of-turn (tokens/s from the real
+    lengths); else random prompts and fixed length."""
     dev = model.lm_head.weight.device
-    res = {}
+    task = task_prompts(checkpoint, 4 * repeats)
+    if task is None:
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(repeats)]
+        stops = ()
+    else:
+        prompts, stops = task[0], (task[1],)
+    res = {"prompts": "addition (held-out, chat format)" if task else "random"}
     for temp in (1.0, 0.0):
-        plain_t, spec_t, acc = [], [], []
-        for r in range(repeats):
-            g = torch.Generator().manual_seed(r)
-            prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist()
-            params = SamplingParams(max_new_tokens=new_tokens, temperature=temp, seed=seed + r)
-            plain_t.append(run_ours(model, torch.tensor([prompt], device=dev), new_tokens, seed + r))
+        plain_t = spec_t = plain_n = spec_n = drafted = accepted = 0
+        for r, prompt in enumerate(prompts):
+            params = SamplingParams(max_new_tokens=new_tokens, temperature=temp, seed=seed + r, stop_token_ids=stops)
             t0 = time.perf_counter()
-            _, st = speculative_generate(model, prompt, params)
-            spec_t.append(time.perf_counter() - t0)
-            acc.append(st.acceptance_rate)
-        res[f"T={temp:g}"] = {"plain_tok_s": new_tokens / statistics.median(plain_t),
-                              "spec_tok_s": new_tokens / statistics.median(spec_t),
-                              "speedup": statistics.median(plain_t) / statistics.median(spec_t),
-                              "acceptance": statistics.median(acc)}
+            plain = Engine(model).generate([prompt], params)[0][0]
+            plain_t += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            spec, st = speculative_generate(model, prompt, params)
+            spec_t += time.perf_counter() - t0
+            plain_n, spec_n = plain_n + len(plain.token_ids), spec_n + len(spec.token_ids)
+            drafted, accepted = drafted + st.drafted, accepted + st.accepted
+            if temp == 0:
+                assert spec.token_ids == plain.token_ids, "greedy speculative must equal greedy decoding"
+        res[f"T={temp:g}"] = {"plain_tok_s": plain_n / plain_t, "spec_tok_s": spec_n / spec_t,
+                              "speedup": (spec_n / spec_t) / (plain_n / plain_t),
+                              "acceptance": accepted / max(drafted, 1),
+                              "tokens_per_main_forward": spec_n / max(drafted + len(prompts), 1),
+                              "mean_len": spec_n / len(prompts)}
     return res
 
 
@@ -226,7 +253,8 @@ def main(argv=None):
         row["weight_bytes_per_step"] = wb
         row["bandwidth_floor_ms"] = 1e3 * wb / (bw * 1e9)
     if cfg.num_nextn_predict_layers:
-        results["speculative_batch1"] = speculative(ours, args.prompt_len, args.new_tokens, args.repeats, 100)
+        results["speculative_batch1"] = speculative(ours, args.prompt_len, args.new_tokens, args.repeats, 100,
+                                                     args.checkpoint)
 
     print_table(results, args)
     atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
@@ -248,8 +276,12 @@ def print_table(res, args):
     print(f"KV cache bytes/token: MLA {kv['mla']} vs MHA of the same width {kv['mha_same_width']} ({kv['ratio']:.1f}x); "
           f"copy bandwidth {res['memory_bandwidth_gb_s']:.1f} GB/s")
     for k, s in res.get("speculative_batch1", {}).items():
+        if k == "prompts":
+            print(f"speculative batch 1 on {s} prompts:")
+            continue
         print(f"speculative batch 1, {k}: {s['spec_tok_s']:.0f} vs plain {s['plain_tok_s']:.0f} tok/s "
-              f"({s['speedup']:.2f}x), acceptance {s['acceptance']:.2f}")
+              f"({s['speedup']:.2f}x), acceptance {s['acceptance']:.2f}, {s['tokens_per_main_forward']:.2f} tokens "
+              f"per main forward, mean length {s['mean_len']:.0f}")
     if not args.checkpoint:
         print("note: random weights. Greedy acceptance ~0 (unrelated argmaxes); at T=1 both p and q are "
               "near-uniform, so acceptance is high but meaningless. Use --checkpoint for a trained model.")

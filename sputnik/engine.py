@@ -97,13 +97,17 @@ def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torc
         probs_BV = logp_BV.exp()  # reuse the softmax we need for the log-probs anyway
     else:
         probs_BV = filter_logits(scaled_BV, params.top_k, params.top_p).softmax(-1)
-    # Inverse-CDF sampling: one uniform per row (multinomial draws one per vocabulary entry, ~2x
-    # slower at batch 32 on CPU). u is scaled by the row's total mass so rounding can never step
-    # past the last token with non-zero probability.
+    tokens_B = sample_from_probs(probs_BV, generator)
+    return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
+
+
+def sample_from_probs(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from (unnormalised) probabilities by inverse-CDF sampling: one uniform per
+    row (multinomial draws one per vocabulary entry, ~2x slower at batch 32 on CPU). u is scaled by
+    the row's total mass so rounding can never step past the last token with non-zero probability."""
     cdf_BV = probs_BV.cumsum(-1)
     u_B1 = torch.rand(probs_BV.shape[0], 1, generator=generator, device=probs_BV.device) * cdf_BV[:, -1:]
-    tokens_B = torch.searchsorted(cdf_BV, u_B1, right=True)[:, 0].clamp(max=probs_BV.shape[-1] - 1)
-    return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
+    return torch.searchsorted(cdf_BV, u_B1, right=True)[:, 0].clamp(max=probs_BV.shape[-1] - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ class Engine:
         for step in range(params.max_new_tokens):
             tok_B, logp_B = sample_next(self._logits(logits_BV), params, gen)
             tok_list, logp_list = tok_B.tolist(), logp_B.tolist()
-            finished = torch.isin(tok_B, stop_ids).tolist()
+            finished = torch.isin(tok_B, stop_ids).tolist() if params.stop_token_ids else [False] * len(tok_list)
             for b, k in enumerate(live):
                 tokens[k].append(tok_list[b])
                 logps[k].append(logp_list[b])

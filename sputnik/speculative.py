@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sputnik.engine import Completion, SamplingParams, filter_logits
+from sputnik.engine import Completion, SamplingParams, filter_logits, sample_from_probs
 
 
 @dataclass
@@ -80,7 +80,7 @@ def accept_drafts(p_NJV: torch.Tensor, q_NKV: torch.Tensor, drafts_NK: torch.Ten
     # p == q at the rejected slot has rejection probability 0; fall back to p only to stay finite.
     mass_N1 = resid_NV.sum(-1, keepdim=True)
     resid_NV = torch.where(mass_N1 > 0, resid_NV, p_a_NV)
-    next_N = torch.multinomial(resid_NV, 1, generator=generator)[:, 0]
+    next_N = sample_from_probs(resid_NV, generator)
     return a_N, next_N
 
 
@@ -106,12 +106,13 @@ def _generate(model, prompt, params):
     gen = torch.Generator(device=dev).manual_seed(params.seed)
     stops = set(params.stop_token_ids)
     one = lambda v: torch.tensor([v], device=dev)  # noqa: E731  (a [1] position / seqlen tensor)
+    greedy = params.temperature == 0
     # verify writes one slot past the last emitted token: +2 of slack
     cache = model.new_cache(1, len(prompt) + params.max_new_tokens + 2, None, dev)
 
     # --- prefill: h_0 … h_{n−1} and x_n
     logits_1TV, h_1TD = model.forward_cached(torch.tensor([prompt], device=dev), cache, one(0), return_hidden=True)
-    tok = torch.multinomial(sampling_probs(logits_1TV[:, -1], params), 1, generator=gen)[:, 0]
+    tok = sample_from_probs(sampling_probs(logits_1TV[:, -1], params), gen)
     seq, out, logps = list(prompt), [int(tok)], policy_logprobs(logits_1TV[:, -1], tok, params).tolist()
     seq.append(out[0])
     n, mtp_len, h_pend_1PD = len(prompt), 0, h_1TD  # h_pend: main hidden at positions mtp_len … n−1
@@ -120,16 +121,23 @@ def _generate(model, prompt, params):
         # --- draft: the MTP block catches up over positions mtp_len … n−1; the last one drafts x_{n+1}
         next_ids_1P = torch.tensor([seq[mtp_len + 1: n + 1]], device=dev)
         draft_logits_1PV, _ = model.draft(h_pend_1PD, next_ids_1P, 1, cache, one(mtp_len))
-        q_1V = sampling_probs(draft_logits_1PV[:, -1], params)
-        draft_11 = torch.multinomial(q_1V, 1, generator=gen)
+        if greedy:  # one-hot p and q: the rule is "accept iff d == argmax p_0" with no random draws
+            draft_11 = draft_logits_1PV[:, -1].argmax(-1, keepdim=True)
+        else:
+            q_1V = sampling_probs(draft_logits_1PV[:, -1], params)
+            draft_11 = sample_from_probs(q_1V, gen)[:, None]
         mtp_len = n
         # --- verify [x_n, d] at positions n, n+1
         ids_12 = torch.cat([one(seq[n])[:, None], draft_11], dim=1)
         logits_12V, h_12D = model.forward_cached(ids_12, cache, one(n), return_hidden=True)
-        p_12V = sampling_probs(logits_12V[0], params)
-        a_1, next_1 = accept_drafts(p_12V[None], q_1V[None], draft_11, gen)
-        a = int(a_1)
-        new_1A = torch.cat([draft_11[0, :a], next_1])  # accepted drafts, then the resampled/bonus token
+        if greedy:
+            d, (top0, top1) = int(draft_11), logits_12V[0].argmax(-1).tolist()
+            a, new_1A = int(d == top0), torch.tensor([d, top1] if d == top0 else [top0], device=dev)
+        else:
+            p_12V = sampling_probs(logits_12V[0], params)
+            a_1, next_1 = accept_drafts(p_12V[None], q_1V[None], draft_11, gen)
+            a = int(a_1)
+            new_1A = torch.cat([draft_11[0, :a], next_1])  # accepted drafts, then the resampled/bonus token
         new_logps = policy_logprobs(logits_12V[0, : a + 1], new_1A, params).tolist()
         stats.drafted, stats.accepted, stats.target_forwards = (stats.drafted + 1, stats.accepted + a,
                                                                 stats.target_forwards + 1)

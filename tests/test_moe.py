@@ -274,6 +274,30 @@ def test_grouped_mm_probe_is_not_fooled_by_no_grad():
         assert expected  # torch >= 2.9 has a CPU kernel; if this fails we silently run the fallback
 
 
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_block_mm_op_for_torch_compile_matches_per_expert_matmuls(grouped):
+    """The opaque op torch.compile sees (moe.block_mm): values and both gradients, an empty expert included."""
+    from sputnik.model.moe import block_mm
+
+    torch.manual_seed(0)
+    counts_E = torch.tensor([5, 0, 7, 4])
+    x_SF = torch.randn(16, 12, requires_grad=True)
+    w_EOF = torch.randn(4, 8, 12, requires_grad=True)  # widths of 16-byte multiples, as grouped_linear requires
+    offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    y_SO = block_mm(x_SF, w_EOF.transpose(-2, -1), offsets_E, grouped)
+    ref_SO = torch.cat([x @ w.T for x, w in zip(x_SF.split(counts_E.tolist()), w_EOF.unbind(0))])
+    g_SO = torch.randn_like(ref_SO)
+    grads = torch.autograd.grad(y_SO, (x_SF, w_EOF), g_SO)
+    ref_grads = torch.autograd.grad(ref_SO, (x_SF, w_EOF), g_SO)
+    torch.testing.assert_close(y_SO, ref_SO)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+    assert grads[1][1].eq(0).all()  # the empty expert gets an exact zero gradient
+    # schema and fake-tensor registration (what torch.compile traces); the aot_dispatch checks take ~20 s
+    torch.library.opcheck(block_mm, (x_SF, w_EOF.transpose(-2, -1), offsets_E, grouped),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the torch._grouped_mm bf16 path
 @pytest.mark.gpu

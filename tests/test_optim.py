@@ -128,3 +128,35 @@ def test_muon_option_steps_and_roundtrips_state():
     opt2 = build_optimizer(model, OptimConfig(optimizer="muon"))
     opt2.load_state_dict(state)
     assert len(opt2.optimizers[1].state) == len(opt.optimizers[1].state) > 0
+
+
+def test_adamw_uses_the_fused_kernel_and_matches_foreach():
+    """build_optimizer picks fused AdamW (also on CPU); one step agrees with foreach to rounding."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(16, 8), nn.Linear(16, 8)
+    b.load_state_dict(a.state_dict())
+    opt = build_optimizer(a, OptimConfig(lr=1e-2))
+    assert all(g["fused"] for g in opt.param_groups)
+    ref = torch.optim.AdamW([dict(params=[b.weight], weight_decay=0.1), dict(params=[b.bias], weight_decay=0.0)],
+                            lr=1e-2, betas=(0.9, 0.95), foreach=True)
+    for model in (a, b):
+        model(torch.randn(4, 16, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+    opt.step()
+    ref.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_every_step_moves_the_parameters_version_counters(optimizer):
+    """Caches of derived weights (mla.cached_weights: the engine's decode weights) key on the
+    version counter; the fused AdamW kernel does not bump it by itself."""
+    from sputnik.config import build
+    from sputnik.optim import OptimConfig, build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False))
+    opt = build_optimizer(model, build(OptimConfig, {"optimizer": optimizer}))
+    before = [p._version for p in model.parameters()]
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert all(p._version > v for p, v in zip(model.parameters(), before))

@@ -36,3 +36,50 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _BlockCausalAttention(torch.autograd.Function):
+    """o = softmax(q kᵀ·scale + causal mask) v over [G, T, ·] (G = batch·heads), one block of Q query rows
+    at a time, each scoring only keys 0..end of its block: (1 + Q/T)/2 of the full T×T work. Keeps the
+    block probabilities for backward (≈ G·T²/2 numbers), so it is meant for short sequences."""
+
+    @staticmethod
+    def forward(ctx, q_GTK, k_GTK, v_GTV, scale: float, block: int):
+        G, T, _ = q_GTK.shape
+        qs_GTK = q_GTK * scale  # scaling q once is cheaper than scaling every score block
+        causal_QQ = torch.full((block, block), float("-inf"), dtype=q_GTK.dtype, device=q_GTK.device).triu(1)
+        o_GTV, probs = v_GTV.new_empty(G, T, v_GTV.shape[-1]), []
+        for s in range(0, T, block):
+            e = min(s + block, T)
+            scores_GQS = torch.bmm(qs_GTK[:, s:e], k_GTK[:, :e].transpose(1, 2))
+            scores_GQS[:, :, s:e] += causal_QQ[: e - s, : e - s]  # the diagonal block: mask later keys
+            p_GQS = torch.softmax(scores_GQS, dim=-1)
+            o_GTV[:, s:e] = torch.bmm(p_GQS, v_GTV[:, :e])
+            probs.append(p_GQS)
+        ctx.save_for_backward(qs_GTK, k_GTK, v_GTV, *probs)
+        ctx.scale, ctx.block = scale, block
+        return o_GTV
+
+    @staticmethod
+    def backward(ctx, grad_o_GTV):
+        qs_GTK, k_GTK, v_GTV, *probs = ctx.saved_tensors
+        grad_q_GTK = torch.empty_like(qs_GTK)
+        grad_k_GTK, grad_v_GTV = torch.zeros_like(k_GTK), torch.zeros_like(v_GTV)
+        for p_GQS, s in zip(probs, range(0, qs_GTK.shape[1], ctx.block)):
+            e = s + p_GQS.shape[1]
+            grad_o_GQV = grad_o_GTV[:, s:e]
+            grad_v_GTV[:, :e].baddbmm_(p_GQS.transpose(1, 2), grad_o_GQV)
+            grad_p_GQS = torch.bmm(grad_o_GQV, v_GTV[:, :e].transpose(1, 2))
+            # softmax backward: ds = p ⊙ (dp − Σ_s p·dp)
+            grad_s_GQS = torch._softmax_backward_data(grad_p_GQS, p_GQS, -1, p_GQS.dtype)
+            grad_q_GTK[:, s:e] = torch.bmm(grad_s_GQS, k_GTK[:, :e])
+            grad_k_GTK[:, :e].baddbmm_(grad_s_GQS.transpose(1, 2), qs_GTK[:, s:e])
+        return grad_q_GTK.mul_(ctx.scale), grad_k_GTK, grad_v_GTV, None, None
+
+
+def block_causal_attention(q_GTK: torch.Tensor, k_GTK: torch.Tensor, v_GTV: torch.Tensor, scale: float,
+                           block: int = 32) -> torch.Tensor:
+    """Causal attention for short sequences on CPU: plain batched matmuls that skip the masked half.
+    Measured on tiny (G = 32, T = 256, K = 48, V = 32, 1 thread) fwd+bwd 25-30 ms vs 30-37 ms for the
+    CPU flash kernel with V padded to K (which also computes the padding)."""
+    return _BlockCausalAttention.apply(q_GTK, k_GTK, v_GTV, scale, block)

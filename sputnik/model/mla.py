@@ -9,13 +9,53 @@ Module names equal transformers' `DeepseekV3Attention`, so state-dict keys are t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sputnik.model.config import ModelConfig
-from sputnik.model.layers import RMSNorm
+from sputnik.model.layers import RMSNorm, block_causal_attention
 from sputnik.model.rope import apply_rope, softmax_scale
+
+# Largest B·H·T² for the blocked CPU attention: it keeps ~half the T×T probabilities (≈ 32 MB here).
+BLOCK_ATTENTION_MAX = 2 ** 24
+
+
+def cached_weights(owner, name: str, sources: list[torch.Tensor], build):
+    """Inference-only tensors derived from parameters (fused or pre-multiplied matrices), stored on
+    `owner` and rebuilt when a source was replaced (data_ptr) or modified in place (version counter:
+    optimizer steps, load_state_dict, .to()). Writes through `p.data` bypass the version counter."""
+    key = tuple((t.data_ptr(), t._version) for t in sources)
+    hit = owner.__dict__.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = (key, build())
+        owner.__dict__[name] = hit  # a plain attribute: not a parameter, buffer or state-dict entry
+    return hit[1]
+
+
+@dataclass
+class DecodeStep:
+    """What every layer of one cached forward shares, built once per step (MLACache.decode_step).
+    The fast path keeps tokens as rows: N = B·T, row b·T + t."""
+    batch: int
+    num_new: int  # T
+    slots_N: torch.Tensor  # flat cache row b·max_len + position of each new token
+    bias_BMS: torch.Tensor  # 0 where key s is visible to query row m = t·H + h, −inf elsewhere ([B, 1, S] if T = 1)
+    cos_NR: torch.Tensor  # [cos; cos] at each new token's position (RoPE pairs pre-split, see MLA.decode)
+    sin_NR: torch.Tensor  # [−sin; sin]
+    kv_len: int  # keys to read: the longest row's last position + 1
+
+
+def rms_norm_rows(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """RMSNorm.forward in 7 in-place-friendly ops instead of ~12 dispatches (x·x summed, then /D: the
+    same arithmetic as pow(2).mean()). Other dtypes go through the module (it rounds in between)."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    inv_rms = torch.sum(x * x, dim=-1, keepdim=True).div_(x.shape[-1]).add_(norm.eps).rsqrt_()
+    return norm.weight * (x * inv_rms)
 
 
 class MLACache:
@@ -77,6 +117,32 @@ class MLACache:
         self.key_mask_BT1S = (keys_S[None, None, :] <= self.positions_BT[:, :, None]).unsqueeze(2)
         return self.positions_BT
 
+    def decode_step(self, cache_seqlens_B: torch.Tensor, num_new: int, num_heads: int, cos2_PR: torch.Tensor,
+                    sin2_PR: torch.Tensor, dtype: torch.dtype) -> DecodeStep:
+        """The fast path's `prepare`: positions seqlen_b + t, their flat write slots, the key mask as an
+        additive bias laid out for baddbmm over T·H query rows, and the RoPE factors. One host sync
+        (the longest row decides how much of the buffer the step reads; free on CPU)."""
+        B, dev = cache_seqlens_B.shape[0], cache_seqlens_B.device
+        pos_BT = cache_seqlens_B.long()[:, None]
+        if num_new > 1:
+            pos_BT = pos_BT + torch.arange(num_new, device=dev)
+        kv_len = int(pos_BT.max()) + 1
+        if kv_len > self.max_len:
+            raise ValueError(f"cache overflow: a row needs {kv_len} positions, cache holds {self.max_len}")
+        slots_N = (pos_BT + torch.arange(0, B * self.max_len, self.max_len, device=dev)[:, None]).view(-1)
+        hidden_BTS = torch.arange(kv_len, device=dev) > pos_BT[:, :, None]
+        bias_BTS = torch.zeros(hidden_BTS.shape, dtype=dtype, device=dev).masked_fill_(hidden_BTS, float("-inf"))
+        if num_new > 1:  # query rows are (t, h) pairs: repeat each t's mask for the H heads
+            bias_BTS = bias_BTS[:, :, None].expand(B, num_new, num_heads, kv_len).reshape(B, num_new * num_heads, kv_len)
+        pos_N = pos_BT.view(-1)
+        return DecodeStep(B, num_new, slots_N, bias_BTS, cos2_PR[pos_N].to(dtype), sin2_PR[pos_N].to(dtype), kv_len)
+
+    def write(self, layer_idx: int, kv_NX: torch.Tensor, step: DecodeStep) -> torch.Tensor:
+        """The fast path's `update`: write the new rows at step.slots_N; return kv_BSX[:, :kv_len]."""
+        buf_BSX = self.kv_BSX[layer_idx]
+        buf_BSX.view(-1, buf_BSX.shape[-1]).index_copy_(0, step.slots_N, kv_NX.to(buf_BSX.dtype))
+        return buf_BSX[:, : step.kv_len]
+
     def update(self, layer_idx: int, kv_BTX: torch.Tensor) -> torch.Tensor:
         """Write the new rows at their positions; return the readable prefix kv_BSX[:, :kv_len]."""
         buf_BSX, pos_BT = self.kv_BSX[layer_idx], self.positions_BT
@@ -115,6 +181,8 @@ class MLA(nn.Module):
         self.scale = softmax_scale(config)
         # Pad V to K for SDPA: None = auto (pad where V < K, see _attend_naive), True/False = force.
         self.pad_v: bool | None = None
+        # Decode path: pre-multiply W_UK / W_UV (None = auto by size, see _build_decode_weights).
+        self.absorb_decode: bool | None = None
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: MLACache | None = None) -> torch.Tensor:
@@ -146,6 +214,13 @@ class MLA(nn.Module):
         k_BHTK = torch.cat([k_nope_BTHN, k_rope_BT1R.expand(B, T, H, self.R)], dim=-1).transpose(1, 2)
         v_BHTV = v_BTHV.transpose(1, 2)
         K = self.N + self.R
+        if (q_BHTK.device.type == "cpu" and q_BHTK.dtype == torch.float32 and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+                and B * H * T * T <= BLOCK_ATTENTION_MAX):
+            # CPU training on short sequences: blocked matmuls beat the flash kernel (layers.py)
+            o_GTV = block_causal_attention(q_BHTK.reshape(B * H, T, K), k_BHTK.reshape(B * H, T, K),
+                                           v_BHTV.reshape(B * H, T, self.V), self.scale)
+            return o_GTV.view(B, H, T, self.V).transpose(1, 2)
         # Flash kernels (CUDA flash-attn, and the CPU flash kernel) want the value dim equal to the
         # qk dim; with V < K SDPA falls back to a slower kernel. Zero-padding V to K and slicing the
         # output is exact: the padded columns of p·v are p·0 = 0.
@@ -173,3 +248,77 @@ class MLA(nn.Module):
         p_BMS = torch.softmax(scores_BTHS, dim=-1, dtype=torch.float32).to(q_BMX.dtype).view(B, T * H, -1)
         z_BTHC = torch.bmm(p_BMS, kv_BSX[..., : self.C]).view(B, T, H, self.C)
         return torch.einsum("bthc,hvc->bthv", z_BTHC, w_uv_HVC)
+
+    # --- fast decode path (the engine's forward_cached) ---------------------------------------
+    def decode(self, x_ND: torch.Tensor, step: DecodeStep, cache: MLACache) -> torch.Tensor:
+        """forward(x, cos, sin, cache) for the inference engine on token rows x_ND (N = B·T), the same
+        math reassociated into fewer ops (decode is bound by per-op overhead, not FLOPs, at small batch):
+          - every projection is one torch.mm against a cached [in, out] copy of its weight;
+          - q_a_proj and kv_a_proj_with_mqa run as one matmul;
+          - W_UK is pre-multiplied into W_UQ and W_UV into W_O where the products are small (absorb);
+          - RoPE's pair split is a permutation of weight rows, and the projections also emit the halves
+            swapped, so the rotation is one addcmul: x·[cos; cos] + swap(x)·[−sin; sin];
+          - softmax scale and key mask enter through one baddbmm."""
+        w = self._decode_weights()
+        B, T, N = step.batch, step.num_new, x_ND.shape[0]
+        H, R, C = self.H, self.R, self.C
+        a_NA = torch.mm(x_ND, w["a"])  # A = [Q |] C + R + R (rope key, then its swapped halves)
+        if self.q_lora_rank > 0:
+            q_in, c_NC, k_rope_NR, k_swap_NR = a_NA.split([self.q_lora_rank, C, R, R], dim=-1)
+            q_in = rms_norm_rows(q_in, self.q_a_layernorm)
+        else:
+            q_in, (c_NC, k_rope_NR, k_swap_NR) = x_ND, a_NA.split([C, R, R], dim=-1)
+        q_NZ = torch.mm(q_in, w["q"])  # Z = H·Y + H·R: per head [latent or nope | rope], then swapped ropes
+        Y = q_NZ.shape[1] // H - R
+        q_NHY = q_NZ[:, : H * Y].view(N, H, Y)
+        q_rope_NHR = q_NHY[..., Y - R:]
+        q_rope_NHR.copy_(torch.addcmul(q_rope_NHR * step.cos_NR[:, None], q_NZ[:, H * Y:].view(N, H, R),
+                                       step.sin_NR[:, None]))
+        if not w["absorb_q"]:  # Y = N + R: fold W_UK in now (q̃ = W_UKᵀ q_C per head)
+            q_lat_NHC = torch.einsum("mhn,hnc->mhc", q_NHY[..., : self.N], w["w_uk_HNC"])
+            q_NHY = torch.cat([q_lat_NHC, q_rope_NHR], dim=-1)
+        row_NX = torch.cat([rms_norm_rows(c_NC, self.kv_a_layernorm),
+                            torch.addcmul(k_rope_NR * step.cos_NR, k_swap_NR, step.sin_NR)], dim=-1)
+        kv_BSX = cache.write(self.layer_idx, row_NX, step).to(x_ND.dtype)
+        scores_BMS = torch.baddbmm(step.bias_BMS, q_NHY.reshape(B, T * H, C + R), kv_BSX.transpose(1, 2),
+                                   alpha=self.scale)  # M = T·H query rows against the shared [c | k_R] keys
+        p_BMS = (torch.softmax(scores_BMS, dim=-1) if scores_BMS.dtype == torch.float32
+                 else torch.softmax(scores_BMS, dim=-1, dtype=torch.float32).to(x_ND.dtype))
+        z_BMC = torch.bmm(p_BMS, kv_BSX[..., :C])
+        if w["absorb_o"]:
+            return torch.mm(z_BMC.view(N, H * C), w["o"])
+        o_NHV = torch.einsum("mhc,hvc->mhv", z_BMC.view(N, H, C), w["w_uv_HVC"])
+        return torch.mm(o_NHV.reshape(N, H * self.V), w["o"])
+
+    def _decode_weights(self) -> dict:
+        w_q = self.q_b_proj.weight if self.q_lora_rank > 0 else self.q_proj.weight
+        sources = [w_q, self.kv_a_proj_with_mqa.weight, self.kv_b_proj.weight, self.o_proj.weight]
+        if self.q_lora_rank > 0:
+            sources.append(self.q_a_proj.weight)
+        return cached_weights(self, "_decode_weights_cache", sources, self._build_decode_weights)
+
+    def _build_decode_weights(self) -> dict:
+        """[in, out] matrices for decode. Absorbing is one matmul instead of two but the product can
+        be larger than the factors: do it while it is at most 2x their size (tiny: yes; V3, where
+        C = 512 ≫ N = V = 128: no). `self.absorb_decode` (None = auto) forces either way."""
+        H, N, R, V, C = self.H, self.N, self.R, self.V, self.C
+        w_q = self.q_b_proj.weight if self.q_lora_rank > 0 else self.q_proj.weight
+        q_in, D, dtype = w_q.shape[1], self.o_proj.weight.shape[0], w_q.dtype
+        evens_odds = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)]).to(w_q.device)  # apply_rope's split
+        odds_evens = evens_odds.roll(R // 2)  # the same halves swapped
+        kv_a = self.kv_a_proj_with_mqa.weight
+        kv_a = torch.cat([kv_a[:C], kv_a[C:][evens_odds], kv_a[C:][odds_evens]])
+        a = torch.cat([self.q_a_proj.weight, kv_a]) if self.q_lora_rank > 0 else kv_a
+        w_uk_HNC, w_uv_HVC = self.kv_b_proj.weight.view(H, N + V, C).split([N, V], dim=1)
+        w_q_HKQ = w_q.view(H, N + R, q_in)
+        absorb_q = self.absorb_decode if self.absorb_decode is not None else C * q_in <= 2 * (N * q_in + N * C)
+        absorb_o = self.absorb_decode if self.absorb_decode is not None else D * C <= 2 * (D * V + V * C)
+        nope_HYQ = (torch.einsum("hnc,hnq->hcq", w_uk_HNC.float(), w_q_HKQ[:, :N].float()).to(dtype)
+                    if absorb_q else w_q_HKQ[:, :N])
+        rope_HRQ = w_q_HKQ[:, N:]
+        q = torch.cat([torch.cat([nope_HYQ, rope_HRQ[:, evens_odds]], dim=1).reshape(-1, q_in),
+                       rope_HRQ[:, odds_evens].reshape(-1, q_in)])
+        o = (torch.einsum("dhv,hvc->hcd", self.o_proj.weight.view(D, H, V).float(), w_uv_HVC.float())
+             .to(dtype).reshape(H * C, D) if absorb_o else self.o_proj.weight.t())
+        return {"a": a.t().contiguous(), "q": q.t().contiguous(), "o": o.contiguous(), "absorb_q": absorb_q,
+                "absorb_o": absorb_o, "w_uk_HNC": w_uk_HNC, "w_uv_HVC": w_uv_HVC}

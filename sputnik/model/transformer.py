@@ -16,8 +16,9 @@ from torch import nn
 from sputnik.losses import linear_cross_entropy, mtp_loss
 from sputnik.model.block import Block
 from sputnik.model.config import ModelConfig
-from sputnik.model.layers import RMSNorm
-from sputnik.model.mla import MLACache
+from sputnik.model.layers import MLP, RMSNorm
+from sputnik.model.mla import DecodeStep, MLACache, cached_weights, rms_norm_rows
+from sputnik.model.moe import mlp_rows
 from sputnik.model.mtp import MTPModule
 from sputnik.model.output import ModelOutput
 from sputnik.model.rope import RotaryTables
@@ -156,20 +157,51 @@ class Transformer(nn.Module):
         """Append T tokens per row at positions cache_seqlens[b] … +T−1 and return their logits
         [B, T, V] (and the post-norm h_BTD for MTP drafting if return_hidden). The caller advances
         cache_seqlens (by T, or by each row's real token count when rows were right-padded: the
-        padding slots are then overwritten by later steps)."""
-        h_BTD = self._trunk(input_ids_BT, cache, cache_seqlens_B)[1]
-        return (self.lm_head(h_BTD), h_BTD) if return_hidden else self.lm_head(h_BTD)
+        padding slots are then overwritten by later steps). Runs MLA.decode (fused absorbed
+        attention) and, under no_grad, the MoE layers' few-token path: the forward's math in
+        fewer ops (decode is bound by per-op overhead on CPU)."""
+        B, T = input_ids_BT.shape
+        step = self._decode_step(cache, cache_seqlens_B, T)
+        h_ND = self.model.embed_tokens(input_ids_BT.reshape(-1))  # token rows, N = B·T
+        for layer in self.model.layers:
+            h_ND = _decode_block(layer, h_ND, step, cache)
+        h_ND = rms_norm_rows(h_ND, self.model.norm)
+        logits_BTV = torch.mm(h_ND, self._lm_head_t()).view(B, T, -1)
+        return (logits_BTV, h_ND.view(B, T, -1)) if return_hidden else logits_BTV
 
     def draft(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, depth: int = 1,
               cache: MLACache | None = None, cache_seqlens_B: torch.Tensor | None = None):
         """MTP depth `depth` as a draft head: from h^{depth−1} at positions i and the token
         t_{i+depth}, (logits_BTV for t_{i+depth+1}, h^depth). Without a cache the positions are
         0..T−1; with one, the same positions as the main model's step (cache_seqlens[b] + t)."""
+        module = self.mtp[depth - 1]
         if cache is None:
             cos, sin = self.rope(h_BTD.shape[1], h_BTD.dtype)
-        else:
-            cos, sin = self.rope(cache.prepare(cache_seqlens_B, h_BTD.shape[1]), h_BTD.dtype)
-        return self.mtp[depth - 1].draft(h_BTD, next_ids_BT, self.model.embed_tokens, self.lm_head, cos, sin, cache)
+            return module.draft(h_BTD, next_ids_BT, self.model.embed_tokens, self.lm_head, cos, sin)
+        # MTPModule.forward with the decode block (eq. 21: [enorm(Emb(t)); hnorm(h)] -> eh_proj -> block)
+        B, T, D = h_BTD.shape
+        step = self._decode_step(cache, cache_seqlens_B, T)
+        merged_N2D = torch.cat([rms_norm_rows(self.model.embed_tokens(next_ids_BT.reshape(-1)), module.enorm),
+                                rms_norm_rows(h_BTD.reshape(-1, D), module.hnorm)], dim=-1)
+        h_ND = _decode_block(module, module.eh_proj(merged_N2D), step, cache)
+        logits_ND = torch.mm(rms_norm_rows(h_ND, module.shared_head.norm), self._lm_head_t())
+        return logits_ND.view(B, T, -1), h_ND.view(B, T, D)
+
+    def _lm_head_t(self) -> torch.Tensor:
+        """lm_head weight as a cached [D, V] copy: decode calls torch.mm directly."""
+        w = self.lm_head.weight
+        return cached_weights(self.lm_head, "_decode_weights_cache", [w], lambda: w.t().contiguous())
+
+    def _decode_step(self, cache: MLACache, cache_seqlens_B: torch.Tensor, num_new: int) -> DecodeStep:
+        """Per-step state shared by all layers; RoPE tables re-laid out once for MLA.decode."""
+        rope = self.rope
+
+        def tables():  # [cos; cos] and [−sin; sin] per position: MLA.decode's split-halves rotation
+            return torch.cat([rope.cos_PF, rope.cos_PF], -1), torch.cat([-rope.sin_PF, rope.sin_PF], -1)
+
+        cos2_PR, sin2_PR = cached_weights(self, "_decode_rope_cache", [rope.cos_PF, rope.sin_PF], tables)
+        return cache.decode_step(cache_seqlens_B, num_new, self.config.num_attention_heads, cos2_PR, sin2_PR,
+                                 self.model.embed_tokens.weight.dtype)
 
     # --- auxiliary-loss-free balancing (called by the training loop after optimizer.step) ---
     def expert_load(self) -> dict[str, torch.Tensor]:
@@ -182,3 +214,13 @@ class Transformer(nn.Module):
         """b_i += γ·sign(mean load − load_i) in every MoE layer (V3 §2.1.2); no gradient."""
         for m in self.moe_layers().values():
             m.update_bias(self.config.bias_update_speed)
+
+
+def _decode_block(block: Block, h_ND: torch.Tensor, step: DecodeStep, cache: MLACache) -> torch.Tensor:
+    """Block.forward on token rows with MLA.decode and the inference FFN paths:
+    h += MLA(norm(h)); h += FFN(norm(h)) (MoE: few-token path under no_grad, else MoE.forward)."""
+    h_ND = h_ND + block.self_attn.decode(rms_norm_rows(h_ND, block.input_layernorm), step, cache)
+    x_ND = rms_norm_rows(h_ND, block.post_attention_layernorm)
+    if isinstance(block.mlp, MLP):
+        return h_ND + mlp_rows(block.mlp, x_ND)
+    return h_ND + block.mlp(x_ND[None])[0]
