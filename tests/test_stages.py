@@ -383,3 +383,14 @@ def test_goal_arithmetic(tmp_path):
     assert pre["final_eval_loss"] < 0.70
     assert post["final_eval_loss"] < 0.05
     assert post["accuracy"] >= 0.6
+
+
+@pytest.mark.slow  # compiling the train and eval graphs takes ~30-60 s on 2 cores
+def test_pretrain_with_torch_compile_matches_eager(ws, tmp_path):
+    eager = pretrain.run(pre_cfg(ws, tmp_path / "eager", max_steps=4, eval_every=2))
+    compiled = pretrain.run(pre_cfg(ws, tmp_path / "compiled", max_steps=4, eval_every=2, compile=True))
+    assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=1e-4)
+    assert compiled["final_eval_loss"] == pytest.approx(eager["final_eval_loss"], rel=1e-4)
+    a, b = ckpt_tensors(tmp_path / "eager" / "model"), ckpt_tensors(tmp_path / "compiled" / "model")
+    assert a.keys() == b.keys()  # in-place compile leaves the exported state dict as it was
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
