@@ -83,6 +83,7 @@ def test_compare_config_refuses_bad_settings():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~3 minutes on a quiet 2-core machine, 5+ when it is shared
 def test_compare_end_to_end_small(tmp_path, monkeypatch):
     """The speedrun's stages at 3% scale (distillation marked done: a 24-step teacher solves
     nothing, so there are no traces), then the three budgeted runs, the plot and the tables."""
