@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from sputnik import compare
+from sputnik import compare, ledger
 from sputnik.config import build
 from sputnik.model.accounting import param_counts
 from sputnik.model.config import ModelConfig
@@ -100,11 +100,11 @@ def test_compare_end_to_end_small(tmp_path, monkeypatch):
     assert r["moe-sft-grpo"]["final_flops"] == pytest.approx(budget, rel=1e-6)
     assert (tmp_path / "p" / "compare" / "compare.png").stat().st_size > 1000
     assert "dense-sft" in (tmp_path / "p" / "compare" / "compare.md").read_text()
-    cmds = [json.loads(line)["command"] for line in (tmp_path / "p" / "ledger.jsonl").read_text().splitlines()]
+    cmds = [r["command"] for r in ledger.load(tmp_path / "p")]
     assert {"compare:dense-pretrain", "compare:dense-sft", "compare:moe-sft"} <= set(cmds)
     assert not math.isnan(s["target_accuracy"])
     # a rerun skips the finished compare stages (nothing new in the ledger but the report)
     n = len(cmds)
     compare.run(cfg)
-    cmds2 = [json.loads(line)["command"] for line in (tmp_path / "p" / "ledger.jsonl").read_text().splitlines()]
+    cmds2 = [r["command"] for r in ledger.load(tmp_path / "p")]
     assert not [c for c in cmds2[n:] if c.startswith("compare:")]
