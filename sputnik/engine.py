@@ -13,6 +13,8 @@ Shape legend: B rows being decoded, P prompts, T time, V vocab.
 """
 from __future__ import annotations
 
+import inspect
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -113,8 +115,18 @@ def sample_from_probs(probs_BV: torch.Tensor, generator: torch.Generator | None)
 # ---------------------------------------------------------------------------------------------
 # The engine
 class Engine:
-    def __init__(self, model, tokenizer=None, *, max_batch_size: int = 256, dtype: torch.dtype | None = None):
+    def __init__(self, model, tokenizer=None, *, max_batch_size: int = 256, dtype: torch.dtype | None = None,
+                 compile: bool | None = None):
+        """compile: run each decode step through torch.compile (models with `decode_one`, i.e. ours).
+        None = the environment variable SPUTNIK_COMPILE_DECODE=1 turns it on; off by default because
+        the first compile costs ~1 minute on 2 CPU cores (per model and process, twice: batch 1 and
+        batch > 1), which only pays back over many generate() calls (bench_generate.py measures both)."""
+        if compile is None:
+            compile = os.environ.get("SPUTNIK_COMPILE_DECODE", "0") == "1"
+        self.compile = bool(compile) and hasattr(model, "decode_one")
         self.model = model
+        # Models that can return only each prompt's last-position logits from a prefill (ours do).
+        self.prefill_last = "logits_at_B" in inspect.signature(model.forward_cached).parameters
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         p = next(model.parameters())
@@ -171,8 +183,11 @@ class Engine:
         for i, p in enumerate(prompts):
             ids_PT[i, : len(p)] = torch.tensor(p, device=dev)
         cache = self.model.new_cache(P, max_len, self.dtype, dev)
-        logits_PTV = self.model.forward_cached(ids_PT, cache, torch.zeros(P, dtype=torch.long, device=dev))
-        last_PV = logits_PTV[torch.arange(P, device=dev), lens_P - 1]
+        zeros_P = torch.zeros(P, dtype=torch.long, device=dev)
+        if self.prefill_last:
+            last_PV = self.model.forward_cached(ids_PT, cache, zeros_P, logits_at_B=lens_P - 1)
+        else:
+            last_PV = self.model.forward_cached(ids_PT, cache, zeros_P)[torch.arange(P, device=dev), lens_P - 1]
 
         # --- fork: n rows per prompt share the prefilled prefix
         rows = torch.arange(P, device=dev).repeat_interleave(n)
@@ -208,7 +223,10 @@ class Engine:
                 keep_t = torch.tensor(keep, device=dev)
                 cache, seqlens_B, tok_B = cache.select(keep_t), seqlens_B[keep_t], tok_B[keep_t]
                 live = [live[b] for b in keep]
-            logits_BV = self.model.forward_cached(tok_B[:, None], cache, seqlens_B)[:, -1]
+            if self.compile:
+                logits_BV = self.model.decode_one(tok_B, cache, seqlens_B, compiled=True)
+            else:
+                logits_BV = self.model.forward_cached(tok_B[:, None], cache, seqlens_B)[:, -1]
             seqlens_B = seqlens_B + 1
             stats.decode_steps += 1
             stats.forward_rows += len(live)

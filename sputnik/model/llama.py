@@ -238,10 +238,13 @@ class LlamaModel(nn.Module):
         return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @torch.no_grad()
-    def forward_cached(self, input_ids_BT: torch.Tensor, cache: KVCache, cache_seqlens_B: torch.Tensor) -> torch.Tensor:
+    def forward_cached(self, input_ids_BT: torch.Tensor, cache: KVCache, cache_seqlens_B: torch.Tensor,
+                       logits_at_B: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] of T new tokens per row; row b's tokens take positions
         cache_seqlens_B[b] + 0..T−1 (ragged rows allowed) and attend to everything before them.
-        Slots past a row's own length (padding, stale forks) are masked, never read."""
+        Slots past a row's own length (padding, stale forks) are masked, never read.
+        logits_at_B: only the logits of new token logits_at_B[b] of each row, [B, V] (a prefill needs
+        just each prompt's last position: the lm_head on one row instead of T)."""
         B, T = input_ids_BT.shape
         dev = input_ids_BT.device
         pos_BT = cache_seqlens_B.to(dev, torch.long)[:, None] + torch.arange(T, device=dev)
@@ -257,4 +260,6 @@ class LlamaModel(nn.Module):
                                                   cache.v_LBKSC[l], pos_BT, mask_B1TS)
             x_BTD = x_BTD + attn
             x_BTD = x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
+        if logits_at_B is not None:
+            x_BTD = x_BTD[torch.arange(B, device=dev), logits_at_B]  # [B, D]
         return self.lm_head(self.model.norm(x_BTD))

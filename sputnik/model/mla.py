@@ -137,6 +137,18 @@ class MLACache:
         pos_N = pos_BT.view(-1)
         return DecodeStep(B, num_new, slots_N, bias_BTS, cos2_PR[pos_N].to(dtype), sin2_PR[pos_N].to(dtype), kv_len)
 
+    def static_step(self, cache_seqlens_B: torch.Tensor, num_heads: int, cos2_PR: torch.Tensor,
+                    sin2_PR: torch.Tensor, dtype: torch.dtype) -> DecodeStep:
+        """decode_step for one token per row with shapes that depend only on (B, max_len): keys are
+        the whole buffer (the bias hides the unwritten tail) and there is no host sync, so the step can
+        be compiled or captured once per batch size. The caller checks that no row overflows."""
+        B, S, dev = cache_seqlens_B.shape[0], self.kv_BSX[0].shape[1], cache_seqlens_B.device  # S = max_len as a
+        pos_B = cache_seqlens_B.long()                              # tensor size: dynamic under torch.compile
+        slots_B = pos_B + torch.arange(B, device=dev) * S
+        hidden_BS = torch.arange(S, device=dev) > pos_B[:, None]
+        bias_B1S = torch.zeros(B, 1, S, dtype=dtype, device=dev).masked_fill_(hidden_BS[:, None], float("-inf"))
+        return DecodeStep(B, 1, slots_B, bias_B1S, cos2_PR[pos_B].to(dtype), sin2_PR[pos_B].to(dtype), S)
+
     def write(self, layer_idx: int, kv_NX: torch.Tensor, step: DecodeStep) -> torch.Tensor:
         """The fast path's `update`: write the new rows at step.slots_N; return kv_BSX[:, :kv_len]."""
         buf_BSX = self.kv_BSX[layer_idx]
@@ -250,7 +262,7 @@ class MLA(nn.Module):
         return torch.einsum("bthc,hvc->bthv", z_BTHC, w_uv_HVC)
 
     # --- fast decode path (the engine's forward_cached) ---------------------------------------
-    def decode(self, x_ND: torch.Tensor, step: DecodeStep, cache: MLACache) -> torch.Tensor:
+    def decode(self, x_ND: torch.Tensor, step: DecodeStep, cache: MLACache, w: dict | None = None) -> torch.Tensor:
         """forward(x, cos, sin, cache) for the inference engine on token rows x_ND (N = B·T), the same
         math reassociated into fewer ops (decode is bound by per-op overhead, not FLOPs, at small batch):
           - every projection is one torch.mm against a cached [in, out] copy of its weight;
@@ -258,8 +270,9 @@ class MLA(nn.Module):
           - W_UK is pre-multiplied into W_UQ and W_UV into W_O where the products are small (absorb);
           - RoPE's pair split is a permutation of weight rows, and the projections also emit the halves
             swapped, so the rotation is one addcmul: x·[cos; cos] + swap(x)·[−sin; sin];
-          - softmax scale and key mask enter through one baddbmm."""
-        w = self._decode_weights()
+          - softmax scale and key mask enter through one baddbmm.
+        `w` is `decode_weights()` fetched by the caller (a compiled step takes them as inputs)."""
+        w = self.decode_weights() if w is None else w
         B, T, N = step.batch, step.num_new, x_ND.shape[0]
         H, R, C = self.H, self.R, self.C
         a_NA = torch.mm(x_ND, w["a"])  # A = [Q |] C + R + R (rope key, then its swapped halves)
@@ -290,7 +303,7 @@ class MLA(nn.Module):
         o_NHV = torch.einsum("mhc,hvc->mhv", z_BMC.view(N, H, C), w["w_uv_HVC"])
         return torch.mm(o_NHV.reshape(N, H * self.V), w["o"])
 
-    def _decode_weights(self) -> dict:
+    def decode_weights(self) -> dict:
         w_q = self.q_b_proj.weight if self.q_lora_rank > 0 else self.q_proj.weight
         sources = [w_q, self.kv_a_proj_with_mqa.weight, self.kv_b_proj.weight, self.o_proj.weight]
         if self.q_lora_rank > 0:

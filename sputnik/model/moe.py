@@ -283,31 +283,40 @@ class Experts(nn.Module):
 FEW_TOKENS = 2  # measured (same run, tiny, 1 thread): few-token path 0.65x the grouped time at 1-2 tokens, even at 3-4
 
 
-def mlp_rows(mlp: MLP, x_ND: torch.Tensor) -> torch.Tensor:
-    """MLP.forward (SwiGLU) on token rows for inference: gate and up in one matmul against cached
-    [in, out] copies of the weights (cached_weights rebuilds them after a weight update)."""
+def mlp_decode_weights(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
+    """[in, out] copies (gate and up fused) of a SwiGLU MLP's weights, rebuilt after a weight update."""
     def build():
         return (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(),
                 mlp.down_proj.weight.t().contiguous())
 
     sources = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
-    gate_up_D2I, down_ID = cached_weights(mlp, "_decode_weights_cache", sources, build)
+    return cached_weights(mlp, "_decode_weights_cache", sources, build)
+
+
+def mlp_rows(mlp: MLP, x_ND: torch.Tensor, w: tuple | None = None) -> torch.Tensor:
+    """MLP.forward (SwiGLU) on token rows for inference: gate and up in one matmul against cached
+    [in, out] copies of the weights (`w` = mlp_decode_weights(mlp), fetched by a compiled step's caller)."""
+    gate_up_D2I, down_ID = mlp_decode_weights(mlp) if w is None else w
     gate_NI, up_NI = torch.mm(x_ND, gate_up_D2I).chunk(2, dim=-1)
     return torch.mm(F.silu(gate_NI) * up_NI, down_ID)
 
 
-def moe_few_tokens(moe: "MoE", x_ND: torch.Tensor) -> torch.Tensor:
+def moe_decode_weights(moe: "MoE") -> dict:
+    """The few-token path's [in, out] weight copies (rebuilt after a weight update, see cached_weights)."""
+    fused = moe.gate.weight.dtype == torch.float32 and moe.shared_experts is not None
+    return cached_weights(moe, "_decode_weights_cache", [p for p in moe.parameters()],
+                          lambda: _build_few_token_weights(moe, fused))
+
+
+def moe_few_tokens(moe: "MoE", x_ND: torch.Tensor, w: dict | None = None) -> torch.Tensor:
     """MoE.forward for a handful of tokens without autograd: Router.forward's selection and gates and
     the same sum, in fewer ops. In fp32 the router and the shared expert's gate/up share one matmul;
-    the chosen experts are read on the host (one sync, free on CPU) and each runs as two plain
-    matmuls on [in, out] copies of its weights: no sort, no scatter, and no grouped GEMM walking all
-    E experts for K rows (torch._grouped_mm on CPU visits every expert)."""
+    the routed experts run in `routed_rows` (opaque to torch.compile, eager inside). `w` is
+    moe_decode_weights(moe), fetched by the caller when the step is compiled."""
     gate, shared = moe.gate, moe.shared_experts
-    E, fused = gate.num_experts, x_ND.dtype == torch.float32 and shared is not None
-    w = cached_weights(moe, "_decode_weights_cache", [p for p in moe.parameters()],
-                       lambda: _build_few_token_weights(moe, fused))
+    w = moe_decode_weights(moe) if w is None else w
     acc_dtype = torch.promote_types(x_ND.dtype, torch.float32)  # as the training path: sum in >= fp32
-    if fused:
+    if "router_shared" in w and x_ND.dtype == torch.float32:
         logits_NE, gate_NI, up_NI = torch.mm(x_ND, w["router_shared"]).split(w["split"], dim=-1)
         y_ND = torch.mm(F.silu(gate_NI) * up_NI, w["shared_down"])
     else:
@@ -324,13 +333,36 @@ def moe_few_tokens(moe: "MoE", x_ND: torch.Tensor) -> torch.Tensor:
     if gate.norm_topk_prob:
         weight_NK = weight_NK / (weight_NK.sum(-1, keepdim=True) + 1e-20)
     weight_NK = (weight_NK * gate.routed_scaling_factor).to(x_ND.dtype)
-    # --- the chosen experts, one token at a time; the I-wide hidden is weighted (as the grouped path)
-    for n, experts in enumerate(topk_idx_NK.tolist()):
+    routed_ND = routed_rows(x_ND, topk_idx_NK, weight_NK, w["gate_up_ED2I"], w["down_EID"])
+    return (y_ND + routed_ND).to(x_ND.dtype)
+
+
+@torch.library.custom_op("sputnik::routed_rows", mutates_args=())
+def routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch.Tensor,
+                gate_up_ED2I: torch.Tensor, down_EID: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_{n,k} FFN_{idx_{n,k}}(x_n) in ≥ fp32, inference only, eager inside a compiled step (the
+    choice is data-dependent). Up to FEW_TOKENS tokens the chosen experts are read on the host and each
+    runs as two plain matmuls: no sort, and no grouped GEMM walking all E experts for K rows
+    (torch._grouped_mm on CPU visits every expert). More tokens: sort the slots by expert, grouped GEMM."""
+    N, K = topk_idx_NK.shape
+    acc_dtype = torch.promote_types(x_ND.dtype, torch.float32)
+    if N > FEW_TOKENS:
+        counts_E = torch.zeros(gate_up_ED2I.shape[0], dtype=torch.int64, device=x_ND.device)
+        counts_E.scatter_add_(0, topk_idx_NK.flatten(), torch.ones_like(topk_idx_NK.flatten()))
+        return routed_experts_grouped(x_ND, topk_idx_NK, weight_NK, gate_up_ED2I.transpose(1, 2),
+                                      down_EID.transpose(1, 2), counts_E).to(acc_dtype)
+    y_ND = torch.zeros(x_ND.shape, dtype=acc_dtype, device=x_ND.device)
+    for n, experts in enumerate(topk_idx_NK.tolist()):  # the I-wide hidden is weighted (as the grouped path)
         x_1D = x_ND[n: n + 1]
         for k, e in enumerate(experts):
-            gate_1I, up_1I = torch.mm(x_1D, w["gate_up_ED2I"][e]).chunk(2, dim=-1)
-            y_ND[n: n + 1] += torch.mm(F.silu(gate_1I) * (up_1I * weight_NK[n: n + 1, k: k + 1]), w["down_EID"][e])
-    return y_ND.to(x_ND.dtype)
+            gate_1I, up_1I = torch.mm(x_1D, gate_up_ED2I[e]).chunk(2, dim=-1)
+            y_ND[n: n + 1] += torch.mm(F.silu(gate_1I) * (up_1I * weight_NK[n: n + 1, k: k + 1]), down_EID[e])
+    return y_ND
+
+
+@routed_rows.register_fake
+def _(x_ND, topk_idx_NK, weight_NK, gate_up_ED2I, down_EID):
+    return x_ND.new_empty(x_ND.shape, dtype=torch.promote_types(x_ND.dtype, torch.float32))
 
 
 def _build_few_token_weights(moe: "MoE", fused: bool) -> dict:

@@ -18,7 +18,7 @@ from sputnik.model.block import Block
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import MLP, RMSNorm
 from sputnik.model.mla import DecodeStep, MLACache, cached_weights, rms_norm_rows
-from sputnik.model.moe import mlp_rows
+from sputnik.model.moe import MoE, mlp_decode_weights, mlp_rows, moe_decode_weights, moe_few_tokens
 from sputnik.model.mtp import MTPModule
 from sputnik.model.output import ModelOutput
 from sputnik.model.rope import RotaryTables
@@ -153,18 +153,23 @@ class Transformer(nn.Module):
                         dtype or w.dtype, device or w.device)
 
     def forward_cached(self, input_ids_BT: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,
-                       return_hidden: bool = False):
+                       return_hidden: bool = False, logits_at_B: torch.Tensor | None = None):
         """Append T tokens per row at positions cache_seqlens[b] … +T−1 and return their logits
         [B, T, V] (and the post-norm h_BTD for MTP drafting if return_hidden). The caller advances
         cache_seqlens (by T, or by each row's real token count when rows were right-padded: the
         padding slots are then overwritten by later steps). Runs MLA.decode (fused absorbed
         attention) and, under no_grad, the MoE layers' few-token path: the forward's math in
-        fewer ops (decode is bound by per-op overhead on CPU)."""
+        fewer ops (decode is bound by per-op overhead on CPU). logits_at_B: only the logits of new
+        token logits_at_B[b] of each row, [B, V] (a prefill needs just each prompt's last position)."""
         B, T = input_ids_BT.shape
         step = self._decode_step(cache, cache_seqlens_B, T)
         h_ND = self.model.embed_tokens(input_ids_BT.reshape(-1))  # token rows, N = B·T
         for layer in self.model.layers:
             h_ND = _decode_block(layer, h_ND, step, cache)
+        if logits_at_B is not None:  # the lm_head on B rows instead of B·T
+            assert not return_hidden, "logits_at_B drops the other positions' hidden states"
+            rows_B = torch.arange(B, device=h_ND.device) * T + logits_at_B
+            return torch.mm(rms_norm_rows(h_ND[rows_B], self.model.norm), self._lm_head_t())
         h_ND = rms_norm_rows(h_ND, self.model.norm)
         logits_BTV = torch.mm(h_ND, self._lm_head_t()).view(B, T, -1)
         return (logits_BTV, h_ND.view(B, T, -1)) if return_hidden else logits_BTV
@@ -187,6 +192,33 @@ class Transformer(nn.Module):
         logits_ND = torch.mm(rms_norm_rows(h_ND, module.shared_head.norm), self._lm_head_t())
         return logits_ND.view(B, T, -1), h_ND.view(B, T, D)
 
+    def decode_one(self, tok_B: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,
+                   compiled: bool = False) -> torch.Tensor:
+        """forward_cached(tok_B[:, None], …)[:, -1] -> logits_BV for one token per row, with shapes
+        that depend only on (B, cache.max_len): attention reads the whole buffer under a −inf bias, so
+        the step has no host sync and `compiled=True` runs it through torch.compile (inductor fuses
+        the norm/RoPE/softmax/router chains; the matmuls stay library calls). The parameter-derived
+        weights are fetched eagerly each step (cached_weights checks versions) and enter the compiled
+        graph as inputs, so an optimizer step between calls can never leave it on stale weights."""
+        if int(cache_seqlens_B.max()) >= cache.max_len:
+            raise ValueError(f"cache overflow: a row needs {int(cache_seqlens_B.max()) + 1} positions, "
+                             f"cache holds {cache.max_len}")
+        weights = self.decode_weights()
+        if not compiled:
+            return _static_step(self, tok_B, cache, cache_seqlens_B, weights)
+        fn = self.__dict__.get("_compiled_step")
+        if fn is None:  # one compile per model, shared by every Engine (dynamic batch and cache length)
+            fn = self.__dict__["_compiled_step"] = torch.compile(_static_step, dynamic=True, fullgraph=True)
+        return fn(self, tok_B, cache, cache_seqlens_B, weights)
+
+    def decode_weights(self) -> dict:
+        """Every parameter-derived tensor a decode step reads, as current cached copies (see
+        cached_weights): per layer the attention's and the FFN's, the lm_head [D, V] and the RoPE tables."""
+        layers = [(layer.self_attn.decode_weights(),
+                   moe_decode_weights(layer.mlp) if isinstance(layer.mlp, MoE) else mlp_decode_weights(layer.mlp))
+                  for layer in self.model.layers]
+        return {"layers": layers, "lm_head": self._lm_head_t(), "rope": self._rope_tables()}
+
     def _lm_head_t(self) -> torch.Tensor:
         """lm_head weight as a cached [D, V] copy: decode calls torch.mm directly."""
         w = self.lm_head.weight
@@ -194,14 +226,17 @@ class Transformer(nn.Module):
 
     def _decode_step(self, cache: MLACache, cache_seqlens_B: torch.Tensor, num_new: int) -> DecodeStep:
         """Per-step state shared by all layers; RoPE tables re-laid out once for MLA.decode."""
+        cos2_PR, sin2_PR = self._rope_tables()
+        return cache.decode_step(cache_seqlens_B, num_new, self.config.num_attention_heads, cos2_PR, sin2_PR,
+                                 self.model.embed_tokens.weight.dtype)
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         rope = self.rope
 
         def tables():  # [cos; cos] and [−sin; sin] per position: MLA.decode's split-halves rotation
             return torch.cat([rope.cos_PF, rope.cos_PF], -1), torch.cat([-rope.sin_PF, rope.sin_PF], -1)
 
-        cos2_PR, sin2_PR = cached_weights(self, "_decode_rope_cache", [rope.cos_PF, rope.sin_PF], tables)
-        return cache.decode_step(cache_seqlens_B, num_new, self.config.num_attention_heads, cos2_PR, sin2_PR,
-                                 self.model.embed_tokens.weight.dtype)
+        return cached_weights(self, "_decode_rope_cache", [rope.cos_PF, rope.sin_PF], tables)
 
     # --- auxiliary-loss-free balancing (called by the training loop after optimizer.step) ---
     def expert_load(self) -> dict[str, torch.Tensor]:
@@ -224,3 +259,19 @@ def _decode_block(block: Block, h_ND: torch.Tensor, step: DecodeStep, cache: MLA
     if isinstance(block.mlp, MLP):
         return h_ND + mlp_rows(block.mlp, x_ND)
     return h_ND + block.mlp(x_ND[None])[0]
+
+
+def _static_step(model: Transformer, tok_B: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,
+                 weights: dict) -> torch.Tensor:
+    """Transformer.decode_one's body (a free function: the compiled callable): embedding, blocks on
+    token rows with the static-shape step, final norm, lm_head."""
+    cos2_PR, sin2_PR = weights["rope"]
+    step = cache.static_step(cache_seqlens_B, model.config.num_attention_heads, cos2_PR, sin2_PR,
+                             model.model.embed_tokens.weight.dtype)
+    h_ND = model.model.embed_tokens(tok_B)
+    for layer, (w_attn, w_ffn) in zip(model.model.layers, weights["layers"]):
+        h_ND = h_ND + layer.self_attn.decode(rms_norm_rows(h_ND, layer.input_layernorm), step, cache, w_attn)
+        x_ND = rms_norm_rows(h_ND, layer.post_attention_layernorm)
+        ffn = moe_few_tokens if isinstance(layer.mlp, MoE) else mlp_rows
+        h_ND = h_ND + ffn(layer.mlp, x_ND, w_ffn)
+    return torch.mm(rms_norm_rows(h_ND, model.model.norm), weights["lm_head"])
