@@ -7,6 +7,10 @@ mean, clip 0.2/0.28), AdamW lr 1e-4 constant, temperature 1, no top-k/top-p, no 
 generate exactly `--tokens` completion tokens (TRL: generation_kwargs min_new_tokens; ours: no stop
 token), so the work is the same. Task: "What is A+B? Answer:" with two-digit A, B (all prompts the
 same length); reward 1 if the sum appears in the completion plus 0.1 x the fraction of digit characters.
+One optimizer step per GRPO step on both sides. The update's rows per forward/backward differ by
+default: ours 16 (`--micro-batch`, gradients accumulated; the token mean divides by the whole
+batch's count, so the gradient is the one of the unsplit batch), TRL all 64 (`--trl-micro-batch`
+sets its per_device_train_batch_size, with gradient accumulation to 64 rows).
 
 Model: the `tiny` preset on CPU (fp32, 64 tokens), `small` on CUDA (bf16 autocast over fp32 master
 weights, 256 tokens), random init, no MTP (TRL's DeepseekV3ForCausalLM has none), vocab from a
@@ -41,6 +45,7 @@ PREFIX = "@@BENCH "
 GROUP = 8
 PROMPTS_PER_STEP = 8
 LR = 1e-4
+OURS_MICRO_BATCH = 16  # rows per forward/backward in our update (runs/logs/grpo_speed_notes.md: the fastest, and 1/3 of the RSS of 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,35 +138,17 @@ class OursState:
     step: int = 0
 
 
-def _patch_grpo_loss_kl() -> None:
-    """`stages.grpo.update` reads m["kl"], which `rl_losses.grpo_loss` only returns with a reference
-    model: at beta 0 (the default) it raises KeyError. Until that is fixed there, report kl = 0."""
-    from sputnik import rl_losses
-
-    if getattr(rl_losses.grpo_loss, "_bench_patched", False):
-        return
-    orig = rl_losses.grpo_loss
-
-    def grpo_loss(*a, **kw):
-        loss, m = orig(*a, **kw)
-        m.setdefault("kl", torch.zeros(()))
-        return loss, m
-
-    grpo_loss._bench_patched = True
-    rl_losses.grpo_loss = grpo_loss
-
-
 def make_ours(model, tokenizer, device: str = "cpu", tokens: int = 64, amp: bool = False,
-              micro_batch: int = PROMPTS_PER_STEP * GROUP) -> OursState:
+              micro_batch: int = OURS_MICRO_BATCH) -> OursState:
     """Our GRPO on `model` (a sputnik Transformer) the way `sputnik rl` sets it up, with the
-    benchmark's settings: DAPO, beta 0, μ = 1, all 64 rows in one micro-batch (as TRL here), no dynamic sampling
+    benchmark's settings: DAPO, beta 0, μ = 1, `micro_batch` rows per forward/backward (one optimizer
+    step either way: the token mean divides by the whole batch's token count), no dynamic sampling
     (TRL trains on every group too), no stop token (exactly `tokens` tokens per completion)."""
     from sputnik.common import DeviceChoice
     from sputnik.engine import Engine, SamplingParams
     from sputnik.optim import OptimConfig, build_optimizer
     from sputnik.stages.grpo import RLConfig
 
-    _patch_grpo_loss_kl()
     dev = torch.device(device)
     dc = DeviceChoice(dev, torch.bfloat16 if amp else torch.float32, "benchmark")
     cfg = RLConfig(init="<bench>", variant="dapo", beta=0.0, prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP,
@@ -283,7 +270,8 @@ def worker_trl(args) -> None:
 
     gargs = GRPOConfig(
         output_dir=str(Path(args.dir) / "trl_out"), max_steps=args.warm + args.steps,
-        per_device_train_batch_size=PROMPTS_PER_STEP * GROUP, num_generations=GROUP, gradient_accumulation_steps=1,
+        per_device_train_batch_size=args.trl_micro_batch, num_generations=GROUP,
+        gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // args.trl_micro_batch,  # one optimizer step
         max_completion_length=args.tokens, generation_kwargs={"min_new_tokens": args.tokens},
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
         num_iterations=1, scale_rewards="group", mask_truncated_completions=False,
@@ -325,7 +313,8 @@ class Worker:
     def __init__(self, side: str, args, env):
         cmd = [sys.executable, __file__, "--worker", side, "--dir", args.dir, "--device", args.device,
                "--tokens", str(args.tokens), "--threads", str(args.threads), "--warm", str(args.warm),
-               "--steps", str(args.steps), "--seed", str(args.seed), "--micro-batch", str(args.micro_batch)] + (["--amp"] if args.amp else [])
+               "--steps", str(args.steps), "--seed", str(args.seed), "--micro-batch", str(args.micro_batch),
+               "--trl-micro-batch", str(args.trl_micro_batch)] + (["--amp"] if args.amp else [])
         self.side = side
         self.log = open(Path(args.dir) / f"{side}.log", "w")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
@@ -367,13 +356,18 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=0, help="completion tokens (default 64 on CPU, 256 on CUDA)")
     ap.add_argument("--sides", default="ours,trl", help="comma list of sides to run")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (default on CUDA; on CPU only to test the path)")
-    ap.add_argument("--micro-batch", type=int, default=PROMPTS_PER_STEP * GROUP,
-                    help="ours: sequences per forward/backward in the update (TRL side: always all 64)")
+    ap.add_argument("--micro-batch", type=int, default=OURS_MICRO_BATCH,
+                    help="ours: sequences per forward/backward in the update (one optimizer step per GRPO step)")
+    ap.add_argument("--trl-micro-batch", type=int, default=PROMPTS_PER_STEP * GROUP,
+                    help="TRL: per_device_train_batch_size, with gradient accumulation up to 64 rows (one "
+                         "optimizer step, one generation of all 64); default all 64 in one batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--dir", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if (PROMPTS_PER_STEP * GROUP) % args.trl_micro_batch:
+        ap.error(f"--trl-micro-batch {args.trl_micro_batch} must divide {PROMPTS_PER_STEP * GROUP}")
     torch.set_num_threads(args.threads)
 
     if args.worker:
@@ -416,7 +410,7 @@ def main() -> int:
         w.p.wait(timeout=120)
 
     result = dict(config=args.config, device=args.device, amp=args.amp, tokens=args.tokens, threads=args.threads,
-                  ours_micro_batch=args.micro_batch,
+                  ours_micro_batch=args.micro_batch, trl_micro_batch=args.trl_micro_batch,
                   warm=args.warm, steps=args.steps, prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP,
                   torch=torch.__version__, model=info, sides={})
     for s in sides:

@@ -124,7 +124,13 @@ def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *,
 # ---------------------------------------------------------------------------------------------
 # Per-token log-probs and entropy (policy-gradient inputs)
 class _TokenLogprobs(torch.autograd.Function):
-    """(log softmax(z/τ)[t], H(softmax(z/τ))) per row with per-chunk recompute; see `token_logprobs`."""
+    """(log softmax(z/τ)[t], H(softmax(z/τ))) per row with per-chunk recompute; see `token_logprobs`.
+
+    Per chunk, forward does one head matmul and one fused row-wise log-softmax; backward one matmul
+    that recomputes z/τ − lse (the subtraction fused into the GEMM), one in-place exp and the two
+    gradient matmuls. τ is folded into the [C, D] side (h/τ), never a pass over [C, V]. When all rows
+    fit in one chunk (N ≤ chunk_size) forward keeps its [N, V] log-probs for backward instead: the
+    memory bound is one chunk either way, and backward skips the recompute matmul."""
 
     @staticmethod
     def forward(ctx, h_ND, weight_VD, targets_N, temperature, ignore_index, chunk_size, dtype):
@@ -135,44 +141,72 @@ class _TokenLogprobs(torch.autograd.Function):
         logp_N = torch.empty(n, dtype=acc, device=h_ND.device)
         entropy_N = torch.empty_like(logp_N)
         lse_N = torch.empty_like(logp_N)
+        kept_logp_NV = None
         with torch.autocast(h_ND.device.type, enabled=False):
             w_VD = weight_VD.to(dtype)
             for s in range(0, n, chunk_size):
                 e = s + chunk_size
-                scaled_CV = (h_ND[s:e].to(dtype) @ w_VD.T).to(acc) / temperature
-                lse_N[s:e] = torch.logsumexp(scaled_CV, dim=-1)
-                logp_CV = scaled_CV - lse_N[s:e, None]
-                entropy_N[s:e] = -(logp_CV.exp() * logp_CV).sum(-1)
-                logp_N[s:e] = logp_CV.gather(1, safe_N[s:e, None]).squeeze(1)
+                scaled_CV = ((h_ND[s:e] / temperature).to(dtype) @ w_VD.T).to(acc)
+                logp_CV = torch.log_softmax(scaled_CV, dim=-1)  # one fused row-wise pass
+                t_C1 = safe_N[s:e, None]
+                logp_N[s:e] = logp_CV.gather(1, t_C1).squeeze(1)
+                # lse = z_t/τ − log p_t, exact to a few ulp of |log p_t| (a sampled token is rarely far below 0)
+                lse_N[s:e] = scaled_CV.gather(1, t_C1).squeeze(1) - logp_N[s:e]
+                del scaled_CV
+                # H = −Σ_v p_v log p_v as one batched dot per row: [C, 1, V] @ [C, V, 1]
+                entropy_N[s:e] = -torch.bmm(logp_CV.exp()[:, None, :], logp_CV[:, :, None]).view(-1)
+                if n <= chunk_size and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+                    kept_logp_NV = logp_CV  # the single chunk: keep it, backward needs no recompute
         logp_N = torch.where(valid_N, logp_N, 0.0)
-        ctx.save_for_backward(h_ND, weight_VD, safe_N, valid_N, lse_N, entropy_N)
+        ctx.save_for_backward(h_ND, weight_VD, safe_N, valid_N, lse_N, entropy_N, kept_logp_NV)
         ctx.temperature, ctx.chunk_size, ctx.dtype = temperature, chunk_size, dtype
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skip its terms
         return logp_N, entropy_N
 
     @staticmethod
     def backward(ctx, grad_logp_N, grad_entropy_N):
-        h_ND, weight_VD, safe_N, valid_N, lse_N, entropy_N = ctx.saved_tensors
+        h_ND, weight_VD, safe_N, valid_N, lse_N, entropy_N, kept_logp_NV = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tau, dtype, chunk = ctx.temperature, ctx.dtype, ctx.chunk_size
         acc = torch.promote_types(dtype, torch.float32)
         grad_h_ND = torch.zeros_like(h_ND) if need_h else None
         grad_w_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device) if need_w else None
-        g_logp_N = torch.where(valid_N, grad_logp_N, 0.0)
+        if grad_logp_N is None and grad_entropy_N is None:
+            return None, None, None, None, None, None, None
+        zeros_N = torch.zeros_like(lse_N)
+        # With s = z/τ: ∂log p_t/∂s = onehot_t − p;  ∂H/∂s = −p (log p + H). The trailing 1/τ of ∂s/∂z
+        # is folded into the per-row factors.
+        g_logp_N = torch.where(valid_N, grad_logp_N, 0.0) / tau if grad_logp_N is not None else zeros_N
+        g_ent_N = grad_entropy_N / tau if grad_entropy_N is not None else None
         with torch.autocast(h_ND.device.type, enabled=False):
             w_VD = weight_VD.to(dtype)
             for s in range(0, h_ND.shape[0], chunk):
                 e = s + chunk
                 h_CD = h_ND[s:e].to(dtype)
-                logp_CV = (h_CD @ w_VD.T).to(acc) / tau - lse_N[s:e, None]
-                p_CV = logp_CV.exp()
-                # With s = z/τ: ∂log p_t/∂s = onehot_t − p;  ∂H/∂s = −p (log p + H).
-                g_CV = -p_CV * (g_logp_N[s:e, None] + grad_entropy_N[s:e, None] * (logp_CV + entropy_N[s:e, None]))
+                if kept_logp_NV is not None:  # the saved tensor is read, never written
+                    logp_CV = kept_logp_NV
+                    p_CV = logp_CV.exp()
+                else:
+                    if dtype == acc:  # log p = z/τ − lse, the subtraction fused into the GEMM (addmm's bias)
+                        logp_CV = torch.addmm(-lse_N[s:e, None], h_ND[s:e] / tau, w_VD.T)
+                    else:  # low-precision matmul: subtract the fp32 lse after the cast
+                        logp_CV = ((h_ND[s:e] / tau).to(dtype) @ w_VD.T).to(acc) - lse_N[s:e, None]
+                    p_CV = logp_CV.exp() if g_ent_N is not None else logp_CV.exp_()
+                if g_ent_N is None:
+                    g_CV = p_CV.mul_(-g_logp_N[s:e, None])  # −p · g
+                else:
+                    g_CV = p_CV.mul_((logp_CV + entropy_N[s:e, None]).mul_(g_ent_N[s:e, None])
+                                     .add_(g_logp_N[s:e, None])).neg_()
+                del logp_CV
                 g_CV.scatter_add_(1, safe_N[s:e, None], g_logp_N[s:e, None])
-                g_CV = (g_CV / tau).to(dtype)
+                g_CV = g_CV.to(dtype)
                 if need_h:
                     grad_h_ND[s:e] = g_CV @ w_VD
                 if need_w:
-                    grad_w_VD += (g_CV.T @ h_CD).to(acc)
+                    if acc == dtype:
+                        grad_w_VD.addmm_(g_CV.T, h_CD)  # accumulate in place, no [V, D] temporary
+                    else:
+                        grad_w_VD += (g_CV.T @ h_CD).to(acc)
         grad_w = grad_w_VD.to(weight_VD.dtype) if need_w else None
         return grad_h_ND, grad_w, None, None, None, None, None
 
@@ -186,7 +220,9 @@ def token_logprobs(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *, temper
         entropy_N[n] = − Σ_v p_n[v] log p_n[v]
 
     Both fp32 and differentiable w.r.t. h and W (analytic backward, chunk logits recomputed; only
-    [N]-sized statistics are kept between forward and backward). τ must equal the rollout
+    [N]-sized statistics are kept between forward and backward, except when all N rows fit in one
+    chunk: then forward's [N, V] log-probs are kept and backward skips the recompute matmul, at
+    no higher peak than one chunk). τ must equal the rollout
     temperature for the GRPO ratio to be π_θ/π_old of the sampled distribution (as TRL does).
     """
     _check_head_args(h_ND, weight_VD, targets_N, chunk_size)

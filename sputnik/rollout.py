@@ -27,6 +27,16 @@ class RolloutBatch:
         return RolloutBatch(self.input_ids_BT[rows], self.targets_BT[rows], self.completion_mask_BT[rows],
                             self.sampler_logp_BT[rows])
 
+    def trimmed(self) -> "RolloutBatch":
+        """The columns up to these rows' last completion target: the padding after it is never
+        attended to by a target position (causal), so dropping it changes no log-prob."""
+        has_target_T = (self.targets_BT != -100).any(0)
+        T = int(has_target_T.nonzero().max()) + 1 if has_target_T.any() else 1
+        if T == self.input_ids_BT.shape[1]:
+            return self
+        return RolloutBatch(*(t[:, :T] for t in (self.input_ids_BT, self.targets_BT, self.completion_mask_BT,
+                                                 self.sampler_logp_BT)))
+
 
 def build_rollout_batch(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],
                         pad_id: int) -> RolloutBatch:

@@ -152,3 +152,88 @@ def test_task_args_reach_the_tasks(policy_dir, tmp_path):
     with pytest.raises(ValueError, match="max_digits"):
         grpo.run(_cfg(policy_dir, tmp_path, steps=1, task_args=["max_digits=0"]))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The update's batching: completion-only head, sorted and trimmed micro-batches
+def _rollout(vocab=300, seed=0):
+    """A rollout batch with prompts and completions of different lengths (so rows carry padding)."""
+    from sputnik.rollout import build_rollout_batch
+
+    g = torch.Generator().manual_seed(seed)
+    lens = [(3, 9), (5, 2), (4, 6), (2, 1), (6, 7), (3, 4)]
+    prompts = [torch.randint(1, vocab, (p,), generator=g).tolist() for p, _ in lens]
+    comps = [torch.randint(1, vocab, (c,), generator=g).tolist() for _, c in lens]
+    return build_rollout_batch(prompts, comps, [[0.0] * len(c) for c in comps], pad_id=0)
+
+
+def test_policy_logprobs_equal_the_full_logits_at_completion_positions():
+    """Only completion positions go through the head (and a trimmed batch drops trailing padding):
+    same log-probs and entropies as log_softmax over the full [B, T, V] logits."""
+    from sputnik.rollout import policy_logprobs
+
+    torch.manual_seed(0)
+    model = build_model(tiny(**MICRO)).eval()
+    batch, vocab_limit, tau = _rollout(), 300, 0.7
+    with torch.no_grad():
+        logits_BTV = model(batch.input_ids_BT).logits[..., :vocab_limit] / tau
+        logp_all = torch.log_softmax(logits_BTV, -1)
+        mask_BT = batch.completion_mask_BT.bool()
+        ref_logp = torch.where(mask_BT, logp_all.gather(-1, batch.targets_BT.clamp(min=0)[..., None])[..., 0], 0.0)
+        ref_ent = torch.where(mask_BT, -(logp_all.exp() * logp_all).sum(-1), 0.0)
+        for rows in (slice(None), slice(1, 4)):
+            sub = batch.select(rows).trimmed()
+            logp, ent = policy_logprobs(model, sub, tau, vocab_limit=vocab_limit)
+            T = sub.input_ids_BT.shape[1]
+            torch.testing.assert_close(logp, ref_logp[rows, :T], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ent, ref_ent[rows, :T], atol=1e-5, rtol=1e-5)
+    sub = batch.select(slice(1, 4)).trimmed()  # rows (5, 2), (4, 6), (2, 1): targets end at column 9
+    assert sub.input_ids_BT.shape[1] == 9 < batch.input_ids_BT.shape[1]
+    assert sub.completion_mask_BT.sum() == batch.select(slice(1, 4)).completion_mask_BT.sum()
+
+
+def test_micro_batches_sort_by_length_and_keep_every_row():
+    batch = _rollout()
+    adv_B = torch.arange(6.0)
+    parts = grpo.micro_batches(batch, adv_B, 4)
+    assert [p.input_ids_BT.shape for p, _ in parts] == [(4, 12), (2, 6)]  # longest first, each trimmed
+    assert sorted(torch.cat([a for _, a in parts]).tolist()) == adv_B.tolist()
+    assert sum(float(p.completion_mask_BT.sum()) for p, _ in parts) == float(batch.completion_mask_BT.sum())
+
+
+class _CaptureGrads:
+    """An optimizer stand-in that records the gradients update() would step with."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.parametrize("variant", ["dapo", "grpo", "dr_grpo"])
+def test_update_gradient_does_not_depend_on_the_micro_batch(variant):
+    """Sorting rows by length, splitting them and trimming each micro-batch's padding is exact:
+    the gradient of one update equals the unsplit batch's, for every aggregation."""
+    from sputnik.common import DeviceChoice
+    from sputnik.optim import OptimConfig
+
+    torch.manual_seed(0)
+    model = build_model(tiny(**MICRO))
+    batch, adv_B = _rollout(), torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.4])
+    dc = DeviceChoice(torch.device("cpu"), torch.float32, "test")
+    grads, state = {}, {k: v.clone() for k, v in model.state_dict().items()}
+    for mb in (6, 4, 1):
+        model.load_state_dict(state)  # update() moves the routers' expert bias after its step
+        cfg = grpo.RLConfig(init="<test>", variant=variant, micro_batch=mb, max_new_tokens=9,
+                            optim=OptimConfig(lr=1e-4, grad_clip=0.0))
+        opt = _CaptureGrads(model)
+        grpo.update(model, None, opt, batch, adv_B, cfg, dc, grpo.aggregate_fn(cfg), vocab_limit=300)
+        grads[mb] = opt.grads
+    assert grads[6] and grads[6].keys() == grads[4].keys() == grads[1].keys()
+    for n, g in grads[6].items():
+        torch.testing.assert_close(grads[4][n], g, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-4)

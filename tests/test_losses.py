@@ -135,12 +135,44 @@ def test_token_logprobs_match_log_softmax_and_entropy(chunk_size, temperature):
     torch.testing.assert_close(_grads(logp.sum(), h)[0], _grads(ref_logp.sum(), h)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_token_logprobs_gradcheck():
+@pytest.mark.parametrize("chunk_size", [2, 8])  # 8 >= N: forward's log-probs kept for backward
+def test_token_logprobs_gradcheck(chunk_size):
     h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0, 3, -100, 1, 2])
-    fn = lambda h, w: token_logprobs(h, w, t, temperature=0.8, chunk_size=2)  # noqa: E731
+    fn = lambda h, w: token_logprobs(h, w, t, temperature=0.8, chunk_size=chunk_size)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (h, w))
+    # only the log-probs used (the entropy's gradient arrives as None), as in the GRPO update
+    assert torch.autograd.gradcheck(lambda h, w: fn(h, w)[0], (h, w))
+
+
+@pytest.mark.parametrize("chunk_size", [4, 64])
+def test_token_logprobs_under_bf16_autocast_match_bf16_logits(chunk_size):
+    """Under autocast the head matmul runs in bf16 but the softmax statistics stay fp32: the
+    gradients equal autograd through fp32 log_softmax of the same bf16 logits (an lse rounded to
+    bf16 in backward would be off by ~1%)."""
+    torch.manual_seed(0)
+    h, w = torch.randn(10, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    t, a = torch.randint(0, 40, (10,)), torch.randn(10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = token_logprobs(h, w, t, temperature=0.7, chunk_size=chunk_size)
+    logits = ((h / 0.7).bfloat16() @ w.bfloat16().T).float()
+    ref = F.log_softmax(logits, -1).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=1e-5)
+    for x, y in zip(_grads((a * logp).sum(), h, w), _grads((a * ref).sum(), h, w)):
+        torch.testing.assert_close(x, y, atol=2e-2, rtol=2e-2)  # bf16 gradient matmuls on our side
+
+
+def test_token_logprobs_backward_twice_with_kept_logprobs():
+    """retain_graph: the kept [N, V] log-probs must survive the first backward unchanged."""
+    h, w = _head()
+    t = torch.randint(0, 13, (10,))
+    logp, ent = token_logprobs(h, w, t, chunk_size=64)
+    loss = logp.sum() + ent.sum()
+    g1 = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (h, w))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

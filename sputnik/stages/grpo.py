@@ -70,7 +70,7 @@ class RLConfig:
     eps_high: float = knob(0.28, "clip range above 1 (DAPO clip-higher; = eps_low for plain GRPO)", min=0.0)
     beta: float = knob(0.0, "KL penalty weight to the frozen reference (0 = no reference model in memory)", min=0.0)
     inner_updates: int = knob(1, "μ: optimizer steps on each rollout batch", min=1)
-    micro_batch: int = knob(64, "sequences per forward/backward in the update", min=1)
+    micro_batch: int = knob(16, "sequences per forward/backward in the update (gradients accumulate)", min=1)
     dynamic_sampling: bool = knob(True, "DAPO: drop groups whose rewards are all equal (they carry no gradient)")
     overlong_cache: int = knob(0, "DAPO soft overlong punishment window in tokens (0 = off)", min=0)
     tis_cap: float = knob(0.0, "truncated importance sampling cap for sampler/trainer mismatch (0 = off)", min=0.0)
@@ -140,45 +140,54 @@ def score(cfg, tasks_by_name, examples, completions, custom):
     return rewards, verdicts
 
 
+def micro_batches(batch, adv_B, micro_batch: int):
+    """[(rows, their advantages)]: rows sorted by where their last completion token sits (longest
+    first), cut into groups of `micro_batch`, each trimmed to its own longest row, so padding costs
+    no forward/backward. Exact: every aggregation divides by whole-batch counts, so the split
+    changes only the order of summation, and trimming drops only columns after the last target."""
+    T = batch.targets_BT.shape[1]
+    end_B = ((batch.targets_BT != -100) * torch.arange(1, T + 1, device=batch.targets_BT.device)).amax(1)
+    order_B = torch.argsort(end_B, descending=True, stable=True)
+    return [(batch.select(rows).trimmed(), adv_B[rows]) for rows in order_B.split(micro_batch)]
+
+
 def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_limit=None):
     """μ optimizer steps on one rollout batch. Returns metrics of the last inner step.
     `vocab_limit`: the tokenizer's vocabulary size, the rows of the head the engine samples from."""
     B = batch.input_ids_BT.shape[0]
-    old_logp_BT, metrics = None, {}
+    num_tokens = batch.completion_mask_BT.sum()
+    token_level = VARIANTS[cfg.variant]["aggregate"] == "token"
+    agg = (lambda l, m: rl_losses.token_mean(l, m, num_tokens_global=num_tokens)) if token_level else aggregate
+    parts = micro_batches(batch, adv_B, cfg.micro_batch)
+    old_logps, metrics = [None] * len(parts), {}
     for inner in range(cfg.inner_updates):
-        num_tokens = batch.completion_mask_BT.sum()
         tot = dict(loss=0.0, clip_frac=0.0, kl=0.0, entropy=0.0, mismatch=0.0)
-        first_logps = []
-        for s in range(0, B, cfg.micro_batch):
-            mb = batch.select(slice(s, s + cfg.micro_batch))
+        for i, (mb, mb_adv_B) in enumerate(parts):
             mask_BT = mb.completion_mask_BT
             with autocast(dc):
                 logp_BT, ent_BT = policy_logprobs(model, mb, cfg.temperature, vocab_limit=vocab_limit)
-                old = logp_BT.detach() if old_logp_BT is None else old_logp_BT[s: s + cfg.micro_batch]
+                # π_old: the first inner step's own forward (ratios start at exactly 1, no extra pass)
+                old = logp_BT.detach() if old_logps[i] is None else old_logps[i]
                 ref = None
                 if ref_model is not None:
                     with torch.no_grad():
                         ref, _ = policy_logprobs(ref_model, mb, cfg.temperature, vocab_limit=vocab_limit)
                 is_w = rl_losses.truncated_importance_weights(old, mb.sampler_logp_BT, cfg.tis_cap) if cfg.tis_cap else None
-                agg = (lambda l, m: rl_losses.token_mean(l, m, num_tokens_global=num_tokens)) \
-                    if VARIANTS[cfg.variant]["aggregate"] == "token" else aggregate
-                loss, m = rl_losses.grpo_loss(logp_BT, old, adv_B[s: s + cfg.micro_batch], mask_BT,
-                                              eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
-                                              ref_logp_BT=ref, aggregate=agg, is_weights_BT=is_w)
-                if VARIANTS[cfg.variant]["aggregate"] != "token":
+                loss, m = rl_losses.grpo_loss(logp_BT, old, mb_adv_B, mask_BT, eps_low=cfg.eps_low,
+                                              eps_high=cfg.eps_high, beta=cfg.beta, ref_logp_BT=ref, aggregate=agg,
+                                              is_weights_BT=is_w)
+                if not token_level:
                     loss = loss * mask_BT.shape[0] / B  # per-micro-batch means -> a mean over the batch
             loss.backward()
-            if inner == 0:
-                first_logps.append(logp_BT.detach())
-                diff = (logp_BT.detach() - mb.sampler_logp_BT).abs() * mask_BT
-                tot["mismatch"] += float(diff.sum())
+            if old_logps[i] is None:
+                old_logps[i] = logp_BT.detach()
+                tot["mismatch"] += float(((logp_BT.detach() - mb.sampler_logp_BT).abs() * mask_BT).sum())
             w = float(mask_BT.sum()) / max(float(num_tokens), 1.0)
             tot["loss"] += float(loss.detach())
             tot["clip_frac"] += float(m["clip_frac"]) * w
             tot["kl"] += float(m.get("kl", 0.0)) * w  # only computed when β > 0
             tot["entropy"] += float((ent_BT.detach() * mask_BT).sum()) / max(float(num_tokens), 1.0)
-        if old_logp_BT is None:
-            old_logp_BT = torch.cat(first_logps, 0)
+        if inner == 0:
             metrics["logp_mismatch"] = tot["mismatch"] / max(float(num_tokens), 1.0)
         grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
         stepped = guarded_step(optimizer, tot["loss"], grad_norm)
