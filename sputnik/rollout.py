@@ -27,6 +27,13 @@ class RolloutBatch:
         return RolloutBatch(self.input_ids_BT[rows], self.targets_BT[rows], self.completion_mask_BT[rows],
                             self.sampler_logp_BT[rows])
 
+    def valid_BT(self) -> torch.Tensor:
+        """bool: the positions a row's log-probs need (prompt, and completion up to its last target);
+        the rest is right padding (not expert load: see count_load_where)."""
+        T = self.targets_BT.shape[1]
+        end_B = ((self.targets_BT != -100) * torch.arange(1, T + 1, device=self.targets_BT.device)).amax(1)
+        return torch.arange(T, device=end_B.device) < end_B[:, None]
+
     def trimmed(self) -> "RolloutBatch":
         """The columns up to these rows' last completion target: the padding after it is never
         attended to by a target position (causal), so dropping it changes no log-prob."""

@@ -24,6 +24,7 @@ from sputnik import distributed as dist_lib
 from sputnik.common import append_jsonl, autocast, pick_device, print0, seed_everything, set_threads
 from sputnik.config import build, knob, save_config
 from sputnik.model.config import ModelConfig
+from sputnik.model.moe import count_load_where
 from sputnik.model.output import ModelOutput
 from sputnik.optim import OptimConfig, build_optimizer
 from sputnik.progress import trim_metrics
@@ -403,7 +404,9 @@ def forward_backward(session: Session, micro_batches: list[tuple[torch.Tensor, t
     for i, (x_BT, y_BT) in enumerate(micro_batches):
         x_BT, y_BT = x_BT.to(session.device), y_BT.to(session.device)
         weight = n_local[i] / max(n_global, 1.0)
-        with dist_lib.maybe_no_sync(session.model, i == len(micro_batches) - 1), session.amp():
+        pad_id = getattr(session.tokenizer, "pad_id", None)  # SFT rows are right-padded with it
+        load_mask = count_load_where(session.raw, x_BT != pad_id) if pad_id is not None else contextlib.nullcontext()
+        with dist_lib.maybe_no_sync(session.model, i == len(micro_batches) - 1), session.amp(), load_mask:
             out = session.model(x_BT, y_BT)
         loss = out.loss * (weight * session.dist.world_size)
         if poison:

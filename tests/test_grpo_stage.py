@@ -192,6 +192,14 @@ def test_policy_logprobs_equal_the_full_logits_at_completion_positions():
     assert sub.completion_mask_BT.sum() == batch.select(slice(1, 4)).completion_mask_BT.sum()
 
 
+def test_valid_positions_end_at_each_rows_last_target():
+    """valid_BT (what counts as expert load): prompt + completion up to the last target, per row."""
+    batch = _rollout()
+    lens = [(3, 9), (5, 2), (4, 6), (2, 1), (6, 7), (3, 4)]
+    assert batch.valid_BT().sum(1).tolist() == [p + c - 1 for p, c in lens]
+    assert batch.valid_BT()[:, 0].all() and not batch.valid_BT()[3, 2:].any()
+
+
 def test_micro_batches_sort_by_length_and_keep_every_row():
     batch = _rollout()
     adv_B = torch.arange(6.0)

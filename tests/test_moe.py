@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 
 from sputnik.model.config import tiny
-from sputnik.model.moe import MoE, Router, expert_bias_delta, grouped_mm_supported, seq_balance_loss
+from sputnik.model.moe import (MoE, Router, count_load_where, expert_bias_delta, grouped_mm_supported,
+                               seq_balance_loss)
 
 HF_MOE = dict(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, n_group=4, topk_group=2,
               num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)
@@ -237,6 +238,54 @@ def test_seq_balance_loss_hand_computed():
     assert seq_balance_loss(scores, idx, 0.1).item() == pytest.approx(0.165, rel=1e-6)
     uniform = torch.full((1, 4, 4), 0.3)
     assert seq_balance_loss(uniform, torch.tensor([[[0], [1], [2], [3]]]), 0.5).item() == pytest.approx(0.5)
+
+
+def test_seq_balance_loss_ignores_padding():
+    """A right-padded row with a mask gives the loss of the row alone (its T = the real length)."""
+    torch.manual_seed(0)
+    scores = torch.rand(2, 5, 4)
+    idx = torch.randint(0, 4, (2, 5, 2))
+    valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    alone = [seq_balance_loss(scores[:1], idx[:1], 0.1), seq_balance_loss(scores[1:, :3], idx[1:, :3], 0.1)]
+    masked = seq_balance_loss(scores, idx, 0.1, valid)
+    assert masked.item() == pytest.approx(((alone[0] + alone[1]) / 2).item(), rel=1e-6)
+    assert seq_balance_loss(scores, idx, 0.1, torch.ones(2, 5, dtype=torch.bool)).item() == pytest.approx(
+        seq_balance_loss(scores, idx, 0.1).item(), rel=1e-6)
+    assert masked.item() != pytest.approx(seq_balance_loss(scores, idx, 0.1).item(), rel=1e-3)
+
+
+def test_padding_is_not_expert_load():
+    """Under count_load_where a right-padded batch counts exactly the load of its rows run alone, in
+    the main layers and in the MTP block (which sees the last T − 1 columns of the mask)."""
+    from sputnik.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny(vocab_size=64, hidden_size=32, num_hidden_layers=2, moe_intermediate_size=16,
+                             n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=2, q_lora_rank=16,
+                             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                             intermediate_size=64)).train()
+    layers = model.moe_layers()
+    assert len(layers) == 2  # layer 1 and the MTP block
+    rows = [torch.randint(2, 64, (9,)), torch.randint(2, 64, (5,))]
+
+    def load_of(ids_BT, valid_BT=None):
+        for m in layers.values():
+            m.last_load = torch.zeros(8)
+        if valid_BT is None:
+            model(ids_BT, ids_BT)
+        else:
+            with count_load_where(model, valid_BT):
+                model(ids_BT, ids_BT)
+        return {k: m.last_load.clone() for k, m in layers.items()}
+
+    alone = [load_of(r[None]) for r in rows]
+    padded = torch.zeros(2, 9, dtype=torch.long)  # pad id 0
+    padded[0], padded[1, :5] = rows[0], rows[1]
+    masked = load_of(padded, padded != 0)
+    for k in layers:
+        assert torch.equal(masked[k], alone[0][k] + alone[1][k]), k
+        assert masked[k].sum() < load_of(padded)[k].sum()  # unmasked, the 4 pads (3 at MTP depth 1) count
+    assert all(m.load_mask_BT is None for m in layers.values())  # the context restores the default
 
 
 def test_moe_aux_loss_value_and_gradient_only_through_router():

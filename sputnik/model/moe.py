@@ -11,6 +11,7 @@ chosen expert) pair), M tokens of one expert, O/F output/input width of a groupe
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -32,22 +33,42 @@ def expert_bias_delta(load_E: torch.Tensor, gamma: float) -> torch.Tensor:
     return gamma * torch.sign(load_E.float().mean() - load_E.float())
 
 
-def seq_balance_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
+def seq_balance_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha: float,
+                     valid_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Complementary sequence-wise balance loss (V3 eqs. 17-20), for each sequence of T tokens:
         f_i = E / (K·T) · Σ_t 1[i ∈ selected(t)]          (a constant: no gradient)
         s'_{i,t} = s_{i,t} / Σ_j s_{j,t}                  (sigmoid scores renormalised over all E)
         P_i = (1/T) Σ_t s'_{i,t}
         L = α · Σ_i f_i · P_i,   then the mean over the B sequences.
     Uniform routing gives f_i = 1, P_i = 1/E, L = α. The indicator uses the actual (biased,
-    group-limited) selection, not eq. 18's unbiased top-K: it is the load the experts really get."""
+    group-limited) selection, not eq. 18's unbiased top-K: it is the load the experts really get.
+    valid_BT (bool): the sequence's real tokens (right padding excluded); T is then each row's count."""
     B, T, E = scores_BTE.shape
     K = topk_idx_BTK.shape[-1]
+    m_BT = (torch.ones(B, T, device=scores_BTE.device, dtype=scores_BTE.dtype) if valid_BT is None
+            else valid_BT.to(scores_BTE.dtype))
+    len_B1 = m_BT.sum(1, keepdim=True).clamp(min=1)
     idx_BS = topk_idx_BTK.reshape(B, T * K)
     hits_BE = torch.zeros(B, E, device=scores_BTE.device, dtype=scores_BTE.dtype)
-    hits_BE.scatter_add_(1, idx_BS, torch.ones_like(idx_BS, dtype=scores_BTE.dtype))
-    f_BE = hits_BE * (E / (K * T))
-    p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
+    hits_BE.scatter_add_(1, idx_BS, m_BT.repeat_interleave(K, dim=1))
+    f_BE = hits_BE * (E / K) / len_B1
+    p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True) * m_BT[..., None]).sum(1) / len_B1
     return alpha * (f_BE * p_BE).sum(-1).mean()
+
+
+@contextlib.contextmanager
+def count_load_where(model: nn.Module, valid_BT: torch.Tensor):
+    """Inside: training forwards of `model` count expert load (for the aux-loss-free bias update and
+    the sequence-wise loss) only at valid_BT positions, the real tokens of a right-padded batch (SFT,
+    RL, distillation): padding is not load and must not steer the bias. No-op without MoE layers."""
+    layers = list(getattr(model, "moe_layers", dict)().values())
+    for m in layers:
+        m.load_mask_BT = valid_BT
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.load_mask_BT = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +418,7 @@ class MoE(nn.Module):
         # overwrite each rank's own counts before update_bias all-reduces them.
         self.last_load = torch.zeros(config.n_routed_experts)
         self.last_aux_loss: torch.Tensor | None = None
+        self.load_mask_BT: torch.Tensor | None = None  # real tokens of a padded batch (count_load_where)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -411,14 +433,27 @@ class MoE(nn.Module):
         counts_E.scatter_add_(0, flat_S, torch.ones_like(flat_S))
         self.last_aux_loss = None
         if self.training:  # eval / generation must not move the bias
-            self.last_load = self.last_load.to(counts_E.device) + counts_E.float()
+            valid_BT = self._valid(B, T)
+            load_E = counts_E.float()
+            if valid_BT is not None:
+                load_E = torch.zeros(self.num_experts, device=x_BTD.device).scatter_add_(
+                    0, flat_S, valid_BT.reshape(-1).float().repeat_interleave(self.top_k))
+            self.last_load = self.last_load.to(counts_E.device) + load_E
             if self.seq_aux_loss_alpha > 0:
                 self.last_aux_loss = seq_balance_loss(scores_NE.view(B, T, -1), topk_idx_NK.view(B, T, -1),
-                                                      self.seq_aux_loss_alpha)
+                                                      self.seq_aux_loss_alpha, valid_BT)
         y_ND = self.experts(x_ND, topk_idx_NK, topk_weight_NK, counts_E)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         return y_ND.view(B, T, D)
+
+    def _valid(self, B: int, T: int) -> torch.Tensor | None:
+        """The load mask for this forward's [B, T] tokens. An MTP block of depth k runs on the first
+        T − k positions, and its position i stands for token i + k: its mask is the last T columns."""
+        mask = self.load_mask_BT
+        if mask is None or mask.shape[0] != B or mask.shape[1] < T:
+            return None
+        return mask[:, mask.shape[1] - T:].to(torch.bool)
 
     @torch.no_grad()
     def update_bias(self, gamma: float | None = None) -> torch.Tensor:

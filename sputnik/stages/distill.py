@@ -31,6 +31,7 @@ from sputnik.config import add_config_args, config_from_args, knob, save_config
 from sputnik.engine import Engine, SamplingParams
 from sputnik.evaluate import greedy_accuracy
 from sputnik.model.config import ModelConfig
+from sputnik.model.moe import count_load_where
 from sputnik.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
 
 
@@ -199,7 +200,8 @@ def _logit_kd(cfg: DistillConfig, teacher, student, tokenizer, traces: list[dict
             pairs = [(r["prompt"], r["completion"]) for r in rows]
         ids_BT, mask_BT = batch_from_pairs(tokenizer, pairs, cfg.max_len, dc.device)
         set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.optim))
-        loss = kd_step_loss(student, teacher, ids_BT, mask_BT, cfg, dc)
+        with count_load_where(student, ids_BT != tokenizer.pad_id):  # padding is not expert load
+            loss = kd_step_loss(student, teacher, ids_BT, mask_BT, cfg, dc)
         loss.backward()
         grad_norm = clip_grad_norm(student, cfg.optim.grad_clip)
         if guarded_step(optimizer, float(loss), grad_norm):

@@ -29,6 +29,7 @@ from sputnik import rl_losses
 from sputnik.common import append_jsonl, autocast, pick_device, print0, seed_everything, set_threads
 from sputnik.config import add_config_args, config_from_args, knob, save_config
 from sputnik.engine import Engine, SamplingParams
+from sputnik.model.moe import count_load_where
 from sputnik.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
 from sputnik.progress import trim_metrics
 from sputnik.rewards import IsolatedReward, RewardWeights, verifier_rewards
@@ -165,7 +166,8 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_
         for i, (mb, mb_adv_B) in enumerate(parts):
             mask_BT = mb.completion_mask_BT
             with autocast(dc):
-                logp_BT, ent_BT = policy_logprobs(model, mb, cfg.temperature, vocab_limit=vocab_limit)
+                with count_load_where(model, mb.valid_BT()):  # padding is not expert load
+                    logp_BT, ent_BT = policy_logprobs(model, mb, cfg.temperature, vocab_limit=vocab_limit)
                 # π_old: the first inner step's own forward (ratios start at exactly 1, no extra pass)
                 old = logp_BT.detach() if old_logps[i] is None else old_logps[i]
                 ref = None
