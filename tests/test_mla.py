@@ -161,3 +161,19 @@ def test_cache_select_forks_rows_and_overflow_raises():
     assert cache.kv_BSX[1][1].eq(7).all()  # a copy, not a view
     with pytest.raises(ValueError, match="cache overflow"):
         cache.prepare(torch.tensor([2, 3]), 2)
+
+
+def test_rms_norm_rows_equals_the_module():
+    """The decode path's norm gives RMSNorm.forward's values (fp32 fast path; bf16 via the module)."""
+    from sputnik.model.layers import RMSNorm
+    from sputnik.model.mla import rms_norm_rows
+
+    torch.manual_seed(0)
+    for shape in [(1, 256), (32, 256), (3, 5, 64)]:
+        norm = RMSNorm(shape[-1], eps=1e-5)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(shape) * 3
+        torch.testing.assert_close(rms_norm_rows(x, norm), norm(x), atol=1e-6, rtol=1e-6)
+    xb = torch.randn(4, 64, dtype=torch.bfloat16)
+    assert torch.equal(rms_norm_rows(xb, norm), norm(xb))
