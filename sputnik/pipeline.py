@@ -5,7 +5,8 @@
               -> report card (markdown + plots) built from the ledger
 
 Each stage writes `<project>/<stage>/DONE.json` (atomically) when it finishes; a rerun skips
-finished stages unless `--force STAGE,...`, and a killed run continues from the stage it reached,
+finished stages unless `--force STAGE,...` (which reruns that stage and the ones after it from
+scratch, the old output moved aside), and a killed run continues from the stage it reached,
 from that stage's last checkpoint (every stage runs with resume=auto). Every stage records itself
 in `<project>/ledger.jsonl`; the final evaluation names the runs that produced the student as its
 parents, so the ledger separates the final model's cost from everything spent.
@@ -39,7 +40,8 @@ class SpeedrunConfig:
     project: str = knob("runs/speedrun", "project directory: one sub-directory per stage, ledger.jsonl, report/")
     preset: Literal["cpu", "gpu", "gpus"] = knob("cpu", "cpu (laptop, ≤ 20 min), gpu (one GPU), gpus (several GPUs: run pretrain/sft under torchrun first)")
     tasks: list[str] = knob(default_factory=lambda: list(SPEEDRUN_TASKS), help="tasks for SFT, RL and distillation")
-    force: list[str] = knob(default_factory=list, help=f"stages to rerun even if done ({', '.join(STAGES)}; 'all')")
+    force: list[str] = knob(default_factory=list, help=f"stages to rerun from scratch, with every stage after them "
+                                   f"({', '.join(STAGES)}; 'all')")
     scale: float = knob(1.0, "multiply every stage's step count (0.1 = a quick smoke run)", min=0.01, max=100.0)
     seed: int = knob(0, "seed of every stage")
     device: str = knob("auto", "auto, cpu, cuda or mps")
@@ -95,9 +97,11 @@ def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
                     batch_size=16 if not gpu else 64, max_steps=s(1000), eval_every=s(500), eval_examples=100,
                     checkpoint_every=s(500), log_every=50, max_new_tokens=120, optim=dict(lr=2e-3, warmup_steps=10)),
         "rl": dict(common, init=str(p / "sft" / "model"), out_dir=str(p / "rl"), ledger_dir=str(p), tasks=list(cfg.tasks),
-                   steps=s(30), prompts_per_step=8, group_size=8, max_new_tokens=120, eval_every=s(10),
+                   # 64 prompts a step: at 8, 40-100% of the groups had all-equal rewards and RL gained
+                   # +5 / +0 points (seeds 0 / 1); at 64, +8 / +4 in the same 30 steps (LOG.md, 2026-12-02)
+                   steps=s(30), prompts_per_step=64, group_size=8, max_new_tokens=120, eval_every=s(10),
                    eval_examples=100, checkpoint_every=s(10), resume="auto",
-                   optim=dict(lr=5e-5, warmup_steps=0, schedule="constant", weight_decay=0.0)),
+                   optim=dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0)),
         "distill": dict(common, teacher=str(p / "rl" / "model"), out_dir=str(p / "distill"), ledger_dir=str(p),
                         student=_student_model(cfg.preset), tasks=list(cfg.tasks), num_prompts=s(4000),
                         samples_per_prompt=2, max_new_tokens=120, steps=s(3500), batch_size=16, max_len=192,
@@ -108,6 +112,29 @@ def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------
 def _done_path(project: Path, stage: str) -> Path:
     return project / stage / "DONE.json"
+
+
+def rerun_from(force: set[str]) -> list[str]:
+    """The stages a --force reruns: the forced ones and every stage after the first of them, since
+    each stage consumes the output of the one before (a new RL model needs new distillation)."""
+    hits = [i for i, s in enumerate(STAGES) if s in force and s != "report"]
+    return [s for s in STAGES[min(hits):] if s != "report"] if hits else []
+
+
+def set_aside(project: Path, stage: str) -> Path | None:
+    """Move a stage's old output to `<stage>.superseded-<n>` before it reruns. Kept, not deleted
+    (its ledger records still point at it); moved, because every stage resumes from the last
+    checkpoint in its directory and would otherwise continue the old run instead of starting anew."""
+    src = project / stage
+    if not src.exists():
+        return None
+    n = 1
+    while (project / f"{stage}.superseded-{n}").exists():
+        n += 1
+    dst = project / f"{stage}.superseded-{n}"
+    src.rename(dst)
+    print0(f"speedrun: --force {stage}: its previous output moved to {dst}")
+    return dst
 
 
 def _run_ids(project: Path, command: str, out_dir: str) -> list[str]:
@@ -149,12 +176,15 @@ def run(cfg: SpeedrunConfig) -> dict:
     }
     # Validate every stage's settings before any work: a typo fails now, not after 10 minutes.
     configs = {name: build(cls, settings[name]) for name, (cls, _) in stages.items()}
+    for name in rerun_from(force):
+        if is_rank0():
+            set_aside(project, name)
     results, t0 = {}, time.time()
     for name, (_, fn) in stages.items():
         done = _done_path(project, name)
         if done.is_file() and name not in force:
             results[name] = json.loads(done.read_text())
-            print0(f"speedrun: {name} already done ({done}); --force {name} reruns it")
+            print0(f"speedrun: {name} already done ({done}); --force {name} reruns it and the stages after it")
             continue
         print0(f"\n=== speedrun stage: {name} ({time.time() - t0:.0f}s elapsed) ===")
         if name == "distill":  # the final model: its evaluation run names the whole lineage as parents
