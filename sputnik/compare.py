@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sputnik.common import atomic_write_json, atomic_write_text, print0
+from sputnik.common import atomic_write_json, atomic_write_text, is_rank0, print0
 from sputnik.config import add_config_args, build, config_from_args, knob, save_config
 
 RECIPES = ["dense-sft", "moe-sft", "moe-sft-grpo", "distilled"]
@@ -270,16 +270,21 @@ def run(cfg: CompareConfig) -> dict:
     force = set(COMPARE_STAGES) if "all" in cfg.force else set(cfg.force)
     classes = {"dense_pretrain": (pretrain.Config, pretrain.run), "dense_sft": (sft.Config, sft.run),
                "moe_sft": (sft.Config, sft.run)}
+    if "dense_pretrain" in force:
+        force.add("dense_sft")  # it fine-tunes that base
     for name in COMPARE_STAGES:
         done = project / name / "DONE.json"
-        if done.is_file() and name not in force:
+        stale = name != "dense_pretrain" and _budget_changed(done, budget)
+        if done.is_file() and name not in force and not stale:
             print0(f"compare: {name} already done ({done}); --force {name} reruns it")
             continue
+        if is_rank0() and (name in force or stale):  # from scratch: never resume the old run's checkpoints
+            pipeline.set_aside(project, name, why="compare: the budget changed" if stale else f"compare --force {name}")
         spent["dense_pretrain"] = stage_curve(project / "dense_pretrain", ledger.load(project))
         settings = compare_settings(cfg, speedrun, budget, spent)
         cls, fn = classes[name]
         print0(f"\n=== compare stage: {name} ===")
-        atomic_write_json(done, fn(build(cls, settings[name])))
+        atomic_write_json(done, {**fn(build(cls, settings[name])), "budget_flops": budget})
     curves = recipe_curves(project, speedrun)
     summary = summarize(curves, cfg.target_accuracy, budget)
     out = project / "compare"
@@ -291,6 +296,15 @@ def run(cfg: CompareConfig) -> dict:
     print0("\n" + markdown(summary))
     print0(f"compare: {out / 'compare.md'}")
     return summary
+
+
+def _budget_changed(done: Path, budget: float) -> bool:
+    """A budgeted run finished for another budget B (the speedrun's RL or SFT was rerun since):
+    its accuracy-at-B would compare unequal compute."""
+    if not done.is_file():
+        return False
+    was = json.loads(done.read_text()).get("budget_flops")
+    return isinstance(was, (int, float)) and abs(was - budget) > 0.01 * budget
 
 
 def register(sub) -> None:

@@ -121,7 +121,7 @@ def rerun_from(force: set[str]) -> list[str]:
     return [s for s in STAGES[min(hits):] if s != "report"] if hits else []
 
 
-def set_aside(project: Path, stage: str) -> Path | None:
+def set_aside(project: Path, stage: str, why: str = "--force") -> Path | None:
     """Move a stage's old output to `<stage>.superseded-<n>` before it reruns. Kept, not deleted
     (its ledger records still point at it); moved, because every stage resumes from the last
     checkpoint in its directory and would otherwise continue the old run instead of starting anew."""
@@ -133,7 +133,7 @@ def set_aside(project: Path, stage: str) -> Path | None:
         n += 1
     dst = project / f"{stage}.superseded-{n}"
     src.rename(dst)
-    print0(f"speedrun: --force {stage}: its previous output moved to {dst}")
+    print0(f"{why}: {stage}'s previous output moved to {dst}")
     return dst
 
 
@@ -178,7 +178,7 @@ def run(cfg: SpeedrunConfig) -> dict:
     configs = {name: build(cls, settings[name]) for name, (cls, _) in stages.items()}
     for name in rerun_from(force):
         if is_rank0():
-            set_aside(project, name)
+            set_aside(project, name, why=f"speedrun --force {name}")
     results, t0 = {}, time.time()
     for name, (_, fn) in stages.items():
         done = _done_path(project, name)

@@ -108,3 +108,16 @@ def test_compare_end_to_end_small(tmp_path, monkeypatch):
     compare.run(cfg)
     cmds2 = [r["command"] for r in ledger.load(tmp_path / "p")]
     assert not [c for c in cmds2[n:] if c.startswith("compare:")]
+
+
+def test_a_budgeted_run_for_another_budget_is_stale(tmp_path):
+    """After the speedrun's RL is rerun the budget B moves; a dense/MoE SFT run trained to the old
+    B must rerun (accuracy at unequal compute is no comparison). Runs recorded without a budget
+    (older projects) are kept."""
+    done = tmp_path / "DONE.json"
+    assert not compare._budget_changed(done, 1e13)  # not run yet: nothing stale
+    done.write_text(json.dumps({"accuracy": 0.9, "budget_flops": 2.0e13}))
+    assert not compare._budget_changed(done, 2.01e13)  # within 1%
+    assert compare._budget_changed(done, 2.66e13)
+    done.write_text(json.dumps({"accuracy": 0.9}))
+    assert not compare._budget_changed(done, 2.66e13)
