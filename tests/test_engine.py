@@ -210,6 +210,41 @@ def test_moe_few_tokens_equals_training_path(kw):
             torch.testing.assert_close(moe(x_1ND), ref, atol=1e-5, rtol=1e-5)  # no_grad dispatch
 
 
+def test_padded_experts_equal_the_grouped_path(monkeypatch):
+    """The CPU multi-thread decode path for >= 16 tokens (experts padded to a common capacity, two
+    bmm's) == the grouped sum, both when it is taken and for routing too skewed for it."""
+    from sputnik.model import moe as moe_lib
+
+    taken = []
+    padded_fn = moe_lib.routed_experts_padded
+    monkeypatch.setattr(moe_lib, "routed_experts_padded", lambda *a: taken.append(a[-1]) or padded_fn(*a))
+    model = _v3(n_routed_experts=16)
+    moe = next(m for m in model.modules() if isinstance(m, moe_lib.MoE))
+    w = moe_lib.moe_decode_weights(moe)
+    E, K = moe.num_experts, moe.top_k
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for n, skew in ((16, False), (40, False), (40, True)):
+            x_ND = torch.randn(n, model.config.hidden_size)
+            idx_NK = torch.stack([torch.randperm(E)[:K] for _ in range(n)])
+            if skew:  # every token picks experts 0 and 1: capacity n, E·n = 16n > 4·n·K -> grouped path
+                idx_NK = torch.tensor([[0, 1]] * n)
+            weight_NK = torch.rand(n, K)
+            counts_E = torch.bincount(idx_NK.flatten(), minlength=E)
+            ref = moe_lib.routed_experts_grouped(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"].transpose(1, 2),
+                                                 w["down_EID"].transpose(1, 2), counts_E)
+            got = moe_lib._routed_rows(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"], w["down_EID"])
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            assert len(taken) == (0 if skew else 1)
+            taken.clear()
+            padded = padded_fn(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"], w["down_EID"],
+                                                   counts_E, int(counts_E.max()))
+            torch.testing.assert_close(padded, ref, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cached_weights_follow_optimizer_updates():
     """Derived decode weights are rebuilt after an in-place update (an optimizer step between RL
     rollouts): forward_cached keeps matching the full forward."""

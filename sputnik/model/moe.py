@@ -370,6 +370,11 @@ def _routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch
     if N > FEW_TOKENS:
         counts_E = torch.zeros(gate_up_ED2I.shape[0], dtype=torch.int64, device=x_ND.device)
         counts_E.scatter_add_(0, topk_idx_NK.flatten(), torch.ones_like(topk_idx_NK.flatten()))
+        if x_ND.device.type == "cpu" and torch.get_num_threads() > 1 and N >= PADDED_MIN_TOKENS:
+            capacity = int(counts_E.max())
+            if gate_up_ED2I.shape[0] * capacity <= PADDED_MAX_WASTE * N * K:
+                return routed_experts_padded(x_ND, topk_idx_NK, weight_NK, gate_up_ED2I, down_EID, counts_E,
+                                             capacity).to(acc_dtype)
         return routed_experts_grouped(x_ND, topk_idx_NK, weight_NK, gate_up_ED2I.transpose(1, 2),
                                       down_EID.transpose(1, 2), counts_E).to(acc_dtype)
     y_ND = torch.zeros(x_ND.shape, dtype=acc_dtype, device=x_ND.device)
@@ -379,6 +384,36 @@ def _routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch
             gate_1I, up_1I = torch.mm(x_1D, gate_up_ED2I[e]).chunk(2, dim=-1)
             y_ND[n: n + 1] += torch.mm(F.silu(gate_1I) * (up_1I * weight_NK[n: n + 1, k: k + 1]), down_EID[e])
     return y_ND
+
+
+# Padded experts (CPU, inference, several threads): torch._grouped_mm on CPU runs one small matmul per
+# expert on the calling threads, and at ~4 rows an expert it gets slower with 2 threads than with 1
+# (1.38 vs 1.20 ms at 32 tokens, tiny). One bmm over [E, capacity, D] splits across the threads:
+# 0.66 ms at 32 tokens, 1.03 vs 2.25 at 64, same values (2e-8); at 1 thread it loses below 64 tokens
+# (LOG.md, 2026-12-02). Routing so skewed that padding would multiply the work by more than
+# PADDED_MAX_WASTE keeps the grouped path.
+PADDED_MIN_TOKENS = 16
+PADDED_MAX_WASTE = 4
+
+
+def routed_experts_padded(x_ND, topk_idx_NK, weight_NK, gate_up_ED2I, down_EID, counts_E, capacity: int):
+    """Σ_k w_{n,k} FFN_{idx_{n,k}}(x_n) with every expert's rows padded to `capacity` (zeros, weight
+    0): two batched matmuls over [E, capacity, ·] instead of a grouped GEMM. Inference only."""
+    N, K = topk_idx_NK.shape
+    E, D = gate_up_ED2I.shape[0], x_ND.shape[1]
+    flat_S = topk_idx_NK.flatten()
+    slot_S = torch.argsort(flat_S, stable=True)  # slots grouped by expert
+    expert_S = flat_S.index_select(0, slot_S)
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    row_S = expert_S * capacity + (torch.arange(N * K, device=x_ND.device) - start_E.index_select(0, expert_S))
+    x_PD = x_ND.new_zeros(E * capacity, D).index_copy_(0, row_S, x_ND.index_select(0, slot_S // K))
+    w_P1 = weight_NK.new_zeros(E * capacity, 1).index_copy_(
+        0, row_S, weight_NK.flatten().index_select(0, slot_S).unsqueeze(-1))
+    gate_ECI, up_ECI = torch.bmm(x_PD.view(E, capacity, D), gate_up_ED2I).chunk(2, dim=-1)
+    hidden_ECI = F.silu(gate_ECI) * (up_ECI * w_P1.view(E, capacity, 1))  # weighted as the grouped path
+    out_PD = torch.bmm(hidden_ECI, down_EID).view(E * capacity, -1)
+    y_SD = out_PD.new_empty(N * K, out_PD.shape[1]).index_copy_(0, slot_S, out_PD.index_select(0, row_S))
+    return y_SD.view(N, K, -1).sum(1)
 
 
 # The same function as an op opaque to torch.compile (compiled decode steps). Eager callers use the
