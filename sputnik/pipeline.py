@@ -121,7 +121,7 @@ def rerun_from(force: set[str]) -> list[str]:
     return [s for s in STAGES[min(hits):] if s != "report"] if hits else []
 
 
-def set_aside(project: Path, stage: str, why: str = "--force") -> Path | None:
+def set_aside(project: Path, stage: str, why: str) -> Path | None:
     """Move a stage's old output to `<stage>.superseded-<n>` before it reruns. Kept, not deleted
     (its ledger records still point at it); moved, because every stage resumes from the last
     checkpoint in its directory and would otherwise continue the old run instead of starting anew."""
@@ -176,13 +176,13 @@ def run(cfg: SpeedrunConfig) -> dict:
     }
     # Validate every stage's settings before any work: a typo fails now, not after 10 minutes.
     configs = {name: build(cls, settings[name]) for name, (cls, _) in stages.items()}
-    for name in rerun_from(force):
-        if is_rank0():
-            set_aside(project, name, why=f"speedrun --force {name}")
+    rerun = rerun_from(force)
+    for name in rerun:  # from scratch: never resume the old run's checkpoints
+        set_aside(project, name, why=f"speedrun --force {','.join(sorted(force))}")
     results, t0 = {}, time.time()
     for name, (_, fn) in stages.items():
         done = _done_path(project, name)
-        if done.is_file() and name not in force:
+        if done.is_file() and name not in rerun:
             results[name] = json.loads(done.read_text())
             print0(f"speedrun: {name} already done ({done}); --force {name} reruns it and the stages after it")
             continue
