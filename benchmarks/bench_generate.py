@@ -5,7 +5,12 @@ MTP self-speculative decoding at batch 1.
     .venv/bin/python benchmarks/bench_generate.py [--threads 2] [--repeats 3] [--batches 1,32]
         [--checkpoint DIR] [--profile] [--out bench_generate.json] [--device cpu|cuda]
 
-Workload (the model issue's): the tiny preset (vocab 4096, hidden 256, 4 layers, first dense, 16
+On CUDA (--device cuda) the defaults switch to the GPU workload of the inference issue: the small
+preset in bf16, 128-token prompts, 256 new tokens, batches 1 and 64, our engine with CUDA graphs (a
+kept Engine: captured once per batch bucket, then replayed), and transformers both by default and with
+its static-cache fast path (`cache_implementation="static"`).
+
+CPU workload (the model issue's): the tiny preset (vocab 4096, hidden 256, 4 layers, first dense, 16
 experts top-2 + 1 shared, MLA q_lora 128 / kv_lora 64), fp32 on CPU, 32-token random prompts, 128
 new tokens, sampling at temperature 1 without top-k/top-p (HF: do_sample, top_k=0,
 min_new_tokens = max_new_tokens so every row is exactly as long as ours). Ours and HF alternate
@@ -27,7 +32,9 @@ import torch
 from sputnik.common import atomic_write_text
 from sputnik.engine import Engine, SamplingParams
 from sputnik.model import build_model
-from sputnik.model.config import tiny
+from sputnik.model.config import PRESETS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 from sputnik.model.hf import load_hf, save_hf
 from sputnik.speculative import speculative_generate
 
@@ -35,19 +42,20 @@ from sputnik.speculative import speculative_generate
 # ---------------------------------------------------------------------------------------------
 # Models
 def load_models(args):
+    dtype = DTYPES[args.dtype]
     if args.checkpoint:
         ours = load_hf(args.checkpoint)
         path = args.checkpoint
     else:
         torch.manual_seed(0)
-        ours = build_model(tiny())
+        ours = build_model(PRESETS[args.config]())
         path = tempfile.mkdtemp(prefix="bench_generate_")
         save_hf(ours, path)
     from transformers import DeepseekV3ForCausalLM
 
-    hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype)
     dev = torch.device(args.device)
-    return ours.to(dev).eval(), hf.to(dev).eval()
+    return ours.to(dev, dtype).eval(), hf.to(dev).eval()
 
 
 def sync(dev):
@@ -57,8 +65,9 @@ def sync(dev):
 
 # ---------------------------------------------------------------------------------------------
 # Timed runs
-def run_ours(model, prompts_BT, new_tokens, seed, compile=False) -> float:
-    eng = Engine(model, compile=compile)
+def run_ours(eng, prompts_BT, new_tokens, seed) -> float:
+    """One generate() on a kept Engine (as RL and eval keep theirs: CUDA graphs, once captured, and
+    the compiled step are reused across calls)."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=seed)
     t0 = time.perf_counter()
     out = eng.generate(prompts_BT.tolist(), params)
@@ -69,11 +78,15 @@ def run_ours(model, prompts_BT, new_tokens, seed, compile=False) -> float:
 
 
 @torch.no_grad()
-def run_hf(hf, prompts_BT, new_tokens, seed) -> float:
+def run_hf(hf, prompts_BT, new_tokens, seed, static=False) -> float:
+    """transformers' generate(); static=True is its documented fast path (cache_implementation="static",
+    which compiles the forward)."""
     torch.manual_seed(seed)
+    extra = dict(cache_implementation="static") if static else {}
     t0 = time.perf_counter()
     out = hf.generate(prompts_BT, attention_mask=torch.ones_like(prompts_BT), do_sample=True, temperature=1.0,
-                      top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+                      top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                      **extra)
     sync(prompts_BT.device)
     dt = time.perf_counter() - t0
     assert out.shape[1] == prompts_BT.shape[1] + new_tokens
@@ -168,15 +181,18 @@ def speculative(model, prompt_len, new_tokens, repeats, seed, checkpoint=""):
     else:
         prompts, stops = task[0], (task[1],)
     res = {"prompts": "addition (held-out, chat format)" if task else "random"}
+    plain_engine = Engine(model, cuda_graphs=False)  # speculation runs eagerly: compare like with like
     for temp in (1.0, 0.0):
         plain_t = spec_t = plain_n = spec_n = drafted = accepted = 0
         for r, prompt in enumerate(prompts):
             params = SamplingParams(max_new_tokens=new_tokens, temperature=temp, seed=seed + r, stop_token_ids=stops)
             t0 = time.perf_counter()
-            plain = Engine(model).generate([prompt], params)[0][0]
+            plain = plain_engine.generate([prompt], params)[0][0]
+            sync(dev)
             plain_t += time.perf_counter() - t0
             t0 = time.perf_counter()
             spec, st = speculative_generate(model, prompt, params)
+            sync(dev)
             spec_t += time.perf_counter() - t0
             plain_n, spec_n = plain_n + len(plain.token_ids), spec_n + len(spec.token_ids)
             drafted, accepted = drafted + st.drafted, accepted + st.accepted
@@ -205,9 +221,15 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per measurement (median)")
     ap.add_argument("--batches", default="", help="comma list; default 1,32 on CPU and 1,64 on CUDA")
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=0, help="default 32 on CPU, 128 on CUDA")
+    ap.add_argument("--new-tokens", type=int, default=0, help="default 128 on CPU, 256 on CUDA")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--config", default="", help="model preset (default tiny on CPU, small on CUDA)")
+    ap.add_argument("--dtype", default="", choices=["", "fp32", "bf16"], help="default fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--hf-static", action="store_true",
+                    help="also time transformers' static-cache fast path (default on CUDA; slower than its default on CPU)")
+    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="CUDA: our engine without CUDA graphs (the eager row is always without)")
     ap.add_argument("--checkpoint", default="", help="HF-layout DeepSeek-V3 dir (ours, with MTP) instead of random tiny")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler table of our decode at batch 1 and the largest batch")
@@ -216,6 +238,12 @@ def main(argv=None):
     ap.add_argument("--skip-hf", action="store_true", help="only our engine (no transformers baseline)")
     ap.add_argument("--out", default="bench_generate.json")
     args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.config = args.config or ("small" if cuda else "tiny")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.prompt_len = args.prompt_len or (128 if cuda else 32)
+    args.new_tokens = args.new_tokens or (256 if cuda else 128)
+    args.hf_static = args.hf_static or cuda
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in (args.batches or ("1,64" if args.device == "cuda" else "1,32")).split(",")]
     ours, hf = load_models(args)
@@ -228,27 +256,39 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     for B in batches:
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(dev)
-        run_ours(ours, prompts, 4, 0)  # warm-up (allocator, lazy inits)
-        # The compiled step's one-off cost: the first generate() at this batch size class (1, or > 1)
-        # pays torch.compile; a user pays it once per process. Reported apart, not in tok/s.
-        compile_s = run_ours(ours, prompts, 4, 0, compile=True) if args.compile else None
-        if not args.skip_hf:
-            run_hf(hf, prompts, 4, 0)
-        t_ours, t_eager, t_hf = [], [], []
+        eager = Engine(ours, compile=False, cuda_graphs=False)
+        fast = Engine(ours, compile=args.compile, cuda_graphs=args.cuda_graphs and cuda)
+        fast_on = args.compile or fast.cuda_graphs
+        run_ours(eager, prompts, 4, 0)  # warm-up (allocator, lazy inits)
+        # The fast engine's one-off cost: torch.compile (the first generate() at this batch size class,
+        # 1 or > 1) and/or CUDA-graph capture (each batch bucket and cache length once). A user pays it
+        # once per process and Engine; reported apart, not in tok/s.
+        setup_s = run_ours(fast, prompts, args.new_tokens, 0) if fast_on else None
+        hf_modes = ([] if args.skip_hf else ["default"]) + (["static"] if args.hf_static and not args.skip_hf else [])
+        for mode in hf_modes:  # the static cache compiles for its length: warm it at the timed length
+            run_hf(hf, prompts, args.new_tokens if mode == "static" else 4, 0, static=mode == "static")
+        t_ours, t_eager, t_hf = [], [], {m: [] for m in hf_modes}
         for r in range(args.repeats):
-            if args.compile:
-                t_ours.append(run_ours(ours, prompts, args.new_tokens, r, compile=True))
-            t_eager.append(run_ours(ours, prompts, args.new_tokens, r))
-            if not args.skip_hf:
-                t_hf.append(run_hf(hf, prompts, args.new_tokens, r))
+            if fast_on:
+                t_ours.append(run_ours(fast, prompts, args.new_tokens, r))
+            t_eager.append(run_ours(eager, prompts, args.new_tokens, r))
+            for mode in hf_modes:
+                t_hf[mode].append(run_hf(hf, prompts, args.new_tokens, r, static=mode == "static"))
         n = B * args.new_tokens
         t_ours = t_ours or t_eager
-        row = {"ours_tok_s": n / statistics.median(t_ours), "ours_s": t_ours, "compile_s": compile_s,
-               "eager_tok_s": n / statistics.median(t_eager), "eager_s": t_eager}
-        if t_hf:
-            row.update(hf_tok_s=n / statistics.median(t_hf), hf_s=t_hf,
-                       speedup=statistics.median(t_hf) / statistics.median(t_ours),
-                       eager_speedup=statistics.median(t_hf) / statistics.median(t_eager))
+        row = {"ours_tok_s": n / statistics.median(t_ours), "ours_s": t_ours, "compile_s": setup_s,
+               "eager_tok_s": n / statistics.median(t_eager), "eager_s": t_eager,
+               "cuda_graphs": bool(fast.graphs is not None and fast.graphs.disabled is None),
+               "cuda_graphs_off_because": fast.graphs.disabled if fast.graphs is not None else None}
+        if hf_modes:
+            t_ref = t_hf["default"]
+            row.update(hf_tok_s=n / statistics.median(t_ref), hf_s=t_ref,
+                       speedup=statistics.median(t_ref) / statistics.median(t_ours),
+                       eager_speedup=statistics.median(t_ref) / statistics.median(t_eager))
+        if "static" in t_hf:
+            t_st = t_hf["static"]
+            row.update(hf_static_tok_s=n / statistics.median(t_st), hf_static_s=t_st,
+                       speedup_vs_static=statistics.median(t_st) / statistics.median(t_ours))
         row["decode_step_ms"] = decode_step_ms(ours, B, args.prompt_len)
         row["engine_step_ms"] = 1e3 * statistics.median(t_ours) / args.new_tokens
         results["batches"][B] = row
@@ -276,16 +316,23 @@ def main(argv=None):
 
 
 def print_table(res, args):
-    print(f"\n{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | {'eager tok/s':>11} | "
-          f"{'eager/HF':>8} | {'compile s':>9} | {'engine step ms':>14} | {'fwd step ms':>11} | {'BW floor ms':>11}")
+    print(f"\n{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ours/HF':>7} | {'HF static':>9} | "
+          f"{'ours/st':>7} | {'eager tok/s':>11} | {'eager/HF':>8} | {'1st call s':>10} | {'engine step ms':>14} | "
+          f"{'fwd step ms':>11} | {'BW floor ms':>11}")
     for B, r in res["batches"].items():
         hf = f"{r['hf_tok_s']:9.0f} | {r['speedup']:6.2f}x" if "hf_tok_s" in r else f"{'-':>9} | {'-':>7}"
+        st = (f"{r['hf_static_tok_s']:9.0f} | {r['speedup_vs_static']:6.2f}x" if "hf_static_tok_s" in r
+              else f"{'-':>9} | {'-':>7}")
         eager_hf = f"{r['eager_speedup']:7.2f}x" if "hf_tok_s" in r else f"{'-':>8}"
-        comp = f"{r['compile_s']:9.1f}" if r["compile_s"] is not None else f"{'-':>9}"
-        print(f"{B:>5} | {r['ours_tok_s']:10.0f} | {hf} | {r['eager_tok_s']:11.0f} | {eager_hf} | {comp} | "
+        comp = f"{r['compile_s']:10.1f}" if r["compile_s"] is not None else f"{'-':>10}"
+        print(f"{B:>5} | {r['ours_tok_s']:10.0f} | {hf} | {st} | {r['eager_tok_s']:11.0f} | {eager_hf} | {comp} | "
               f"{r['engine_step_ms']:14.2f} | {r['decode_step_ms']:11.2f} | {r['bandwidth_floor_ms']:11.3f}")
-    print("ours = the compiled decode step unless --no-compile; eager = Engine(compile=False); compile s = "
-          "wall of the first compiled generate() (4 new tokens) at that batch, paid once per process, not in tok/s")
+        if r.get("cuda_graphs_off_because"):
+            print(f"      batch {B}: CUDA graphs turned off: {r['cuda_graphs_off_because']}")
+    print("ours = the compiled decode step (unless --no-compile) and, on CUDA, CUDA graphs (unless --no-cuda-graphs); "
+          "eager = Engine(compile=False, cuda_graphs=False); HF static = cache_implementation='static'; 1st call s = "
+          "wall of the fast engine's first generate() at that batch (compile, graph capture), paid once per "
+          "process and Engine, not in tok/s")
     kv = res["kv_bytes_per_token"]
     print(f"KV cache bytes/token: MLA {kv['mla']} vs MHA of the same width {kv['mha_same_width']} ({kv['ratio']:.1f}x); "
           f"copy bandwidth {res['memory_bandwidth_gb_s']:.1f} GB/s")

@@ -116,20 +116,26 @@ def sample_from_probs(probs_BV: torch.Tensor, generator: torch.Generator | None)
 # The engine
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 256, dtype: torch.dtype | None = None,
-                 compile: bool | None = None):
+                 compile: bool | None = None, cuda_graphs: bool | None = None):
         """compile: run each decode step through torch.compile (models with `decode_one`, i.e. ours).
         None = the environment variable SPUTNIK_COMPILE_DECODE=1 turns it on; off by default because
         the first compile costs ~1 minute on 2 CPU cores (per model and process, twice: batch 1 and
-        batch > 1), which only pays back over many generate() calls (bench_generate.py measures both)."""
+        batch > 1), which only pays back over many generate() calls (bench_generate.py measures both).
+        cuda_graphs: replay the decode step from CUDA graphs (decode_graphs.py; our models on a CUDA
+        device). None = on there unless SPUTNIK_CUDA_GRAPHS=0; False turns it off."""
         if compile is None:
             compile = os.environ.get("SPUTNIK_COMPILE_DECODE", "0") == "1"
         self.compile = bool(compile) and hasattr(model, "decode_one")
+        p = next(model.parameters())
+        if cuda_graphs is None:
+            cuda_graphs = p.device.type == "cuda" and os.environ.get("SPUTNIK_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = bool(cuda_graphs) and hasattr(model, "decode_step_fn")
+        self.graphs = None  # the DecodeGraphs runner, made on first use and kept (its static cache too)
         self.model = model
         # Models that can return only each prompt's last-position logits from a prefill (ours do).
         self.prefill_last = "logits_at_B" in inspect.signature(model.forward_cached).parameters
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        p = next(model.parameters())
         self.device = p.device
         self.dtype = dtype or p.dtype
         self.last_stats = GenerationStats()
@@ -199,6 +205,9 @@ class Engine:
         done: list[Completion] = []
         live = list(range(len(owner)))  # row slot -> index into owner/tokens
         stop_ids = torch.tensor(params.stop_token_ids or [-1], device=dev)
+        graphs = self._decode_graphs()
+        if graphs is not None:
+            graphs.adopt(cache)
 
         for step in range(params.max_new_tokens):
             tok_B, logp_B = sample_next(self._logits(logits_BV), params, gen)
@@ -221,16 +230,38 @@ class Engine:
             # --- compaction: finished rows leave the batch and stop costing compute
             if len(keep) < len(live):
                 keep_t = torch.tensor(keep, device=dev)
-                cache, seqlens_B, tok_B = cache.select(keep_t), seqlens_B[keep_t], tok_B[keep_t]
+                if graphs is not None:
+                    graphs.compact(keep_t)
+                else:
+                    cache = cache.select(keep_t)
+                seqlens_B, tok_B = seqlens_B[keep_t], tok_B[keep_t]
                 live = [live[b] for b in keep]
-            if self.compile:
-                logits_BV = self.model.decode_one(tok_B, cache, seqlens_B, compiled=True)
-            else:
-                logits_BV = self.model.forward_cached(tok_B[:, None], cache, seqlens_B)[:, -1]
+            logits_BV = None
+            if graphs is not None:
+                try:
+                    logits_BV = graphs.step(tok_B, seqlens_B)
+                except Exception as e:  # a capture that fails: decode on eagerly (logged once)
+                    graphs.disable(f"{type(e).__name__}: {e}")
+                if graphs.disabled:
+                    cache, graphs = graphs.export(), None
+            if logits_BV is None:
+                logits_BV = (self.model.decode_one(tok_B, cache, seqlens_B, compiled=True) if self.compile
+                             else self.model.forward_cached(tok_B[:, None], cache, seqlens_B)[:, -1])
             seqlens_B = seqlens_B + 1
             stats.decode_steps += 1
             stats.forward_rows += len(live)
         return done
+
+    def _decode_graphs(self):
+        """The CUDA-graph runner for this wave, or None (off, not our model, or turned off after a failure)."""
+        if not self.cuda_graphs:
+            return None
+        if self.graphs is None:
+            from sputnik.decode_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, compiled=self.compile,
+                                       capture=self.device.type == "cuda")
+        return None if self.graphs.disabled else self.graphs
 
     def _hit_stop_string(self, toks: list[int], stops: tuple[str, ...]) -> bool:
         # Only the tail can newly contain a stop string: decode a bounded window, not the whole text.

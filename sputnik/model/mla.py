@@ -31,9 +31,46 @@ def cached_weights(owner, name: str, sources: list[torch.Tensor], build):
     hit = owner.__dict__.get(name)
     if hit is None or hit[0] != key:
         with torch.no_grad():
-            hit = (key, build())
+            value = build()
+            # Refresh in place when the layout is unchanged (an optimizer step): the derived tensors keep
+            # their addresses, which a captured CUDA graph of the decode step reads (decode_graphs.py).
+            if hit is not None and _copy_into(hit[1], value):
+                value = hit[1]
+        hit = (key, value)
         owner.__dict__[name] = hit  # a plain attribute: not a parameter, buffer or state-dict entry
     return hit[1]
+
+
+def _same_layout(old, new) -> bool:
+    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):  # never write into a parameter
+        return (old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
+                and old.stride() == new.stride() and not isinstance(old, nn.Parameter))
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(_same_layout(old[k], new[k]) for k in old)
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return len(old) == len(new) and all(_same_layout(a, b) for a, b in zip(old, new))
+    return type(old) is type(new) and not isinstance(old, torch.Tensor) and old == new
+
+
+def _copy_into(old, new) -> bool:
+    """Copy the tensors of `new` into those of `old` (same nested dict/list/tuple layout, same shapes,
+    dtypes, devices and strides, equal non-tensor leaves); False, touching nothing, otherwise."""
+    if not _same_layout(old, new):
+        return False
+
+    def walk(a, b):
+        if isinstance(a, torch.Tensor):
+            if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():  # not already the same memory
+                a.copy_(b)
+        elif isinstance(a, dict):
+            for k in a:
+                walk(a[k], b[k])
+        elif isinstance(a, (list, tuple)):
+            for x, y in zip(a, b):
+                walk(x, y)
+
+    walk(old, new)
+    return True
 
 
 @dataclass

@@ -364,10 +364,12 @@ def _routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch
     """Σ_k w_{n,k} FFN_{idx_{n,k}}(x_n) in ≥ fp32, inference only, eager inside a compiled step (the
     choice is data-dependent). Up to FEW_TOKENS tokens the chosen experts are read on the host and each
     runs as two plain matmuls: no sort, and no grouped GEMM walking all E experts for K rows
-    (torch._grouped_mm on CPU visits every expert). More tokens: sort the slots by expert, grouped GEMM."""
+    (torch._grouped_mm on CPU visits every expert). More tokens: sort the slots by expert, grouped GEMM.
+    On CUDA always the grouped GEMM: it reads the expert offsets on the device, so the step has no host
+    sync and can be captured in a CUDA graph (decode_graphs.py)."""
     N, K = topk_idx_NK.shape
     acc_dtype = torch.promote_types(x_ND.dtype, torch.float32)
-    if N > FEW_TOKENS:
+    if N > FEW_TOKENS or x_ND.is_cuda:
         counts_E = torch.zeros(gate_up_ED2I.shape[0], dtype=torch.int64, device=x_ND.device)
         counts_E.scatter_add_(0, topk_idx_NK.flatten(), torch.ones_like(topk_idx_NK.flatten()))
         if x_ND.device.type == "cpu" and torch.get_num_threads() > 1 and N >= PADDED_MIN_TOKENS:

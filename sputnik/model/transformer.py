@@ -203,13 +203,18 @@ class Transformer(nn.Module):
         if int(cache_seqlens_B.max()) >= cache.max_len:
             raise ValueError(f"cache overflow: a row needs {int(cache_seqlens_B.max()) + 1} positions, "
                              f"cache holds {cache.max_len}")
-        weights = self.decode_weights()
+        return self.decode_step_fn(compiled)(self, tok_B, cache, cache_seqlens_B, self.decode_weights())
+
+    def decode_step_fn(self, compiled: bool = False):
+        """The static decode step as a function (model, tok_B, cache, cache_seqlens_B, weights) ->
+        logits_BV, eager or compiled; decode_one calls it after its overflow check, and
+        decode_graphs.DecodeGraphs captures it."""
         if not compiled:
-            return _static_step(self, tok_B, cache, cache_seqlens_B, weights)
+            return _static_step
         fn = self.__dict__.get("_compiled_step")
         if fn is None:  # one compile per model, shared by every Engine (dynamic batch and cache length)
             fn = self.__dict__["_compiled_step"] = torch.compile(_static_step, dynamic=True, fullgraph=True)
-        return fn(self, tok_B, cache, cache_seqlens_B, weights)
+        return fn
 
     def decode_weights(self) -> dict:
         """Every parameter-derived tensor a decode step reads, as current cached copies (see

@@ -1,0 +1,191 @@
+"""CUDA-graph replay of the engine's decode step, one graph per batch-size bucket.
+
+A decode step of a small model on a GPU launches a few hundred short kernels; at batch 1 the host
+spends longer launching them than the GPU spends running them. Captured once into a CUDA graph, the
+whole step is one launch. Capture needs fixed addresses and shapes, so the runner owns:
+  - a static MLA cache [rows, max_len] that waves are copied into (after the prefill and the fork),
+    compacted in place as rows finish;
+  - static inputs (token and cached length per row) and, per bucket b, the logits [b, V] the graph
+    writes. A live batch of B rows replays the smallest captured bucket b >= B; rows B..b-1 are
+    padding (length 0, token 0) and write only their own unused cache rows;
+  - the weights the step reads: Transformer.decode_weights() refreshes its derived copies in place
+    (mla.cached_weights), and parameters are updated in place by the optimizers, so an RL update
+    between rollouts is seen by the graphs. A parameter or derived tensor that moved (`.to()`,
+    `load_state_dict` with a new layout) drops every graph and they are captured again.
+
+The step is Transformer's static decode step (whole-buffer attention under a −inf bias, MoE through
+the grouped GEMM with offsets on the device): no host sync, so it can be captured. Sampling stays
+outside the graph. The first replay of each new graph is checked against the eager step on the same
+inputs; a mismatch or any capture error turns graphs off for this runner with a warning (a logged,
+bounded fallback: eager decoding is correct, only slower).
+
+`capture=False` runs the same buffers, bucketing, padding and compaction with a plain call instead of
+a graph: the CPU tests check everything except the capture itself that way.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from sputnik.model.mla import MLACache
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+LEN_ALIGN = 128  # the static cache's length is the wave's rounded up: fewer re-captures as lengths vary
+
+
+def bucket_for(rows: int) -> int:
+    for b in BUCKETS:
+        if b >= rows:
+            return b
+    return int(math.ceil(rows / 256) * 256)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
+class DecodeGraphs:
+    def __init__(self, model, compiled: bool = False, capture: bool | None = None):
+        """model: a sputnik Transformer (has decode_weights / decode_step_fn). compiled: capture the
+        torch.compile'd step instead of the eager one. capture: None = on CUDA devices."""
+        self.model = model
+        self.fn = model.decode_step_fn(compiled)  # what is captured
+        self.eager = model.decode_step_fn(False)  # what each new graph is checked against
+        dev = model.lm_head.weight.device
+        self.capture = (dev.type == "cuda") if capture is None else capture
+        if self.capture and dev.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.disabled: str | None = None  # why graphs were turned off, if they were
+        self.cache: MLACache | None = None
+        self.rows = 0  # live rows at the front of the static cache
+        self.graphs: dict[int, object] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self._weights = None
+        self._param_key = None
+        self.stats = {"captures": 0, "replays": 0}
+
+    # --- the static cache -------------------------------------------------------------------
+    def adopt(self, cache: MLACache) -> None:
+        """Copy a wave's cache (after prefill and fork) into the static cache's first rows."""
+        B, L = cache.kv_BSX[0].shape[:2]
+        buf = self.cache.kv_BSX[0] if self.cache is not None else None
+        max_pos = self.model.config.max_position_embeddings
+        length = min(max(L, int(math.ceil(L / LEN_ALIGN) * LEN_ALIGN)), max(max_pos, L))
+        if (buf is None or len(self.cache.kv_BSX) != len(cache.kv_BSX) or buf.shape[0] < bucket_for(B)
+                or buf.shape[1] < L or buf.dtype != cache.kv_BSX[0].dtype or buf.device != cache.kv_BSX[0].device):
+            rows = max(bucket_for(B), buf.shape[0] if buf is not None else 0)
+            length = max(length, buf.shape[1] if buf is not None else 0)
+            self._reset()
+            src = cache.kv_BSX[0]
+            self.cache = MLACache(len(cache.kv_BSX), rows, length, cache.kv_lora_rank,
+                                  src.shape[-1] - cache.kv_lora_rank, src.dtype, src.device)
+            self.tok = torch.zeros(rows, dtype=torch.long, device=src.device)
+            self.seqlens = torch.zeros(rows, dtype=torch.long, device=src.device)
+        for dst, src in zip(self.cache.kv_BSX, cache.kv_BSX):
+            dst[:B, :L].copy_(src)
+        self.rows = B
+
+    def compact(self, keep_R: torch.Tensor) -> None:
+        """Rows keep_R (indices into the live rows) move to the front, in order."""
+        for buf in self.cache.kv_BSX:
+            buf[: keep_R.shape[0]] = buf.index_select(0, keep_R)
+        self.rows = keep_R.shape[0]
+
+    # --- one step --------------------------------------------------------------------------
+    def step(self, tok_B: torch.Tensor, seqlens_B: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of the next token for the B live rows (their tokens and cached lengths)."""
+        B = tok_B.shape[0]
+        if B != self.rows:
+            raise ValueError(f"DecodeGraphs.step: {B} tokens for {self.rows} live rows")
+        b = bucket_for(B)
+        if b > self.cache.kv_BSX[0].shape[0]:
+            raise ValueError(f"DecodeGraphs.step: bucket {b} > static rows {self.cache.kv_BSX[0].shape[0]}")
+        weights = self._current_weights()
+        self.tok[:B].copy_(tok_B)
+        self.tok[B:b].zero_()
+        self.seqlens[:B].copy_(seqlens_B)
+        self.seqlens[B:b].zero_()
+        if b not in self.graphs:
+            return self._capture(b, weights)[:B]
+        self.stats["replays"] += 1
+        self.graphs[b]()
+        return self.logits[b][:B]
+
+    def _view(self, b: int) -> MLACache:
+        view = MLACache.__new__(MLACache)
+        view.kv_lora_rank, view.max_len = self.cache.kv_lora_rank, self.cache.max_len
+        view.kv_BSX = [buf[:b] for buf in self.cache.kv_BSX]
+        view.positions_BT = view.key_mask_BT1S = None
+        return view
+
+    def _call(self, b: int, weights) -> torch.Tensor:
+        return self.fn(self.model, self.tok[:b], self._view(b), self.seqlens[:b], weights)
+
+    def _capture(self, b: int, weights) -> torch.Tensor:
+        """Capture bucket b, replay it once and check it against the eager step on the same inputs
+        (which runs last, so the cache ends up holding the eager step's writes either way)."""
+        self.stats["captures"] += 1
+        if self.capture:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: library handles, lazy probes, autotuning
+                for _ in range(2):
+                    self._call(b, weights)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[b] = self._call(b, weights)
+            self.pool = graph.pool()
+            self.graphs[b] = graph.replay
+            graph.replay()
+        else:  # the same buffers, a plain call in place of the replay
+            self.logits[b] = self._call(b, weights)
+            self.graphs[b] = lambda: self.logits[b].copy_(self._call(b, weights))
+        got = self.logits[b].float()
+        want = self.eager(self.model, self.tok[:b], self._view(b), self.seqlens[:b], weights)
+        err = float((got - want.float()).abs().max())
+        if not err <= 1e-3 * (1.0 + float(want.float().abs().max())):  # also catches NaN
+            self.disable(f"graph replay differs from the eager step by {err:.3g} (bucket {b})")
+        return want
+
+    # --- weights -------------------------------------------------------------------------
+    def _current_weights(self):
+        """decode_weights() of now; drops the graphs if any tensor they read has moved."""
+        weights = self.model.decode_weights()
+        params = tuple(p.data_ptr() for p in self.model.parameters())
+        ptrs = tuple(t.data_ptr() for t in _tensors(weights))
+        if self._weights is None or (params, ptrs) != self._param_key:
+            if self.graphs:
+                log.info("decode graphs: weights moved, capturing again")
+            self.graphs, self.logits, self.pool = {}, {}, None
+            self._param_key = (params, ptrs)
+        self._weights = weights
+        return weights
+
+    def _reset(self) -> None:
+        self.graphs, self.logits, self.pool, self.cache = {}, {}, None, None
+
+    def disable(self, why: str) -> None:
+        """Turn graphs off for good; the static cache stays readable for export()."""
+        self.disabled = why
+        log.warning("CUDA graphs off for the decode step: %s; decoding eagerly", why)
+        self.graphs, self.logits, self.pool = {}, {}, None
+
+    def export(self) -> MLACache:
+        """The live rows as an ordinary cache (to go on eagerly after disable())."""
+        out = MLACache.__new__(MLACache)
+        out.kv_lora_rank, out.max_len = self.cache.kv_lora_rank, self.cache.max_len
+        out.kv_BSX = [buf[: self.rows].clone() for buf in self.cache.kv_BSX]
+        out.positions_BT = out.key_mask_BT1S = None
+        return out
