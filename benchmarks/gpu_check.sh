@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU check of the open issues in one run, for a session lent a GPU (15 minutes of device time
+# in all, machine start included). Prepare here, then run there:
+#
+#   make gpu-wheels                      # here: TRL and the datasets it needs, as py3.12 wheels in .whl/
+#   device run, carry [".whl"]:  bash benchmarks/gpu_check.sh      (timeout_s 600)
+#
+# Each step has its own time limit and writes its log (and JSON) under $OUT (runs/gpu_check when
+# run by hand), so a step that fails or runs long costs only itself. Order = what the issues need
+# most: the GPU tests (CUDA-graph decode, bf16 grouped GEMM), generation vs transformers (inference
+# issue), the GRPO step vs TRL (RL issue), the training step vs transformers, eager (model issue).
+# At most 8 files come back from $OUT: summary.txt and one log (+ JSON) per step.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs the same steps here, as a smoke test of this script
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+{
+    date -u
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    python3 -c "import trl; print('trl', trl.__version__)" 2>&1 | tail -1
+} > "$OUT/summary.txt" 2>&1
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, note the outcome
+    local name=$1 limit=$2 t0=$SECONDS
+    shift 2
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name: rc=$rc in $((SECONDS - t0)) s" >> "$OUT/summary.txt"
+    tail -n 30 "$OUT/$name.log"
+}
+
+step gpu_tests 120 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_decode_graphs.py tests/test_moe.py
+step generate 200 python3 benchmarks/bench_generate.py --device "$DEVICE" --repeats 3 --out "$OUT/generate.json"
+sides=ours
+python3 -c "import trl" 2>/dev/null && sides=ours,trl
+step grpo 170 python3 benchmarks/bench_grpo_step.py --device "$DEVICE" --sides "$sides" --warm 2 --steps 4 --out "$OUT/grpo.json"
+step train 90 python3 benchmarks/bench_train.py --device "$DEVICE" --repeats 3 --out "$OUT/train.json"
+cat "$OUT/summary.txt"
