@@ -95,6 +95,8 @@ class DecodeGraphs:
         for dst, src in zip(self.cache.kv_BSX, cache.kv_BSX):
             dst[:B, :L].copy_(src)
         self.rows = B
+        # Weights cannot change inside a wave (generation runs under no_grad): check them once per wave.
+        self._current_weights()
 
     def compact(self, keep_R: torch.Tensor) -> None:
         """Rows keep_R (indices into the live rows) move to the front, in order."""
@@ -111,7 +113,7 @@ class DecodeGraphs:
         b = bucket_for(B)
         if b > self.cache.kv_BSX[0].shape[0]:
             raise ValueError(f"DecodeGraphs.step: bucket {b} > static rows {self.cache.kv_BSX[0].shape[0]}")
-        weights = self._current_weights()
+        weights = self._weights
         self.tok[:B].copy_(tok_B)
         self.tok[B:b].zero_()
         self.seqlens[:B].copy_(seqlens_B)

@@ -60,16 +60,20 @@ def test_graph_runner_follows_weight_updates_and_longer_waves():
     eng = Engine(model, cuda_graphs=True)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-2)
     prompts = _prompts([4, 6])
+    captures = []
     for new_tokens in (8, 8, 150):
         params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=new_tokens)
         graphed = eng.generate(prompts, params, num_samples=2)
         _same(Engine(model, cuda_graphs=False).generate(prompts, params, num_samples=2), graphed)
+        captures.append(eng.graphs.stats["captures"])
         model.train()
         ids = torch.tensor([prompts[0] * 2])
         model(ids, ids).loss.backward()
         opt.step()
         opt.zero_grad()
         model.eval()
+    assert captures[1] == captures[0]  # the second wave replayed the graphs captured before the update
+    assert captures[2] > captures[1]  # the longer wave grew the static cache: captured again
     assert eng.graphs.cache.kv_BSX[0].shape[1] >= 156
     assert eng.graphs.disabled is None
 
