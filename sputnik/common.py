@@ -28,8 +28,11 @@ class DeviceChoice:
 
 
 def pick_device(requested: str = "auto") -> DeviceChoice:
-    """cuda > mps > cpu, unless `requested` names one. bf16 only where the hardware has it:
-    this project's CPUs (AVX2, no AVX512-bf16/AMX) run bf16 matmuls 9-130x slower than fp32."""
+    """cuda > mps > cpu, unless `requested` names one. bf16 autocast on CUDA; fp32 on CPU: CPUs without
+    bf16 instructions run bf16 matmuls 9-130x slower than fp32, and even this project's Zen 4 CPU
+    (avx512_bf16: bf16 GEMMs ~2.5x faster at training shapes) gained little on a whole autocast
+    training step and lost 2x on batch-1 decode GEMVs (LOG.md, 2026-12-02), so CPU stays fp32: the
+    same numbers on every CPU."""
     if requested not in ("auto", "cpu", "cuda", "mps"):
         raise ValueError(f"device={requested!r}: allowed auto, cpu, cuda, mps")
     if requested in ("auto", "cuda") and torch.cuda.is_available():
