@@ -382,6 +382,24 @@ def save_checkpoint(session: Session, step: int, loop_state: dict, eval_loss: fl
     dist_lib.barrier(session.dist)
 
 
+def run_stage(cfg: LoopConfig, check_data, command: str, loop) -> dict:
+    """A training stage from start to end: setup (validate and load everything, resume), then the first
+    writes, the ledger entry around `loop(session, cfg, *data, ledger_run)`, and the teardown (process
+    group, and the caller's thread count back for in-process callers: tests, the pipeline).
+    data[0] is the training loader, whose position a resumed run restores."""
+    threads = torch.get_num_threads()
+    try:
+        session, data = setup(cfg, check_data)
+        if session.loop_state:
+            data[0].load_state_dict(session.loop_state["loader"])
+        begin(session)
+        with ledger(session, command) as ledger_run:
+            return loop(session, cfg, *data, ledger_run)
+    finally:
+        dist_lib.teardown()
+        torch.set_num_threads(threads)
+
+
 def ledger(session: Session, command: str, final_model: bool = False):
     """The stage's one ledger call (rank 0 records; the ledger ignores other ranks)."""
     from sputnik.ledger import record_run

@@ -1,6 +1,5 @@
 """Distillation: rejection sampling keeps exactly the verified traces; logit KD refuses mismatched
 vocabularies; both modes run end to end on tiny models."""
-import json
 from dataclasses import dataclass
 
 import pytest

@@ -175,7 +175,7 @@ def test_mla_decode_equals_reference_cached_forward(absorb, q_lora_rank):
     model = _v3(q_lora_rank=q_lora_rank, rope_type="yarn", rope_factor=4.0, original_max_position_embeddings=16)
     attn = model.model.layers[0].self_attn
     attn.absorb_decode = absorb
-    cfg, H = model.config, model.config.num_attention_heads
+    cfg = model.config
     x_BTD = torch.randn(3, 9, cfg.hidden_size)
     new = lambda: MLACache(1, 3, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim, torch.float32)  # noqa: E731
     ref_cache, fast_cache = new(), new()

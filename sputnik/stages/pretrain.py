@@ -17,9 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from sputnik import distributed as dist_lib
 from sputnik import train_common as tc
 from sputnik.progress import Progress, Throughput
 from sputnik.common import print0
@@ -83,18 +80,7 @@ def make_data(cfg: Config):
 # ---------------------------------------------------------------------------------------------
 def run(cfg: Config) -> dict:
     """Pretrain; returns the summary (final eval loss, tokens, time, paths)."""
-    # --- setup: validate and load everything, then the first writes ----------------------------
-    threads = torch.get_num_threads()
-    try:
-        session, data = tc.setup(cfg, make_data(cfg))
-        if session.loop_state:
-            data[0].load_state_dict(session.loop_state["loader"])
-        tc.begin(session)
-        with tc.ledger(session, "pretrain") as ledger_run:
-            return _loop(session, cfg, *data, ledger_run)
-    finally:
-        dist_lib.teardown()
-        torch.set_num_threads(threads)  # in-process callers (tests, the pipeline) get their setting back
+    return tc.run_stage(cfg, make_data(cfg), "pretrain", _loop)
 
 
 def _loop(s: tc.Session, cfg: Config, train, eval_batches, num_train_tokens: int, ledger_run) -> dict:

@@ -16,8 +16,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from sputnik import distributed as dist_lib
 from sputnik import train_common as tc
 from sputnik.progress import Progress, Throughput
@@ -109,18 +107,7 @@ def accuracy(s: tc.Session, cfg: Config, examples: list, step: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 def run(cfg: Config) -> dict:
     """Fine-tune; returns the summary (final accuracy and eval loss, tokens, time, paths)."""
-    # --- setup: validate and load everything, then the first writes ----------------------------
-    threads = torch.get_num_threads()
-    try:
-        session, data = tc.setup(cfg, make_data(cfg))
-        if session.loop_state:
-            data[0].load_state_dict(session.loop_state["loader"])
-        tc.begin(session)
-        with tc.ledger(session, "sft") as ledger_run:
-            return _loop(session, cfg, *data, ledger_run)
-    finally:
-        dist_lib.teardown()
-        torch.set_num_threads(threads)  # in-process callers (tests, the pipeline) get their setting back
+    return tc.run_stage(cfg, make_data(cfg), "sft", _loop)
 
 
 def _loop(s: tc.Session, cfg: Config, train, held, eval_examples, ledger_run) -> dict:
