@@ -246,3 +246,50 @@ def test_update_gradient_does_not_depend_on_the_micro_batch(variant):
     for n, g in grads[6].items():
         torch.testing.assert_close(grads[4][n], g, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learnability task sampling
+def test_allocate_splits_exactly_by_largest_remainder():
+    assert grpo._allocate(64, [1, 1]) == [32, 32]
+    assert grpo._allocate(10, [0.05, 0.2275]) == [2, 8]  # 1.77 -> 2, 8.05 -> 8
+    assert grpo._allocate(7, [1, 1, 1]) == [3, 2, 2]
+    assert sum(grpo._allocate(61, [0.3, 0.05, 0.11])) == 61
+
+
+def test_learnability_shares_are_bernoulli_variances_with_a_floor():
+    shares = grpo.learnability_shares({"addition": 0.95, "subtraction": 0.65}, ["addition", "subtraction", "new"])
+    assert shares == pytest.approx([grpo.LEARNABILITY_FLOOR, 0.65 * 0.35, 0.25])
+    assert grpo.learnability_shares({"a": 0.0, "b": 1.0}, ["a", "b"]) == [grpo.LEARNABILITY_FLOOR] * 2
+
+
+def test_task_accuracy_is_a_running_mean_per_task():
+    from types import SimpleNamespace as NS
+
+    acc = {}
+    exs = [NS(task="a"), NS(task="a"), NS(task="b"), NS(task="b")]
+    grpo.update_task_accuracy(acc, exs, [NS(correct=c) for c in (True, True, False, True)])
+    assert acc == {"a": 1.0, "b": 0.5}
+    grpo.update_task_accuracy(acc, exs[:2], [NS(correct=False)] * 2)
+    assert acc == {"a": 0.5, "b": 0.5}  # b unseen this step: unchanged
+
+
+def test_sample_prompts_follow_the_shares_and_are_deterministic():
+    tasks = [get_task("addition"), get_task("subtraction")]
+    exs = grpo.sample_prompts(tasks, step=3, n=10, seed=0, shares=[0.05, 0.2275])
+    assert [e.task for e in exs].count("subtraction") == 8
+    assert [e.prompt for e in exs] == [e.prompt for e in grpo.sample_prompts(tasks, 3, 10, 0, [0.05, 0.2275])]
+    rr = grpo.sample_prompts(tasks, step=3, n=4, seed=0)
+    assert [e.task for e in rr] == ["addition", "subtraction"] * 2
+
+
+def test_rl_with_learnability_sampling_records_task_accuracy_and_resumes_it(policy_dir, tmp_path):
+    cfg = _cfg(policy_dir, tmp_path, tasks=["addition", "subtraction"], prompts_per_step=4,
+               task_sampling="learnability", steps=2)
+    grpo.run(cfg)
+    recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert set(recs[-1]["task_accuracy"]) == {"addition", "subtraction"}
+    from sputnik import checkpoint as ckpt
+
+    state = json.loads((ckpt.resolve("latest", str(tmp_path / "rl")) / "state.json").read_text())
+    assert state["loop_state"]["task_accuracy"] == recs[-1]["task_accuracy"]

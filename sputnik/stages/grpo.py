@@ -60,6 +60,9 @@ class RLConfig:
     tasks: list[str] = knob(default_factory=lambda: ["addition", "subtraction"], help="training tasks (sputnik tasks list)")
     task_args: list[str] = knob(default_factory=list, help="task knobs as key=value, given to every task "
                                 "(e.g. max_digits=2); the held-out evaluation uses the same tasks")
+    task_sampling: Literal["round_robin", "learnability"] = knob(
+        "round_robin", "how prompts are split over the tasks: round_robin, or learnability (each task's share "
+        "∝ p(1−p) of its recent rollout accuracy p, floor 0.05: most prompts where groups disagree)")
     steps: int = knob(40, "RL steps (one rollout batch each)", min=1)
     prompts_per_step: int = knob(8, "prompts per step", min=1)
     group_size: int = knob(8, "G: completions per prompt", min=2)
@@ -93,14 +96,48 @@ class RLConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-def sample_prompts(tasks, step: int, n: int, seed: int):
-    """Deterministic per step (so a resumed run sees the same prompts): task round-robin."""
+def sample_prompts(tasks, step: int, n: int, seed: int, shares: list[float] | None = None):
+    """Deterministic per step (so a resumed run sees the same prompts). shares None: task round-robin;
+    else task t gets round(n·shares[t]) of the n prompts (largest remainders), interleaved."""
     rng = random.Random(seed * 1_000_003 + step)
-    out = []
-    for i in range(n):
-        task = tasks[(step * n + i) % len(tasks)]
-        out.append(task.generate(1, split="train", seed=rng.randrange(2**31))[0])
-    return out
+    if shares is None:
+        order = [tasks[(step * n + i) % len(tasks)] for i in range(n)]
+    else:
+        counts = _allocate(n, shares)
+        queues = [[t] * c for t, c in zip(tasks, counts)]
+        order = [q[i] for i in range(max(counts)) for q in queues if i < len(q)]
+    return [task.generate(1, split="train", seed=rng.randrange(2**31))[0] for task in order]
+
+
+def _allocate(n: int, shares: list[float]) -> list[int]:
+    """n items split in proportion to shares, integer counts summing to n (largest remainders)."""
+    total = sum(shares)
+    exact = [n * s / total for s in shares]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (exact[i] - counts[i], -i), reverse=True)
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+LEARNABILITY_FLOOR = 0.05  # a solved task keeps ~1/5 of a p = 0.5 task's share: a regression still shows
+
+
+def learnability_shares(task_accuracy: dict[str, float], names: list[str]) -> list[float]:
+    """Each task's weight p(1−p), p its running rollout accuracy (0.5 until seen), floored
+    (Foster & Foerster 2025, "Learning to reason at the frontier of learnability": GRPO learns from
+    prompts whose samples disagree, and p(1−p) is the expected variance of a Bernoulli reward)."""
+    return [max(p * (1 - p), LEARNABILITY_FLOOR) for p in (task_accuracy.get(n, 0.5) for n in names)]
+
+
+def update_task_accuracy(task_acc: dict[str, float], examples, verdicts, momentum: float = 0.5) -> None:
+    """Running accuracy of each task's rollouts: acc ← m·acc + (1 − m)·(this step's), per task seen."""
+    seen: dict[str, list[bool]] = {}
+    for ex, v in zip(examples, verdicts):
+        seen.setdefault(ex.task, []).append(bool(v.correct))
+    for name, hits in seen.items():
+        now = sum(hits) / len(hits)
+        task_acc[name] = now if name not in task_acc else momentum * task_acc[name] + (1 - momentum) * now
 
 
 def task_knobs(task_args: list[str]) -> dict[str, str]:
@@ -256,7 +293,7 @@ def run(cfg: RLConfig) -> dict:
     aggregate = aggregate_fn(cfg)
     metrics_path = f"{cfg.out_dir}/metrics.jsonl"
     save_config(cfg, f"{cfg.out_dir}/config.json")
-    start_step, acc_history = 0, []
+    start_step, acc_history, task_acc = 0, [], {}
     resume_from = ckpt.resolve(cfg.resume, cfg.out_dir)
     if resume_from is not None:
         c = ckpt.validate(resume_from, expected_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
@@ -266,6 +303,7 @@ def run(cfg: RLConfig) -> dict:
         optimizer.load_state_dict(optim_state)
         ckpt.restore_rng(rng)
         start_step, acc_history = c.step, c.loop_state.get("acc_history", [])
+        task_acc = c.loop_state.get("task_accuracy", {})
         print0(f"rl: resumed from {resume_from} at step {start_step}")
     # the run repeats the steps after its checkpoint (a fresh start all of them): drop their lines
     trim_metrics(Path(metrics_path), start_step if resume_from is not None else -1)
@@ -279,7 +317,9 @@ def run(cfg: RLConfig) -> dict:
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
             # --- rollout: one prefill per prompt, G forked samples each
-            examples = sample_prompts(tasks, step, cfg.prompts_per_step, cfg.seed)
+            shares = (learnability_shares(task_acc, [t.name for t in tasks])
+                      if cfg.task_sampling == "learnability" else None)
+            examples = sample_prompts(tasks, step, cfg.prompts_per_step, cfg.seed, shares)
             prompts = [render(tokenizer, ex.prompt, cfg.recipe) for ex in examples]
             params.seed = cfg.seed * 7919 + step
             groups = engine.generate(prompts, params, num_samples=cfg.group_size)
@@ -290,6 +330,7 @@ def run(cfg: RLConfig) -> dict:
             t1 = time.perf_counter()
             rewards, verdicts = score(cfg, tasks_by_name, flat_ex, flat, custom)
             t_rew = time.perf_counter() - t1
+            update_task_accuracy(task_acc, flat_ex, verdicts)
             # --- advantages (+ DAPO dynamic sampling)
             r_BG = torch.tensor(rewards).view(len(examples), cfg.group_size)
             adv = rl_losses.group_advantages(r_BG, cfg.group_size, scale_by_std=VARIANTS[cfg.variant]["scale_by_std"])
@@ -319,7 +360,8 @@ def run(cfg: RLConfig) -> dict:
                        length_mean=sum(lengths) / len(lengths), length_max=max(lengths),
                        kept_sequences=int(keep.sum()), time_rollout=t_roll, time_reward=t_rew, time_update=t_upd,
                        tokens_per_s=sum(lengths) / max(t_roll, 1e-9),
-                       reward_failures=custom.failures.total() if custom else 0, **m)
+                       reward_failures=custom.failures.total() if custom else 0,
+                       task_accuracy=dict(task_acc), **m)
             if step < 3 or (step + 1) % 10 == 0:
                 rec["sample"] = flat[0].text[:300]
             warnings = monitor.observe_step(rec)
@@ -343,7 +385,8 @@ def run(cfg: RLConfig) -> dict:
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 ckpt.save(f"{cfg.out_dir}/checkpoints", step + 1, model_state=model.state_dict(),
                           optimizer_state=optimizer.state_dict(), rng_states=[ckpt.capture_rng()],
-                          loop_state={"acc_history": acc_history}, config=cfg, keep_last=cfg.keep_last)
+                          loop_state={"acc_history": acc_history, "task_accuracy": task_acc}, config=cfg,
+                          keep_last=cfg.keep_last)
         final_dir = tc.save_model(model, Path(cfg.out_dir) / "model", tokenizer, cfg)
         led.artifacts.append(str(final_dir))
         led.metrics.update(heldout_accuracy_before=acc_history[0][1], heldout_accuracy=acc_history[-1][1],
