@@ -154,3 +154,29 @@ def test_cuda_graphs_equal_eager_decode_bf16():
     assert eng.graphs.disabled is None and eng.graphs.stats["replays"] > 0
     agree = sum(ca.token_ids == cb.token_ids for ra, rb in zip(eager, graphed) for ca, cb in zip(ra, rb))
     assert agree >= 6  # greedy bf16: identical kernels, a rare near-tie may flip
+
+
+def test_decode_weights_are_cast_once_under_autocast(monkeypatch):
+    """Under autocast the derived decode weights are kept in the autocast dtype (RoPE tables stay
+    fp32): the decode logits are the same as casting on the fly, and the fp32 copies are untouched."""
+    from sputnik.model import mla
+
+    model = _v3()
+    ids = torch.randint(0, 64, (3, 7))
+
+    def logits():
+        cache = model.new_cache(3, 16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.forward_cached(ids, cache, torch.zeros(3, dtype=torch.long))
+
+    cast = logits()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = model.decode_weights()
+    assert w["lm_head"].dtype == torch.bfloat16 and w["layers"][0][0]["a"].dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in w["rope"])
+    assert model.decode_weights()["lm_head"].dtype == torch.float32  # outside autocast: the fp32 copies
+    monkeypatch.setattr(mla, "_autocast_dtype", lambda t: None)
+    for m in model.modules():  # drop the caches: rebuild everything without the cast variant
+        for k in [k for k in m.__dict__ if k.startswith("_decode_")]:
+            del m.__dict__[k]
+    torch.testing.assert_close(cast, logits(), atol=0, rtol=0)

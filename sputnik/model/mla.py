@@ -23,10 +23,19 @@ from sputnik.model.rope import apply_rope, softmax_scale
 BLOCK_ATTENTION_MAX = 2 ** 24
 
 
-def cached_weights(owner, name: str, sources: list[torch.Tensor], build):
+def cached_weights(owner, name: str, sources: list[torch.Tensor], build, cast: bool = True):
     """Inference-only tensors derived from parameters (fused or pre-multiplied matrices), stored on
     `owner` and rebuilt when a source was replaced (data_ptr) or modified in place (version counter:
-    optimizer steps, load_state_dict, .to()). Writes through `p.data` bypass the version counter."""
+    optimizer steps, load_state_dict, .to()). Writes through `p.data` bypass the version counter.
+
+    Under autocast (RL rollouts on a GPU: fp32 master weights, bf16 compute) the fp32 matrices are
+    kept a second time, already in the autocast dtype (`cast`; RoPE tables opt out): every consumer is
+    a matmul that autocast would cast anyway, so the values are the same, but the step no longer
+    re-reads and re-casts every weight."""
+    dtype = _autocast_dtype(sources[0]) if cast and sources else None
+    if dtype is not None:
+        name, base = f"{name}@{dtype}", build
+        build = lambda: _cast_floats(base(), dtype)  # noqa: E731
     key = tuple((t.data_ptr(), t._version) for t in sources)
     hit = owner.__dict__.get(name)
     if hit is None or hit[0] != key:
@@ -39,6 +48,24 @@ def cached_weights(owner, name: str, sources: list[torch.Tensor], build):
         hit = (key, value)
         owner.__dict__[name] = hit  # a plain attribute: not a parameter, buffer or state-dict entry
     return hit[1]
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The lower-precision dtype autocast is running in for t's device, if t is fp32 and it is on."""
+    dev = t.device.type
+    if t.dtype != torch.float32 or dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def _cast_floats(tree, dtype: torch.dtype):
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.dtype == torch.float32 else tree
+    if isinstance(tree, dict):
+        return {k: _cast_floats(v, dtype) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cast_floats(v, dtype) for v in tree)
+    return tree
 
 
 def _same_layout(old, new) -> bool:

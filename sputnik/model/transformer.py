@@ -241,7 +241,7 @@ class Transformer(nn.Module):
         def tables():  # [cos; cos] and [−sin; sin] per position: MLA.decode's split-halves rotation
             return torch.cat([rope.cos_PF, rope.cos_PF], -1), torch.cat([-rope.sin_PF, rope.sin_PF], -1)
 
-        return cached_weights(self, "_decode_rope_cache", [rope.cos_PF, rope.sin_PF], tables)
+        return cached_weights(self, "_decode_rope_cache", [rope.cos_PF, rope.sin_PF], tables, cast=False)
 
     # --- auxiliary-loss-free balancing (called by the training loop after optimizer.step) ---
     def expert_load(self) -> dict[str, torch.Tensor]:
