@@ -46,7 +46,7 @@ def pick_device(requested: str = "auto") -> DeviceChoice:
         return DeviceChoice(torch.device("mps"), torch.float32, "Apple MPS: fp32")
     if requested == "mps":
         raise ValueError("device='mps' requested but MPS is not available")
-    return DeviceChoice(torch.device("cpu"), torch.float32, "CPU: fp32 (no bf16 matmul hardware assumed)")
+    return DeviceChoice(torch.device("cpu"), torch.float32, "CPU: fp32 (bf16 autocast gains little on CPUs, see pick_device)")
 
 
 def autocast(choice: DeviceChoice):
