@@ -81,7 +81,7 @@ class DecodeGraphs:
         B, L = cache.kv_BSX[0].shape[:2]
         buf = self.cache.kv_BSX[0] if self.cache is not None else None
         max_pos = self.model.config.max_position_embeddings
-        length = min(max(L, int(math.ceil(L / LEN_ALIGN) * LEN_ALIGN)), max(max_pos, L))
+        length = max(L, min(int(math.ceil(L / LEN_ALIGN) * LEN_ALIGN), max_pos))  # aligned, within the RoPE tables
         if (buf is None or len(self.cache.kv_BSX) != len(cache.kv_BSX) or buf.shape[0] < bucket_for(B)
                 or buf.shape[1] < L or buf.dtype != cache.kv_BSX[0].dtype or buf.device != cache.kv_BSX[0].device):
             rows = max(bucket_for(B), buf.shape[0] if buf is not None else 0)

@@ -9,14 +9,9 @@ from sputnik.engine import Engine, SamplingParams
 
 
 def _v3(**kw):
-    from sputnik.model import build_model
-    from sputnik.model.config import tiny
+    from test_engine import _v3 as micro_v3
 
-    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                moe_intermediate_size=16, n_routed_experts=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-                qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=256, initializer_range=0.1)
-    torch.manual_seed(0)
-    return build_model(tiny(**{**base, **kw})).eval()
+    return micro_v3(**{"max_position_embeddings": 256, **kw})  # room for the 150-token wave
 
 
 def _prompts(lengths, vocab=64, seed=1):
