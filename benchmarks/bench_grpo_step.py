@@ -311,10 +311,11 @@ def worker_trl(args) -> None:
 # Parent
 class Worker:
     def __init__(self, side: str, args, env):
-        cmd = [sys.executable, __file__, "--worker", side, "--dir", args.dir, "--device", args.device,
+        cmd = ([sys.executable, __file__, "--worker", side, "--dir", args.dir, "--device", args.device,
                "--tokens", str(args.tokens), "--threads", str(args.threads), "--warm", str(args.warm),
                "--steps", str(args.steps), "--seed", str(args.seed), "--micro-batch", str(args.micro_batch),
-               "--trl-micro-batch", str(args.trl_micro_batch)] + (["--amp"] if args.amp else [])
+               "--trl-micro-batch", str(args.trl_micro_batch), "--keep-freed-memory", args.keep_freed_memory]
+               + (["--amp"] if args.amp else []))
         self.side = side
         self.log = open(Path(args.dir) / f"{side}.log", "w")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
@@ -361,6 +362,9 @@ def main() -> int:
     ap.add_argument("--trl-micro-batch", type=int, default=PROMPTS_PER_STEP * GROUP,
                     help="TRL: per_device_train_batch_size, with gradient accumulation up to 64 rows (one "
                          "optimizer step, one generation of all 64); default all 64 in one batch")
+    ap.add_argument("--keep-freed-memory", default="ours", choices=["ours", "both", "none"],
+                    help="which workers get sputnik.common.keep_freed_memory() (glibc keeps freed memory instead "
+                         "of page-faulting it back in); the `sputnik` CLI always sets it, TRL does not")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -371,6 +375,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     if args.worker:
+        if args.keep_freed_memory == "both" or (args.keep_freed_memory == "ours" and args.worker == "ours"):
+            from sputnik.common import keep_freed_memory
+
+            keep_freed_memory()
         (worker_ours if args.worker == "ours" else worker_trl)(args)
         return 0
 
@@ -410,6 +418,7 @@ def main() -> int:
         w.p.wait(timeout=120)
 
     result = dict(config=args.config, device=args.device, amp=args.amp, tokens=args.tokens, threads=args.threads,
+                  keep_freed_memory=args.keep_freed_memory,
                   ours_micro_batch=args.micro_batch, trl_micro_batch=args.trl_micro_batch,
                   warm=args.warm, steps=args.steps, prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP,
                   torch=torch.__version__, model=info, sides={})

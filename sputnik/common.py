@@ -65,6 +65,29 @@ def set_threads(num_threads: int = 0) -> int:
     return n
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc serves blocks above a (moving) threshold with fresh mmaps and trims the heap
+    top, so the [rows, vocab] temporaries of every training and RL micro-batch come back as new
+    pages, each paid with a first-touch page fault: ~3 ms per 16 MB here, ~55k faults and ~8% of a
+    tiny GRPO update (LOG.md, stop 18). With these limits the heap keeps its peak and reuses it.
+    The cost is memory: RSS stays at its high-water mark instead of shrinking between steps, and
+    the mark can rise while the heap settles (ours ~0.77 GB either way in that benchmark; TRL's GRPO
+    step under the same setting 1.78 -> 2.21 GB, and 1.8x faster). Called once by the CLI (a process-wide setting: library users decide for their
+    own process). Returns False where there is no glibc (macOS, musl): nothing changes there."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ from sputnik.model.mla import MLA
 from sputnik.model.rope import RotaryTables
 
 
-@pytest.mark.parametrize("T,block", [(37, 32), (64, 32), (5, 2), (100, 7)])
+@pytest.mark.parametrize("T,block", [(37, 32), (64, 32), (5, 2), (100, 7), (50, 96)])
 def test_block_causal_attention_matches_sdpa(T, block):
     torch.manual_seed(0)
     q_GTK, k_GTK = (torch.randn(6, T, 12, requires_grad=True) for _ in range(2))
