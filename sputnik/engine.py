@@ -131,6 +131,10 @@ class Engine:
             cuda_graphs = p.device.type == "cuda" and os.environ.get("SPUTNIK_CUDA_GRAPHS", "1") != "0"
         self.cuda_graphs = bool(cuda_graphs) and hasattr(model, "decode_step_fn")
         self.graphs = None  # the DecodeGraphs runner, made on first use and kept (its static cache too)
+        # Our models decode through decode_one (static shapes, no host sync besides its overflow check)
+        # with their derived weights fetched once per wave: weights cannot change inside a generate()
+        # call, and fetching them each step (a version check per module) was ~15% of a batch-1 step.
+        self.static_decode = hasattr(model, "decode_one")
         self.model = model
         # Models that can return only each prompt's last-position logits from a prefill (ours do).
         self.prefill_last = "logits_at_B" in inspect.signature(model.forward_cached).parameters
@@ -208,6 +212,7 @@ class Engine:
         graphs = self._decode_graphs()
         if graphs is not None:
             graphs.adopt(cache)
+        weights = self.model.decode_weights() if self.static_decode and graphs is None else None
 
         for step in range(params.max_new_tokens):
             tok_B, logp_B = sample_next(self._logits(logits_BV), params, gen)
@@ -244,9 +249,10 @@ class Engine:
                     graphs.disable(f"{type(e).__name__}: {e}")
                 if graphs.disabled:
                     cache, graphs = graphs.export(), None
+                    weights = self.model.decode_weights()
             if logits_BV is None:
-                logits_BV = (self.model.decode_one(tok_B, cache, seqlens_B, compiled=True) if self.compile
-                             else self.model.forward_cached(tok_B[:, None], cache, seqlens_B)[:, -1])
+                logits_BV = (self.model.decode_one(tok_B, cache, seqlens_B, compiled=self.compile, weights=weights)
+                             if self.static_decode else self.model.forward_cached(tok_B[:, None], cache, seqlens_B)[:, -1])
             seqlens_B = seqlens_B + 1
             stats.decode_steps += 1
             stats.forward_rows += len(live)

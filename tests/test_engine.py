@@ -245,6 +245,26 @@ def test_padded_experts_equal_the_grouped_path(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def test_gathered_experts_equal_the_grouped_path():
+    """The compiled CPU decode path for <= 16 tokens (each slot's expert weights gathered, two bmm's)
+    == the grouped sum, with experts shared between tokens and repeated within the batch."""
+    from sputnik.model import moe as moe_lib
+
+    model = _v3(n_routed_experts=16)
+    moe = next(m for m in model.modules() if isinstance(m, moe_lib.MoE))
+    w = moe_lib.moe_decode_weights(moe)
+    E, K = moe.num_experts, moe.top_k
+    for n in (1, 3, 16):
+        x_ND = torch.randn(n, model.config.hidden_size)
+        idx_NK = torch.stack([torch.randperm(E)[:K] for _ in range(n)])
+        idx_NK[-1] = idx_NK[0]  # two tokens on the same experts
+        weight_NK = torch.rand(n, K)
+        ref = moe_lib.routed_experts_grouped(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"].transpose(1, 2),
+                                             w["down_EID"].transpose(1, 2), torch.bincount(idx_NK.flatten(), minlength=E))
+        got = moe_lib.routed_experts_gathered(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"], w["down_EID"])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_cached_weights_follow_optimizer_updates():
     """Derived decode weights are rebuilt after an in-place update (an optimizer step between RL
     rollouts): forward_cached keeps matching the full forward."""

@@ -193,17 +193,20 @@ class Transformer(nn.Module):
         return logits_ND.view(B, T, -1), h_ND.view(B, T, D)
 
     def decode_one(self, tok_B: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,
-                   compiled: bool = False) -> torch.Tensor:
+                   compiled: bool = False, weights: dict | None = None) -> torch.Tensor:
         """forward_cached(tok_B[:, None], …)[:, -1] -> logits_BV for one token per row, with shapes
         that depend only on (B, cache.max_len): attention reads the whole buffer under a −inf bias, so
         the step has no host sync and `compiled=True` runs it through torch.compile (inductor fuses
         the norm/RoPE/softmax/router chains; the matmuls stay library calls). The parameter-derived
         weights are fetched eagerly each step (cached_weights checks versions) and enter the compiled
-        graph as inputs, so an optimizer step between calls can never leave it on stale weights."""
+        graph as inputs, so an optimizer step between calls can never leave it on stale weights.
+        `weights`: decode_weights() fetched by the caller, who then answers for their being current
+        (the engine fetches them once per wave: nothing updates the model inside a generate() call)."""
         if int(cache_seqlens_B.max()) >= cache.max_len:
             raise ValueError(f"cache overflow: a row needs {int(cache_seqlens_B.max()) + 1} positions, "
                              f"cache holds {cache.max_len}")
-        return self.decode_step_fn(compiled)(self, tok_B, cache, cache_seqlens_B, self.decode_weights())
+        return self.decode_step_fn(compiled)(self, tok_B, cache, cache_seqlens_B,
+                                             self.decode_weights() if weights is None else weights)
 
     def decode_step_fn(self, compiled: bool = False):
         """The static decode step as a function (model, tok_B, cache, cache_seqlens_B, weights) ->
