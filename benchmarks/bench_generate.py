@@ -95,16 +95,21 @@ def run_hf(hf, prompts_BT, new_tokens, seed, static=False) -> float:
 
 @torch.no_grad()
 def decode_step_ms(model, batch, prompt_len, steps=32) -> float:
-    """Median wall time of one cached single-token forward (the engine's decode step minus
-    sampling and bookkeeping) after a prompt_len prefill."""
+    """Median wall time of one eager cached single-token forward as the eager engine runs it (our
+    models: decode_one with the wave's weights; others: forward_cached), i.e. the engine's decode step
+    minus sampling and bookkeeping, after a prompt_len prefill."""
     dev = model.lm_head.weight.device
     cache = model.new_cache(batch, prompt_len + steps + 1, None, dev)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=dev)
     model.forward_cached(ids, cache, torch.zeros(batch, dtype=torch.long, device=dev))
     seqlens, tok, times = torch.full((batch,), prompt_len, device=dev), ids[:, -1:], []
+    weights = model.decode_weights() if hasattr(model, "decode_one") else None
     for _ in range(steps):
         t0 = time.perf_counter()
-        model.forward_cached(tok, cache, seqlens)
+        if weights is not None:
+            model.decode_one(tok[:, 0], cache, seqlens, weights=weights)
+        else:
+            model.forward_cached(tok, cache, seqlens)
         sync(dev)
         times.append(time.perf_counter() - t0)
         seqlens = seqlens + 1
