@@ -74,8 +74,9 @@ def keep_freed_memory() -> bool:
     tiny GRPO update (LOG.md, stop 18). With these limits the heap keeps its peak and reuses it.
     The cost is memory: RSS stays at its high-water mark instead of shrinking between steps, and
     the mark can rise while the heap settles (ours ~0.77 GB either way in that benchmark; TRL's GRPO
-    step under the same setting 1.78 -> 2.21 GB, and 1.8x faster). Called once by the CLI (a process-wide setting: library users decide for their
-    own process). Returns False where there is no glibc (macOS, musl): nothing changes there."""
+    step under the same setting 1.78 -> 2.21 GB, and 1.8x faster). Called once by the CLI (a
+    process-wide setting: library users decide for their own process). Returns False where there
+    is no glibc (macOS, musl): nothing changes there."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes

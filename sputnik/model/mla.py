@@ -19,7 +19,7 @@ from sputnik.model.config import ModelConfig
 from sputnik.model.layers import RMSNorm, block_causal_attention
 from sputnik.model.rope import apply_rope, softmax_scale
 
-# Largest B·H·T² for the blocked CPU attention: it keeps half (long T) to all (T ≤ one block) of the T×T probabilities (≤ 64 MB).
+# Largest B·H·T² for the blocked CPU attention: it keeps ~half the T×T probabilities (≈ 32 MB here).
 BLOCK_ATTENTION_MAX = 2 ** 24
 
 
