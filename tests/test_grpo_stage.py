@@ -115,12 +115,13 @@ def test_rl_raises_the_format_reward_of_a_weak_policy(weak_policy_dir, tmp_path)
     """The learning goal in small: 20 RL steps rewarding the <think>/<answer> format raise the
     format rate of the weak policy from ~1/3 to ~0.9: first two rollout batches (128 samples, at
     most one update) against the last five (measured 0.35 -> 0.91; it climbs fast, 0.77 by step 5;
-    with other seeds of the policy 0.80 -> 0.94, 0.63 -> 0.94). Fails if the update does not follow
+    with other seeds of the policy 0.80 -> 0.94, 0.63 -> 0.94; on stop 18's Intel machine 0.51 ->
+    0.95, the rounding of another CPU's kernels). Fails if the update does not follow
     the advantages (sign flipped: 0.14 -> 0.00), or if rollouts come from stale weights."""
     grpo.run(_format_cfg(weak_policy_dir, tmp_path, steps=20))
     fmt = [json.loads(l)["format_rate"] for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[1:]]
     first, last = sum(fmt[:2]) / 2, sum(fmt[-5:]) / 5
-    assert first < 0.5 and last > 0.75 and last > first + 0.3, (first, last)
+    assert first < 0.6 and last > 0.75 and last > first + 0.3, (first, last)
 
 
 def test_trainer_logprobs_are_the_sampled_policy(policy_dir, tmp_path):
