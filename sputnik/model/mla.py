@@ -201,16 +201,18 @@ class MLACache:
         return DecodeStep(B, num_new, slots_N, bias_BTS, cos2_PR[pos_N].to(dtype), sin2_PR[pos_N].to(dtype), kv_len)
 
     def static_step(self, cache_seqlens_B: torch.Tensor, num_heads: int, cos2_PR: torch.Tensor,
-                    sin2_PR: torch.Tensor, dtype: torch.dtype) -> DecodeStep:
+                    sin2_PR: torch.Tensor, dtype: torch.dtype, kv_len: int | None = None) -> DecodeStep:
         """decode_step for one token per row with shapes that depend only on (B, max_len): keys are
         the whole buffer (the bias hides the unwritten tail) and there is no host sync, so the step can
-        be compiled or captured once per batch size. The caller checks that no row overflows."""
+        be compiled or captured once per batch size. The caller checks that no row overflows.
+        kv_len (eager callers, who know the longest row anyway): read only the first kv_len positions."""
         B, S, dev = cache_seqlens_B.shape[0], self.kv_BSX[0].shape[1], cache_seqlens_B.device  # S = max_len as a
         pos_B = cache_seqlens_B.long()                              # tensor size: dynamic under torch.compile
-        slots_B = pos_B + torch.arange(B, device=dev) * S
-        hidden_BS = torch.arange(S, device=dev) > pos_B[:, None]
-        bias_B1S = torch.zeros(B, 1, S, dtype=dtype, device=dev).masked_fill_(hidden_BS[:, None], float("-inf"))
-        return DecodeStep(B, 1, slots_B, bias_B1S, cos2_PR[pos_B].to(dtype), sin2_PR[pos_B].to(dtype), S)
+        slots_B = pos_B + torch.arange(B, device=dev) * S           # flat rows of the [B·max_len, X] buffer
+        K = S if kv_len is None else kv_len                         # keys read
+        hidden_BK = torch.arange(K, device=dev) > pos_B[:, None]
+        bias_B1K = torch.zeros(B, 1, K, dtype=dtype, device=dev).masked_fill_(hidden_BK[:, None], float("-inf"))
+        return DecodeStep(B, 1, slots_B, bias_B1K, cos2_PR[pos_B].to(dtype), sin2_PR[pos_B].to(dtype), K)
 
     def write(self, layer_idx: int, kv_NX: torch.Tensor, step: DecodeStep) -> torch.Tensor:
         """The fast path's `update`: write the new rows at step.slots_N; return kv_BSX[:, :kv_len]."""

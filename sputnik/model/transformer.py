@@ -202,11 +202,15 @@ class Transformer(nn.Module):
         graph as inputs, so an optimizer step between calls can never leave it on stale weights.
         `weights`: decode_weights() fetched by the caller, who then answers for their being current
         (the engine fetches them once per wave: nothing updates the model inside a generate() call)."""
-        if int(cache_seqlens_B.max()) >= cache.max_len:
-            raise ValueError(f"cache overflow: a row needs {int(cache_seqlens_B.max()) + 1} positions, "
-                             f"cache holds {cache.max_len}")
-        return self.decode_step_fn(compiled)(self, tok_B, cache, cache_seqlens_B,
-                                             self.decode_weights() if weights is None else weights)
+        longest = int(cache_seqlens_B.max())
+        if longest >= cache.max_len:
+            raise ValueError(f"cache overflow: a row needs {longest + 1} positions, cache holds {cache.max_len}")
+        weights = self.decode_weights() if weights is None else weights
+        if compiled:
+            return self.decode_step_fn(True)(self, tok_B, cache, cache_seqlens_B, weights)
+        # Eager: attend over the written prefix only (the static shape buys nothing without a compiler;
+        # RL waves at batch 256 read ~half the buffer on average)
+        return _static_step(self, tok_B, cache, cache_seqlens_B, weights, kv_len=longest + 1)
 
     def decode_step_fn(self, compiled: bool = False):
         """The static decode step as a function (model, tok_B, cache, cache_seqlens_B, weights) ->
@@ -270,12 +274,12 @@ def _decode_block(block: Block, h_ND: torch.Tensor, step: DecodeStep, cache: MLA
 
 
 def _static_step(model: Transformer, tok_B: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,
-                 weights: dict) -> torch.Tensor:
+                 weights: dict, kv_len: int | None = None) -> torch.Tensor:
     """Transformer.decode_one's body (a free function: the compiled callable): embedding, blocks on
-    token rows with the static-shape step, final norm, lm_head."""
+    token rows with the static-shape step, final norm, lm_head. kv_len: see MLACache.static_step."""
     cos2_PR, sin2_PR = weights["rope"]
     step = cache.static_step(cache_seqlens_B, model.config.num_attention_heads, cos2_PR, sin2_PR,
-                             model.model.embed_tokens.weight.dtype)
+                             model.model.embed_tokens.weight.dtype, kv_len)
     h_ND = model.model.embed_tokens(tok_B)
     for layer, (w_attn, w_ffn) in zip(model.model.layers, weights["layers"]):
         h_ND = h_ND + layer.self_attn.decode(rms_norm_rows(h_ND, layer.input_layernorm), step, cache, w_attn)
