@@ -93,7 +93,7 @@ def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torc
         tokens_B = logits_BV.argmax(-1)
         logprobs_B = F.log_softmax(logits_BV, -1).gather(-1, tokens_B[:, None])[:, 0]
         return tokens_B, logprobs_B
-    scaled_BV = logits_BV / params.temperature
+    scaled_BV = logits_BV if params.temperature == 1.0 else logits_BV / params.temperature  # x / 1 == x: skip a [B, V] pass
     logp_BV = F.log_softmax(scaled_BV, -1)
     if params.top_k == 0 and params.top_p == 1.0:
         probs_BV = logp_BV.exp()  # reuse the softmax we need for the log-probs anyway
