@@ -7,7 +7,9 @@ contract (docs/CONTRACTS.md):
     cache = cache.select(rows_R)          # keep/repeat batch rows (fork and compaction)
 `forward_cached` writes the T new tokens of row b at positions cache_seqlens[b] ... and attends to
 everything before them; the engine owns cache_seqlens. For MLA the cache holds only the compressed
-latent and the RoPE key (absorbed attention at decode).
+latent and the RoPE key (absorbed attention at decode). Models that also have
+    weights = model.decode_weights();  logits_BV = model.decode_one(tok_B, cache, cache_seqlens_B, …, weights=weights)
+(ours) decode one token per row through that step instead, with `weights` fetched once per wave.
 
 Shape legend: B rows being decoded, P prompts, T time, V vocab.
 """
