@@ -217,6 +217,10 @@ class Scheduler:
         self._closed = False
         self._rows: list[Request] = []  # running rows, in cache row order
         self._cache = self._seqlens_B = self._last_B = None
+        # Our models decode through decode_one with their derived weights fetched when a batch starts
+        # (as the engine does per wave: nothing updates a served model's weights mid-batch).
+        self._decode_one = hasattr(model, "decode_one")
+        self._weights = None
         self._thread = threading.Thread(target=self._loop, name="sputnik-scheduler", daemon=True)
         if start:
             self._thread.start()
@@ -324,6 +328,7 @@ class Scheduler:
         last_1 = torch.tensor([token], device=dev)
         if self._cache is None:
             self._cache, self._seqlens_B, self._last_B = cache, seqlen_1, last_1
+            self._weights = self.model.decode_weights() if self._decode_one else None
         else:  # same max_len on both sides, so rows stack
             self._cache = type(cache).concat([self._cache, cache])
             self._seqlens_B = torch.cat([self._seqlens_B, seqlen_1])
@@ -332,7 +337,9 @@ class Scheduler:
         self.stats.max_running = max(self.stats.max_running, len(self._rows))
 
     def _decode(self) -> None:
-        logits_BV = self.model.forward_cached(self._last_B[:, None], self._cache, self._seqlens_B)[:, -1]
+        logits_BV = (self.model.decode_one(self._last_B, self._cache, self._seqlens_B, weights=self._weights)
+                     if self._decode_one else
+                     self.model.forward_cached(self._last_B[:, None], self._cache, self._seqlens_B)[:, -1])
         self._seqlens_B = self._seqlens_B + 1
         tokens = self._sample(logits_BV, self._rows)
         self.stats.steps += 1
