@@ -277,10 +277,16 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from_args(args: argparse.Namespace, cls, base: dict | None = None):
-    """Defaults <- preset dict `base` <- --config file <- dotted flags; then validate."""
+    """Defaults <- preset dict `base` <- --config file <- dotted flags; then validate. A run's saved
+    config.json (save_config: it names its class) is a valid --config for the same command."""
     values = dict(base or {})
     if getattr(args, "config", None):
-        values = merge(values, read_config_file(args.config))
+        data = read_config_file(args.config)
+        saved_as = data.pop("config_class", cls.__name__)
+        if saved_as != cls.__name__:
+            raise ValueError(f"config file {args.config} was saved by a {saved_as} run; this command takes a "
+                             f"{cls.__name__}")
+        values = merge(values, data)
     for name, v in vars(args).items():
         if name.startswith("cfg__") and v is not None:
             set_dotted(values, name[len("cfg__"):], v)

@@ -55,6 +55,12 @@ def test_cli_overrides_file_and_json(tmp_path):
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["model"]["num_hidden_layers"] == 3 and saved["config_class"] == "Stage"
     assert build(Stage, {k: v for k, v in saved.items() if k != "config_class"}) == cfg
+    # a run's saved config reruns it (--config), flags still override; another command's is refused
+    again = config_from_args(p.parse_args(["--config", str(tmp_path / "out" / "config.json"), "--steps", "9"]), Stage)
+    assert again == build(Stage, {**{k: v for k, v in saved.items() if k != "config_class"}, "steps": 9})
+    (tmp_path / "other.json").write_text(json.dumps({**saved, "config_class": "PretrainConfig"}))
+    with pytest.raises(ValueError, match="saved by a PretrainConfig run; this command takes a Stage"):
+        config_from_args(p.parse_args(["--config", str(tmp_path / "other.json")]), Stage)
 
 
 def test_bad_config_file(tmp_path):
