@@ -142,6 +142,8 @@ class Engine:
         self.prefill_last = "logits_at_B" in inspect.signature(model.forward_cached).parameters
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        # Positions the model can take (None: unknown, no limit applied here)
+        self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.device = p.device
         self.dtype = dtype or p.dtype
         self.last_stats = GenerationStats()
@@ -187,7 +189,10 @@ class Engine:
         P, dev = len(prompts), self.device
         lens_P = torch.tensor([len(p) for p in prompts], device=dev)
         T = int(lens_P.max())
-        max_len = T + params.max_new_tokens
+        # Each prompt may generate up to max_new_tokens, and never past the model's context (it then
+        # ends with finish_reason "length"): per prompt, so batching never changes a completion.
+        budget_P = [self._budget(len(p), params.max_new_tokens) for p in prompts]
+        max_len = max(len(p) + b for p, b in zip(prompts, budget_P))
         stats.prompt_tokens += int(lens_P.sum())
 
         # --- prefill each prompt once (right-padded; pad positions are overwritten later)
@@ -206,6 +211,7 @@ class Engine:
         cache = cache.select(rows) if n > 1 else cache
         logits_BV, seqlens_B = last_PV[rows], lens_P[rows].clone()
         owner = [(prompt_ids[r // n], r % n) for r in range(P * n)]  # row -> (prompt, sample)
+        budget = [budget_P[r // n] for r in range(P * n)]
         tokens: list[list[int]] = [[] for _ in owner]
         logps: list[list[float]] = [[] for _ in owner]
         done: list[Completion] = []
@@ -216,7 +222,7 @@ class Engine:
             graphs.adopt(cache)
         weights = self.model.decode_weights() if self.static_decode and graphs is None else None
 
-        for step in range(params.max_new_tokens):
+        for step in range(max(budget_P)):
             tok_B, logp_B = sample_next(self._logits(logits_BV), params, gen)
             tok_list, logp_list = tok_B.tolist(), logp_B.tolist()
             finished = torch.isin(tok_B, stop_ids).tolist() if params.stop_token_ids else [False] * len(tok_list)
@@ -226,13 +232,13 @@ class Engine:
                 if not finished[b] and params.stop_strings and self._hit_stop_string(tokens[k], params.stop_strings):
                     finished[b] = True
             stats.generated_tokens += len(live)
-            last_step = step == params.max_new_tokens - 1
-            keep = [b for b in range(len(live)) if not finished[b]]
+            out_of_budget = [len(tokens[k]) >= budget[k] for k in live]
+            keep = [b for b in range(len(live)) if not (finished[b] or out_of_budget[b])]
             for b in range(len(live)):
-                if finished[b] or last_step:
+                if finished[b] or out_of_budget[b]:
                     k = live[b]
                     done.append(self._completion(owner[k], tokens[k], logps[k], "stop" if finished[b] else "length"))
-            if last_step or not keep:
+            if not keep:
                 break
             # --- compaction: finished rows leave the batch and stop costing compute
             if len(keep) < len(live):
@@ -259,6 +265,16 @@ class Engine:
             stats.decode_steps += 1
             stats.forward_rows += len(live)
         return done
+
+    def _budget(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Tokens this prompt may generate: max_new_tokens, cut to what the model's context leaves."""
+        context = self.context
+        if context is None:
+            return max_new_tokens
+        if prompt_len >= context:
+            raise ValueError(f"a prompt has {prompt_len} tokens; the model's context is {context} "
+                             "(max_position_embeddings): shorten it or use a model with a longer context")
+        return min(max_new_tokens, context - prompt_len)
 
     def _decode_graphs(self):
         """The CUDA-graph runner for this wave, or None (off, not our model, or turned off after a failure)."""

@@ -349,3 +349,19 @@ def test_prefill_last_position_logits_equal_full_prefill(arch):
         full = model.forward_cached(ids, model.new_cache(3, 8), zeros)
         last = model.forward_cached(ids, model.new_cache(3, 8), zeros, logits_at_B=last_B)
     torch.testing.assert_close(last, full[torch.arange(3), last_B], atol=1e-5, rtol=1e-5)
+
+
+def test_generation_stops_at_the_models_context_per_prompt():
+    """max_new_tokens past the context (64 positions here): each prompt generates only what its own
+    length leaves (finish_reason "length"), batched or alone the same; a prompt that fills the
+    context is a clear error, not a cache overflow deep inside."""
+    model = _v3()
+    long_p, short_p = list(range(1, 61)), [5, 6, 7]
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    both = Engine(model).generate([long_p, short_p], params)
+    assert len(both[0][0].token_ids) == 4 and both[0][0].finish_reason == "length"  # 60 + 4 = 64
+    assert len(both[1][0].token_ids) == 20  # the short prompt is not cut by its long neighbour
+    for prompt, got in zip([long_p, short_p], both):
+        assert Engine(model).generate([prompt], params)[0][0].token_ids == got[0].token_ids
+    with pytest.raises(ValueError, match="a prompt has 64 tokens; the model's context is 64"):
+        Engine(model).generate([list(range(1, 65))], params)
