@@ -30,7 +30,7 @@ import time
 import torch
 
 from sputnik.common import atomic_write_text
-from sputnik.engine import Engine, SamplingParams
+from sputnik.engine import Engine, SamplingParams, decode_logits, wave_weights
 from sputnik.model import build_model
 from sputnik.model.config import PRESETS
 
@@ -103,13 +103,10 @@ def decode_step_ms(model, batch, prompt_len, steps=32) -> float:
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=dev)
     model.forward_cached(ids, cache, torch.zeros(batch, dtype=torch.long, device=dev))
     seqlens, tok, times = torch.full((batch,), prompt_len, device=dev), ids[:, -1:], []
-    weights = model.decode_weights() if hasattr(model, "decode_one") else None
+    weights = wave_weights(model)
     for _ in range(steps):
         t0 = time.perf_counter()
-        if weights is not None:
-            model.decode_one(tok[:, 0], cache, seqlens, weights=weights)
-        else:
-            model.forward_cached(tok, cache, seqlens)
+        decode_logits(model, tok[:, 0], cache, seqlens, weights)
         sync(dev)
         times.append(time.perf_counter() - t0)
         seqlens = seqlens + 1

@@ -114,6 +114,20 @@ def sample_from_probs(probs_BV: torch.Tensor, generator: torch.Generator | None)
     return torch.searchsorted(cdf_BV, u_B1, right=True)[:, 0].clamp(max=probs_BV.shape[-1] - 1)
 
 
+def wave_weights(model):
+    """The derived decode weights for a run of decode steps (our models' decode_weights()), or None
+    for models without decode_one. Fetch once per wave/batch: nothing updates a model inside one."""
+    return model.decode_weights() if hasattr(model, "decode_one") else None
+
+
+def decode_logits(model, tok_B: torch.Tensor, cache, cache_seqlens_B: torch.Tensor, weights, compiled: bool = False):
+    """logits_BV of one new token per row: our models through decode_one with the wave's `weights`
+    (fetching them each step was ~15% of a batch-1 step), others through forward_cached."""
+    if weights is not None:
+        return model.decode_one(tok_B, cache, cache_seqlens_B, compiled=compiled, weights=weights)
+    return model.forward_cached(tok_B[:, None], cache, cache_seqlens_B)[:, -1]
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 class Engine:
@@ -133,10 +147,6 @@ class Engine:
             cuda_graphs = p.device.type == "cuda" and os.environ.get("SPUTNIK_CUDA_GRAPHS", "1") != "0"
         self.cuda_graphs = bool(cuda_graphs) and hasattr(model, "decode_step_fn")
         self.graphs = None  # the DecodeGraphs runner, made on first use and kept (its static cache too)
-        # Our models decode through decode_one (static shapes, no host sync besides its overflow check)
-        # with their derived weights fetched once per wave: weights cannot change inside a generate()
-        # call, and fetching them each step (a version check per module) was ~15% of a batch-1 step.
-        self.static_decode = hasattr(model, "decode_one")
         self.model = model
         # Models that can return only each prompt's last-position logits from a prefill (ours do).
         self.prefill_last = "logits_at_B" in inspect.signature(model.forward_cached).parameters
@@ -220,7 +230,7 @@ class Engine:
         graphs = self._decode_graphs()
         if graphs is not None:
             graphs.adopt(cache)
-        weights = self.model.decode_weights() if self.static_decode and graphs is None else None
+        weights = wave_weights(self.model) if graphs is None else None
 
         for step in range(max(budget_P)):
             tok_B, logp_B = sample_next(self._logits(logits_BV), params, gen)
@@ -257,10 +267,9 @@ class Engine:
                     graphs.disable(f"{type(e).__name__}: {e}")
                 if graphs.disabled:
                     cache, graphs = graphs.export(), None
-                    weights = self.model.decode_weights()
+                    weights = wave_weights(self.model)
             if logits_BV is None:
-                logits_BV = (self.model.decode_one(tok_B, cache, seqlens_B, compiled=self.compile, weights=weights)
-                             if self.static_decode else self.model.forward_cached(tok_B[:, None], cache, seqlens_B)[:, -1])
+                logits_BV = decode_logits(self.model, tok_B, cache, seqlens_B, weights, compiled=self.compile)
             seqlens_B = seqlens_B + 1
             stats.decode_steps += 1
             stats.forward_rows += len(live)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sputnik.engine import SamplingParams, sample_next
+from sputnik.engine import SamplingParams, decode_logits, sample_next, wave_weights
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +217,7 @@ class Scheduler:
         self._closed = False
         self._rows: list[Request] = []  # running rows, in cache row order
         self._cache = self._seqlens_B = self._last_B = None
-        # Our models decode through decode_one with their derived weights fetched when a batch starts
-        # (as the engine does per wave: nothing updates a served model's weights mid-batch).
-        self._decode_one = hasattr(model, "decode_one")
-        self._weights = None
+        self._weights = None  # decode weights of the running batch (engine.wave_weights), fetched when it starts
         self._thread = threading.Thread(target=self._loop, name="sputnik-scheduler", daemon=True)
         if start:
             self._thread.start()
@@ -328,7 +325,7 @@ class Scheduler:
         last_1 = torch.tensor([token], device=dev)
         if self._cache is None:
             self._cache, self._seqlens_B, self._last_B = cache, seqlen_1, last_1
-            self._weights = self.model.decode_weights() if self._decode_one else None
+            self._weights = wave_weights(self.model)
         else:  # same max_len on both sides, so rows stack
             self._cache = type(cache).concat([self._cache, cache])
             self._seqlens_B = torch.cat([self._seqlens_B, seqlen_1])
@@ -337,9 +334,7 @@ class Scheduler:
         self.stats.max_running = max(self.stats.max_running, len(self._rows))
 
     def _decode(self) -> None:
-        logits_BV = (self.model.decode_one(self._last_B, self._cache, self._seqlens_B, weights=self._weights)
-                     if self._decode_one else
-                     self.model.forward_cached(self._last_B[:, None], self._cache, self._seqlens_B)[:, -1])
+        logits_BV = decode_logits(self.model, self._last_B, self._cache, self._seqlens_B, self._weights)
         self._seqlens_B = self._seqlens_B + 1
         tokens = self._sample(logits_BV, self._rows)
         self.stats.steps += 1

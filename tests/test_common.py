@@ -7,8 +7,9 @@ import pytest
 
 # Faults while 48 MB temporaries (a [3072, 4096] fp32 logits block) are made and freed again and
 # again, after the heap has had a few rounds to reach its working size (posix_memalign fragments it
-# at first). glibc's default serves blocks this large with fresh mmaps however often they recur. Run in fresh processes:
-# the setting is process-wide and must not leak into (or depend on) the test process.
+# at first). glibc's default serves blocks this large with fresh mmaps however often they recur.
+# Run in fresh processes: the setting is process-wide and must not leak into (or depend on) the
+# test process.
 PROBE = textwrap.dedent("""
     import resource, sys, torch
     if sys.argv[1] == "keep":

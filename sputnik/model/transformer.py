@@ -214,8 +214,8 @@ class Transformer(nn.Module):
 
     def decode_step_fn(self, compiled: bool = False):
         """The static decode step as a function (model, tok_B, cache, cache_seqlens_B, weights) ->
-        logits_BV, eager or compiled; decode_one calls it after its overflow check, and
-        decode_graphs.DecodeGraphs captures it."""
+        logits_BV, eager (the whole static buffer) or compiled; decode_one calls the compiled one after
+        its overflow check, and decode_graphs.DecodeGraphs captures it."""
         if not compiled:
             return _static_step
         fn = self.__dict__.get("_compiled_step")
