@@ -280,8 +280,10 @@ def main(argv=None):
         t_ours = t_ours or t_eager
         row = {"ours_tok_s": n / statistics.median(t_ours), "ours_s": t_ours, "compile_s": setup_s,
                "eager_tok_s": n / statistics.median(t_eager), "eager_s": t_eager,
-               "cuda_graphs": bool(fast.graphs is not None and fast.graphs.disabled is None),
-               "cuda_graphs_off_because": fast.graphs.disabled if fast.graphs is not None else None}
+               # the decode-graph runner: CUDA graphs on CUDA, the static-shape compiled step on CPU
+               "decode_graphs": (None if fast.graphs is None or fast.graphs.disabled
+                                 else "cuda_graphs" if fast.graphs.capture else "static_compiled"),
+               "decode_graphs_off_because": fast.graphs.disabled if fast.graphs is not None else None}
         if hf_modes:
             t_ref = t_hf["default"]
             row.update(hf_tok_s=n / statistics.median(t_ref), hf_s=t_ref,
@@ -329,9 +331,10 @@ def print_table(res, args):
         comp = f"{r['compile_s']:10.1f}" if r["compile_s"] is not None else f"{'-':>10}"
         print(f"{B:>5} | {r['ours_tok_s']:10.0f} | {hf} | {st} | {r['eager_tok_s']:11.0f} | {eager_hf} | {comp} | "
               f"{r['engine_step_ms']:14.2f} | {r['decode_step_ms']:11.2f} | {r['bandwidth_floor_ms']:11.3f}")
-        if r.get("cuda_graphs_off_because"):
-            print(f"      batch {B}: CUDA graphs turned off: {r['cuda_graphs_off_because']}")
-    print("ours = the compiled decode step (unless --no-compile) and, on CUDA, CUDA graphs (unless --no-cuda-graphs); "
+        if r.get("decode_graphs_off_because"):
+            print(f"      batch {B}: decode graphs turned off: {r['decode_graphs_off_because']}")
+    print("ours = the compiled decode step (unless --no-compile; on CPU static shapes, one graph per batch bucket) "
+          "and, on CUDA, CUDA graphs (unless --no-cuda-graphs); "
           "eager = Engine(compile=False, cuda_graphs=False); HF static = cache_implementation='static'; 1st call s = "
           "wall of the fast engine's first generate() at that batch (compile, graph capture), paid once per "
           "process and Engine, not in tok/s")

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 LEN_ALIGN = 128  # the static cache's length is the wave's rounded up: fewer re-captures as lengths vary
+# Without capture (CPU), every position of the static buffer is read each step and a new length is a
+# recompile either way: a finer alignment wastes less attention on empty positions.
+LEN_ALIGN_NO_CAPTURE = 32
 
 
 def bucket_for(rows: int) -> int:
@@ -57,14 +60,17 @@ def _tensors(tree) -> list[torch.Tensor]:
 class DecodeGraphs:
     def __init__(self, model, compiled: bool = False, capture: bool | None = None):
         """model: a sputnik Transformer (has decode_weights / decode_step_fn). compiled: capture the
-        torch.compile'd step instead of the eager one. capture: None = on CUDA devices."""
+        torch.compile'd step instead of the eager one. capture: None = on CUDA devices. Compiled and
+        not captured (CPU): the step is compiled for static shapes, one graph per bucket (see
+        Transformer.decode_step_fn)."""
         self.model = model
-        self.fn = model.decode_step_fn(compiled)  # what is captured
-        self.eager = model.decode_step_fn(False)  # what each new graph is checked against
         dev = model.lm_head.weight.device
         self.capture = (dev.type == "cuda") if capture is None else capture
         if self.capture and dev.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.fn = model.decode_step_fn(compiled, static_shapes=compiled and not self.capture)  # what is captured
+        self.eager = model.decode_step_fn(False)  # what each new graph is checked against
+        self.len_align = LEN_ALIGN if self.capture else LEN_ALIGN_NO_CAPTURE
         self.disabled: str | None = None  # why graphs were turned off, if they were
         self.cache: MLACache | None = None
         self.rows = 0  # live rows at the front of the static cache
@@ -81,7 +87,7 @@ class DecodeGraphs:
         B, L = cache.kv_BSX[0].shape[:2]
         buf = self.cache.kv_BSX[0] if self.cache is not None else None
         max_pos = self.model.config.max_position_embeddings
-        length = max(L, min(int(math.ceil(L / LEN_ALIGN) * LEN_ALIGN), max_pos))  # aligned, within the RoPE tables
+        length = max(L, min(int(math.ceil(L / self.len_align) * self.len_align), max_pos))  # aligned, within the RoPE tables
         if (buf is None or len(self.cache.kv_BSX) != len(cache.kv_BSX) or buf.shape[0] < bucket_for(B)
                 or buf.shape[1] < L or buf.dtype != cache.kv_BSX[0].dtype or buf.device != cache.kv_BSX[0].device):
             rows = max(bucket_for(B), buf.shape[0] if buf is not None else 0)
@@ -121,6 +127,8 @@ class DecodeGraphs:
         if b not in self.graphs:
             return self._capture(b, weights)[:B]
         self.stats["replays"] += 1
+        if not self.capture:  # a plain call: its output is already a fresh tensor
+            return self._call(b, weights)[:B]
         self.graphs[b]()
         return self.logits[b][:B]
 
@@ -153,7 +161,7 @@ class DecodeGraphs:
             graph.replay()
         else:  # the same buffers, a plain call in place of the replay
             self.logits[b] = self._call(b, weights)
-            self.graphs[b] = lambda: self.logits[b].copy_(self._call(b, weights))
+            self.graphs[b] = True
         got = self.logits[b].float()
         want = self.eager(self.model, self.tok[:b], self._view(b), self.seqlens[:b], weights)
         err = float((got - want.float()).abs().max())
@@ -181,7 +189,7 @@ class DecodeGraphs:
     def disable(self, why: str) -> None:
         """Turn graphs off for good; the static cache stays readable for export()."""
         self.disabled = why
-        log.warning("CUDA graphs off for the decode step: %s; decoding eagerly", why)
+        log.warning("decode graphs (%s) off: %s; decoding eagerly", "CUDA graphs" if self.capture else "compiled, static shapes", why)
         self.graphs, self.logits, self.pool = {}, {}, None
 
     def export(self) -> MLACache:

@@ -135,8 +135,10 @@ class Engine:
                  compile: bool | None = None, cuda_graphs: bool | None = None):
         """compile: run each decode step through torch.compile (models with `decode_one`, i.e. ours).
         None = the environment variable SPUTNIK_COMPILE_DECODE=1 turns it on; off by default because
-        the first compile costs ~1 minute on 2 CPU cores (per model and process, twice: batch 1 and
-        batch > 1), which only pays back over many generate() calls (bench_generate.py measures both).
+        each compile costs 10-60 s on 2 CPU cores, which only pays back over many generate() calls
+        (bench_generate.py measures both). On CPU the compiled step runs through decode_graphs'
+        bucketed static cache without capture: one static-shape graph per batch bucket (1, 2, 4, 8,
+        16, 24, 32, ...) and cache length (rounded up to 32), so a run compiles a few times, not per shape.
         cuda_graphs: replay the decode step from CUDA graphs (decode_graphs.py; our models on a CUDA
         device). None = on there unless SPUTNIK_CUDA_GRAPHS=0; False turns it off."""
         if compile is None:
@@ -146,6 +148,9 @@ class Engine:
         if cuda_graphs is None:
             cuda_graphs = p.device.type == "cuda" and os.environ.get("SPUTNIK_CUDA_GRAPHS", "1") != "0"
         self.cuda_graphs = bool(cuda_graphs) and hasattr(model, "decode_step_fn")
+        # A compiled step off CUDA: static shapes over the runner's bucketed cache (no capture)
+        self.static_compiled = self.compile and not self.cuda_graphs and p.device.type == "cpu" \
+            and hasattr(model, "decode_step_fn")
         self.graphs = None  # the DecodeGraphs runner, made on first use and kept (its static cache too)
         self.model = model
         # Models that can return only each prompt's last-position logits from a prefill (ours do).
@@ -286,8 +291,9 @@ class Engine:
         return min(max_new_tokens, context - prompt_len)
 
     def _decode_graphs(self):
-        """The CUDA-graph runner for this wave, or None (off, not our model, or turned off after a failure)."""
-        if not self.cuda_graphs:
+        """The decode-graph runner for this wave (CUDA graphs, or the static-shape compiled step on
+        CPU), or None (off, not our model, or turned off after a failure)."""
+        if not (self.cuda_graphs or self.static_compiled):
             return None
         if self.graphs is None:
             from sputnik.decode_graphs import DecodeGraphs

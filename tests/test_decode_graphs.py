@@ -106,7 +106,7 @@ def test_mismatch_turns_graphs_off_and_generation_goes_on_correctly(caplog):
         out = eng.generate(prompts, params, num_samples=2)
     _same(eager, out)
     assert runner.disabled and "differs" in runner.disabled
-    assert "CUDA graphs off" in caplog.text
+    assert "decode graphs (compiled, static shapes) off" in caplog.text
     assert eng._decode_graphs() is None
 
 

@@ -254,14 +254,14 @@ def test_gathered_experts_equal_the_grouped_path():
     moe = next(m for m in model.modules() if isinstance(m, moe_lib.MoE))
     w = moe_lib.moe_decode_weights(moe)
     E, K = moe.num_experts, moe.top_k
-    for n in (1, 3, 16):
+    for n in (1, 3, 16, 64):
         x_ND = torch.randn(n, model.config.hidden_size)
         idx_NK = torch.stack([torch.randperm(E)[:K] for _ in range(n)])
         idx_NK[-1] = idx_NK[0]  # two tokens on the same experts
         weight_NK = torch.rand(n, K)
         ref = moe_lib.routed_experts_grouped(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"].transpose(1, 2),
                                              w["down_EID"].transpose(1, 2), torch.bincount(idx_NK.flatten(), minlength=E))
-        got = moe_lib.routed_experts_gathered(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"], w["down_EID"])
+        got = moe_lib.routed_experts_gathered(x_ND, idx_NK, weight_NK, moe.experts.gate_up_proj, moe.experts.down_proj)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -309,17 +309,22 @@ def test_static_decode_step_equals_forward_cached_and_follows_updates():
 
 @pytest.mark.slow  # one torch.compile: ~40-90 s on 2 shared cores
 def test_compiled_decode_equals_eager_and_never_uses_stale_weights():
-    """Engine(compile=True): the torch.compile'd step gives the eager step's logits, and after an
-    optimizer step (RL updates weights between generate() calls) it decodes with the new weights:
-    greedy tokens and log-probs equal the eager engine's each time."""
+    """Engine(compile=True): the torch.compile'd step (on CPU: static shapes, one graph per batch
+    bucket of the decode-graph runner) gives the eager step's logits, also as rows finish and the batch
+    moves to smaller buckets, and after an optimizer step (RL updates weights between generate() calls)
+    it decodes with the new weights: tokens and log-probs equal the eager engine's each time."""
     model = _v3()
     prompts = [[1, 2, 3], [4, 5], [6]]
-    params = SamplingParams(max_new_tokens=5, temperature=0)
+    # Sampled (same seed on both sides) with frequent stop tokens, so rows finish at different steps
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, stop_token_ids=tuple(range(0, 64, 4)))
     opt = torch.optim.SGD(model.parameters(), lr=2.0)
     ids = torch.randint(0, 64, (2, 6))
     for _ in range(2):
         eager = Engine(model, compile=False).generate(prompts, params)
-        compiled = Engine(model, compile=True).generate(prompts, params)
+        fast = Engine(model, compile=True)
+        compiled = fast.generate(prompts, params)
+        assert fast.graphs is not None and fast.graphs.disabled is None and fast.graphs.stats["replays"] > 0
+        assert len({len(e[0].token_ids) for e in eager}) > 1  # rows finished apart: compaction ran
         for e, c in zip(eager, compiled):
             assert e[0].token_ids == c[0].token_ids
             torch.testing.assert_close(torch.tensor(c[0].logprobs), torch.tensor(e[0].logprobs), atol=1e-4, rtol=0)

@@ -355,7 +355,8 @@ def moe_few_tokens(moe: "MoE", x_ND: torch.Tensor, w: dict | None = None) -> tor
         weight_NK = weight_NK / (weight_NK.sum(-1, keepdim=True) + 1e-20)
     weight_NK = (weight_NK * gate.routed_scaling_factor).to(x_ND.dtype)
     if x_ND.device.type == "cpu" and x_ND.shape[0] <= GATHER_MAX_TOKENS and torch.compiler.is_compiling():
-        routed_ND = routed_experts_gathered(x_ND, topk_idx_NK, weight_NK, w["gate_up_ED2I"], w["down_EID"])
+        experts = moe.experts  # the parameters' layouts suit the gathered form: no derived copies
+        routed_ND = routed_experts_gathered(x_ND, topk_idx_NK, weight_NK, experts.gate_up_proj, experts.down_proj)
     else:
         rows = routed_rows if torch.compiler.is_compiling() else _routed_rows
         routed_ND = rows(x_ND, topk_idx_NK, weight_NK, w["gate_up_ED2I"], w["down_EID"])
@@ -391,27 +392,31 @@ def _routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch
     return y_ND
 
 
-# Gathered experts (CPU, compiled decode steps, few tokens): each (token, expert) slot gets its own
-# copy of the expert's weights and the FFN runs as two bmm's over the slots. Copying N·K experts
-# costs more than it saves past ~16 tokens, but the shapes are static and nothing leaves the graph:
-# inside a compiled step it replaces the opaque `routed_rows` call (whose Python body is ~1/3 of
-# a batch-1 step). Compiled step, tiny, 2 threads (LOG.md, stop 18), ms at batch 1 / 2 / 4 / 8 / 16 / 32:
-# routed_rows 1.34 / 1.73 / 2.39 / 2.90 / 3.30 / 4.28, gathered 1.01 / 1.22 / 1.45 / 1.88 / 2.85 / 4.62.
-# Eager it loses (batch 8 / 16: 3.62 / 5.41 vs 3.04 / 3.56 ms): inductor does better with the gathers.
-GATHER_MAX_TOKENS = 16
+# Gathered experts (CPU, compiled decode steps, up to 64 tokens): each (token, expert) slot reads its
+# expert's weights and the FFN runs as two reductions over the slots. The shapes are static and
+# nothing leaves the graph: inside a compiled step it replaces the opaque `routed_rows` call (a Python
+# body of ~20 eager ops). Compiled step, tiny, 2 threads, ms at batch 1 / 2 / 4 / 8 / 16 / 32 (LOG.md,
+# stop 18): routed_rows 1.34 / 1.73 / 2.39 / 2.90 / 3.30 / 4.28, gathered (bmm form) 1.01 / 1.22 / 1.45
+# / 1.88 / 2.85 / 4.62. With the reduction form and static shapes (stop 19), the gathered step at batch
+# 32 / 48 / 64: 3.39-3.49 / 4.50 / 5.77 vs routed_rows 3.96 / 4.99 / 6.05 ms. Eager it loses (batch 8 /
+# 16: 3.62 / 5.41 vs 3.04 / 3.56 ms): inductor does better with the gathers.
+GATHER_MAX_TOKENS = 64
 
 
-def routed_experts_gathered(x_ND, topk_idx_NK, weight_NK, gate_up_ED2I, down_EID):
-    """Σ_k w_{n,k} FFN_{idx_{n,k}}(x_n) with the chosen experts' weights gathered per slot
-    ([N·K, D, 2I] and [N·K, I, D]) and two batched matmuls; in ≥ fp32, inference only."""
+def routed_experts_gathered(x_ND, topk_idx_NK, weight_NK, gate_up_E2ID, down_EDI):
+    """Σ_k w_{n,k} FFN_{idx_{n,k}}(x_n) with the chosen experts' weights gathered per slot from the
+    parameters' own layouts (gate_up [E, 2I, D], down [E, D, I]): each output is a reduction over the
+    contiguous last dimension, which inductor vectorises (the [E, D, 2I] copies with bmm were
+    decomposed by inductor into reductions over a strided dimension: 65 vs 50 us at 1 token, 420 vs
+    273 at 16, tiny, 2 threads, LOG.md stop 19). In ≥ fp32, inference only."""
     N, K = topk_idx_NK.shape
     acc_dtype = torch.promote_types(x_ND.dtype, torch.float32)
     slot_S = topk_idx_NK.reshape(-1)
     x_S1D = x_ND.repeat_interleave(K, dim=0)[:, None, :]
-    gate_S1I, up_S1I = torch.bmm(x_S1D, gate_up_ED2I.index_select(0, slot_S)).chunk(2, dim=-1)
-    hidden_S1I = F.silu(gate_S1I) * (up_S1I * weight_NK.reshape(-1, 1, 1))  # weighted as the grouped path
-    out_S1D = torch.bmm(hidden_S1I, down_EID.index_select(0, slot_S))
-    return out_S1D.view(N, K, -1).sum(1).to(acc_dtype)
+    gate_SI, up_SI = (gate_up_E2ID.index_select(0, slot_S) * x_S1D).sum(-1).chunk(2, dim=-1)
+    hidden_S1I = (F.silu(gate_SI) * (up_SI * weight_NK.reshape(-1, 1)))[:, None, :]  # weighted as the grouped path
+    out_SD = (down_EDI.index_select(0, slot_S) * hidden_S1I).sum(-1)
+    return out_SD.view(N, K, -1).sum(1).to(acc_dtype)
 
 
 # Padded experts (CPU, inference, several threads): torch._grouped_mm on CPU runs one small matmul per

@@ -212,15 +212,26 @@ class Transformer(nn.Module):
         # RL waves at batch 256 read ~half the buffer on average)
         return _static_step(self, tok_B, cache, cache_seqlens_B, weights, kv_len=longest + 1)
 
-    def decode_step_fn(self, compiled: bool = False):
+    def decode_step_fn(self, compiled: bool = False, static_shapes: bool = False):
         """The static decode step as a function (model, tok_B, cache, cache_seqlens_B, weights) ->
         logits_BV, eager (the whole static buffer) or compiled; decode_one calls the compiled one after
-        its overflow check, and decode_graphs.DecodeGraphs captures it."""
+        its overflow check, and decode_graphs.DecodeGraphs runs it over its bucketed static cache.
+        static_shapes (with compiled): one graph per (batch, cache length) with a C++ wrapper, for
+        DecodeGraphs on CPU, whose buckets keep the number of shapes small. On CPU a step's Python-side
+        cost (the generated wrapper's ~100 calls, symbolic sizes) is ~40% of a batch-1 step; static
+        shapes and inductor's cpp_wrapper cut the step 12-15% at batch 1 and 32 (LOG.md, stop 19)."""
         if not compiled:
             return _static_step
-        fn = self.__dict__.get("_compiled_step")
-        if fn is None:  # one compile per model, shared by every Engine (dynamic batch and cache length)
-            fn = self.__dict__["_compiled_step"] = torch.compile(_static_step, dynamic=True, fullgraph=True)
+        key = "_compiled_static_step" if static_shapes else "_compiled_step"
+        fn = self.__dict__.get(key)
+        if fn is None:  # one compile per model, shared by every Engine
+            if static_shapes:
+                # Every bucket x length is a recompile of the same code object: allow more than the default 8.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                fn = torch.compile(_static_step, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+            else:  # dynamic batch and cache length: one graph for all
+                fn = torch.compile(_static_step, dynamic=True, fullgraph=True)
+            self.__dict__[key] = fn
         return fn
 
     def decode_weights(self) -> dict:
