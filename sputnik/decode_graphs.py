@@ -20,7 +20,10 @@ inputs; a mismatch or any capture error turns graphs off for this runner with a 
 bounded fallback: eager decoding is correct, only slower).
 
 `capture=False` runs the same buffers, bucketing, padding and compaction with a plain call instead of
-a graph: the CPU tests check everything except the capture itself that way.
+a graph: the CPU tests check everything except the capture itself that way. That is also how a
+compiled step runs on CPU, with static shapes (one graph per bucket), and there `step_sampled` ends
+the compiled step with the sampling (engine.sample_plain, the rows' uniforms drawn by the engine):
+its ~10 small ops over [B, V] cost ~8% of a batch-1 step as separate eager calls.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import math
 
 import torch
 
+from sputnik.engine import sample_plain
 from sputnik.model.mla import MLACache
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,41 @@ def bucket_for(rows: int) -> int:
         if b >= rows:
             return b
     return int(math.ceil(rows / 256) * 256)
+
+
+def step_and_sample(model, tok_B, cache, cache_seqlens_B, weights, u_B1, temperature: float,
+                    vocab_limit: int | None):
+    """The static decode step, then engine.sample_plain on its logits (head rows >= vocab_limit masked
+    as Engine._logits does) -> (logits_BV, tokens_B, logprobs_B); one function, so one compiled graph."""
+    logits_BV = model.decode_step_fn(False)(model, tok_B, cache, cache_seqlens_B, weights)
+    masked_BV = logits_BV
+    if vocab_limit is not None and vocab_limit < logits_BV.shape[-1]:
+        col_V = torch.arange(logits_BV.shape[-1], device=logits_BV.device)
+        masked_BV = logits_BV.masked_fill(col_V >= vocab_limit, float("-inf"))
+    tokens_B, logprobs_B = sample_plain(masked_BV, u_B1, temperature)
+    return logits_BV, tokens_B, logprobs_B
+
+
+_compiled_step_and_sample = None
+
+
+def compiled_step_and_sample():
+    """step_and_sample compiled for static shapes with inductor's C++ wrapper (as
+    Transformer.decode_step_fn(static_shapes=True)); made once per process."""
+    global _compiled_step_and_sample
+    if _compiled_step_and_sample is None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _compiled_step_and_sample = torch.compile(step_and_sample, dynamic=False, fullgraph=True,
+                                                  options={"cpp_wrapper": True})
+    return _compiled_step_and_sample
+
+
+def step_and_sample_eager(logits_BV, u_B1, temperature: float, vocab_limit: int | None):
+    """step_and_sample's sampling half on logits already computed (the fallback after a failed check)."""
+    if vocab_limit is not None and vocab_limit < logits_BV.shape[-1]:
+        logits_BV = logits_BV.clone()
+        logits_BV[:, vocab_limit:] = float("-inf")
+    return (logits_BV, *sample_plain(logits_BV, u_B1, temperature))
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -71,6 +110,9 @@ class DecodeGraphs:
         self.fn = model.decode_step_fn(compiled, static_shapes=compiled and not self.capture)  # what is captured
         self.eager = model.decode_step_fn(False)  # what each new graph is checked against
         self.len_align = LEN_ALIGN if self.capture else LEN_ALIGN_NO_CAPTURE
+        # Sampling inside the step: compiled steps without capture (CPU). Buckets checked so far.
+        self.sampled_fn = compiled_step_and_sample() if compiled and not self.capture else None
+        self.sampled_checked: set[int] = set()
         self.disabled: str | None = None  # why graphs were turned off, if they were
         self.cache: MLACache | None = None
         self.rows = 0  # live rows at the front of the static cache
@@ -131,6 +173,41 @@ class DecodeGraphs:
             return self._call(b, weights)[:B]
         self.graphs[b]()
         return self.logits[b][:B]
+
+    def can_sample(self, params) -> bool:
+        """Whether step_sampled serves these sampling settings (no top-k/top-p; a compiled CPU step)."""
+        return self.sampled_fn is not None and params.top_k == 0 and params.top_p == 1.0
+
+    def step_sampled(self, tok_B: torch.Tensor, seqlens_B: torch.Tensor, u_B1: torch.Tensor | None,
+                     temperature: float, vocab_limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens_B, logprobs_B) of the next token for the B live rows: the step and the sampling
+        (engine.sample_plain with the rows' uniforms u_B1, None when greedy) in one compiled call. The
+        first call of each bucket is checked against the eager step's logits, as step() checks graphs."""
+        B = tok_B.shape[0]
+        if B != self.rows:
+            raise ValueError(f"DecodeGraphs.step_sampled: {B} tokens for {self.rows} live rows")
+        b = bucket_for(B)
+        self.tok[:B].copy_(tok_B)
+        self.tok[B:b].zero_()
+        self.seqlens[:B].copy_(seqlens_B)
+        self.seqlens[B:b].zero_()
+        u_b1 = None
+        if u_B1 is not None:  # padding rows sample too (and are dropped): any uniform will do
+            u_b1 = torch.cat([u_B1, u_B1.new_full((b - B, 1), 0.5)]) if b > B else u_B1
+        weights = self._weights
+        logits_bV, tok_b, logp_b = self.sampled_fn(self.model, self.tok[:b], self._view(b), self.seqlens[:b],
+                                                   weights, u_b1, temperature, vocab_limit)
+        if b in self.sampled_checked:
+            self.stats["replays"] += 1
+            return tok_b[:B], logp_b[:B]
+        self.sampled_checked.add(b)
+        self.stats["captures"] += 1
+        want = self.eager(self.model, self.tok[:b], self._view(b), self.seqlens[:b], weights)  # runs last: its cache writes stay
+        err = float((logits_bV.float() - want.float()).abs().max())
+        if not err <= 1e-3 * (1.0 + float(want.float().abs().max())):  # also catches NaN
+            self.disable(f"compiled step differs from the eager step by {err:.3g} (bucket {b})")
+            _, tok_b, logp_b = step_and_sample_eager(want, u_b1, temperature, vocab_limit)
+        return tok_b[:B], logp_b[:B]
 
     def _view(self, b: int) -> MLACache:
         view = MLACache.__new__(MLACache)

@@ -90,28 +90,46 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Te
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
     """-> (tokens_B, logprobs_B). Log-probs are of the policy at this temperature without
     top-k/top-p (what RL's importance ratios compare against, as TRL does)."""
+    if params.temperature == 0 or (params.top_k == 0 and params.top_p == 1.0):
+        u_B1 = None if params.temperature == 0 else draw_uniforms(logits_BV.shape[0], generator, logits_BV.device)
+        return sample_plain(logits_BV, u_B1, params.temperature)
     logits_BV = logits_BV.float()
-    if params.temperature == 0:
-        tokens_B = logits_BV.argmax(-1)
-        logprobs_B = F.log_softmax(logits_BV, -1).gather(-1, tokens_B[:, None])[:, 0]
-        return tokens_B, logprobs_B
     scaled_BV = logits_BV if params.temperature == 1.0 else logits_BV / params.temperature  # x / 1 == x: skip a [B, V] pass
     logp_BV = F.log_softmax(scaled_BV, -1)
-    if params.top_k == 0 and params.top_p == 1.0:
-        probs_BV = logp_BV.exp()  # reuse the softmax we need for the log-probs anyway
-    else:
-        probs_BV = filter_logits(scaled_BV, params.top_k, params.top_p).softmax(-1)
+    probs_BV = filter_logits(scaled_BV, params.top_k, params.top_p).softmax(-1)
     tokens_B = sample_from_probs(probs_BV, generator)
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
 
 
+def sample_plain(logits_BV: torch.Tensor, u_B1: torch.Tensor | None, temperature: float):
+    """sample_next without top-k/top-p, given each row's uniform u_B1 (None when greedy): pure
+    tensor ops, so a compiled decode step can end with it (decode_graphs.DecodeGraphs.step_sampled)."""
+    logits_BV = logits_BV.float()
+    if temperature == 0:
+        tokens_B = logits_BV.argmax(-1)
+        return tokens_B, F.log_softmax(logits_BV, -1).gather(-1, tokens_B[:, None])[:, 0]
+    scaled_BV = logits_BV if temperature == 1.0 else logits_BV / temperature  # x / 1 == x: skip a [B, V] pass
+    logp_BV = F.log_softmax(scaled_BV, -1)
+    tokens_B = pick_from_probs(logp_BV.exp(), u_B1)  # reuse the softmax we need for the log-probs anyway
+    return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
+
+
+def draw_uniforms(rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """The one uniform per row that inverse-CDF sampling consumes (u_B1)."""
+    return torch.rand(rows, 1, generator=generator, device=device)
+
+
 def sample_from_probs(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row from (unnormalised) probabilities by inverse-CDF sampling: one uniform per
-    row (multinomial draws one per vocabulary entry, ~2x slower at batch 32 on CPU). u is scaled by
-    the row's total mass so rounding can never step past the last token with non-zero probability."""
+    row (multinomial draws one per vocabulary entry, ~2x slower at batch 32 on CPU)."""
+    return pick_from_probs(probs_BV, draw_uniforms(probs_BV.shape[0], generator, probs_BV.device))
+
+
+def pick_from_probs(probs_BV: torch.Tensor, u_B1: torch.Tensor) -> torch.Tensor:
+    """The token whose CDF interval holds u·(row's total mass): scaling u by the total means rounding
+    can never step past the last token with non-zero probability."""
     cdf_BV = probs_BV.cumsum(-1)
-    u_B1 = torch.rand(probs_BV.shape[0], 1, generator=generator, device=probs_BV.device) * cdf_BV[:, -1:]
-    return torch.searchsorted(cdf_BV, u_B1, right=True)[:, 0].clamp(max=probs_BV.shape[-1] - 1)
+    return torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True)[:, 0].clamp(max=probs_BV.shape[-1] - 1)
 
 
 def wave_weights(model):
@@ -236,9 +254,12 @@ class Engine:
         if graphs is not None:
             graphs.adopt(cache)
         weights = wave_weights(self.model) if graphs is None else None
+        # The compiled CPU step can also sample (one call a step): it then hands back the next tokens
+        fused = graphs is not None and graphs.can_sample(params)
+        picked = None
 
         for step in range(max(budget_P)):
-            tok_B, logp_B = sample_next(self._logits(logits_BV), params, gen)
+            tok_B, logp_B = sample_next(self._logits(logits_BV), params, gen) if picked is None else picked
             tok_list, logp_list = tok_B.tolist(), logp_B.tolist()
             finished = torch.isin(tok_B, stop_ids).tolist() if params.stop_token_ids else [False] * len(tok_list)
             for b, k in enumerate(live):
@@ -264,17 +285,23 @@ class Engine:
                     cache = cache.select(keep_t)
                 seqlens_B, tok_B = seqlens_B[keep_t], tok_B[keep_t]
                 live = [live[b] for b in keep]
-            logits_BV = None
+            logits_BV, picked, u_B1 = None, None, None
             if graphs is not None:
                 try:
-                    logits_BV = graphs.step(tok_B, seqlens_B)
+                    if fused:  # the uniforms sample_next would draw at the top of the next step, drawn now
+                        u_B1 = draw_uniforms(len(live), gen, dev) if params.temperature > 0 else None
+                        picked = graphs.step_sampled(tok_B, seqlens_B, u_B1, params.temperature, self.vocab_limit)
+                    else:
+                        logits_BV = graphs.step(tok_B, seqlens_B)
                 except Exception as e:  # a capture that fails: decode on eagerly (logged once)
                     graphs.disable(f"{type(e).__name__}: {e}")
                 if graphs.disabled:
-                    cache, graphs = graphs.export(), None
+                    cache, graphs, fused = graphs.export(), None, False
                     weights = wave_weights(self.model)
-            if logits_BV is None:
+            if logits_BV is None and picked is None:
                 logits_BV = decode_logits(self.model, tok_B, cache, seqlens_B, weights, compiled=self.compile)
+                if u_B1 is not None:  # this step's uniforms are drawn already: use them, draw no more
+                    picked = sample_plain(self._logits(logits_BV), u_B1, params.temperature)
             seqlens_B = seqlens_B + 1
             stats.decode_steps += 1
             stats.forward_rows += len(live)

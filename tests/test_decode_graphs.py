@@ -110,6 +110,54 @@ def test_mismatch_turns_graphs_off_and_generation_goes_on_correctly(caplog):
     assert eng._decode_graphs() is None
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_sampling_inside_the_step_equals_sampling_after_it(temperature):
+    """step_sampled (the compiled CPU step's path; here uncompiled, same logic): the step and the
+    sampling in one call, with the uniforms the engine draws and padding rows in each bucket, gives
+    the eager engine's tokens and log-probs, rows finishing apart (compaction) and head rows past the
+    tokenizer's vocabulary never sampled."""
+    from sputnik.decode_graphs import step_and_sample
+
+    model = _v3()
+    prompts = _prompts([5, 8, 3])
+    params = SamplingParams(max_new_tokens=14, temperature=temperature, seed=4, stop_token_ids=(5, 9, 33, 34, 35))
+    eager_eng = Engine(model, cuda_graphs=False)
+    eager_eng.vocab_limit = 40  # a head wider than the tokenizer (64 rows, 40 texts)
+    eager = eager_eng.generate(prompts, params, num_samples=2)
+    eng = Engine(model, cuda_graphs=True)
+    eng.vocab_limit = 40
+    runner = eng.graphs = DecodeGraphs(model, capture=False)
+    runner.sampled_fn = step_and_sample
+    assert runner.can_sample(params) and not runner.can_sample(SamplingParams(top_k=5))
+    out = eng.generate(prompts, params, num_samples=2)
+    _same(eager, out)
+    assert runner.disabled is None and runner.stats["replays"] > 0 and len(runner.sampled_checked) > 1
+    assert all(t < 40 for row in out for c in row for t in c.token_ids)
+
+
+def test_sampled_step_mismatch_falls_back_with_the_same_samples(caplog):
+    """A sampled step whose logits disagree with the eager step is caught at its bucket's first call;
+    that step's tokens come from the eager logits with the uniforms already drawn, so the output is
+    still the eager engine's."""
+    from sputnik.decode_graphs import step_and_sample
+
+    model = _v3()
+    prompts = _prompts([6, 4])
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
+    eager = Engine(model, cuda_graphs=False).generate(prompts, params, num_samples=2)
+    eng = Engine(model, cuda_graphs=True)
+    runner = eng.graphs = DecodeGraphs(model, capture=False)
+
+    def off_by_one(*a):
+        logits, tok, logp = step_and_sample(*a)
+        return logits + 1.0, tok, logp
+
+    runner.sampled_fn = off_by_one
+    with caplog.at_level("WARNING"):
+        _same(eager, eng.generate(prompts, params, num_samples=2))
+    assert runner.disabled and "differs" in runner.disabled
+
+
 def test_capture_error_falls_back_to_eager():
     model = _v3()
     prompts = _prompts([6])
