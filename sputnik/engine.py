@@ -251,6 +251,9 @@ class Engine:
         live = list(range(len(owner)))  # row slot -> index into owner/tokens
         stop_ids = torch.tensor(params.stop_token_ids or [-1], device=dev)
         graphs = self._decode_graphs()
+        # A runner turned off (a failed check, capture or compile) means eager decoding from then on,
+        # not the other compiled path: a compile that failed once would likely fail again.
+        compiled = self.compile and not (self.graphs is not None and self.graphs.disabled)
         if graphs is not None:
             graphs.adopt(cache)
         weights = wave_weights(self.model) if graphs is None else None
@@ -296,10 +299,10 @@ class Engine:
                 except Exception as e:  # a capture that fails: decode on eagerly (logged once)
                     graphs.disable(f"{type(e).__name__}: {e}")
                 if graphs.disabled:
-                    cache, graphs, fused = graphs.export(), None, False
+                    cache, graphs, fused, compiled = graphs.export(), None, False, False
                     weights = wave_weights(self.model)
             if logits_BV is None and picked is None:
-                logits_BV = decode_logits(self.model, tok_B, cache, seqlens_B, weights, compiled=self.compile)
+                logits_BV = decode_logits(self.model, tok_B, cache, seqlens_B, weights, compiled=compiled)
                 if u_B1 is not None:  # this step's uniforms are drawn already: use them, draw no more
                     picked = sample_plain(self._logits(logits_BV), u_B1, params.temperature)
             seqlens_B = seqlens_B + 1

@@ -158,6 +158,29 @@ def test_sampled_step_mismatch_falls_back_with_the_same_samples(caplog):
     assert runner.disabled and "differs" in runner.disabled
 
 
+def test_a_compile_that_fails_falls_back_to_eager_decoding(monkeypatch):
+    """The compiled CPU step raising (no C++ compiler, an inductor error) turns the runner off and the
+    wave goes on eagerly, not through the other (dynamic-shape) compiled step, which would fail the
+    same way; later waves stay eager. Output = the eager engine's."""
+    model = _v3()
+    prompts = _prompts([5, 7])
+    params = SamplingParams(max_new_tokens=9, temperature=1.0, seed=5)
+    eager = Engine(model).generate(prompts, params, num_samples=2)
+    eng = Engine(model, compile=True)
+    runner = eng.graphs = DecodeGraphs(model, capture=False)
+
+    def no_compiler(*a):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    runner.sampled_fn = no_compiler
+    step_fn = model.decode_step_fn
+    monkeypatch.setattr(model, "decode_step_fn",
+                        lambda compiled=False, **kw: no_compiler if compiled else step_fn(False))
+    _same(eager, eng.generate(prompts, params, num_samples=2))
+    assert "C++ compiler" in runner.disabled
+    _same(eager, eng.generate(prompts, params, num_samples=2))  # the next wave: eager from the start
+
+
 def test_capture_error_falls_back_to_eager():
     model = _v3()
     prompts = _prompts([6])
