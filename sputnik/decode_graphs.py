@@ -155,17 +155,8 @@ class DecodeGraphs:
     # --- one step --------------------------------------------------------------------------
     def step(self, tok_B: torch.Tensor, seqlens_B: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of the next token for the B live rows (their tokens and cached lengths)."""
-        B = tok_B.shape[0]
-        if B != self.rows:
-            raise ValueError(f"DecodeGraphs.step: {B} tokens for {self.rows} live rows")
-        b = bucket_for(B)
-        if b > self.cache.kv_BSX[0].shape[0]:
-            raise ValueError(f"DecodeGraphs.step: bucket {b} > static rows {self.cache.kv_BSX[0].shape[0]}")
+        B, b = self._stage(tok_B, seqlens_B)
         weights = self._weights
-        self.tok[:B].copy_(tok_B)
-        self.tok[B:b].zero_()
-        self.seqlens[:B].copy_(seqlens_B)
-        self.seqlens[B:b].zero_()
         if b not in self.graphs:
             return self._capture(b, weights)[:B]
         self.stats["replays"] += 1
@@ -183,14 +174,7 @@ class DecodeGraphs:
         """(tokens_B, logprobs_B) of the next token for the B live rows: the step and the sampling
         (engine.sample_plain with the rows' uniforms u_B1, None when greedy) in one compiled call. The
         first call of each bucket is checked against the eager step's logits, as step() checks graphs."""
-        B = tok_B.shape[0]
-        if B != self.rows:
-            raise ValueError(f"DecodeGraphs.step_sampled: {B} tokens for {self.rows} live rows")
-        b = bucket_for(B)
-        self.tok[:B].copy_(tok_B)
-        self.tok[B:b].zero_()
-        self.seqlens[:B].copy_(seqlens_B)
-        self.seqlens[B:b].zero_()
+        B, b = self._stage(tok_B, seqlens_B)
         u_b1 = None
         if u_B1 is not None:  # padding rows sample too (and are dropped): any uniform will do
             u_b1 = torch.cat([u_B1, u_B1.new_full((b - B, 1), 0.5)]) if b > B else u_B1
@@ -202,12 +186,34 @@ class DecodeGraphs:
             return tok_b[:B], logp_b[:B]
         self.sampled_checked.add(b)
         self.stats["captures"] += 1
-        want = self.eager(self.model, self.tok[:b], self._view(b), self.seqlens[:b], weights)  # runs last: its cache writes stay
-        err = float((logits_bV.float() - want.float()).abs().max())
-        if not err <= 1e-3 * (1.0 + float(want.float().abs().max())):  # also catches NaN
-            self.disable(f"compiled step differs from the eager step by {err:.3g} (bucket {b})")
+        want = self._check(logits_bV, b, weights, "compiled step")
+        if self.disabled:
             _, tok_b, logp_b = step_and_sample_eager(want, u_b1, temperature, vocab_limit)
         return tok_b[:B], logp_b[:B]
+
+    def _stage(self, tok_B: torch.Tensor, seqlens_B: torch.Tensor) -> tuple[int, int]:
+        """Copy the live rows' tokens and lengths into the static inputs, zero the padding rows of
+        their bucket -> (B live rows, bucket b)."""
+        B = tok_B.shape[0]
+        if B != self.rows:
+            raise ValueError(f"DecodeGraphs: {B} tokens for {self.rows} live rows")
+        b = bucket_for(B)
+        if b > self.cache.kv_BSX[0].shape[0]:
+            raise ValueError(f"DecodeGraphs: bucket {b} > static rows {self.cache.kv_BSX[0].shape[0]}")
+        self.tok[:B].copy_(tok_B)
+        self.tok[B:b].zero_()
+        self.seqlens[:B].copy_(seqlens_B)
+        self.seqlens[B:b].zero_()
+        return B, b
+
+    def _check(self, got_bV: torch.Tensor, b: int, weights, what: str) -> torch.Tensor:
+        """The eager step on the same inputs (run last, so the cache ends up holding its writes either
+        way) -> its logits; turns the runner off if `got_bV` differs from them."""
+        want = self.eager(self.model, self.tok[:b], self._view(b), self.seqlens[:b], weights)
+        err = float((got_bV.float() - want.float()).abs().max())
+        if not err <= 1e-3 * (1.0 + float(want.float().abs().max())):  # also catches NaN
+            self.disable(f"{what} differs from the eager step by {err:.3g} (bucket {b})")
+        return want
 
     def _view(self, b: int) -> MLACache:
         view = MLACache.__new__(MLACache)
@@ -239,12 +245,7 @@ class DecodeGraphs:
         else:  # the same buffers, a plain call in place of the replay
             self.logits[b] = self._call(b, weights)
             self.graphs[b] = True
-        got = self.logits[b].float()
-        want = self.eager(self.model, self.tok[:b], self._view(b), self.seqlens[:b], weights)
-        err = float((got - want.float()).abs().max())
-        if not err <= 1e-3 * (1.0 + float(want.float().abs().max())):  # also catches NaN
-            self.disable(f"graph replay differs from the eager step by {err:.3g} (bucket {b})")
-        return want
+        return self._check(self.logits[b], b, weights, "graph replay")
 
     # --- weights -------------------------------------------------------------------------
     def _current_weights(self):
@@ -255,13 +256,13 @@ class DecodeGraphs:
         if self._weights is None or (params, ptrs) != self._param_key:
             if self.graphs:
                 log.info("decode graphs: weights moved, capturing again")
-            self.graphs, self.logits, self.pool = {}, {}, None
+            self.graphs, self.logits, self.pool, self.sampled_checked = {}, {}, None, set()
             self._param_key = (params, ptrs)
         self._weights = weights
         return weights
 
     def _reset(self) -> None:
-        self.graphs, self.logits, self.pool, self.cache = {}, {}, None, None
+        self.graphs, self.logits, self.pool, self.cache, self.sampled_checked = {}, {}, None, None, set()
 
     def disable(self, why: str) -> None:
         """Turn graphs off for good; the static cache stays readable for export()."""
