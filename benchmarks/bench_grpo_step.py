@@ -139,11 +139,12 @@ class OursState:
 
 
 def make_ours(model, tokenizer, device: str = "cpu", tokens: int = 64, amp: bool = False,
-              micro_batch: int = OURS_MICRO_BATCH) -> OursState:
+              micro_batch: int = OURS_MICRO_BATCH, compile: bool = False) -> OursState:
     """Our GRPO on `model` (a sputnik Transformer) the way `sputnik rl` sets it up, with the
     benchmark's settings: DAPO, beta 0, μ = 1, `micro_batch` rows per forward/backward (one optimizer
     step either way: the token mean divides by the whole batch's token count), no dynamic sampling
-    (TRL trains on every group too), no stop token (exactly `tokens` tokens per completion)."""
+    (TRL trains on every group too), no stop token (exactly `tokens` tokens per completion).
+    compile: as `sputnik rl --compile` (blocks compiled for the update, compiled decode step)."""
     from sputnik.common import DeviceChoice
     from sputnik.engine import Engine, SamplingParams
     from sputnik.optim import OptimConfig, build_optimizer
@@ -159,7 +160,12 @@ def make_ours(model, tokenizer, device: str = "cpu", tokens: int = 64, amp: bool
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
     params = SamplingParams(max_new_tokens=tokens, temperature=1.0, stop_token_ids=())
-    return OursState(model, tokenizer, Engine(model, tokenizer), optimizer, cfg, dc, params)
+    if compile:
+        from sputnik.stages.grpo import compile_blocks
+
+        compile_blocks(model)
+    return OursState(model, tokenizer, Engine(model, tokenizer, compile=True if compile else None), optimizer, cfg,
+                     dc, params)
 
 
 def ours_step(st: OursState, batch: list[dict]) -> dict:
@@ -222,7 +228,8 @@ def worker_ours(args) -> None:
     torch.manual_seed(args.seed)
     d = Path(args.dir) / "model"
     model, tok = load_hf(d, dtype=torch.float32), Tokenizer.load(d)
-    st = make_ours(model, tok, args.device, args.tokens, amp=args.amp, micro_batch=args.micro_batch)
+    st = make_ours(model, tok, args.device, args.tokens, amp=args.amp, micro_batch=args.micro_batch,
+                   compile=args.compile)
     prompts = json.loads((Path(args.dir) / "prompts.json").read_text())
     emit(dict(event="ready", **memory_record(args.device)))
     i = 0
@@ -315,7 +322,7 @@ class Worker:
                "--tokens", str(args.tokens), "--threads", str(args.threads), "--warm", str(args.warm),
                "--steps", str(args.steps), "--seed", str(args.seed), "--micro-batch", str(args.micro_batch),
                "--trl-micro-batch", str(args.trl_micro_batch), "--keep-freed-memory", args.keep_freed_memory]
-               + (["--amp"] if args.amp else []))
+               + (["--amp"] if args.amp else []) + (["--compile"] if args.compile else []))
         self.side = side
         self.log = open(Path(args.dir) / f"{side}.log", "w")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
@@ -357,6 +364,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=0, help="completion tokens (default 64 on CPU, 256 on CUDA)")
     ap.add_argument("--sides", default="ours,trl", help="comma list of sides to run")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (default on CUDA; on CPU only to test the path)")
+    ap.add_argument("--compile", action="store_true",
+                    help="ours as `sputnik rl --compile` (compiled blocks and decode step; compiling happens in the "
+                         "warm-up steps, not timed)")
     ap.add_argument("--micro-batch", type=int, default=OURS_MICRO_BATCH,
                     help="ours: sequences per forward/backward in the update (one optimizer step per GRPO step)")
     ap.add_argument("--trl-micro-batch", type=int, default=PROMPTS_PER_STEP * GROUP,
@@ -417,7 +427,8 @@ def main() -> int:
     for w in workers.values():
         w.p.wait(timeout=120)
 
-    result = dict(config=args.config, device=args.device, amp=args.amp, tokens=args.tokens, threads=args.threads,
+    result = dict(config=args.config, device=args.device, amp=args.amp, compile=args.compile, tokens=args.tokens,
+                  threads=args.threads,
                   keep_freed_memory=args.keep_freed_memory,
                   ours_micro_batch=args.micro_batch, trl_micro_batch=args.trl_micro_batch,
                   warm=args.warm, steps=args.steps, prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP,

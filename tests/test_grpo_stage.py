@@ -66,6 +66,45 @@ def test_rl_fresh_start_drops_the_metrics_of_an_earlier_run(policy_dir, tmp_path
     assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == [0, 1]
 
 
+@pytest.mark.slow  # compiles each block and the decode step: ~30-60 s on 2 cores
+def test_rl_compiled_matches_eager_and_saves_plain_weights(weak_policy_dir, tmp_path, monkeypatch):
+    """rl --compile (blocks compiled for the update, compiled decode step for the rollouts): the first
+    step samples the same completions and takes the eager run's loss and gradient (non-zero: the weak
+    policy's groups disagree); the saved model has the eager run's parameter names, loads into a
+    plain model and holds the eager run's weights."""
+    from sputnik.train_common import InitConfig, load_model
+    from sputnik.model.config import ModelConfig
+
+    kw = dict(steps=1, num_threads=2, prompts_per_step=2)  # 16 rows: few batch buckets to compile
+    grpo.run(_format_cfg(weak_policy_dir, tmp_path / "eager", **kw))
+    compiled_blocks = []
+
+    def compile_blocks(model):
+        grpo_compile_blocks(model)
+        compiled_blocks.extend(b for b in model.model.layers if b._compiled_call_impl is not None)
+
+    grpo_compile_blocks = grpo.compile_blocks
+    monkeypatch.setattr(grpo, "compile_blocks", compile_blocks)
+    grpo.run(_format_cfg(weak_policy_dir, tmp_path / "compiled", **kw, compile=True))
+    assert len(compiled_blocks) == MICRO["num_hidden_layers"]
+    rec = [json.loads(l) for l in (tmp_path / "eager" / "rl" / "metrics.jsonl").read_text().splitlines()][-1]
+    got = [json.loads(l) for l in (tmp_path / "compiled" / "rl" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert got["step"] == rec["step"] == 1 and rec["grad_norm"] > 0 and rec["reward_std"] > 0
+    assert got["length_mean"] == rec["length_mean"] and got["reward_mean"] == rec["reward_mean"]
+    assert got["loss"] == pytest.approx(rec["loss"], abs=1e-5)
+    assert got["grad_norm"] == pytest.approx(rec["grad_norm"], rel=1e-3)
+    a = load_model(ModelConfig(), InitConfig(hf_dir=str(tmp_path / "eager" / "rl" / "model")))
+    b = load_model(ModelConfig(), InitConfig(hf_dir=str(tmp_path / "compiled" / "rl" / "model")))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_rl_compile_refuses_a_model_without_blocks():
+    with pytest.raises(ValueError, match="no model.layers"):
+        grpo.compile_blocks(torch.nn.Linear(2, 2))
+
+
 def test_rl_refuses_a_missing_init(tmp_path):
     with pytest.raises(ValueError, match="init"):
         grpo.run(build(grpo.RLConfig, dict(out_dir=str(tmp_path / "rl"))))

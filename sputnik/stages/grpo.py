@@ -75,6 +75,9 @@ class RLConfig:
     beta: float = knob(0.0, "KL penalty weight to the frozen reference (0 = no reference model in memory)", min=0.0)
     inner_updates: int = knob(1, "μ: optimizer steps on each rollout batch", min=1)
     micro_batch: int = knob(16, "sequences per forward/backward in the update (gradients accumulate)", min=1)
+    compile: bool = knob(False, "for long runs: torch.compile each transformer block (the update's forward and "
+                         "backward) and the engine's decode step (CPU: update ~10% and rollouts ~10-50% faster, "
+                         "after ~25 s plus 12-20 s a batch bucket of compiling, cached on disk)")
     dynamic_sampling: bool = knob(True, "DAPO: drop groups whose rewards are all equal (they carry no gradient)")
     overlong_cache: int = knob(0, "DAPO soft overlong punishment window in tokens (0 = off)", min=0)
     tis_cap: float = knob(0.0, "truncated importance sampling cap for sampler/trainer mismatch (0 = off)", min=0.0)
@@ -176,6 +179,17 @@ def score(cfg, tasks_by_name, examples, completions, custom):
         pen = rl_losses.soft_overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
         rewards = [r + float(p) for r, p in zip(rewards, pen)]
     return rewards, verdicts
+
+
+def compile_blocks(model) -> None:
+    """torch.compile each transformer block in place (state-dict keys and the model's other methods
+    unchanged). Blocks rather than the whole model: the update reaches them through hidden_states, not
+    forward, and the variable trimmed lengths of micro-batches make one shape-polymorphic graph per block."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"compile: {type(model).__name__} has no model.layers to compile; run without --compile")
+    for block in layers:
+        block.compile()
 
 
 def micro_batches(batch, adv_B, micro_batch: int):
@@ -286,7 +300,9 @@ def run(cfg: RLConfig) -> dict:
         raise ValueError(f"the prompt template pre-fills {bad!r}: the policy would get format reward for free")
     custom = IsolatedReward(cfg.reward_fn, cfg.reward_timeout_s) if cfg.reward_fn else None
     optimizer = build_optimizer(model, cfg.optim)
-    engine = Engine(model, tokenizer)
+    if cfg.compile:
+        compile_blocks(model)
+    engine = Engine(model, tokenizer, compile=True if cfg.compile else None)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             stop_token_ids=(tokenizer.eot_id,))
     monitor = HealthMonitor(cfg.health)
