@@ -71,7 +71,7 @@ def test_rl_compiled_matches_eager_and_saves_plain_weights(weak_policy_dir, tmp_
     """rl --compile (blocks compiled for the update, compiled decode step for the rollouts): the first
     step samples the same completions and takes the eager run's loss and gradient (non-zero: the weak
     policy's groups disagree); the saved model has the eager run's parameter names, loads into a
-    plain model and holds the eager run's weights."""
+    plain model and holds the eager run's weights (up to Adam's first-step amplification of rounding)."""
     from sputnik.train_common import InitConfig, load_model
     from sputnik.model.config import ModelConfig
 
@@ -96,8 +96,10 @@ def test_rl_compiled_matches_eager_and_saves_plain_weights(weak_policy_dir, tmp_
     a = load_model(ModelConfig(), InitConfig(hf_dir=str(tmp_path / "eager" / "rl" / "model")))
     b = load_model(ModelConfig(), InitConfig(hf_dir=str(tmp_path / "compiled" / "rl" / "model")))
     assert a.state_dict().keys() == b.state_dict().keys()
-    for k, v in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[k], v, atol=1e-5, rtol=1e-4)
+    # Adam's first step moves each weight by ~lr·sign(g): where g is ~0, rounding-level gradient
+    # differences can flip the sign, so a few elements may differ by up to 2·lr (lr = 3e-3 here)
+    diff = torch.cat([(b.state_dict()[k] - v).abs().flatten() for k, v in a.state_dict().items()])
+    assert float(diff.max()) <= 2 * 3e-3 and float((diff > 1e-5).float().mean()) < 1e-3
 
 
 def test_rl_compile_refuses_a_model_without_blocks():
