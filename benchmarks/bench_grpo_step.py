@@ -1,6 +1,7 @@
 """GRPO step benchmark: Sputnik's GRPO step vs TRL's `GRPOTrainer` on the same weights, prompts and reward.
 
     .venv/bin/python benchmarks/bench_grpo_step.py [--warm 3] [--steps 5] [--threads 2] [--out grpo.json]
+        [--compile]   (ours as `sputnik rl --compile`; TRL stays as by default, no torch_compile)
 
 Setting (peer-figures.md, GRPO row): 8 prompts x G=8 completions a step, beta 0, DAPO loss (token
 mean, clip 0.2/0.28), AdamW lr 1e-4 constant, temperature 1, no top-k/top-p, no vLLM. Both sides
