@@ -288,6 +288,7 @@ def worker_trl(args) -> None:
         gradient_checkpointing=False,  # TRL's default is True; ours does not recompute activations
         bf16=cuda, use_cpu=not cuda, shuffle_dataset=False, seed=args.seed, logging_steps=1,
         save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        torch_compile=args.trl_compile,  # transformers' Trainer compiles the model for the loss forward/backward
     )
     trainer = GRPOTrainer(model=model, reward_funcs=reward_func, args=gargs, train_dataset=ds,
                           processing_class=tok, callbacks=[Pace()])
@@ -323,7 +324,8 @@ class Worker:
                "--tokens", str(args.tokens), "--threads", str(args.threads), "--warm", str(args.warm),
                "--steps", str(args.steps), "--seed", str(args.seed), "--micro-batch", str(args.micro_batch),
                "--trl-micro-batch", str(args.trl_micro_batch), "--keep-freed-memory", args.keep_freed_memory]
-               + (["--amp"] if args.amp else []) + (["--compile"] if args.compile else []))
+               + (["--amp"] if args.amp else []) + (["--compile"] if args.compile else [])
+               + (["--trl-compile"] if args.trl_compile else []))
         self.side = side
         self.log = open(Path(args.dir) / f"{side}.log", "w")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
@@ -368,6 +370,8 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true",
                     help="ours as `sputnik rl --compile` (compiled blocks and decode step; compiling happens in the "
                          "warm-up steps, not timed)")
+    ap.add_argument("--trl-compile", action="store_true",
+                    help="TRL with GRPOConfig(torch_compile=True) (the Trainer compiles its model; generation stays eager)")
     ap.add_argument("--micro-batch", type=int, default=OURS_MICRO_BATCH,
                     help="ours: sequences per forward/backward in the update (one optimizer step per GRPO step)")
     ap.add_argument("--trl-micro-batch", type=int, default=PROMPTS_PER_STEP * GROUP,
@@ -428,7 +432,8 @@ def main() -> int:
     for w in workers.values():
         w.p.wait(timeout=120)
 
-    result = dict(config=args.config, device=args.device, amp=args.amp, compile=args.compile, tokens=args.tokens,
+    result = dict(config=args.config, device=args.device, amp=args.amp, compile=args.compile,
+                  trl_compile=args.trl_compile, tokens=args.tokens,
                   threads=args.threads,
                   keep_freed_memory=args.keep_freed_memory,
                   ours_micro_batch=args.micro_batch, trl_micro_batch=args.trl_micro_batch,
