@@ -9,7 +9,10 @@ contract (docs/CONTRACTS.md):
 everything before them; the engine owns cache_seqlens. For MLA the cache holds only the compressed
 latent and the RoPE key (absorbed attention at decode). Models that also have
     weights = model.decode_weights();  logits_BV = model.decode_one(tok_B, cache, cache_seqlens_B, …, weights=weights)
-(ours) decode one token per row through that step instead, with `weights` fetched once per wave.
+(ours) decode one token per row through that step instead, with `weights` fetched once per wave;
+with `model.decode_step_fn(compiled, static_shapes)` as well, the engine runs the step through
+decode_graphs.DecodeGraphs: CUDA graphs on a GPU, the static-shape compiled step (sampling inside) on
+CPU when compile is on.
 
 Shape legend: B rows being decoded, P prompts, T time, V vocab.
 """
