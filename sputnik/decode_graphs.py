@@ -32,8 +32,9 @@ import math
 
 import torch
 
-from sputnik.engine import sample_plain
+from sputnik.engine import mask_vocab, sample_plain
 from sputnik.model.mla import MLACache
+from sputnik.model.transformer import compile_static_shapes
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,10 @@ def bucket_for(rows: int) -> int:
 
 def step_and_sample(model, tok_B, cache, cache_seqlens_B, weights, u_B1, temperature: float,
                     vocab_limit: int | None):
-    """The static decode step, then engine.sample_plain on its logits (head rows >= vocab_limit masked
-    as Engine._logits does) -> (logits_BV, tokens_B, logprobs_B); one function, so one compiled graph."""
+    """The static decode step, then engine.sample_plain on its logits (engine.mask_vocab first, as the
+    engine's eager path) -> (logits_BV, tokens_B, logprobs_B); one function, so one compiled graph."""
     logits_BV = model.decode_step_fn(False)(model, tok_B, cache, cache_seqlens_B, weights)
-    masked_BV = logits_BV
-    if vocab_limit is not None and vocab_limit < logits_BV.shape[-1]:
-        col_V = torch.arange(logits_BV.shape[-1], device=logits_BV.device)
-        masked_BV = logits_BV.masked_fill(col_V >= vocab_limit, float("-inf"))
-    tokens_B, logprobs_B = sample_plain(masked_BV, u_B1, temperature)
+    tokens_B, logprobs_B = sample_plain(mask_vocab(logits_BV, vocab_limit), u_B1, temperature)
     return logits_BV, tokens_B, logprobs_B
 
 
@@ -68,22 +65,12 @@ _compiled_step_and_sample = None
 
 
 def compiled_step_and_sample():
-    """step_and_sample compiled for static shapes with inductor's C++ wrapper (as
-    Transformer.decode_step_fn(static_shapes=True)); made once per process."""
+    """step_and_sample compiled for static shapes (as Transformer.decode_step_fn(static_shapes=True));
+    made once per process."""
     global _compiled_step_and_sample
     if _compiled_step_and_sample is None:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled_step_and_sample = torch.compile(step_and_sample, dynamic=False, fullgraph=True,
-                                                  options={"cpp_wrapper": True})
+        _compiled_step_and_sample = compile_static_shapes(step_and_sample)
     return _compiled_step_and_sample
-
-
-def step_and_sample_eager(logits_BV, u_B1, temperature: float, vocab_limit: int | None):
-    """step_and_sample's sampling half on logits already computed (the fallback after a failed check)."""
-    if vocab_limit is not None and vocab_limit < logits_BV.shape[-1]:
-        logits_BV = logits_BV.clone()
-        logits_BV[:, vocab_limit:] = float("-inf")
-    return (logits_BV, *sample_plain(logits_BV, u_B1, temperature))
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -188,7 +175,7 @@ class DecodeGraphs:
         self.stats["captures"] += 1
         want = self._check(logits_bV, b, weights, "compiled step")
         if self.disabled:
-            _, tok_b, logp_b = step_and_sample_eager(want, u_b1, temperature, vocab_limit)
+            tok_b, logp_b = sample_plain(mask_vocab(want, vocab_limit), u_b1, temperature)
         return tok_b[:B], logp_b[:B]
 
     def _stage(self, tok_B: torch.Tensor, seqlens_B: torch.Tensor) -> tuple[int, int]:

@@ -117,6 +117,15 @@ def sample_plain(logits_BV: torch.Tensor, u_B1: torch.Tensor | None, temperature
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None])[:, 0]
 
 
+def mask_vocab(logits_BV: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
+    """Head rows at or past the tokenizer's vocabulary (a head rounded up, or merges that ran out)
+    set to −inf: no text maps to them, so they are never sampled. Pure tensor ops (compiled steps use it)."""
+    if vocab_limit is None or vocab_limit >= logits_BV.shape[-1]:
+        return logits_BV
+    col_V = torch.arange(logits_BV.shape[-1], device=logits_BV.device)
+    return logits_BV.masked_fill(col_V >= vocab_limit, float("-inf"))
+
+
 def draw_uniforms(rows: int, generator: torch.Generator | None, device) -> torch.Tensor:
     """The one uniform per row that inverse-CDF sampling consumes (u_B1)."""
     return torch.rand(rows, 1, generator=generator, device=device)
@@ -216,10 +225,7 @@ class Engine:
         return out
 
     def _logits(self, logits_BV: torch.Tensor) -> torch.Tensor:
-        if self.vocab_limit is not None and logits_BV.shape[-1] > self.vocab_limit:
-            logits_BV = logits_BV.clone()
-            logits_BV[:, self.vocab_limit:] = float("-inf")
-        return logits_BV
+        return mask_vocab(logits_BV, self.vocab_limit)
 
     def _generate_wave(self, prompts, prompt_ids, params, n, gen, stats) -> list[Completion]:
         P, dev = len(prompts), self.device

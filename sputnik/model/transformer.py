@@ -226,9 +226,7 @@ class Transformer(nn.Module):
         fn = self.__dict__.get(key)
         if fn is None:  # one compile per model, shared by every Engine
             if static_shapes:
-                # Every bucket x length is a recompile of the same code object: allow more than the default 8.
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-                fn = torch.compile(_static_step, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+                fn = compile_static_shapes(_static_step)
             else:  # dynamic batch and cache length: one graph for all
                 fn = torch.compile(_static_step, dynamic=True, fullgraph=True)
             self.__dict__[key] = fn
@@ -282,6 +280,14 @@ def _decode_block(block: Block, h_ND: torch.Tensor, step: DecodeStep, cache: MLA
     if isinstance(block.mlp, MLP):
         return h_ND + mlp_rows(block.mlp, x_ND)
     return h_ND + block.mlp(x_ND[None])[0]
+
+
+def compile_static_shapes(fn):
+    """torch.compile for one graph per input shape, with inductor's C++ wrapper (decode_graphs' buckets
+    keep the shapes few). Every bucket x length is a recompile of the same code object: the process's
+    recompile limit is raised from torch's default 8 to 64."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
 
 
 def _static_step(model: Transformer, tok_B: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,

@@ -76,8 +76,8 @@ class RLConfig:
     inner_updates: int = knob(1, "μ: optimizer steps on each rollout batch", min=1)
     micro_batch: int = knob(16, "sequences per forward/backward in the update (gradients accumulate)", min=1)
     compile: bool = knob(False, "for long runs: torch.compile each transformer block (the update's forward and "
-                         "backward) and the engine's decode step (CPU: update ~10% and rollouts ~10-50% faster, "
-                         "after ~25 s plus 12-20 s a batch bucket of compiling, cached on disk)")
+                         "backward) and the engine's decode step (CPU, bench_grpo_step: rollouts ~25% and updates "
+                         "2-10% faster, after ~25 s plus 12-20 s a batch bucket of compiling, cached on disk)")
     dynamic_sampling: bool = knob(True, "DAPO: drop groups whose rewards are all equal (they carry no gradient)")
     overlong_cache: int = knob(0, "DAPO soft overlong punishment window in tokens (0 = off)", min=0)
     tis_cap: float = knob(0.0, "truncated importance sampling cap for sampler/trainer mismatch (0 = off)", min=0.0)
