@@ -191,13 +191,19 @@ def test_mla_decode_equals_reference_cached_forward(absorb, q_lora_rank):
     torch.testing.assert_close(fast_cache.kv_BSX[0], ref_cache.kv_BSX[0], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("kw", [{}, dict(n_group=2, topk_group=1, routed_scaling_factor=2.5),
                                 dict(n_shared_experts=0, norm_topk_prob=False)])
-def test_moe_few_tokens_equals_training_path(kw):
-    """The decode MoE path (host-read routing, per-expert matmuls, fused router+shared) == the
-    grouped training path on random inputs, including group-limited routing and no shared expert."""
-    from sputnik.model.moe import MoE, moe_few_tokens
+def test_moe_few_tokens_equals_training_path(kw, kernel, monkeypatch):
+    """The decode MoE path (fused router+shared; routed experts through the C kernel, or without a
+    compiler through routed_rows) == the grouped training path on random inputs, including
+    group-limited routing and no shared expert."""
+    from sputnik.model import cpu_kernels
+    from sputnik.model.moe import MoE, moe_decode_weights, moe_few_tokens
 
+    if kernel and not cpu_kernels.routed_ffn_available():
+        pytest.skip("no C compiler: the CPU MoE kernel cannot be built")
+    monkeypatch.setattr(cpu_kernels, "routed_ffn_available", lambda: kernel)
     model = _v3(**kw)
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     with torch.no_grad():
@@ -208,6 +214,7 @@ def test_moe_few_tokens_equals_training_path(kw):
                 ref = moe(x_1ND)
             torch.testing.assert_close(moe_few_tokens(moe, x_1ND[0]), ref[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(moe(x_1ND), ref, atol=1e-5, rtol=1e-5)  # no_grad dispatch
+        assert ("gate_up_packed" in moe_decode_weights(moe)) == kernel
 
 
 def test_padded_experts_equal_the_grouped_path(monkeypatch):
@@ -220,7 +227,8 @@ def test_padded_experts_equal_the_grouped_path(monkeypatch):
     monkeypatch.setattr(moe_lib, "routed_experts_padded", lambda *a: taken.append(a[-1]) or padded_fn(*a))
     model = _v3(n_routed_experts=16)
     moe = next(m for m in model.modules() if isinstance(m, moe_lib.MoE))
-    w = moe_lib.moe_decode_weights(moe)
+    w = {"gate_up_ED2I": moe.experts.gate_up_proj.detach().transpose(1, 2).contiguous(),
+         "down_EID": moe.experts.down_proj.detach().transpose(1, 2).contiguous()}
     E, K = moe.num_experts, moe.top_k
     threads = torch.get_num_threads()
     try:
@@ -246,21 +254,21 @@ def test_padded_experts_equal_the_grouped_path(monkeypatch):
 
 
 def test_gathered_experts_equal_the_grouped_path():
-    """The compiled CPU decode path for <= 16 tokens (each slot's expert weights gathered, two bmm's)
+    """The compiled CPU decode path for a few tokens (each slot's expert weights gathered, two reductions)
     == the grouped sum, with experts shared between tokens and repeated within the batch."""
     from sputnik.model import moe as moe_lib
 
     model = _v3(n_routed_experts=16)
     moe = next(m for m in model.modules() if isinstance(m, moe_lib.MoE))
-    w = moe_lib.moe_decode_weights(moe)
     E, K = moe.num_experts, moe.top_k
+    gate_up_E2ID, down_EDI = moe.experts.gate_up_proj.detach(), moe.experts.down_proj.detach()
     for n in (1, 3, 16, 64):
         x_ND = torch.randn(n, model.config.hidden_size)
         idx_NK = torch.stack([torch.randperm(E)[:K] for _ in range(n)])
         idx_NK[-1] = idx_NK[0]  # two tokens on the same experts
         weight_NK = torch.rand(n, K)
-        ref = moe_lib.routed_experts_grouped(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"].transpose(1, 2),
-                                             w["down_EID"].transpose(1, 2), torch.bincount(idx_NK.flatten(), minlength=E))
+        ref = moe_lib.routed_experts_grouped(x_ND, idx_NK, weight_NK, gate_up_E2ID, down_EDI,
+                                             torch.bincount(idx_NK.flatten(), minlength=E))
         got = moe_lib.routed_experts_gathered(x_ND, idx_NK, weight_NK, moe.experts.gate_up_proj, moe.experts.down_proj)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -308,11 +316,16 @@ def test_static_decode_step_equals_forward_cached_and_follows_updates():
 
 
 @pytest.mark.slow  # one torch.compile: ~40-90 s on 2 shared cores
-def test_compiled_decode_equals_eager_and_never_uses_stale_weights():
+def test_compiled_decode_equals_eager_and_never_uses_stale_weights(monkeypatch):
     """Engine(compile=True): the torch.compile'd step (on CPU: static shapes, one graph per batch
     bucket of the decode-graph runner) gives the eager step's logits, also as rows finish and the batch
     moves to smaller buckets, and after an optimizer step (RL updates weights between generate() calls)
-    it decodes with the new weights: tokens and log-probs equal the eager engine's each time."""
+    it decodes with the new weights: tokens and log-probs equal the eager engine's each time. The
+    routed experts run gathered in the graph up to 2 rows and, where it builds, through the C kernel
+    as an opaque op from 3 (the bucket of 4)."""
+    from sputnik.model import moe as moe_lib
+
+    monkeypatch.setattr(moe_lib, "GATHER_MAX_TOKENS_KERNEL", 2)
     model = _v3()
     prompts = [[1, 2, 3], [4, 5], [6]]
     # Sampled (same seed on both sides) with frequent stop tokens, so rows finish at different steps

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from sputnik.model import cpu_kernels
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import MLP
 from sputnik.model.mla import cached_weights
@@ -331,8 +332,10 @@ def moe_decode_weights(moe: "MoE") -> dict:
 
 def moe_few_tokens(moe: "MoE", x_ND: torch.Tensor, w: dict | None = None) -> torch.Tensor:
     """MoE.forward for a handful of tokens without autograd: Router.forward's selection and gates and
-    the same sum, in fewer ops. In fp32 the router and the shared expert's gate/up share one matmul;
-    the routed experts run in `routed_rows` (opaque to torch.compile, eager inside). `w` is
+    the same sum, in fewer ops. In fp32 the router and the shared expert's gate/up share one matmul.
+    The routed experts: in fp32 on a CPU, the hand-written kernel (cpu_kernels.py, routed_ffn.c) when
+    it could be built, otherwise `routed_rows` (on CUDA the grouped GEMM), both opaque to
+    torch.compile; a compiled CPU step with a few tokens gathers them inside the graph instead. `w` is
     moe_decode_weights(moe), fetched by the caller when the step is compiled."""
     gate, shared = moe.gate, moe.shared_experts
     w = moe_decode_weights(moe) if w is None else w
@@ -354,11 +357,16 @@ def moe_few_tokens(moe: "MoE", x_ND: torch.Tensor, w: dict | None = None) -> tor
     if gate.norm_topk_prob:
         weight_NK = weight_NK / (weight_NK.sum(-1, keepdim=True) + 1e-20)
     weight_NK = (weight_NK * gate.routed_scaling_factor).to(x_ND.dtype)
-    if x_ND.device.type == "cpu" and x_ND.shape[0] <= GATHER_MAX_TOKENS and torch.compiler.is_compiling():
+    compiling, kernel = torch.compiler.is_compiling(), "gate_up_packed" in w
+    gather_max = GATHER_MAX_TOKENS_KERNEL if kernel else GATHER_MAX_TOKENS
+    if compiling and x_ND.device.type == "cpu" and x_ND.shape[0] <= gather_max:
         experts = moe.experts  # the parameters' layouts suit the gathered form: no derived copies
         routed_ND = routed_experts_gathered(x_ND, topk_idx_NK, weight_NK, experts.gate_up_proj, experts.down_proj)
+    elif kernel:
+        rows = cpu_kernels.routed_ffn_rows if compiling else cpu_kernels._routed_ffn_rows
+        routed_ND = rows(x_ND, topk_idx_NK, weight_NK, w["gate_up_packed"], w["down_packed"])
     else:
-        rows = routed_rows if torch.compiler.is_compiling() else _routed_rows
+        rows = routed_rows if compiling else _routed_rows
         routed_ND = rows(x_ND, topk_idx_NK, weight_NK, w["gate_up_ED2I"], w["down_EID"])
     return (y_ND + routed_ND).to(x_ND.dtype)
 
@@ -399,8 +407,13 @@ def _routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch
 # stop 18): routed_rows 1.34 / 1.73 / 2.39 / 2.90 / 3.30 / 4.28, gathered (bmm form) 1.01 / 1.22 / 1.45
 # / 1.88 / 2.85 / 4.62. With the reduction form and static shapes (stop 19), the gathered step at batch
 # 32 / 48 / 64: 3.39-3.49 / 4.50 / 5.77 vs routed_rows 3.96 / 4.99 / 6.05 ms. Eager it loses (batch 8 /
-# 16: 3.62 / 5.41 vs 3.04 / 3.56 ms): inductor does better with the gathers.
-GATHER_MAX_TOKENS = 64
+# 16: 3.62 / 5.41 vs 3.04 / 3.56 ms): inductor does better with the gathers. Against the C kernel
+# (cpu_kernels.py), an opaque call costing ~25 us more than a fused in-graph kernel, the gathered form
+# still wins up to 16 tokens and loses from 32 (stop 20, same process, alternating, generated tok/s at
+# batch 1 / 8 / 16 / 24 / 32 / 64: gathered 1270 / 5595 / 7281 / 8203 / 9268 / 10905, kernel 1008 /
+# 4782 / 6855 / 8328 / 9711 / 11975).
+GATHER_MAX_TOKENS = 64  # compiled steps without the C kernel
+GATHER_MAX_TOKENS_KERNEL = 16  # compiled steps with it
 
 
 def routed_experts_gathered(x_ND, topk_idx_NK, weight_NK, gate_up_E2ID, down_EDI):
@@ -460,8 +473,14 @@ def _(x_ND, topk_idx_NK, weight_NK, gate_up_ED2I, down_EID):
 
 
 def _build_few_token_weights(moe: "MoE", fused: bool) -> dict:
-    w = {"gate_up_ED2I": moe.experts.gate_up_proj.transpose(1, 2).contiguous(),
-         "down_EID": moe.experts.down_proj.transpose(1, 2).contiguous()}
+    gate_up_ED2I = moe.experts.gate_up_proj.transpose(1, 2)
+    down_EID = moe.experts.down_proj.transpose(1, 2)
+    kernel = (gate_up_ED2I.device.type == "cpu" and gate_up_ED2I.dtype == torch.float32
+              and not torch.is_autocast_enabled("cpu") and cpu_kernels.routed_ffn_available())
+    if kernel:  # fp32 on a CPU with a C compiler: routed_ffn.c, with its packed copies
+        w = {"gate_up_packed": cpu_kernels.pack_strips(gate_up_ED2I), "down_packed": cpu_kernels.pack_strips(down_EID)}
+    else:
+        w = {"gate_up_ED2I": gate_up_ED2I.contiguous(), "down_EID": down_EID.contiguous()}
     if fused:
         s = moe.shared_experts
         w["router_shared"] = torch.cat([moe.gate.weight.float(), s.gate_proj.weight, s.up_proj.weight]).t().contiguous()
