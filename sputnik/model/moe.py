@@ -400,7 +400,7 @@ def _routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch
     return y_ND
 
 
-# Gathered experts (CPU, compiled decode steps, up to 64 tokens): each (token, expert) slot reads its
+# Gathered experts (CPU, compiled decode steps with a few tokens): each (token, expert) slot reads its
 # expert's weights and the FFN runs as two reductions over the slots. The shapes are static and
 # nothing leaves the graph: inside a compiled step it replaces the opaque `routed_rows` call (a Python
 # body of ~20 eager ops). Compiled step, tiny, 2 threads, ms at batch 1 / 2 / 4 / 8 / 16 / 32 (LOG.md,
@@ -408,12 +408,11 @@ def _routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch
 # / 1.88 / 2.85 / 4.62. With the reduction form and static shapes (stop 19), the gathered step at batch
 # 32 / 48 / 64: 3.39-3.49 / 4.50 / 5.77 vs routed_rows 3.96 / 4.99 / 6.05 ms. Eager it loses (batch 8 /
 # 16: 3.62 / 5.41 vs 3.04 / 3.56 ms): inductor does better with the gathers. Against the C kernel
-# (cpu_kernels.py), an opaque call costing ~25 us more than a fused in-graph kernel, the gathered form
-# still wins up to 16 tokens and loses from 32 (stop 20, same process, alternating, generated tok/s at
-# batch 1 / 8 / 16 / 24 / 32 / 64: gathered 1270 / 5595 / 7281 / 8203 / 9268 / 10905, kernel 1008 /
-# 4782 / 6855 / 8328 / 9711 / 11975).
+# (cpu_kernels.py), an opaque call that costs a few us more than a fused in-graph kernel, the gathered
+# form still wins up to 8 tokens (stop 20, same process, alternating, generated tok/s at batch 1 / 8 /
+# 16 / 24 / 32: gathered 1265 / 5645 / 8014 / 8755 / 9429, kernel 1171 / 5480 / 8177 / 9359 / 10551).
 GATHER_MAX_TOKENS = 64  # compiled steps without the C kernel
-GATHER_MAX_TOKENS_KERNEL = 16  # compiled steps with it
+GATHER_MAX_TOKENS_KERNEL = 8  # compiled steps with it
 
 
 def routed_experts_gathered(x_ND, topk_idx_NK, weight_NK, gate_up_E2ID, down_EDI):

@@ -74,63 +74,58 @@ static int64_t strips(int64_t n) { return (n + COLS - 1) / COLS; }
 /* The strip width the weights must be packed with (cpu_kernels.pack_strips). */
 int routed_ffn_cols(void) { return COLS; }
 
-/* x [N, D]; idx, wgt [N, K]; gate_up, down packed (see the top); slot_out [N*K, D] scratch; out [N, D].
+/* x [N, D]; idx, wgt [N, K]; gate_up, down packed (see the top); out [N, D].
    Returns 0, -1 when an expert index is out of range (out untouched), -2 when out of memory. */
 int routed_ffn(const float *x, const int64_t *idx, const float *wgt, const float *gate_up, const float *down,
-               float *slot_out, float *out, int64_t N, int64_t K, int64_t E, int64_t D, int64_t I, int nthreads) {
-    const int64_t S = N * K;
-    int64_t *count = calloc((size_t)E + 1, sizeof(int64_t));
-    int64_t *order = malloc((size_t)(S > 0 ? S : 1) * sizeof(int64_t));
-    int64_t *tile_start = malloc((size_t)(S + E + 1) * sizeof(int64_t));
-    if (!count || !order || !tile_start) {
-        free(count); free(order); free(tile_start);
+               float *out, int64_t N, int64_t K, int64_t E, int64_t D, int64_t I, int nthreads) {
+    const int64_t S = N * K, I2 = 2 * I;
+    if (nthreads < 1) nthreads = 1;
+    for (int64_t s = 0; s < S; ++s)
+        if (idx[s] < 0 || idx[s] >= E) return -1;
+    /* start[e]: first position of expert e in `order` (slots grouped by expert, stable); tiles: runs of
+       <= TILE_ROWS positions of one expert */
+    int64_t *ints = malloc((size_t)(2 * (E + 1) + 2 * S + E + 1) * sizeof(int64_t));
+    float *floats = malloc((size_t)(nthreads * TILE_ROWS * I2 + S * D) * sizeof(float));
+    if (!ints || !floats) {
+        free(ints); free(floats);
         return -2;
     }
-    for (int64_t s = 0; s < S; ++s) {
-        if (idx[s] < 0 || idx[s] >= E) { free(count); free(order); free(tile_start); return -1; }
-        count[idx[s] + 1]++;
-    }
-    for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e]; /* count[e] = first position of expert e */
-    int64_t *fill = malloc((size_t)E * sizeof(int64_t));
-    if (!fill) { free(count); free(order); free(tile_start); return -2; }
-    memcpy(fill, count, (size_t)E * sizeof(int64_t));
-    for (int64_t s = 0; s < S; ++s) order[fill[idx[s]]++] = s; /* stable: slots of an expert in order */
-    free(fill);
-    /* tiles: runs of <= TILE_ROWS consecutive positions of one expert */
+    int64_t *start = ints, *fill = start + E + 1, *order = fill + E + 1, *tile_start = order + S;
+    float *scratch = floats, *slot_out = floats + nthreads * TILE_ROWS * I2; /* per thread: gate | up, then the hidden */
+    memset(start, 0, (size_t)(E + 1) * sizeof(int64_t));
+    for (int64_t s = 0; s < S; ++s) start[idx[s] + 1]++;
+    for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+    memcpy(fill, start, (size_t)E * sizeof(int64_t));
+    for (int64_t s = 0; s < S; ++s) order[fill[idx[s]]++] = s;
     int64_t num_tiles = 0;
     for (int64_t e = 0; e < E; ++e)
-        for (int64_t p = count[e]; p < count[e + 1]; p += TILE_ROWS) tile_start[num_tiles++] = p;
-    const int64_t I2 = 2 * I;
-    if (nthreads < 1) nthreads = 1;
-    float *scratch = malloc((size_t)(nthreads * TILE_ROWS * I2) * sizeof(float)); /* per thread: gate | up, then the hidden */
-    if (!scratch) { free(count); free(order); free(tile_start); return -2; }
+        for (int64_t p = start[e]; p < start[e + 1]; p += TILE_ROWS) tile_start[num_tiles++] = p;
 
 #pragma omp parallel num_threads(nthreads)
     {
         float *h = scratch + (int64_t)omp_get_thread_num() * TILE_ROWS * I2;
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < num_tiles; ++t) {
-                const int64_t p0 = tile_start[t];
-                const int64_t e = idx[order[p0]];
-                int nr = 0;
-                const float *xr[TILE_ROWS];
-                float *hr[TILE_ROWS], *yr[TILE_ROWS];
-                for (; nr < TILE_ROWS && p0 + nr < S && idx[order[p0 + nr]] == e; ++nr) {
-                    const int64_t s = order[p0 + nr];
-                    xr[nr] = x + (s / K) * D;
-                    hr[nr] = h + nr * I2;
-                    yr[nr] = slot_out + s * D;
-                }
-                rows_times(nr, xr, D, gate_up + e * D * strips(I2) * COLS, I2, hr);
-                for (int r = 0; r < nr; ++r) {
-                    const float ws = wgt[order[p0 + r]];
-                    float *g = hr[r], *u = hr[r] + I;
-                    for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + expf(-g[i])) * (u[i] * ws);
-                }
-                rows_times(nr, (const float *const *)hr, I, down + e * I * strips(D) * COLS, D, yr);
+        for (int64_t t = 0; t < num_tiles; ++t) {
+            const int64_t p0 = tile_start[t], e = idx[order[p0]];
+            const float *xr[TILE_ROWS];
+            float *hr[TILE_ROWS], *yr[TILE_ROWS];
+            int nr = 0;
+            for (; nr < TILE_ROWS && p0 + nr < start[e + 1]; ++nr) {
+                const int64_t s = order[p0 + nr];
+                xr[nr] = x + (s / K) * D;
+                hr[nr] = h + nr * I2;
+                yr[nr] = slot_out + s * D;
             }
+            rows_times(nr, xr, D, gate_up + e * D * strips(I2) * COLS, I2, hr);
+            for (int r = 0; r < nr; ++r) {
+                const float ws = wgt[order[p0 + r]];
+                float *g = hr[r], *u = hr[r] + I;
+                for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.f + expf(-g[i])) * (u[i] * ws);
+            }
+            rows_times(nr, (const float *const *)hr, I, down + e * I * strips(D) * COLS, D, yr);
+        }
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; ++n) {
+        for (int64_t n = 0; n < N; ++n) { /* the K slots of a token, summed in slot order */
             float *o = out + n * D;
             memcpy(o, slot_out + n * K * D, (size_t)D * sizeof(float));
             for (int64_t k = 1; k < K; ++k) {
@@ -139,6 +134,6 @@ int routed_ffn(const float *x, const int64_t *idx, const float *wgt, const float
             }
         }
     }
-    free(count); free(order); free(tile_start); free(scratch);
+    free(ints); free(floats);
     return 0;
 }
