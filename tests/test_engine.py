@@ -199,7 +199,8 @@ def test_moe_few_tokens_equals_training_path(kw, kernel, monkeypatch):
     compiler through routed_rows) == the grouped training path on random inputs, including
     group-limited routing and no shared expert."""
     from sputnik.model import cpu_kernels
-    from sputnik.model.moe import MoE, moe_decode_weights, moe_few_tokens
+    from sputnik.model.moe import MoE
+    from sputnik.model.moe_decode import moe_decode_weights, moe_few_tokens
 
     if kernel and not cpu_kernels.routed_ffn_available():
         pytest.skip("no C compiler: the CPU MoE kernel cannot be built")
@@ -221,10 +222,11 @@ def test_padded_experts_equal_the_grouped_path(monkeypatch):
     """The CPU multi-thread decode path for >= 16 tokens (experts padded to a common capacity, two
     bmm's) == the grouped sum, both when it is taken and for routing too skewed for it."""
     from sputnik.model import moe as moe_lib
+    from sputnik.model import moe_decode
 
     taken = []
-    padded_fn = moe_lib.routed_experts_padded
-    monkeypatch.setattr(moe_lib, "routed_experts_padded", lambda *a: taken.append(a[-1]) or padded_fn(*a))
+    padded_fn = moe_decode.routed_experts_padded
+    monkeypatch.setattr(moe_decode, "routed_experts_padded", lambda *a: taken.append(a[-1]) or padded_fn(*a))
     model = _v3(n_routed_experts=16)
     moe = next(m for m in model.modules() if isinstance(m, moe_lib.MoE))
     w = {"gate_up_ED2I": moe.experts.gate_up_proj.detach().transpose(1, 2).contiguous(),
@@ -242,7 +244,7 @@ def test_padded_experts_equal_the_grouped_path(monkeypatch):
             counts_E = torch.bincount(idx_NK.flatten(), minlength=E)
             ref = moe_lib.routed_experts_grouped(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"].transpose(1, 2),
                                                  w["down_EID"].transpose(1, 2), counts_E)
-            got = moe_lib._routed_rows(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"], w["down_EID"])
+            got = moe_decode._routed_rows(x_ND, idx_NK, weight_NK, w["gate_up_ED2I"], w["down_EID"])
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
             assert len(taken) == (0 if skew else 1)
             taken.clear()
@@ -257,6 +259,7 @@ def test_gathered_experts_equal_the_grouped_path():
     """The compiled CPU decode path for a few tokens (each slot's expert weights gathered, two reductions)
     == the grouped sum, with experts shared between tokens and repeated within the batch."""
     from sputnik.model import moe as moe_lib
+    from sputnik.model import moe_decode
 
     model = _v3(n_routed_experts=16)
     moe = next(m for m in model.modules() if isinstance(m, moe_lib.MoE))
@@ -269,7 +272,7 @@ def test_gathered_experts_equal_the_grouped_path():
         weight_NK = torch.rand(n, K)
         ref = moe_lib.routed_experts_grouped(x_ND, idx_NK, weight_NK, gate_up_E2ID, down_EDI,
                                              torch.bincount(idx_NK.flatten(), minlength=E))
-        got = moe_lib.routed_experts_gathered(x_ND, idx_NK, weight_NK, moe.experts.gate_up_proj, moe.experts.down_proj)
+        got = moe_decode.routed_experts_gathered(x_ND, idx_NK, weight_NK, moe.experts.gate_up_proj, moe.experts.down_proj)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -323,9 +326,9 @@ def test_compiled_decode_equals_eager_and_never_uses_stale_weights(monkeypatch):
     it decodes with the new weights: tokens and log-probs equal the eager engine's each time. The
     routed experts run gathered in the graph up to 2 rows and, where it builds, through the C kernel
     as an opaque op from 3 (the bucket of 4)."""
-    from sputnik.model import moe as moe_lib
+    from sputnik.model import moe_decode
 
-    monkeypatch.setattr(moe_lib, "GATHER_MAX_TOKENS_KERNEL", 2)
+    monkeypatch.setattr(moe_decode, "GATHER_MAX_TOKENS_KERNEL", 2)
     model = _v3()
     prompts = [[1, 2, 3], [4, 5], [6]]
     # Sampled (same seed on both sides) with frequent stop tokens, so rows finish at different steps

@@ -129,7 +129,7 @@ def pack_strips(w_EKN: torch.Tensor) -> torch.Tensor:
 def _routed_ffn_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch.Tensor,
                      gate_up_packed: torch.Tensor, down_packed: torch.Tensor) -> torch.Tensor:
     """Σ_k w_{n,k} FFN_{idx_{n,k}}(x_n) through routed_ffn.c, fp32 CPU tensors; the weights are
-    pack_strips(gate_up [E, D, 2I]) and pack_strips(down [E, I, D]) (moe_decode_weights builds them).
+    pack_strips(gate_up [E, D, 2I]) and pack_strips(down [E, I, D]) (moe_decode.moe_decode_weights builds them).
     Same values as moe.routed_experts_grouped up to the order of summation. The checks guard the raw
     pointers the C code reads; they are written for speed (this runs per MoE layer per decode step)."""
     fn = _checked_library().routed_ffn

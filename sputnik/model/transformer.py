@@ -18,7 +18,8 @@ from sputnik.model.block import Block
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import MLP, RMSNorm
 from sputnik.model.mla import DecodeStep, MLACache, cached_weights, rms_norm_rows
-from sputnik.model.moe import MoE, mlp_decode_weights, mlp_rows, moe_decode_weights, moe_few_tokens
+from sputnik.model.moe import MoE
+from sputnik.model.moe_decode import mlp_decode_weights, mlp_rows, moe_decode_weights, moe_few_tokens
 from sputnik.model.mtp import MTPModule
 from sputnik.model.output import ModelOutput
 from sputnik.model.rope import RotaryTables
