@@ -62,12 +62,14 @@ def _task(cfg: EvalConfig):
 
 
 def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None) -> tuple[float, float]:
-    """(exact-match accuracy, generated tokens/s) of greedy decoding on n held-out problems split
-    over `tasks` (test split, deterministic from seed). `render(prompt) -> ids` defaults to the chat
-    prompt; RL's R1-Zero recipe passes its template. Used by the RL and distillation stages."""
+    """(exact-match accuracy, generated tokens/s) of greedy decoding on tasks.heldout_examples(tasks,
+    n, seed): the problems SFT evaluates on too, so the stages' accuracies compare. `render(prompt) ->
+    ids` defaults to the chat prompt; RL's R1-Zero recipe passes its template. Used by the RL and
+    distillation stages."""
+    from sputnik.tasks import heldout_examples
+
     render = render or tokenizer.render_prompt
-    per_task = max(1, n // len(tasks))
-    exs = [ex for t in tasks for ex in t.generate(per_task, split="test", seed=seed)]
+    exs = heldout_examples(tasks, n, seed)
     by_name = {t.name: t for t in tasks}
     outs = engine.generate([render(ex.prompt) for ex in exs], SamplingParams(
         max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=(tokenizer.eot_id,)))

@@ -54,7 +54,7 @@ def make_data(cfg: Config):
     from sputnik.data import read_sft_jsonl, sft_batches, split_documents
 
     def check(tokenizer, dist):
-        from sputnik.tasks import format_completion, mixture
+        from sputnik.tasks import format_completion, heldout_examples, mixture
 
         pairs, eval_pairs, eval_examples = [], [], []
         for path in cfg.data:
@@ -67,7 +67,7 @@ def make_data(cfg: Config):
             tasks = tc.parse_tasks(cfg.tasks)
             pairs += [(ex.prompt, format_completion(ex)) for ex in mixture(tasks, cfg.num_examples, "train", cfg.seed)]
             if cfg.eval_examples:
-                eval_examples = mixture(tasks, cfg.eval_examples, "test", cfg.seed)
+                eval_examples = heldout_examples(tasks, cfg.eval_examples, cfg.seed)
                 eval_pairs += [(ex.prompt, format_completion(ex)) for ex in eval_examples]
         kw = dict(rank=dist.rank, world_size=dist.world_size)
         train = sft_batches(pairs, tokenizer, cfg.batch_size, cfg.max_len, seed=cfg.seed, name="sft data", **kw)

@@ -27,7 +27,7 @@ from sputnik.tasks.reasoning_gym import ReasoningGymTask
 from sputnik.tasks.word_problems import WordProblems
 
 __all__ = ["Example", "Verdict", "Task", "split_of", "format_completion", "get_task", "list_tasks", "describe_task",
-           "verify", "mixture", "corpus_text", "example_text", "gsm8k", "svamp", "JsonlTask", "load_jsonl",
+           "verify", "mixture", "heldout_examples", "corpus_text", "example_text", "gsm8k", "svamp", "JsonlTask", "load_jsonl",
            "load_gsm8k", "load_svamp", "REGISTRY"]
 
 REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (
@@ -123,6 +123,13 @@ def mixture(names_or_tasks: list, n: int, split: str = "train", seed: int = 0,
         for k, ex in enumerate(task.generate(count, split=split, seed=seed * 1_000_003 + i)):
             slots.append(((k + 0.5) / count, i, ex))
     return [ex for _, _, ex in sorted(slots, key=lambda s: s[:2])]
+
+
+def heldout_examples(names_or_tasks: list, n: int, seed: int = 0) -> list[Example]:
+    """The n held-out (test-split) problems every stage reports its accuracy on: SFT's evaluation,
+    RL's held-out accuracy and the distillation report use this one set for a given task list and
+    seed, so the report card compares the stages on the same problems."""
+    return mixture(names_or_tasks, n, split="test", seed=seed)
 
 
 def example_text(example: Example) -> str:
