@@ -140,7 +140,7 @@ class OursState:
 
 
 def make_ours(model, tokenizer, device: str = "cpu", tokens: int = 64, amp: bool = False,
-              micro_batch: int = OURS_MICRO_BATCH, compile: bool = False) -> OursState:
+              micro_batch: int = OURS_MICRO_BATCH, compile: bool = False, share_prompts: str = "auto") -> OursState:
     """Our GRPO on `model` (a sputnik Transformer) the way `sputnik rl` sets it up, with the
     benchmark's settings: DAPO, beta 0, μ = 1, `micro_batch` rows per forward/backward (one optimizer
     step either way: the token mean divides by the whole batch's token count), no dynamic sampling
@@ -154,7 +154,7 @@ def make_ours(model, tokenizer, device: str = "cpu", tokens: int = 64, amp: bool
     dev = torch.device(device)
     dc = DeviceChoice(dev, torch.bfloat16 if amp else torch.float32, "benchmark")
     cfg = RLConfig(init="<bench>", variant="dapo", beta=0.0, prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP,
-                   max_new_tokens=tokens, temperature=1.0, micro_batch=micro_batch,
+                   max_new_tokens=tokens, temperature=1.0, micro_batch=micro_batch, share_prompts=share_prompts,
                    dynamic_sampling=False, optim=OptimConfig(lr=LR, warmup_steps=0, schedule="constant",
                                                              weight_decay=0.0))
     model = model.to(dev)
@@ -230,7 +230,7 @@ def worker_ours(args) -> None:
     d = Path(args.dir) / "model"
     model, tok = load_hf(d, dtype=torch.float32), Tokenizer.load(d)
     st = make_ours(model, tok, args.device, args.tokens, amp=args.amp, micro_batch=args.micro_batch,
-                   compile=args.compile)
+                   compile=args.compile, share_prompts=args.share_prompts)
     prompts = json.loads((Path(args.dir) / "prompts.json").read_text())
     emit(dict(event="ready", **memory_record(args.device)))
     i = 0
@@ -325,7 +325,8 @@ class Worker:
                "--steps", str(args.steps), "--seed", str(args.seed), "--micro-batch", str(args.micro_batch),
                "--trl-micro-batch", str(args.trl_micro_batch), "--keep-freed-memory", args.keep_freed_memory]
                + (["--amp"] if args.amp else []) + (["--compile"] if args.compile else [])
-               + (["--trl-compile"] if args.trl_compile else []))
+               + (["--trl-compile"] if args.trl_compile else [])
+               + ["--share-prompts", args.share_prompts])
         self.side = side
         self.log = open(Path(args.dir) / f"{side}.log", "w")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
@@ -380,6 +381,9 @@ def main() -> int:
     ap.add_argument("--keep-freed-memory", default="ours", choices=["ours", "both", "none"],
                     help="which workers get sputnik.common.keep_freed_memory() (glibc keeps freed memory instead "
                          "of page-faulting it back in); the `sputnik` CLI always sets it, TRL does not")
+    ap.add_argument("--share-prompts", default="auto", choices=["auto", "always", "never"],
+                    help="ours: `sputnik rl --share_prompts` (auto: each prompt computed once in the update "
+                         "when that saves >= 1/3 of its tokens; not at this benchmark's 10 + 64 tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -437,6 +441,7 @@ def main() -> int:
                   threads=args.threads,
                   keep_freed_memory=args.keep_freed_memory,
                   ours_micro_batch=args.micro_batch, trl_micro_batch=args.trl_micro_batch,
+                  share_prompts=args.share_prompts,
                   warm=args.warm, steps=args.steps, prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP,
                   torch=torch.__version__, model=info, sides={})
     for s in sides:

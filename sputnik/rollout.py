@@ -85,3 +85,75 @@ def policy_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, chunk_
     logp_BT = torch.zeros(mask_BT.shape, dtype=logp_N.dtype, device=logp_N.device).masked_scatter(mask_BT, logp_N)
     ent_BT = torch.zeros(mask_BT.shape, dtype=ent_N.dtype, device=ent_N.device).masked_scatter(mask_BT, ent_N)
     return logp_BT, ent_BT
+
+
+def shared_prompt_rows(batch: RolloutBatch):
+    """The rows of `batch` with targets as unique prompts + packed completion tokens (shared_prompt.py):
+    -> (prompt_ids_PT, prompt_lens_P, comp_ids_N, pack, rows_C). A row's prompt is its input up to its
+    first target (position p − 1 predicts completion token 0); its completion input is the next n − 1
+    tokens (n targets). Rows with the same prompt tokens share one prompt."""
+    from sputnik.model.shared_prompt import CompletionPack
+
+    has_BT = batch.targets_BT != -100
+    n_B = has_BT.sum(1)
+    rows_C = (n_B > 0).nonzero().flatten()
+    first_C = has_BT[rows_C].int().argmax(1)
+    ids = batch.input_ids_BT
+    groups: dict[tuple, int] = {}
+    prompts, group = [], []
+    for r, f in zip(rows_C.tolist(), first_C.tolist()):
+        key = tuple(ids[r, : f + 1].tolist())
+        if key not in groups:
+            groups[key] = len(prompts)
+            prompts.append(key)
+        group.append(groups[key])
+    dev = ids.device
+    prompt_lens_P = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
+    prompt_ids_PT = torch.zeros(len(prompts), int(prompt_lens_P.max()) if prompts else 1, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        prompt_ids_PT[i, : len(p)] = torch.tensor(p, device=dev)
+    lens_C = n_B[rows_C] - 1
+    row_N = torch.repeat_interleave(torch.arange(len(rows_C), device=dev), lens_C)
+    pos_N = torch.arange(row_N.shape[0], device=dev) - (torch.cumsum(lens_C, 0) - lens_C)[row_N]
+    comp_ids_N = ids[rows_C[row_N], first_C[row_N] + 1 + pos_N]
+    pack = CompletionPack(row_N, pos_N, torch.tensor(group, dtype=torch.long, device=dev),
+                          int(lens_C.max()) if len(rows_C) else 0)
+    return prompt_ids_PT, prompt_lens_P, comp_ids_N, pack, rows_C
+
+
+def policy_logprobs_shared(model, batch: RolloutBatch, temperature: float = 1.0, chunk_size: int = 1024,
+                           vocab_limit: int | None = None):
+    """policy_logprobs with each distinct prompt of the batch computed once (shared_prompt.py): the
+    same values up to float rounding, and the same gradients. Our DeepSeek-V3 models only
+    (shared_prompt.supports_shared_prompts). Counts expert load on the real tokens of both parts."""
+    from sputnik.model.moe import count_load_where
+    from sputnik.model.shared_prompt import hidden_states_prefixed
+
+    prompt_ids_PT, prompt_lens_P, comp_ids_N, pack, rows_C = shared_prompt_rows(batch)
+    P, T = prompt_ids_PT.shape
+    dev = prompt_ids_PT.device
+    valid_1M = torch.cat([(torch.arange(T, device=dev)[None, :] < prompt_lens_P[:, None]).flatten(),
+                          torch.ones_like(comp_ids_N, dtype=torch.bool)])[None]
+    with count_load_where(model, valid_1M):
+        hp_PTD, hc_ND = hidden_states_prefixed(model, prompt_ids_PT, prompt_lens_P, comp_ids_N, pack)
+    # The hidden state that predicts each target, in the row-major order of the targets: target j of
+    # row c comes from its prompt's last position (j = 0) or from its own packed token j − 1.
+    mask_BT = batch.targets_BT != -100
+    b_N, t_N = mask_BT.nonzero(as_tuple=True)
+    c_of_B = torch.full((mask_BT.shape[0],), -1, dtype=torch.long, device=dev)
+    c_of_B[rows_C] = torch.arange(len(rows_C), device=dev)
+    c_N = c_of_B[b_N]
+    g_N = pack.group_C[c_N]
+    j_N = t_N - (prompt_lens_P[g_N] - 1)
+    lens_C = torch.bincount(pack.row_N, minlength=len(rows_C))
+    start_C = torch.cumsum(lens_C, 0) - lens_C
+    src_N = torch.where(j_N == 0, g_N * T + prompt_lens_P[g_N] - 1, P * T + start_C[c_N] + (j_N - 1).clamp(min=0))
+    h_ND = torch.cat([hp_PTD.reshape(P * T, -1), hc_ND]).index_select(0, src_N)
+    weight_VD = model.lm_head.weight
+    if vocab_limit is not None and weight_VD.shape[0] > vocab_limit:
+        weight_VD = weight_VD[:vocab_limit]
+    logp_N, ent_N = token_logprobs(h_ND, weight_VD, batch.targets_BT[mask_BT], temperature=temperature,
+                                   chunk_size=chunk_size)
+    logp_BT = torch.zeros(mask_BT.shape, dtype=logp_N.dtype, device=dev).masked_scatter(mask_BT, logp_N)
+    ent_BT = torch.zeros(mask_BT.shape, dtype=ent_N.dtype, device=dev).masked_scatter(mask_BT, ent_N)
+    return logp_BT, ent_BT

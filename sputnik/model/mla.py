@@ -267,13 +267,7 @@ class MLA(nn.Module):
         positions. Without a cache: causal self-attention over the T tokens (training, scoring).
         With a cache (after `cache.prepare`): append the T tokens and attend over the row's past."""
         B, T, _ = x_BTD.shape
-        q_BTHK = (self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD))) if self.q_lora_rank > 0
-                  else self.q_proj(x_BTD)).view(B, T, self.H, self.N + self.R)
-        q_nope_BTHN, q_rope_BTHR = q_BTHK.split([self.N, self.R], dim=-1)
-        q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin)
-        c_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.C, self.R], dim=-1)
-        c_BTC = self.kv_a_layernorm(c_BTC)  # the RMSNorm touches the latent only, never k_R
-        k_rope_BT1R = apply_rope(k_rope_BTR.unsqueeze(2), cos, sin)
+        q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R = self.project(x_BTD, cos, sin)
         if cache is None:
             o_BTHV = self._attend_naive(q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R)
         else:
@@ -281,15 +275,33 @@ class MLA(nn.Module):
             o_BTHV = self._attend_absorbed(q_nope_BTHN, q_rope_BTHR, kv_BSX, cache.key_mask_BT1S)
         return self.o_proj(o_BTHV.reshape(B, T, self.H * self.V))
 
-    def _attend_naive(self, q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R) -> torch.Tensor:
-        """Expanded K/V per head, fused causal SDPA. Cheaper than the absorbed form when queries
-        and keys are the same T tokens (K-dim scores instead of C+R; §1.6)."""
+    def project(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """-> q_nope [B,T,H,N], q_rope [B,T,H,R] (rotated), the normed latent c_KV [B,T,C] and the
+        rotated shared key k_R [B,T,1,R]: everything before attention."""
+        B, T, _ = x_BTD.shape
+        q_BTHK = (self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD))) if self.q_lora_rank > 0
+                  else self.q_proj(x_BTD)).view(B, T, self.H, self.N + self.R)
+        q_nope_BTHN, q_rope_BTHR = q_BTHK.split([self.N, self.R], dim=-1)
+        q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin)
+        c_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.C, self.R], dim=-1)
+        c_BTC = self.kv_a_layernorm(c_BTC)  # the RMSNorm touches the latent only, never k_R
+        k_rope_BT1R = apply_rope(k_rope_BTR.unsqueeze(2), cos, sin)
+        return q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R
+
+    def heads(self, q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R):
+        """Per-head q, k [B,H,T,N+R] and v [B,H,T,V] of the naive (expanded) form."""
         B, T, H = q_nope_BTHN.shape[:3]
         kv_BTHX = self.kv_b_proj(c_BTC).view(B, T, H, self.N + self.V)
         k_nope_BTHN, v_BTHV = kv_BTHX.split([self.N, self.V], dim=-1)
         q_BHTK = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1).transpose(1, 2)
         k_BHTK = torch.cat([k_nope_BTHN, k_rope_BT1R.expand(B, T, H, self.R)], dim=-1).transpose(1, 2)
-        v_BHTV = v_BTHV.transpose(1, 2)
+        return q_BHTK, k_BHTK, v_BTHV.transpose(1, 2)
+
+    def _attend_naive(self, q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R) -> torch.Tensor:
+        """Expanded K/V per head, fused causal SDPA. Cheaper than the absorbed form when queries
+        and keys are the same T tokens (K-dim scores instead of C+R; §1.6)."""
+        B, T, H = q_nope_BTHN.shape[:3]
+        q_BHTK, k_BHTK, v_BHTV = self.heads(q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R)
         K = self.N + self.R
         if (q_BHTK.device.type == "cpu" and q_BHTK.dtype == torch.float32 and torch.is_grad_enabled()
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()

@@ -1,0 +1,101 @@
+"""Training forward with each prompt computed once for all the completions sampled from it.
+
+A GRPO group is one prompt and G completions. The plain forward runs G sequences [prompt; c_i], so
+every prompt token goes through every layer (and back) G times. Here the prompts run once, as their
+own rows, and each completion row attends to its prompt's keys and values plus its own (causal):
+
+    prompt row  p:  o_t = attn(q_t, K_p[0..t], V_p[0..t])                      (causal)
+    completion  i:  o_j = attn(q_j, [K_p[0..|p|); K_i[0..j]], [V_p; V_i])       (positions |p| + j)
+
+which is the same attention the plain forward computes for [prompt; c_i], over the same keys, in a
+different order of summation; everything else in a block is per token. The gradient reaching a
+prompt token is the sum over its completions, as autograd gives it for the plain forward. Expert
+load is counted once per prompt token (it is computed once).
+
+Completion rows have different lengths: their tokens are packed (N tokens, no padding) for all the
+token-wise work, and padded to [C, L] only inside attention.
+
+Shape legend: P prompts, T prompt length (padded), C completion rows, L longest completion, N packed
+completion tokens, M = P·T + N, D hidden, H heads, K = qk head dim, V = v head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mla_prefixed(mla, xp_PTD, xc_ND, rope_p, rope_c, prompt_lens_P, pack):
+    """MLA.forward for prompt rows [P, T, D] and packed completion tokens [N, D] (`pack`: see
+    CompletionPack) that attend to their prompt. -> (out_PTD, out_ND). Token-wise work runs on the
+    packed tokens; only the attention itself sees the completions padded to [C, L]."""
+    P, T, _ = xp_PTD.shape
+    C, L = pack.rows, pack.length
+    q_p, k_p, v_p = mla.heads(*mla.project(xp_PTD, *rope_p))
+    q_n, k_n, v_n = mla.heads(*mla.project(xc_ND[None], *rope_c))  # [1, H, N, ·]
+    q_c, k_c, v_c = (pack.pad(t[0].transpose(0, 1)).transpose(1, 2) for t in (q_n, k_n, v_n))  # [C, H, L, ·]
+    K = q_p.shape[-1]
+    if mla.V < K:  # as MLA._attend_naive: SDPA's fast kernels want V == K; zero columns are exact
+        v_p, v_c = F.pad(v_p, (0, K - mla.V)), F.pad(v_c, (0, K - mla.V))
+    o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, scale=mla.scale)[..., : mla.V]
+    k_all = torch.cat([k_p.index_select(0, pack.group_C), k_c], dim=2)  # [C, H, T + L, K]
+    v_all = torch.cat([v_p.index_select(0, pack.group_C), v_c], dim=2)
+    seen_CT = torch.arange(T, device=xp_PTD.device)[None, :] < prompt_lens_P.index_select(0, pack.group_C)[:, None]
+    causal_LL = torch.ones(L, L, dtype=torch.bool, device=xp_PTD.device).tril()
+    mask_C1LS = torch.cat([seen_CT[:, None, None, :].expand(C, 1, L, T), causal_LL.expand(C, 1, L, L)], dim=-1)
+    o_c = F.scaled_dot_product_attention(q_c, k_all, v_all, attn_mask=mask_C1LS, scale=mla.scale)[..., : mla.V]
+    o_NHV = pack.unpad(o_c.transpose(1, 2))  # [N, H, V]
+    return (mla.o_proj(o_p.transpose(1, 2).reshape(P, T, mla.H * mla.V)),
+            mla.o_proj(o_NHV.reshape(-1, mla.H * mla.V)))
+
+
+def block_prefixed(block, hp_PTD, hc_ND, rope_p, rope_c, prompt_lens_P, pack):
+    """Block.forward for both parts; the FFN (dense or MoE) runs once over all their tokens."""
+    a_p, a_c = mla_prefixed(block.self_attn, block.input_layernorm(hp_PTD), block.input_layernorm(hc_ND),
+                            rope_p, rope_c, prompt_lens_P, pack)
+    hp_PTD, hc_ND = hp_PTD + a_p, hc_ND + a_c
+    P, T, D = hp_PTD.shape
+    x_1MD = torch.cat([hp_PTD.reshape(P * T, D), hc_ND])[None]
+    y_MD = block.mlp(block.post_attention_layernorm(x_1MD))[0]
+    return hp_PTD + y_MD[: P * T].view_as(hp_PTD), hc_ND + y_MD[P * T:]
+
+
+class CompletionPack:
+    """Completion tokens packed without padding: token n is position pos_N[n] of completion row
+    row_N[n]; row c continues prompt group_C[c]. `pad` scatters packed [N, ...] into [C, L, ...]
+    (zeros elsewhere) and `unpad` gathers back, both differentiable."""
+
+    def __init__(self, row_N: torch.Tensor, pos_N: torch.Tensor, group_C: torch.Tensor, length: int):
+        self.row_N, self.pos_N, self.group_C = row_N, pos_N, group_C
+        self.rows, self.length = int(group_C.shape[0]), max(int(length), 1)  # >= 1 column: SDPA wants queries
+        self.flat_N = row_N * self.length + pos_N
+
+    def pad(self, x_N: torch.Tensor) -> torch.Tensor:
+        out = x_N.new_zeros((self.rows * self.length,) + tuple(x_N.shape[1:]))
+        return out.index_copy(0, self.flat_N, x_N).view((self.rows, self.length) + tuple(x_N.shape[1:]))
+
+    def unpad(self, x_CL: torch.Tensor) -> torch.Tensor:
+        return x_CL.reshape((self.rows * self.length,) + tuple(x_CL.shape[2:])).index_select(0, self.flat_N)
+
+
+def hidden_states_prefixed(model, prompt_ids_PT, prompt_lens_P, comp_ids_N, pack: CompletionPack):
+    """Transformer.hidden_states of the sequences [prompt_{group_C[c]}; completion c] as (h of the
+    prompt rows [P, T, D], h of the packed completion tokens [N, D]), after the final norm. Prompt
+    rows are right-padded past prompt_lens_P (those keys are masked from completions; causal within
+    the prompt row, nothing real attends to them)."""
+    embed = model.model.embed_tokens
+    hp_PTD, hc_ND = embed(prompt_ids_PT), embed(comp_ids_N)
+    rope_p = model.rope(prompt_ids_PT.shape[1], hp_PTD.dtype)
+    pos_1N = (prompt_lens_P.index_select(0, pack.group_C.index_select(0, pack.row_N)) + pack.pos_N)[None]
+    rope_c = model.rope(pos_1N, hc_ND.dtype)
+    for layer in model.model.layers:
+        hp_PTD, hc_ND = block_prefixed(layer, hp_PTD, hc_ND, rope_p, rope_c, prompt_lens_P, pack)
+    return model.model.norm(hp_PTD), model.model.norm(hc_ND)
+
+
+def supports_shared_prompts(model) -> bool:
+    """Our DeepSeek-V3 Transformer (MLA blocks); other models (HF, the Llama twin) take the plain path."""
+    from sputnik.model.mla import MLA
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return (layers is not None and hasattr(model, "rope") and len(layers) > 0
+            and all(isinstance(getattr(b, "self_attn", None), MLA) for b in layers))

@@ -1,0 +1,138 @@
+"""Shared-prompt training forward (sputnik/model/shared_prompt.py, rollout.policy_logprobs_shared):
+each distinct prompt computed once for all its completions gives the plain forward's log-probs,
+entropies and gradients, and the GRPO update the same step."""
+import pytest
+import torch
+
+from sputnik.model import build_model
+from sputnik.model.config import tiny, tiny_dense
+from sputnik.model.shared_prompt import supports_shared_prompts
+from sputnik.rollout import build_rollout_batch, policy_logprobs, policy_logprobs_shared, shared_prompt_rows
+
+BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+            moe_intermediate_size=16, n_routed_experts=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+            qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=64, initializer_range=0.1)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return build_model(tiny(**{**BASE, **kw})).train()
+
+
+def _groups(seed=1, lengths=None):
+    """3 prompts of different lengths x 3 completions of 1-8 tokens (a 1-token completion is
+    predicted from the prompt alone), rows in group order but one group split around another."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, completions = [], []
+    for p in ([1, 2, 3, 4, 5], [6, 7], [9, 10, 11]):
+        for i in range(3):
+            n = lengths[len(completions)] if lengths else int(torch.randint(1, 9, (1,), generator=g))
+            prompts.append(p)
+            completions.append(torch.randint(0, 64, (n,), generator=g).tolist())
+    order = [0, 1, 3, 4, 2, 5, 6, 7, 8]  # group 0's third row after group 1's first two
+    prompts, completions = [prompts[i] for i in order], [completions[i] for i in order]
+    return build_rollout_batch(prompts, completions, [[0.0] * len(c) for c in completions], pad_id=0)
+
+
+def _logprobs_and_grads(model, fn, batch, weights_BT):
+    model.zero_grad()
+    logp_BT, ent_BT = fn(model, batch)
+    ((logp_BT * weights_BT).sum() + 0.5 * ent_BT.sum()).backward()
+    return logp_BT.detach(), ent_BT.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kw", [{}, dict(q_lora_rank=0), dict(first_k_dense_replace=0)])
+def test_shared_prompt_logprobs_and_gradients_equal_the_plain_forward(kw):
+    model = _model(**kw)
+    batch = _groups(lengths=[3, 1, 8, 5, 2, 7, 4, 4, 6])
+    w_BT = torch.randn(batch.targets_BT.shape, generator=torch.Generator().manual_seed(2))
+    lp1, e1, g1 = _logprobs_and_grads(model, policy_logprobs, batch, w_BT)
+    lp2, e2, g2 = _logprobs_and_grads(model, policy_logprobs_shared, batch, w_BT)
+    assert (lp1 != 0).sum() == (batch.targets_BT != -100).sum()
+    torch.testing.assert_close(lp2, lp1, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(e2, e1, atol=2e-6, rtol=1e-5)
+    assert set(g1) == set(g2) and len(g1) > 30
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_prompts_are_deduplicated_and_completions_packed():
+    batch = _groups(lengths=[3, 1, 8, 5, 2, 7, 4, 4, 6])
+    prompt_ids, prompt_lens, comp_ids, pack, rows = shared_prompt_rows(batch)
+    assert prompt_lens.tolist() == [5, 2, 3] and prompt_ids[1, :2].tolist() == [6, 7]
+    assert pack.group_C.tolist() == [0, 0, 1, 1, 0, 1, 2, 2, 2] and rows.tolist() == list(range(9))
+    lens = [2, 0, 4, 1, 7, 6, 3, 3, 5]  # n targets - 1: the first comes from the prompt
+    assert torch.bincount(pack.row_N, minlength=9).tolist() == lens and pack.length == 7
+    start = sum(lens[:4])
+    assert comp_ids[start: start + 7].tolist() == batch.input_ids_BT[4, 5:12].tolist()  # row 4: prompt of 5, 8 targets
+    x = torch.randn(len(comp_ids), 3)
+    assert torch.equal(pack.unpad(pack.pad(x)), x) and pack.pad(x)[1].abs().sum() == 0
+
+
+def test_rows_without_targets_and_distinct_prompts():
+    """A row with an empty completion adds nothing; all-distinct prompts degrade to one prompt each."""
+    model = _model()
+    batch = build_rollout_batch([[1, 2], [3, 4, 5], [6]], [[7, 8, 9], [], [10, 11]], [[0.0] * 3, [], [0.0] * 2], 0)
+    with torch.no_grad():
+        lp1, e1 = policy_logprobs(model, batch)
+        lp2, e2 = policy_logprobs_shared(model, batch)
+    torch.testing.assert_close(lp2, lp1, atol=2e-6, rtol=1e-5)
+    assert lp2[1].abs().sum() == 0
+
+
+def test_expert_load_counts_each_prompt_token_once():
+    model = _model()
+    batch = _groups(lengths=[2] * 9)
+    moes = [b.mlp for b in model.model.layers if hasattr(b.mlp, "last_load")]
+    for m in moes:
+        m.last_load.zero_()
+    policy_logprobs_shared(model, batch)
+    # prompts 5 + 2 + 3 tokens once, completions 9 rows x 1 input token; top-2 routing
+    assert [float(m.last_load.sum()) for m in moes] == [2 * (10 + 9)] * 2
+
+
+def test_other_models_take_the_plain_path():
+    torch.manual_seed(0)
+    llama = build_model(tiny_dense(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=64))
+    assert supports_shared_prompts(_model()) and not supports_shared_prompts(llama)
+
+
+def test_grpo_update_is_the_same_step_either_way():
+    """One DAPO update with and without shared prompts: same loss, gradient norm and new weights."""
+    from sputnik.common import DeviceChoice
+    from sputnik.optim import OptimConfig, build_optimizer
+    from sputnik.stages.grpo import RLConfig, aggregate_fn, update
+
+    batch = _groups(lengths=[3, 1, 8, 5, 2, 7, 4, 4, 6])
+    batch.sampler_logp_BT = torch.where(batch.targets_BT != -100, -1.0, 0.0)
+    adv_B = torch.linspace(-1, 1, batch.targets_BT.shape[0])
+    out = []
+    for share in ("never", "always"):
+        model = _model()
+        cfg = RLConfig(init="<test>", share_prompts=share, micro_batch=4,
+                       optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.0))
+        opt = build_optimizer(model, cfg.optim)
+        m = update(model, None, opt, batch, adv_B, cfg, DeviceChoice(torch.device("cpu"), torch.float32, "test"),
+                   aggregate_fn(cfg))
+        out.append((m, [p.detach().clone() for p in model.parameters()]))
+    (m1, w1), (m2, w2) = out
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-7)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    assert m1["grad_norm"] > 0 and (m1["shared_prompts"], m2["shared_prompts"]) == (0, 1)
+    # AdamW's first step moves each weight by ~lr·sign(g): where g is ~0 a rounding difference can flip
+    # it, so allow a few such elements (at most 2·lr apart) and nothing else
+    diff = torch.cat([(a - b).abs().flatten() for a, b in zip(w1, w2)])
+    assert diff.max() <= 2 * cfg.optim.lr and (diff > 1e-6).float().mean() < 1e-3
+
+
+def test_auto_shares_prompts_only_when_it_saves_a_third_of_the_tokens():
+    from sputnik.stages.grpo import RLConfig, prompt_token_saving, shares_prompts
+
+    model, cfg = _model(), RLConfig(init="<test>")
+    short = build_rollout_batch([[1, 2]] * 4, [[3] * 9] * 4, [[0.0] * 9] * 4, 0)  # 2 + 9: saves 6 of 40 tokens
+    long = build_rollout_batch([list(range(1, 21))] * 4, [[3] * 5] * 4, [[0.0] * 5] * 4, 0)  # 20 + 5: 60 of 96
+    assert prompt_token_saving(short) == pytest.approx(6 / 40) and prompt_token_saving(long) == pytest.approx(60 / 96)
+    assert not shares_prompts(model, short, cfg) and shares_prompts(model, long, cfg)
+    assert shares_prompts(model, short, RLConfig(init="<test>", share_prompts="always"))
+    assert not shares_prompts(model, long, RLConfig(init="<test>", share_prompts="never"))
