@@ -27,6 +27,17 @@ class RolloutBatch:
         return RolloutBatch(self.input_ids_BT[rows], self.targets_BT[rows], self.completion_mask_BT[rows],
                             self.sampler_logp_BT[rows])
 
+    def prompt_groups(self) -> list[tuple[list[int], int]]:
+        """[(rows, prompt length)] per distinct prompt, in order of first appearance, over the rows
+        with targets. A row's prompt is its input up to its first target (position p − 1 predicts the
+        first completion token); GRPO's G samples of one prompt form one group."""
+        has_BT = self.targets_BT != -100
+        first_B = has_BT.int().argmax(1).tolist()
+        groups: dict[tuple, list[int]] = {}
+        for b in has_BT.any(1).nonzero().flatten().tolist():
+            groups.setdefault(tuple(self.input_ids_BT[b, : first_B[b] + 1].tolist()), []).append(b)
+        return [(rows, len(key)) for key, rows in groups.items()]
+
     def valid_BT(self) -> torch.Tensor:
         """bool: the positions a row's log-probs need (prompt, and completion up to its last target);
         the rest is right padding (not expert load: see count_load_where)."""
@@ -88,36 +99,28 @@ def policy_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, chunk_
 
 
 def shared_prompt_rows(batch: RolloutBatch):
-    """The rows of `batch` with targets as unique prompts + packed completion tokens (shared_prompt.py):
-    -> (prompt_ids_PT, prompt_lens_P, comp_ids_N, pack, rows_C). A row's prompt is its input up to its
-    first target (position p − 1 predicts completion token 0); its completion input is the next n − 1
-    tokens (n targets). Rows with the same prompt tokens share one prompt."""
+    """The rows of `batch` with targets as distinct prompts + packed completion tokens (shared_prompt.py):
+    -> (prompt_ids_PT, prompt_lens_P, comp_ids_N, pack, rows_C), completion rows grouped by prompt
+    (RolloutBatch.prompt_groups). A row's completion input is the n − 1 tokens after its prompt (n
+    targets: the first is predicted from the prompt's last position)."""
     from sputnik.model.shared_prompt import CompletionPack
 
-    has_BT = batch.targets_BT != -100
-    n_B = has_BT.sum(1)
-    rows_C = (n_B > 0).nonzero().flatten()
-    first_C = has_BT[rows_C].int().argmax(1)
+    groups = batch.prompt_groups()
+    dev = batch.input_ids_BT.device
+    rows_C = torch.tensor([r for rows, _ in groups for r in rows], dtype=torch.long, device=dev)
+    group_C = torch.tensor([g for g, (rows, _) in enumerate(groups) for _ in rows], dtype=torch.long, device=dev)
+    prompt_lens_P = torch.tensor([p for _, p in groups], dtype=torch.long, device=dev)
     ids = batch.input_ids_BT
-    groups: dict[tuple, int] = {}
-    prompts, group = [], []
-    for r, f in zip(rows_C.tolist(), first_C.tolist()):
-        key = tuple(ids[r, : f + 1].tolist())
-        if key not in groups:
-            groups[key] = len(prompts)
-            prompts.append(key)
-        group.append(groups[key])
-    dev = ids.device
-    prompt_lens_P = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
-    prompt_ids_PT = torch.zeros(len(prompts), int(prompt_lens_P.max()) if prompts else 1, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        prompt_ids_PT[i, : len(p)] = torch.tensor(p, device=dev)
+    prompt_ids_PT = torch.zeros(len(groups), int(prompt_lens_P.max()) if groups else 1, dtype=torch.long, device=dev)
+    for g, (rows, p) in enumerate(groups):
+        prompt_ids_PT[g, :p] = ids[rows[0], :p]
+    first_C = prompt_lens_P[group_C] - 1
+    n_B = (batch.targets_BT != -100).sum(1)
     lens_C = n_B[rows_C] - 1
     row_N = torch.repeat_interleave(torch.arange(len(rows_C), device=dev), lens_C)
     pos_N = torch.arange(row_N.shape[0], device=dev) - (torch.cumsum(lens_C, 0) - lens_C)[row_N]
     comp_ids_N = ids[rows_C[row_N], first_C[row_N] + 1 + pos_N]
-    pack = CompletionPack(row_N, pos_N, torch.tensor(group, dtype=torch.long, device=dev),
-                          int(lens_C.max()) if len(rows_C) else 0)
+    pack = CompletionPack(row_N, pos_N, group_C, int(lens_C.max()) if len(rows_C) else 0)
     return prompt_ids_PT, prompt_lens_P, comp_ids_N, pack, rows_C
 
 

@@ -58,13 +58,13 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_plain_forward(kw):
 
 def test_prompts_are_deduplicated_and_completions_packed():
     batch = _groups(lengths=[3, 1, 8, 5, 2, 7, 4, 4, 6])
+    assert batch.prompt_groups() == [([0, 1, 4], 5), ([2, 3, 5], 2), ([6, 7, 8], 3)]
     prompt_ids, prompt_lens, comp_ids, pack, rows = shared_prompt_rows(batch)
     assert prompt_lens.tolist() == [5, 2, 3] and prompt_ids[1, :2].tolist() == [6, 7]
-    assert pack.group_C.tolist() == [0, 0, 1, 1, 0, 1, 2, 2, 2] and rows.tolist() == list(range(9))
-    lens = [2, 0, 4, 1, 7, 6, 3, 3, 5]  # n targets - 1: the first comes from the prompt
+    assert rows.tolist() == [0, 1, 4, 2, 3, 5, 6, 7, 8] and pack.group_C.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    lens = [2, 0, 7, 4, 1, 6, 3, 3, 5]  # per completion row: n targets - 1 (the first comes from the prompt)
     assert torch.bincount(pack.row_N, minlength=9).tolist() == lens and pack.length == 7
-    start = sum(lens[:4])
-    assert comp_ids[start: start + 7].tolist() == batch.input_ids_BT[4, 5:12].tolist()  # row 4: prompt of 5, 8 targets
+    assert comp_ids[2:9].tolist() == batch.input_ids_BT[4, 5:12].tolist()  # row 4: prompt of 5, 8 targets
     x = torch.randn(len(comp_ids), 3)
     assert torch.equal(pack.unpad(pack.pad(x)), x) and pack.pad(x)[1].abs().sum() == 0
 

@@ -210,12 +210,8 @@ def micro_batches(batch, adv_B, micro_batch: int, keep_prompts_together: bool = 
     if not keep_prompts_together:
         order_B = torch.argsort(end_B, descending=True, stable=True)
         return [(batch.select(rows).trimmed(), adv_B[rows]) for rows in order_B.split(micro_batch)]
-    first_B = (batch.targets_BT != -100).int().argmax(1)
-    prompts: dict[tuple, list[int]] = {}
-    for b, f in enumerate(first_B.tolist()):
-        prompts.setdefault(tuple(batch.input_ids_BT[b, : f + 1].tolist()), []).append(b)
     ends = end_B.tolist()
-    groups = sorted(prompts.values(), key=lambda rows: -max(ends[b] for b in rows))  # stable
+    groups = sorted((rows for rows, _ in batch.prompt_groups()), key=lambda rows: -max(ends[b] for b in rows))
     parts, current = [], []
     for rows in groups:
         if current and len(current) + len(rows) > micro_batch:
@@ -248,15 +244,10 @@ def shares_prompts(model, batch, cfg: RLConfig) -> bool:
 def prompt_token_saving(batch) -> float:
     """Share of the plain forward's tokens (each row: prompt + completion up to its last target)
     that computing each distinct prompt once removes."""
-    has_BT = batch.targets_BT != -100
-    if not has_BT.any():
-        return 0.0
-    first_B = has_BT.int().argmax(1)
-    end_B = (has_BT * torch.arange(1, has_BT.shape[1] + 1, device=has_BT.device)).amax(1)
-    rows = has_BT.any(1).nonzero().flatten().tolist()
-    prompt_tokens = sum(int(first_B[b]) + 1 for b in rows)
-    unique = {tuple(batch.input_ids_BT[b, : int(first_B[b]) + 1].tolist()) for b in rows}
-    return (prompt_tokens - sum(len(p) for p in unique)) / max(int(end_B.sum()), 1)
+    groups = batch.prompt_groups()
+    T = batch.targets_BT.shape[1]
+    end_B = ((batch.targets_BT != -100) * torch.arange(1, T + 1, device=batch.targets_BT.device)).amax(1)
+    return sum((len(rows) - 1) * p for rows, p in groups) / max(int(end_B.sum()), 1)
 
 
 def logprobs(model, mb, cfg: RLConfig, vocab_limit=None, shared: bool = False):
@@ -290,7 +281,8 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_
                 ref = None
                 if ref_model is not None:
                     with torch.no_grad():
-                        ref, _ = logprobs(ref_model, mb, cfg, vocab_limit, shared and supports_shared_prompts(ref_model))
+                        ref, _ = logprobs(ref_model, mb, cfg, vocab_limit,
+                                          shared and supports_shared_prompts(ref_model))
                 is_w = rl_losses.truncated_importance_weights(old, mb.sampler_logp_BT, cfg.tis_cap) if cfg.tis_cap else None
                 loss, m = rl_losses.grpo_loss(logp_BT, old, mb_adv_B, mask_BT, eps_low=cfg.eps_low,
                                               eps_high=cfg.eps_high, beta=cfg.beta, ref_logp_BT=ref, aggregate=agg,
@@ -312,8 +304,8 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_
         stepped = guarded_step(optimizer, tot["loss"], grad_norm)
         if stepped:
             model.update_expert_bias()
-        metrics.update(shared_prompts=int(shared), loss=tot["loss"], clip_frac=tot["clip_frac"], kl=tot["kl"], entropy=tot["entropy"],
-                       grad_norm=grad_norm, skipped=int(not stepped))
+        metrics.update(loss=tot["loss"], clip_frac=tot["clip_frac"], kl=tot["kl"], entropy=tot["entropy"],
+                       grad_norm=grad_norm, skipped=int(not stepped), shared_prompts=int(shared))
     return metrics
 
 
