@@ -24,15 +24,18 @@ import torch
 import torch.nn.functional as F
 
 
-def mla_prefixed(mla, xp_PTD, xc_ND, rope_p, rope_c, prompt_lens_P, pack):
+def mla_prefixed(mla, xp_PTD, xc_ND, rope, prompt_lens_P, pack):
     """MLA.forward for prompt rows [P, T, D] and packed completion tokens [N, D] (`pack`: see
-    CompletionPack) that attend to their prompt. -> (out_PTD, out_ND). Token-wise work runs on the
-    packed tokens; only the attention itself sees the completions padded to [C, L]."""
-    P, T, _ = xp_PTD.shape
+    CompletionPack) that attend to their prompt. -> (out_PTD, out_ND). The projections run once over
+    all P·T + N tokens (`rope`: their cos/sin, [1, M, 1, F]); only attention sees the two parts
+    apart, the completions padded to [C, L]."""
+    P, T, D = xp_PTD.shape
     C, L = pack.rows, pack.length
-    q_p, k_p, v_p = mla.heads(*mla.project(xp_PTD, *rope_p))
-    q_n, k_n, v_n = mla.heads(*mla.project(xc_ND[None], *rope_c))  # [1, H, N, ·]
-    q_c, k_c, v_c = (pack.pad(t[0].transpose(0, 1)).transpose(1, 2) for t in (q_n, k_n, v_n))  # [C, H, L, ·]
+    x_1MD = torch.cat([xp_PTD.reshape(P * T, D), xc_ND])[None]
+    q_1HMK, k_1HMK, v_1HMV = mla.heads(*mla.project(x_1MD, *rope))
+    split = lambda t: (t[0, :, : P * T].unflatten(1, (P, T)).transpose(0, 1),  # noqa: E731
+                       pack.pad(t[0, :, P * T:].transpose(0, 1)).transpose(1, 2))  # [P, H, T, ·], [C, H, L, ·]
+    (q_p, q_c), (k_p, k_c), (v_p, v_c) = split(q_1HMK), split(k_1HMK), split(v_1HMV)
     K = q_p.shape[-1]
     if mla.V < K:  # as MLA._attend_naive: SDPA's fast kernels want V == K; zero columns are exact
         v_p, v_c = F.pad(v_p, (0, K - mla.V)), F.pad(v_c, (0, K - mla.V))
@@ -43,15 +46,15 @@ def mla_prefixed(mla, xp_PTD, xc_ND, rope_p, rope_c, prompt_lens_P, pack):
     causal_LL = torch.ones(L, L, dtype=torch.bool, device=xp_PTD.device).tril()
     mask_C1LS = torch.cat([seen_CT[:, None, None, :].expand(C, 1, L, T), causal_LL.expand(C, 1, L, L)], dim=-1)
     o_c = F.scaled_dot_product_attention(q_c, k_all, v_all, attn_mask=mask_C1LS, scale=mla.scale)[..., : mla.V]
-    o_NHV = pack.unpad(o_c.transpose(1, 2))  # [N, H, V]
-    return (mla.o_proj(o_p.transpose(1, 2).reshape(P, T, mla.H * mla.V)),
-            mla.o_proj(o_NHV.reshape(-1, mla.H * mla.V)))
+    o_MHV = torch.cat([o_p.transpose(1, 2).reshape(P * T, mla.H, mla.V), pack.unpad(o_c.transpose(1, 2))])
+    y_MD = mla.o_proj(o_MHV.reshape(-1, mla.H * mla.V))
+    return y_MD[: P * T].view(P, T, D), y_MD[P * T:]
 
 
-def block_prefixed(block, hp_PTD, hc_ND, rope_p, rope_c, prompt_lens_P, pack):
+def block_prefixed(block, hp_PTD, hc_ND, rope, prompt_lens_P, pack):
     """Block.forward for both parts; the FFN (dense or MoE) runs once over all their tokens."""
     a_p, a_c = mla_prefixed(block.self_attn, block.input_layernorm(hp_PTD), block.input_layernorm(hc_ND),
-                            rope_p, rope_c, prompt_lens_P, pack)
+                            rope, prompt_lens_P, pack)
     hp_PTD, hc_ND = hp_PTD + a_p, hc_ND + a_c
     P, T, D = hp_PTD.shape
     x_1MD = torch.cat([hp_PTD.reshape(P * T, D), hc_ND])[None]
@@ -84,11 +87,12 @@ def hidden_states_prefixed(model, prompt_ids_PT, prompt_lens_P, comp_ids_N, pack
     the prompt row, nothing real attends to them)."""
     embed = model.model.embed_tokens
     hp_PTD, hc_ND = embed(prompt_ids_PT), embed(comp_ids_N)
-    rope_p = model.rope(prompt_ids_PT.shape[1], hp_PTD.dtype)
-    pos_1N = (prompt_lens_P.index_select(0, pack.group_C.index_select(0, pack.row_N)) + pack.pos_N)[None]
-    rope_c = model.rope(pos_1N, hc_ND.dtype)
+    P, T = prompt_ids_PT.shape
+    pos_N = prompt_lens_P.index_select(0, pack.group_C.index_select(0, pack.row_N)) + pack.pos_N
+    pos_1M = torch.cat([torch.arange(T, device=pos_N.device).repeat(P), pos_N])[None]
+    rope = model.rope(pos_1M, hp_PTD.dtype)  # prompt tokens then completion tokens, as mla_prefixed packs them
     for layer in model.model.layers:
-        hp_PTD, hc_ND = block_prefixed(layer, hp_PTD, hc_ND, rope_p, rope_c, prompt_lens_P, pack)
+        hp_PTD, hc_ND = block_prefixed(layer, hp_PTD, hc_ND, rope, prompt_lens_P, pack)
     return model.model.norm(hp_PTD), model.model.norm(hc_ND)
 
 
