@@ -136,3 +136,17 @@ def test_auto_shares_prompts_only_when_it_saves_a_third_of_the_tokens():
     assert not shares_prompts(model, short, cfg) and shares_prompts(model, long, cfg)
     assert shares_prompts(model, short, RLConfig(init="<test>", share_prompts="always"))
     assert not shares_prompts(model, long, RLConfig(init="<test>", share_prompts="never"))
+
+
+@pytest.mark.gpu
+def test_shared_prompts_on_cuda_in_bf16_autocast():
+    """The GPU path (bf16 autocast over fp32 weights, SDPA with a boolean mask on CUDA): the same
+    log-probs as the plain forward within bf16 rounding, finite gradients."""
+    model = _model().cuda()
+    batch = _groups(lengths=[3, 1, 8, 5, 2, 7, 4, 4, 6]).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain, _ = policy_logprobs(model, batch)
+        shared, ent = policy_logprobs_shared(model, batch)
+        (shared.sum() + ent.sum()).backward()
+    assert (plain - shared).abs().max() <= 5e-2 * max(1.0, plain.abs().max().item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
