@@ -100,6 +100,7 @@ def test_failed_build_is_a_clear_error_and_a_logged_fallback(tmp_path, monkeypat
         assert not list((tmp_path / "out").glob("*.so*"))
     monkeypatch.setenv("CC", "")
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing to run
+    monkeypatch.delenv("SPUTNIK_NO_CPU_KERNELS", raising=False)
     monkeypatch.setattr(cpu_kernels, "_library", cpu_kernels._library.__wrapped__)
     monkeypatch.setenv("SPUTNIK_KERNEL_CACHE", str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING, logger="sputnik.model.cpu_kernels"):
