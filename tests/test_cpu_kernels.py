@@ -106,3 +106,15 @@ def test_failed_build_is_a_clear_error_and_a_logged_fallback(tmp_path, monkeypat
     with caplog.at_level(logging.WARNING, logger="sputnik.model.cpu_kernels"):
         assert cpu_kernels._library() is None
     assert "no C compiler" in caplog.text
+
+
+def test_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path, monkeypatch):
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("SPUTNIK_KERNEL_CACHE", str(blocked / "kernels"))  # mkdir fails: a file is in the way
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.delenv("SPUTNIK_NO_CPU_KERNELS", raising=False)
+    assert cpu_kernels._library.__wrapped__() is not None
+    assert list((tmp_path / "tmp").glob("sputnik-kernels-*/routed_ffn-*.so"))

@@ -89,7 +89,11 @@ def _library():
     if not sys.platform.startswith("linux") or os.environ.get("SPUTNIK_NO_CPU_KERNELS") == "1":
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
+        try:
+            path = build()
+        except OSError:  # an unwritable cache directory: build into a private temporary one
+            path = build(out_dir=Path(tempfile.gettempdir()) / f"sputnik-kernels-{os.getuid()}")
+        lib = ctypes.CDLL(str(path))
     except (RuntimeError, OSError) as e:
         log.warning("CPU MoE kernel unavailable (%s); decoding keeps the torch path", e)
         return None
