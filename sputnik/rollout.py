@@ -1,5 +1,6 @@
 """Rollout batches for RL and on-policy distillation: prompt + sampled completion -> padded
-training tensors, and the policy's per-token log-probs on the completion tokens.
+training tensors, the update's micro-batches, and the policy's per-token log-probs on the
+completion tokens (plain, or with each prompt computed once: model/shared_prompt.py).
 
 Shape legend: B sequences (prompts x samples), T padded length, N completion tokens in the batch.
 """
@@ -160,3 +161,74 @@ def policy_logprobs_shared(model, batch: RolloutBatch, temperature: float = 1.0,
     logp_BT = torch.zeros(mask_BT.shape, dtype=logp_N.dtype, device=dev).masked_scatter(mask_BT, logp_N)
     ent_BT = torch.zeros(mask_BT.shape, dtype=ent_N.dtype, device=dev).masked_scatter(mask_BT, ent_N)
     return logp_BT, ent_BT
+
+
+# ---------------------------------------------------------------------------------------------
+# The update's micro-batches and which forward computes their log-probs
+def micro_batches(batch: RolloutBatch, adv_B, micro_batch: int, keep_prompts_together: bool = False):
+    """[(rows, their advantages)]: rows sorted by where their last completion token sits (longest
+    first), cut into groups of `micro_batch`, each trimmed to its own longest row, so padding costs
+    no forward/backward. Exact: every aggregation divides by whole-batch counts, so the split
+    changes only the order of summation, and trimming drops only columns after the last target.
+    keep_prompts_together (shared prompts): the rows of one prompt stay in one micro-batch (whole
+    prompts, longest first, up to `micro_batch` rows, at least one prompt), so the prompt is computed
+    once; sorting rows across prompts would scatter them (real RL, LOG.md stop 20)."""
+    T = batch.targets_BT.shape[1]
+    end_B = ((batch.targets_BT != -100) * torch.arange(1, T + 1, device=batch.targets_BT.device)).amax(1)
+    if not keep_prompts_together:
+        order_B = torch.argsort(end_B, descending=True, stable=True)
+        return [(batch.select(rows).trimmed(), adv_B[rows]) for rows in order_B.split(micro_batch)]
+    ends = end_B.tolist()
+    groups = sorted((rows for rows, _ in batch.prompt_groups()), key=lambda rows: -max(ends[b] for b in rows))
+    parts, current = [], []
+    for rows in groups:
+        if current and len(current) + len(rows) > micro_batch:
+            parts.append(current)
+            current = []
+        current = current + rows
+    if current:
+        parts.append(current)
+    index = lambda rows: torch.tensor(rows, dtype=torch.long, device=end_B.device)  # noqa: E731
+    return [(batch.select(index(rows)).trimmed(), adv_B[index(rows)]) for rows in parts]
+
+
+# Shared prompts pay for themselves when they remove this share of the update's tokens: the shared
+# forward has more, smaller ops (two attentions, packing). Tiny model, 2 threads, 16 rows (2 prompts x 8)
+# forward+backward, plain vs shared (LOG.md stop 20): prompt 10 + 64 tokens (13% removed) 157 vs 148
+# ms; 20 + 55 (24%) 155 vs 147 but slower in a real RL run (0.86 vs 0.91-0.95 s an update: lengths
+# vary within a prompt's group); 80 + 55 (52%) 248 vs 165; 235 + 55 (the R1-Zero template, 71%) 479 vs 213.
+SHARE_PROMPTS_MIN_SAVING = 1 / 3
+
+
+def shares_prompts(model, batch: RolloutBatch, mode: str = "auto") -> bool:
+    """Whether an update on `batch` runs with shared prompts: mode always / never, or auto (by the
+    tokens it saves); only for models that support it (shared_prompt.supports_shared_prompts)."""
+    from sputnik.model.shared_prompt import supports_shared_prompts
+
+    if mode == "never" or not supports_shared_prompts(model):
+        return False
+    if mode == "always":
+        return True
+    return prompt_token_saving(batch) >= SHARE_PROMPTS_MIN_SAVING
+
+
+def prompt_token_saving(batch: RolloutBatch) -> float:
+    """Share of the plain forward's tokens (each row: prompt + completion up to its last target)
+    that computing each distinct prompt once removes."""
+    groups = batch.prompt_groups()
+    T = batch.targets_BT.shape[1]
+    end_B = ((batch.targets_BT != -100) * torch.arange(1, T + 1, device=batch.targets_BT.device)).amax(1)
+    return sum((len(rows) - 1) * p for rows, p in groups) / max(int(end_B.sum()), 1)
+
+
+def logprobs(model, mb: RolloutBatch, temperature: float = 1.0, vocab_limit: int | None = None,
+             shared: bool = False):
+    """(logp_BT, entropy_BT) of a training micro-batch under `model`: with each prompt computed once
+    (policy_logprobs_shared) when `shared`, else the plain forward; expert load counted on real
+    tokens only either way."""
+    from sputnik.model.moe import count_load_where
+
+    if shared:
+        return policy_logprobs_shared(model, mb, temperature, vocab_limit=vocab_limit)
+    with count_load_where(model, mb.valid_BT()):  # padding is not expert load
+        return policy_logprobs(model, mb, temperature, vocab_limit=vocab_limit)

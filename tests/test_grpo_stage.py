@@ -10,6 +10,7 @@ from sputnik import ledger
 from sputnik.config import build
 from sputnik.model import build_model
 from sputnik.model.config import tiny
+from sputnik.rollout import micro_batches
 from sputnik.stages import grpo
 from sputnik.tasks import corpus_text, format_completion, get_task
 from sputnik.tokenizer import train_tokenizer
@@ -246,7 +247,7 @@ def test_valid_positions_end_at_each_rows_last_target():
 def test_micro_batches_sort_by_length_and_keep_every_row():
     batch = _rollout()
     adv_B = torch.arange(6.0)
-    parts = grpo.micro_batches(batch, adv_B, 4)
+    parts = micro_batches(batch, adv_B, 4)
     assert [p.input_ids_BT.shape for p, _ in parts] == [(4, 12), (2, 6)]  # longest first, each trimmed
     assert sorted(torch.cat([a for _, a in parts]).tolist()) == adv_B.tolist()
     assert sum(float(p.completion_mask_BT.sum()) for p, _ in parts) == float(batch.completion_mask_BT.sum())

@@ -127,15 +127,14 @@ def test_grpo_update_is_the_same_step_either_way():
 
 
 def test_auto_shares_prompts_only_when_it_saves_a_third_of_the_tokens():
-    from sputnik.stages.grpo import RLConfig, prompt_token_saving, shares_prompts
+    from sputnik.rollout import prompt_token_saving, shares_prompts
 
-    model, cfg = _model(), RLConfig(init="<test>")
+    model = _model()
     short = build_rollout_batch([[1, 2]] * 4, [[3] * 9] * 4, [[0.0] * 9] * 4, 0)  # 2 + 9: saves 6 of 40 tokens
     long = build_rollout_batch([list(range(1, 21))] * 4, [[3] * 5] * 4, [[0.0] * 5] * 4, 0)  # 20 + 5: 60 of 96
     assert prompt_token_saving(short) == pytest.approx(6 / 40) and prompt_token_saving(long) == pytest.approx(60 / 96)
-    assert not shares_prompts(model, short, cfg) and shares_prompts(model, long, cfg)
-    assert shares_prompts(model, short, RLConfig(init="<test>", share_prompts="always"))
-    assert not shares_prompts(model, long, RLConfig(init="<test>", share_prompts="never"))
+    assert not shares_prompts(model, short) and shares_prompts(model, long)
+    assert shares_prompts(model, short, "always") and not shares_prompts(model, long, "never")
 
 
 @pytest.mark.gpu

@@ -29,13 +29,12 @@ from sputnik import rl_losses
 from sputnik.common import append_jsonl, autocast, pick_device, print0, seed_everything, set_threads
 from sputnik.config import add_config_args, config_from_args, knob, save_config
 from sputnik.engine import Engine, SamplingParams
-from sputnik.model.moe import count_load_where
 from sputnik.model.shared_prompt import supports_shared_prompts
 from sputnik.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
 from sputnik.progress import trim_metrics
 from sputnik.rewards import IsolatedReward, RewardWeights, verifier_rewards
 from sputnik.rl_health import HealthConfig, HealthMonitor, prompt_prefills_format
-from sputnik.rollout import build_rollout_batch, policy_logprobs, policy_logprobs_shared
+from sputnik.rollout import build_rollout_batch, logprobs, micro_batches, shares_prompts
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
@@ -197,69 +196,6 @@ def compile_blocks(model) -> None:
         block.compile()
 
 
-def micro_batches(batch, adv_B, micro_batch: int, keep_prompts_together: bool = False):
-    """[(rows, their advantages)]: rows sorted by where their last completion token sits (longest
-    first), cut into groups of `micro_batch`, each trimmed to its own longest row, so padding costs
-    no forward/backward. Exact: every aggregation divides by whole-batch counts, so the split
-    changes only the order of summation, and trimming drops only columns after the last target.
-    keep_prompts_together (shared prompts): the rows of one prompt stay in one micro-batch (whole
-    prompts, longest first, up to `micro_batch` rows, at least one prompt), so the prompt is computed
-    once; sorting rows across prompts would scatter them (real RL, LOG.md stop 20)."""
-    T = batch.targets_BT.shape[1]
-    end_B = ((batch.targets_BT != -100) * torch.arange(1, T + 1, device=batch.targets_BT.device)).amax(1)
-    if not keep_prompts_together:
-        order_B = torch.argsort(end_B, descending=True, stable=True)
-        return [(batch.select(rows).trimmed(), adv_B[rows]) for rows in order_B.split(micro_batch)]
-    ends = end_B.tolist()
-    groups = sorted((rows for rows, _ in batch.prompt_groups()), key=lambda rows: -max(ends[b] for b in rows))
-    parts, current = [], []
-    for rows in groups:
-        if current and len(current) + len(rows) > micro_batch:
-            parts.append(current)
-            current = []
-        current = current + rows
-    if current:
-        parts.append(current)
-    index = lambda rows: torch.tensor(rows, dtype=torch.long, device=end_B.device)  # noqa: E731
-    return [(batch.select(index(rows)).trimmed(), adv_B[index(rows)]) for rows in parts]
-
-
-# Shared prompts pay for themselves when they remove this share of the update's tokens: the shared
-# forward has more, smaller ops (two attentions, packing). Tiny model, 2 threads, 16 rows (2 prompts x 8)
-# forward+backward, plain vs shared (LOG.md stop 20): prompt 10 + 64 tokens (13% removed) 157 vs 148
-# ms; 20 + 55 (24%) 155 vs 147 but slower in a real RL run (0.86 vs 0.91-0.95 s an update: lengths
-# vary within a prompt's group); 80 + 55 (52%) 248 vs 165; 235 + 55 (the R1-Zero template, 71%) 479 vs 213.
-SHARE_PROMPTS_MIN_SAVING = 1 / 3
-
-
-def shares_prompts(model, batch, cfg: RLConfig) -> bool:
-    """Whether the update runs with shared prompts (cfg.share_prompts; auto: by the tokens it saves)."""
-    if cfg.share_prompts == "never" or not supports_shared_prompts(model):
-        return False
-    if cfg.share_prompts == "always":
-        return True
-    return prompt_token_saving(batch) >= SHARE_PROMPTS_MIN_SAVING
-
-
-def prompt_token_saving(batch) -> float:
-    """Share of the plain forward's tokens (each row: prompt + completion up to its last target)
-    that computing each distinct prompt once removes."""
-    groups = batch.prompt_groups()
-    T = batch.targets_BT.shape[1]
-    end_B = ((batch.targets_BT != -100) * torch.arange(1, T + 1, device=batch.targets_BT.device)).amax(1)
-    return sum((len(rows) - 1) * p for rows, p in groups) / max(int(end_B.sum()), 1)
-
-
-def logprobs(model, mb, cfg: RLConfig, vocab_limit=None, shared: bool = False):
-    """(logp_BT, entropy_BT) of a micro-batch under `model`: with each prompt computed once
-    (rollout.policy_logprobs_shared) when `shared`, else the plain forward; expert load counted on
-    real tokens only either way."""
-    if shared:
-        return policy_logprobs_shared(model, mb, cfg.temperature, vocab_limit=vocab_limit)
-    with count_load_where(model, mb.valid_BT()):  # padding is not expert load
-        return policy_logprobs(model, mb, cfg.temperature, vocab_limit=vocab_limit)
-
-
 def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_limit=None):
     """μ optimizer steps on one rollout batch. Returns metrics of the last inner step.
     `vocab_limit`: the tokenizer's vocabulary size, the rows of the head the engine samples from."""
@@ -267,7 +203,7 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_
     num_tokens = batch.completion_mask_BT.sum()
     token_level = VARIANTS[cfg.variant]["aggregate"] == "token"
     agg = (lambda l, m: rl_losses.token_mean(l, m, num_tokens_global=num_tokens)) if token_level else aggregate
-    shared = shares_prompts(model, batch, cfg)
+    shared = shares_prompts(model, batch, cfg.share_prompts)
     parts = micro_batches(batch, adv_B, cfg.micro_batch, keep_prompts_together=shared)
     old_logps, metrics = [None] * len(parts), {}
     for inner in range(cfg.inner_updates):
@@ -275,13 +211,13 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_
         for i, (mb, mb_adv_B) in enumerate(parts):
             mask_BT = mb.completion_mask_BT
             with autocast(dc):
-                logp_BT, ent_BT = logprobs(model, mb, cfg, vocab_limit, shared)
+                logp_BT, ent_BT = logprobs(model, mb, cfg.temperature, vocab_limit, shared)
                 # π_old: the first inner step's own forward (ratios start at exactly 1, no extra pass)
                 old = logp_BT.detach() if old_logps[i] is None else old_logps[i]
                 ref = None
                 if ref_model is not None:
                     with torch.no_grad():
-                        ref, _ = logprobs(ref_model, mb, cfg, vocab_limit,
+                        ref, _ = logprobs(ref_model, mb, cfg.temperature, vocab_limit,
                                           shared and supports_shared_prompts(ref_model))
                 is_w = rl_losses.truncated_importance_weights(old, mb.sampler_logp_BT, cfg.tis_cap) if cfg.tis_cap else None
                 loss, m = rl_losses.grpo_loss(logp_BT, old, mb_adv_B, mask_BT, eps_low=cfg.eps_low,
