@@ -384,6 +384,9 @@ def main() -> int:
     ap.add_argument("--share-prompts", default="auto", choices=["auto", "always", "never"],
                     help="ours: `sputnik rl --share_prompts` (auto: each prompt computed once in the update "
                          "when that saves >= 1/3 of its tokens; not at this benchmark's 10 + 64 tokens)")
+    ap.add_argument("--prompt-template", default="plain", choices=["plain", "r1_zero"],
+                    help="r1_zero: every prompt wrapped in R1-Zero's template (the same text on both sides; "
+                         "~10x longer prompts, where `--share-prompts auto` computes each prompt once)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -413,7 +416,12 @@ def main() -> int:
     t0 = time.perf_counter()
     info = setup(Path(args.dir), args.config, args.seed)
     n_steps = args.warm + args.steps
-    (Path(args.dir) / "prompts.json").write_text(json.dumps(make_prompts(n_steps * PROMPTS_PER_STEP, args.seed)))
+    prompts = make_prompts(n_steps * PROMPTS_PER_STEP, args.seed)
+    if args.prompt_template == "r1_zero":
+        from sputnik.stages.grpo import R1_ZERO_TEMPLATE
+
+        prompts = [dict(p, prompt=R1_ZERO_TEMPLATE.format(prompt=p["prompt"])) for p in prompts]
+    (Path(args.dir) / "prompts.json").write_text(json.dumps(prompts))
     print(f"setup {time.perf_counter() - t0:.1f}s: {args.config} vocab {info['vocab_size']}, "
           f"{info['params_total'] / 1e6:.2f}M total / {info['params_active'] / 1e6:.2f}M active, {args.device} "
           f"{'bf16 autocast' if args.amp else 'fp32'}, {args.tokens} completion tokens, threads {args.threads}",
@@ -441,7 +449,7 @@ def main() -> int:
                   threads=args.threads,
                   keep_freed_memory=args.keep_freed_memory,
                   ours_micro_batch=args.micro_batch, trl_micro_batch=args.trl_micro_batch,
-                  share_prompts=args.share_prompts,
+                  share_prompts=args.share_prompts, prompt_template=args.prompt_template,
                   warm=args.warm, steps=args.steps, prompts_per_step=PROMPTS_PER_STEP, group_size=GROUP,
                   torch=torch.__version__, model=info, sides={})
     for s in sides:
