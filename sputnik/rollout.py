@@ -31,13 +31,17 @@ class RolloutBatch:
     def prompt_groups(self) -> list[tuple[list[int], int]]:
         """[(rows, prompt length)] per distinct prompt, in order of first appearance, over the rows
         with targets. A row's prompt is its input up to its first target (position p − 1 predicts the
-        first completion token); GRPO's G samples of one prompt form one group."""
+        first completion token); GRPO's G samples of one prompt form one group. Computed once per
+        batch: the update asks twice (the shared-prompt choice and the micro-batches)."""
+        if "_prompt_groups" in self.__dict__:
+            return self.__dict__["_prompt_groups"]
         has_BT = self.targets_BT != -100
         first_B = has_BT.int().argmax(1).tolist()
         groups: dict[tuple, list[int]] = {}
         for b in has_BT.any(1).nonzero().flatten().tolist():
             groups.setdefault(tuple(self.input_ids_BT[b, : first_B[b] + 1].tolist()), []).append(b)
-        return [(rows, len(key)) for key, rows in groups.items()]
+        self.__dict__["_prompt_groups"] = [(rows, len(key)) for key, rows in groups.items()]
+        return self.__dict__["_prompt_groups"]
 
     def valid_BT(self) -> torch.Tensor:
         """bool: the positions a row's log-probs need (prompt, and completion up to its last target);

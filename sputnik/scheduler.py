@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sputnik.engine import SamplingParams, decode_logits, sample_next, wave_weights
+from sputnik.engine import SamplingParams, decode_logits, mask_vocab, sample_next, wave_weights
 
 log = logging.getLogger(__name__)
 
@@ -357,9 +357,7 @@ class Scheduler:
         """Row b sampled with reqs[b]'s params and generator. Greedy rows share one argmax; sampled
         rows go one by one (each has its own generator, which is what makes a seeded request
         reproducible whatever else is in the batch)."""
-        logits_BV = logits_BV.float()
-        if logits_BV.shape[-1] > self.vocab_limit:
-            logits_BV[:, self.vocab_limit:] = float("-inf")
+        logits_BV = mask_vocab(logits_BV.float(), self.vocab_limit)
         out = logits_BV.argmax(-1).tolist()
         for b, req in enumerate(reqs):
             if req.params.temperature > 0:
