@@ -123,6 +123,16 @@ def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *,
 
 # ---------------------------------------------------------------------------------------------
 # Per-token log-probs and entropy (policy-gradient inputs)
+def _kernels():
+    from sputnik.model import cpu_kernels  # here, not at the top: sputnik.model imports this module
+
+    return cpu_kernels
+
+
+def _softmax_kernel(h_ND: Tensor, dtype: torch.dtype) -> bool:
+    return h_ND.device.type == "cpu" and dtype == torch.float32 and _kernels().softmax_rows_available()
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """(log softmax(z/τ)[t], H(softmax(z/τ))) per row with per-chunk recompute; see `token_logprobs`.
 
@@ -130,7 +140,12 @@ class _TokenLogprobs(torch.autograd.Function):
     that recomputes z/τ − lse (the subtraction fused into the GEMM), one in-place exp and the two
     gradient matmuls. τ is folded into the [C, D] side (h/τ), never a pass over [C, V]. When all rows
     fit in one chunk (N ≤ chunk_size) forward keeps its [N, V] log-probs for backward instead: the
-    memory bound is one chunk either way, and backward skips the recompute matmul."""
+    memory bound is one chunk either way, and backward skips the recompute matmul.
+
+    In fp32 on a CPU the row-wise work of both directions is one pass of softmax_rows.c per row
+    (cpu_kernels.softmax_rows_forward / _backward) instead of 5-7 ATen passes over [C, V]: the head's
+    forward + backward at [1024 rows, 4096 vocab] 27-29 -> 21-22 ms (LOG.md, stop 21); it then keeps
+    the logits instead of the log-probs, and backward writes the gradient over them."""
 
     @staticmethod
     def forward(ctx, h_ND, weight_VD, targets_N, temperature, ignore_index, chunk_size, dtype):
@@ -141,12 +156,19 @@ class _TokenLogprobs(torch.autograd.Function):
         logp_N = torch.empty(n, dtype=acc, device=h_ND.device)
         entropy_N = torch.empty_like(logp_N)
         lse_N = torch.empty_like(logp_N)
-        kept_logp_NV = None
+        kept_NV = None
+        keep = n <= chunk_size and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        # fp32 on a CPU: softmax_rows.c does the row statistics (and backward's gradient) in one pass
+        ctx.kernel = _softmax_kernel(h_ND, dtype)
         with torch.autocast(h_ND.device.type, enabled=False):
             w_VD = weight_VD.to(dtype)
             for s in range(0, n, chunk_size):
                 e = s + chunk_size
                 scaled_CV = ((h_ND[s:e] / temperature).to(dtype) @ w_VD.T).to(acc)
+                if ctx.kernel:
+                    logp_N[s:e], lse_N[s:e], entropy_N[s:e] = _kernels().softmax_rows_forward(scaled_CV, safe_N[s:e])
+                    kept_NV = scaled_CV if keep else None  # the logits: backward's kernel reads them
+                    continue
                 logp_CV = torch.log_softmax(scaled_CV, dim=-1)  # one fused row-wise pass
                 t_C1 = safe_N[s:e, None]
                 logp_N[s:e] = logp_CV.gather(1, t_C1).squeeze(1)
@@ -157,17 +179,17 @@ class _TokenLogprobs(torch.autograd.Function):
                 p_CV = torch.exp(logp_CV, out=scaled_CV)
                 entropy_N[s:e] = -p_CV.mul_(logp_CV).sum(-1)
                 del scaled_CV, p_CV
-                if n <= chunk_size and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-                    kept_logp_NV = logp_CV  # the single chunk: keep it, backward needs no recompute
+                if keep:
+                    kept_NV = logp_CV  # the single chunk: keep it, backward needs no recompute
         logp_N = torch.where(valid_N, logp_N, 0.0)
-        ctx.save_for_backward(h_ND, weight_VD, safe_N, valid_N, lse_N, entropy_N, kept_logp_NV)
+        ctx.save_for_backward(h_ND, weight_VD, safe_N, valid_N, lse_N, entropy_N, kept_NV)
         ctx.temperature, ctx.chunk_size, ctx.dtype = temperature, chunk_size, dtype
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skip its terms
         return logp_N, entropy_N
 
     @staticmethod
     def backward(ctx, grad_logp_N, grad_entropy_N):
-        h_ND, weight_VD, safe_N, valid_N, lse_N, entropy_N, kept_logp_NV = ctx.saved_tensors
+        h_ND, weight_VD, safe_N, valid_N, lse_N, entropy_N, kept_NV = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tau, dtype, chunk = ctx.temperature, ctx.dtype, ctx.chunk_size
         acc = torch.promote_types(dtype, torch.float32)
@@ -185,8 +207,23 @@ class _TokenLogprobs(torch.autograd.Function):
             for s in range(0, h_ND.shape[0], chunk):
                 e = s + chunk
                 h_CD = h_ND[s:e].to(dtype)
-                if kept_logp_NV is not None:  # the saved tensor is read, never written
-                    logp_CV = kept_logp_NV
+                if ctx.kernel:  # logits (saved, or recomputed) -> gradient in place, one pass
+                    # The saved logits are used once: they take the gradient in place (a separate
+                    # buffer costs ~3 ms more at [1024, 4096]), so a second backward through a
+                    # retained graph recomputes them instead of reading them.
+                    reuse = kept_NV is not None and not getattr(ctx, "kept_logits_used", False)
+                    z_CV = kept_NV if reuse else (h_ND[s:e] / tau) @ w_VD.T
+                    ctx.kept_logits_used = reuse or getattr(ctx, "kept_logits_used", False)
+                    g_CV = _kernels().softmax_rows_backward(z_CV, lse_N[s:e], safe_N[s:e], entropy_N[s:e],
+                                                            g_logp_N[s:e], None if g_ent_N is None else g_ent_N[s:e],
+                                                            out_NV=z_CV)
+                    if need_h:
+                        grad_h_ND[s:e] = g_CV @ w_VD
+                    if need_w:
+                        grad_w_VD.addmm_(g_CV.T, h_CD)
+                    continue
+                if kept_NV is not None:  # the saved tensor is read, never written
+                    logp_CV = kept_NV
                     p_CV = logp_CV.exp()
                 else:
                     if dtype == acc:  # log p = z/τ − lse, the subtraction fused into the GEMM (addmm's bias)

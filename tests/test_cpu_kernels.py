@@ -118,3 +118,85 @@ def test_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path, monkeypa
     monkeypatch.delenv("SPUTNIK_NO_CPU_KERNELS", raising=False)
     assert cpu_kernels._library.__wrapped__() is not None
     assert list((tmp_path / "tmp").glob("sputnik-kernels-*/routed_ffn-*.so"))
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax_rows.c: the row statistics and gradient of losses.token_logprobs
+needs_softmax_kernel = pytest.mark.skipif(not cpu_kernels.softmax_rows_available(), reason="no C compiler for the CPU kernel")
+
+
+def _softmax_reference(z_NV, t_N):
+    """log p of the target, log Σ exp z and −Σ p log p from ATen, in fp64."""
+    logp_NV = torch.log_softmax(z_NV.double(), -1)
+    return (logp_NV.gather(1, t_N[:, None]).squeeze(1), torch.logsumexp(z_NV.double(), -1),
+            -(logp_NV.exp() * logp_NV).sum(-1))
+
+
+@needs_softmax_kernel
+@pytest.mark.parametrize("V", [1, 7, 16, 1000, 4099])
+def test_softmax_rows_forward_matches_log_softmax(V):
+    g = torch.Generator().manual_seed(V)
+    z_NV = torch.randn(37, V, generator=g) * 4
+    z_NV[0] = 30.0  # a flat row: H = log V
+    t_N = torch.randint(0, V, (37,), generator=g)
+    for got, ref in zip(cpu_kernels.softmax_rows_forward(z_NV, t_N), _softmax_reference(z_NV, t_N)):
+        torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=2e-6)
+    assert cpu_kernels.softmax_rows_forward(z_NV, t_N)[2][0].item() == pytest.approx(torch.log(torch.tensor(V * 1.0)).item(), abs=1e-5)
+
+
+@needs_softmax_kernel
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_softmax_rows_backward_is_the_gradient_of_logp_and_entropy(with_entropy):
+    g = torch.Generator().manual_seed(1)
+    z_NV = (torch.randn(23, 301, generator=g) * 3).requires_grad_()
+    t_N = torch.randint(0, 301, (23,), generator=g)
+    gl_N, ge_N = torch.randn(23, generator=g), torch.randn(23, generator=g)
+    logp_NV = torch.log_softmax(z_NV.double(), -1)
+    objective = (gl_N.double() * logp_NV.gather(1, t_N[:, None]).squeeze(1)).sum()
+    if with_entropy:
+        objective = objective + (ge_N.double() * -(logp_NV.exp() * logp_NV).sum(-1)).sum()
+    ref_NV, = torch.autograd.grad(objective, z_NV)
+    z = z_NV.detach()
+    logp_N, lse_N, ent_N = cpu_kernels.softmax_rows_forward(z, t_N)
+    ge = ge_N if with_entropy else None
+    got_NV = cpu_kernels.softmax_rows_backward(z, lse_N, t_N, ent_N, gl_N, ge)
+    torch.testing.assert_close(got_NV, ref_NV.float(), atol=2e-6, rtol=1e-5)
+    # from log-probs (sub = 0) and in place: the same numbers
+    logp_z = torch.log_softmax(z, -1)
+    in_place = cpu_kernels.softmax_rows_backward(logp_z, torch.zeros(23), t_N, ent_N, gl_N, ge, out_NV=logp_z)
+    assert in_place.data_ptr() == logp_z.data_ptr()
+    torch.testing.assert_close(in_place, ref_NV.float(), atol=2e-6, rtol=1e-5)
+
+
+@needs_softmax_kernel
+def test_softmax_rows_infinite_logits_bad_targets_and_threads():
+    z_NV = torch.full((3, 50), float("-inf"))
+    z_NV[:, 4] = 2.0
+    z_NV[1, 9] = 2.0
+    t_N = torch.tensor([4, 9, 4])
+    logp_N, lse_N, ent_N = cpu_kernels.softmax_rows_forward(z_NV, t_N)
+    assert torch.isfinite(logp_N).all() and torch.isfinite(ent_N).all()  # masked logits: no mass, no NaN
+    torch.testing.assert_close(logp_N, torch.tensor([0.0, -0.6931472, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_N, torch.tensor([0.0, 0.6931472, 0.0]), atol=1e-5, rtol=0)
+    grad = cpu_kernels.softmax_rows_backward(z_NV, lse_N, t_N, ent_N, torch.ones(3), torch.ones(3))
+    assert torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match="outside"):
+        cpu_kernels.softmax_rows_forward(z_NV, torch.tensor([4, 50, 0]))
+    with pytest.raises(ValueError, match="outside"):
+        cpu_kernels.softmax_rows_backward(z_NV, lse_N, torch.tensor([4, -1, 0]), ent_N, torch.ones(3), None)
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_kernels.softmax_rows_forward(z_NV.double(), t_N)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernels.softmax_rows_forward(z_NV.T.contiguous().T, t_N)
+    # every row is summed by one thread in a fixed order: the same bits at any thread count
+    z = torch.randn(64, 777, generator=torch.Generator().manual_seed(3))
+    t = torch.randint(0, 777, (64,))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.softmax_rows_forward(z, t)
+        torch.set_num_threads(max(2, threads))
+        many = cpu_kernels.softmax_rows_forward(z, t)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sputnik import losses as _losses
 from sputnik.losses import (
     chunked_kd_loss, forward_kl, forward_kl_per_token, generalized_jsd, generalized_jsd_per_token,
     linear_cross_entropy, mtp_loss, mtp_targets, reverse_kl, reverse_kl_per_token, token_logprobs,
@@ -110,8 +111,17 @@ def test_head_losses_reject_bad_arguments():
 
 # ---------------------------------------------------------------------------------------------
 # token_logprobs
+@pytest.fixture(params=["kernel", "aten"])
+def softmax_path(request, monkeypatch):
+    """Both implementations of the fp32 CPU row statistics: softmax_rows.c and the ATen passes."""
+    if request.param == "kernel" and not _losses._kernels().softmax_rows_available():
+        pytest.skip("no C compiler for the CPU kernel")
+    monkeypatch.setattr(_losses, "_softmax_kernel", lambda h, dtype: request.param == "kernel" and dtype == torch.float32)
+    return request.param
+
+
 @pytest.mark.parametrize("chunk_size,temperature", [(1, 1.0), (3, 0.7), (64, 2.0)])
-def test_token_logprobs_match_log_softmax_and_entropy(chunk_size, temperature):
+def test_token_logprobs_match_log_softmax_and_entropy(chunk_size, temperature, softmax_path):
     h, w = _head()
     t = torch.randint(0, 13, (10,))
     t[2] = -100
@@ -163,8 +173,9 @@ def test_token_logprobs_under_bf16_autocast_match_bf16_logits(chunk_size):
         torch.testing.assert_close(x, y, atol=2e-2, rtol=2e-2)  # bf16 gradient matmuls on our side
 
 
-def test_token_logprobs_backward_twice_with_kept_logprobs():
-    """retain_graph: the kept [N, V] log-probs must survive the first backward unchanged."""
+def test_token_logprobs_backward_twice_with_kept_logprobs(softmax_path):
+    """retain_graph: the kept [N, V] log-probs (logits on the kernel path, which writes the gradient
+    over them) must not be read as such by a second backward."""
     h, w = _head()
     t = torch.randint(0, 13, (10,))
     logp, ent = token_logprobs(h, w, t, chunk_size=64)

@@ -1,15 +1,19 @@
 """Hand-written CPU kernels, built on first use with the machine's C compiler and loaded with ctypes.
 
-One kernel so far: routed_ffn.c, the routed experts of a MoE layer for a few tokens (decode steps),
-which inductor and the grouped GEMM both do poorly at a few tokens an expert (see the C file). It is
-plain C with OpenMP and no torch headers, so it builds in about a second with `cc -O3 -march=native`
-and needs only what torch.compile on CPU needs already (a C compiler). The library is cached under
+Two kernels, one C file (and one library) each, plain C with OpenMP and no torch headers, so each
+builds in about a second with `cc -O3 -march=native` and needs only what torch.compile on CPU needs
+already (a C compiler):
+  - routed_ffn.c: the routed experts of a MoE layer for a few tokens (decode steps), which inductor
+    and the grouped GEMM both do poorly at a few tokens an expert (see the C file);
+  - softmax_rows.c: the row-wise softmax statistics and gradient of the policy's token log-probs
+    (losses.token_logprobs, the GRPO update's LM head), one pass per row instead of 5-7 ATen passes.
+A library is cached under
 $SPUTNIK_KERNEL_CACHE (default ~/.cache/sputnik/kernels), keyed by the source, the compiler, the
 flags and the CPU's feature flags (it is built for this CPU), and written to a temporary file, then
 renamed, so concurrent builds never load a half-written library.
 
-No compiler, a failed build or a non-Linux host: `routed_ffn_available()` is False (logged once) and
-callers keep their torch path. `routed_ffn_rows` is a torch custom op, so a compiled decode step calls
+No compiler, a failed build or a non-Linux host: `routed_ffn_available()` / `softmax_rows_available()`
+is False (logged once) and callers keep their torch path; SPUTNIK_NO_CPU_KERNELS=1 turns both off. `routed_ffn_rows` is a torch custom op, so a compiled decode step calls
 it as one opaque node.
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("routed_ffn.c")
+SOFTMAX_SOURCE = Path(__file__).with_name("softmax_rows.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     FLAGS.append("-mprefer-vector-width=512")  # gcc's -march=native picks 256-bit vectors; 512 is ~15% faster here
@@ -85,26 +90,35 @@ def build(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
 
 
 @functools.cache
-def _library():
+def _library(source: Path = SOURCE):
     if not sys.platform.startswith("linux") or os.environ.get("SPUTNIK_NO_CPU_KERNELS") == "1":
         return None
     try:
         try:
-            path = build()
+            path = build(source)
         except OSError:  # an unwritable cache directory: build into a private temporary one
-            path = build(out_dir=Path(tempfile.gettempdir()) / f"sputnik-kernels-{os.getuid()}")
+            path = build(source, out_dir=Path(tempfile.gettempdir()) / f"sputnik-kernels-{os.getuid()}")
         lib = ctypes.CDLL(str(path))
     except (RuntimeError, OSError) as e:
-        log.warning("CPU MoE kernel unavailable (%s); decoding keeps the torch path", e)
+        log.warning("CPU kernel %s unavailable (%s); the torch path is used instead", source.stem, e)
         return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.routed_ffn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int]
-    lib.routed_ffn.restype = ctypes.c_int
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    if source == SOFTMAX_SOURCE:
+        lib.softmax_rows_forward.argtypes = [p, p, i64, i64, p, p, p, i32]
+        lib.softmax_rows_backward.argtypes = [p, p, p, p, p, p, p, i64, i64, i32]
+        lib.softmax_rows_forward.restype = lib.softmax_rows_backward.restype = i32
+    else:
+        lib.routed_ffn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i32]
+        lib.routed_ffn.restype = i32
     return lib
 
 
 def routed_ffn_available() -> bool:
     return _library() is not None
+
+
+def softmax_rows_available() -> bool:
+    return _library(SOFTMAX_SOURCE) is not None
 
 
 def _checked_library():
@@ -168,3 +182,49 @@ _LIB.impl("routed_ffn_rows", _routed_ffn_rows, "CPU")
 torch.library.register_fake("sputnik::routed_ffn_rows", lambda x, topk_idx, weight, gate_up_packed, down_packed:
                             torch.empty_like(x), lib=_LIB)
 routed_ffn_rows = torch.ops.sputnik.routed_ffn_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-wise softmax statistics (softmax_rows.c), for losses.token_logprobs. Plain functions: they run
+# inside an autograd.Function on fp32 CPU tensors, never under torch.compile.
+def _softmax_rows_checked(z_NV: torch.Tensor, targets_N: torch.Tensor, *rows: torch.Tensor):
+    lib = _library(SOFTMAX_SOURCE)
+    if lib is None:
+        raise RuntimeError("the CPU softmax kernel is not available on this machine (see the warning above)")
+    N = z_NV.shape[0]
+    if not (z_NV.is_cpu and z_NV.dtype == torch.float32 and z_NV.dim() == 2 and z_NV.is_contiguous()
+            and targets_N.dtype == torch.int64 and targets_N.is_contiguous() and targets_N.shape == (N,)
+            and all(r.dtype == torch.float32 and r.is_contiguous() and r.shape == (N,) for r in rows)):
+        raise ValueError("softmax_rows: contiguous fp32 CPU logits [N, V], int64 targets [N], fp32 rows [N]")
+    return lib
+
+
+def softmax_rows_forward(z_NV: torch.Tensor, targets_N: torch.Tensor):
+    """-> (logp_N, lse_N, entropy_N) of softmax(z) per row: log p of the target, log Σ exp z, and
+    −Σ p log p. Targets must lie in [0, V) (a masked row carries any valid index)."""
+    lib = _softmax_rows_checked(z_NV, targets_N)
+    N, V = z_NV.shape
+    logp_N, lse_N, ent_N = (torch.empty(N, dtype=torch.float32) for _ in range(3))
+    if lib.softmax_rows_forward(z_NV.data_ptr(), targets_N.data_ptr(), N, V, logp_N.data_ptr(), lse_N.data_ptr(),
+                                ent_N.data_ptr(), torch.get_num_threads()) != 0:
+        raise ValueError(f"softmax_rows: a target is outside [0, {V})")
+    return logp_N, lse_N, ent_N
+
+
+def softmax_rows_backward(z_NV: torch.Tensor, sub_N: torch.Tensor, targets_N: torch.Tensor, entropy_N: torch.Tensor,
+                          grad_logp_N: torch.Tensor, grad_entropy_N: torch.Tensor | None,
+                          out_NV: torch.Tensor | None = None) -> torch.Tensor:
+    """∂(Σ gl·logp + Σ ge·H)/∂z from the logits z (log p = z − sub per row), i.e.
+    g = −p (gl + ge (log p + H)) + onehot(t) gl, into `out_NV` (a new tensor by default; z itself
+    for in place); returns it."""
+    rows = (sub_N, entropy_N, grad_logp_N) + ((grad_entropy_N,) if grad_entropy_N is not None else ())
+    lib = _softmax_rows_checked(z_NV, targets_N, *rows)
+    N, V = z_NV.shape
+    out_NV = torch.empty_like(z_NV) if out_NV is None else out_NV
+    if out_NV.shape != z_NV.shape or out_NV.dtype != torch.float32 or not out_NV.is_contiguous() or not out_NV.is_cpu:
+        raise ValueError("softmax_rows: out must be a contiguous fp32 CPU tensor shaped like the logits")
+    if lib.softmax_rows_backward(z_NV.data_ptr(), out_NV.data_ptr(), sub_N.data_ptr(), targets_N.data_ptr(), entropy_N.data_ptr(),
+                                 grad_logp_N.data_ptr(), grad_entropy_N.data_ptr() if grad_entropy_N is not None else None,
+                                 N, V, torch.get_num_threads()) != 0:
+        raise ValueError(f"softmax_rows: a target is outside [0, {V})")
+    return out_NV

@@ -1,0 +1,109 @@
+/* Row-wise softmax statistics and their gradient for the policy's token log-probs (losses.token_logprobs),
+   fp32, one pass per row over logits that stay in L1 (a row of a 32k vocabulary is 128 KB; of the
+   benchmark's 4096, 16 KB):
+
+       forward   lse_n = log sum_v exp(z_nv),  logp_n = z_{n,t_n} - lse_n,
+                 H_n = -sum_v p_nv log p_nv = lse_n - sum_v p_nv z_nv          (p = exp(z - lse))
+       backward  g_nv = -p_nv (gl_n + ge_n (log p_nv + H_n)) + [v = t_n] gl_n
+
+   gl and ge are the incoming gradients of logp and H per row (the 1/tau of the scaled logits
+   already folded in by the caller). What this replaces is five to seven ATen passes over the [N, V]
+   logits (log_softmax, gather, exp, multiply, sum in forward; exp, multiply, add, scatter in
+   backward), each reading and writing the whole block through L3; here each row is read twice and
+   the gradient written once.
+
+   exp is a branch-free polynomial the compiler vectorises (Cody-Waite reduction to [-ln2/2, ln2/2],
+   degree-6 Taylor form, ~1e-7 relative error there); log p is clamped at -87 (e^-87 ~ 1.6e-38,
+   about the smallest normal float), so a token with no mass gets ~1e-38 instead of 0, and a -inf
+   logit gives finite statistics.
+   Rows run in parallel under OpenMP (torch's libgomp); each row is summed by one thread in a fixed
+   order, so results do not depend on the thread count. */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float clamp_lo(float x) { return x < -87.0f ? -87.0f : x; }
+
+/* e^x for x in [-87, 88]; callers clamp the low end (clamp_lo), log-probs never exceed ~0 */
+static inline float exp_neg(float x) {
+    x = x > 88.0f ? 88.0f : x;
+    /* n = round(x / ln2) by the 1.5 * 2^23 trick (floorf does not vectorise without -ffast-math) */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln2 split: hi exact in 9 bits */
+    float q = 1.0f / 720.0f;
+    q = q * r + 1.0f / 120.0f;
+    q = q * r + 1.0f / 24.0f;
+    q = q * r + 1.0f / 6.0f;
+    q = q * r + 0.5f;
+    q = q * r + 1.0f;
+    q = q * r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23; /* 2^n as a float's exponent field */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return q * scale;
+}
+
+/* forward: z [N, V] row-major, t [N] in [0, V) (ignored rows carry any valid index) -> logp, lse, H [N].
+   Returns -1 if a target is out of range (nothing written for that row), else 0. */
+int softmax_rows_forward(const float *z, const int64_t *t, int64_t N, int64_t V, float *logp, float *lse,
+                         float *ent, int nthreads) {
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(| : bad)
+    for (int64_t n = 0; n < N; ++n) {
+        const float *zn = z + n * V;
+        if (t[n] < 0 || t[n] >= V) {
+            bad = 1;
+            continue;
+        }
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t v = 0; v < V; ++v) m = zn[v] > m ? zn[v] : m;
+        float s = 0.0f, sy = 0.0f;
+#pragma omp simd reduction(+ : s, sy)
+        for (int64_t v = 0; v < V; ++v) {
+            const float y = clamp_lo(zn[v] - m);
+            const float e = exp_neg(y);
+            s += e;
+            sy += e * y;
+        }
+        const float log_s = logf(s);
+        lse[n] = m + log_s;
+        logp[n] = zn[t[n]] - lse[n];
+        ent[n] = log_s - sy / s; /* H = lse - sum p z = log s - sum p (z - m) */
+    }
+    return bad ? -1 : 0;
+}
+
+/* one row of the backward: gradient gn from logits zn (gn may be zn) */
+static void backward_row(const float *zn, float *gn, int64_t V, float cn, float gln, const float *ge, float entn) {
+    if (ge) {
+        const float gen = *ge, base = gln + gen * entn;
+#pragma omp simd
+        for (int64_t v = 0; v < V; ++v) {
+            const float lp = clamp_lo(zn[v] - cn);
+            gn[v] = -exp_neg(lp) * (base + gen * lp);
+        }
+    } else {
+#pragma omp simd
+        for (int64_t v = 0; v < V; ++v) gn[v] = -exp_neg(clamp_lo(zn[v] - cn)) * gln;
+    }
+}
+
+/* backward: g [N, V] from z [N, V] (logits; g may be z itself, for in place); c [N] is what to
+   subtract for log p (lse, or 0 when z already holds log-probs); gl [N] the gradient of logp; ge [N]
+   of H, or NULL. */
+int softmax_rows_backward(const float *z, float *g, const float *c, const int64_t *t, const float *ent, const float *gl,
+                          const float *ge, int64_t N, int64_t V, int nthreads) {
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(| : bad)
+    for (int64_t n = 0; n < N; ++n) {
+        if (t[n] < 0 || t[n] >= V) {
+            bad = 1;
+            continue;
+        }
+        backward_row(z + n * V, g + n * V, V, c[n], gl[n], ge ? ge + n : 0, ent[n]);
+        g[n * V + t[n]] += gl[n];
+    }
+    return bad ? -1 : 0;
+}
