@@ -1,5 +1,5 @@
 /* Row-wise softmax statistics and their gradient for the policy's token log-probs (losses.token_logprobs),
-   fp32, one pass per row over logits that stay in L1 (a row of a 32k vocabulary is 128 KB; of the
+   fp32, one pass per row over logits that stay in L1 or L2 (a row of a 32k vocabulary is 128 KB; of the
    benchmark's 4096, 16 KB):
 
        forward   lse_n = log sum_v exp(z_nv),  logp_n = z_{n,t_n} - lse_n,
