@@ -159,7 +159,7 @@ class _TokenLogprobs(torch.autograd.Function):
         kept_NV = None
         keep = n <= chunk_size and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         # fp32 on a CPU: softmax_rows.c does the row statistics (and backward's gradient) in one pass
-        ctx.kernel = _softmax_kernel(h_ND, dtype)
+        ctx.kernel, ctx.kept_logits_used = _softmax_kernel(h_ND, dtype), False
         with torch.autocast(h_ND.device.type, enabled=False):
             w_VD = weight_VD.to(dtype)
             for s in range(0, n, chunk_size):
@@ -211,9 +211,9 @@ class _TokenLogprobs(torch.autograd.Function):
                     # The saved logits are used once: they take the gradient in place (a separate
                     # buffer costs ~3 ms more at [1024, 4096]), so a second backward through a
                     # retained graph recomputes them instead of reading them.
-                    reuse = kept_NV is not None and not getattr(ctx, "kept_logits_used", False)
+                    reuse = kept_NV is not None and not ctx.kept_logits_used
                     z_CV = kept_NV if reuse else (h_ND[s:e] / tau) @ w_VD.T
-                    ctx.kept_logits_used = reuse or getattr(ctx, "kept_logits_used", False)
+                    ctx.kept_logits_used |= reuse
                     g_CV = _kernels().softmax_rows_backward(z_CV, lse_N[s:e], safe_N[s:e], entropy_N[s:e],
                                                             g_logp_N[s:e], None if g_ent_N is None else g_ent_N[s:e],
                                                             out_NV=z_CV)

@@ -43,11 +43,16 @@ class RolloutBatch:
         self.__dict__["_prompt_groups"] = [(rows, len(key)) for key, rows in groups.items()]
         return self.__dict__["_prompt_groups"]
 
+    def completion_end_B(self) -> torch.Tensor:
+        """Per row, the position after its last target (0 for a row without targets)."""
+        T = self.targets_BT.shape[1]
+        return ((self.targets_BT != -100) * torch.arange(1, T + 1, device=self.targets_BT.device)).amax(1)
+
     def valid_BT(self) -> torch.Tensor:
         """bool: the positions a row's log-probs need (prompt, and completion up to its last target);
         the rest is right padding (not expert load: see count_load_where)."""
         T = self.targets_BT.shape[1]
-        end_B = ((self.targets_BT != -100) * torch.arange(1, T + 1, device=self.targets_BT.device)).amax(1)
+        end_B = self.completion_end_B()
         return torch.arange(T, device=end_B.device) < end_B[:, None]
 
     def trimmed(self) -> "RolloutBatch":
@@ -177,8 +182,7 @@ def micro_batches(batch: RolloutBatch, adv_B, micro_batch: int, keep_prompts_tog
     keep_prompts_together (shared prompts): the rows of one prompt stay in one micro-batch (whole
     prompts, longest first, up to `micro_batch` rows, at least one prompt), so the prompt is computed
     once; sorting rows across prompts would scatter them (real RL, LOG.md stop 20)."""
-    T = batch.targets_BT.shape[1]
-    end_B = ((batch.targets_BT != -100) * torch.arange(1, T + 1, device=batch.targets_BT.device)).amax(1)
+    end_B = batch.completion_end_B()
     if not keep_prompts_together:
         order_B = torch.argsort(end_B, descending=True, stable=True)
         return [(batch.select(rows).trimmed(), adv_B[rows]) for rows in order_B.split(micro_batch)]
@@ -220,8 +224,7 @@ def prompt_token_saving(batch: RolloutBatch) -> float:
     """Share of the plain forward's tokens (each row: prompt + completion up to its last target)
     that computing each distinct prompt once removes."""
     groups = batch.prompt_groups()
-    T = batch.targets_BT.shape[1]
-    end_B = ((batch.targets_BT != -100) * torch.arange(1, T + 1, device=batch.targets_BT.device)).amax(1)
+    end_B = batch.completion_end_B()
     return sum((len(rows) - 1) * p for rows, p in groups) / max(int(end_B.sum()), 1)
 
 

@@ -13,8 +13,8 @@ flags and the CPU's feature flags (it is built for this CPU), and written to a t
 renamed, so concurrent builds never load a half-written library.
 
 No compiler, a failed build or a non-Linux host: `routed_ffn_available()` / `softmax_rows_available()`
-is False (logged once) and callers keep their torch path; SPUTNIK_NO_CPU_KERNELS=1 turns both off. `routed_ffn_rows` is a torch custom op, so a compiled decode step calls
-it as one opaque node.
+is False (logged once) and callers keep their torch path; SPUTNIK_NO_CPU_KERNELS=1 turns both off.
+`routed_ffn_rows` is a torch custom op, so a compiled decode step calls it as one opaque node.
 """
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("routed_ffn.c")
 SOFTMAX_SOURCE = Path(__file__).with_name("softmax_rows.c")
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# each library's functions: (argument types, return type), set once on load
+_SIGNATURES = {
+    SOURCE: {"routed_ffn": ([_P] * 6 + [_I64] * 5 + [_I32], _I32), "routed_ffn_cols": ([], _I32)},
+    SOFTMAX_SOURCE: {"softmax_rows_forward": ([_P, _P, _I64, _I64, _P, _P, _P, _I32], _I32),
+                     "softmax_rows_backward": ([_P] * 7 + [_I64, _I64, _I32], _I32)},
+}
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     FLAGS.append("-mprefer-vector-width=512")  # gcc's -march=native picks 256-bit vectors; 512 is ~15% faster here
@@ -102,14 +109,9 @@ def _library(source: Path = SOURCE):
     except (RuntimeError, OSError) as e:
         log.warning("CPU kernel %s unavailable (%s); the torch path is used instead", source.stem, e)
         return None
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    if source == SOFTMAX_SOURCE:
-        lib.softmax_rows_forward.argtypes = [p, p, i64, i64, p, p, p, i32]
-        lib.softmax_rows_backward.argtypes = [p, p, p, p, p, p, p, i64, i64, i32]
-        lib.softmax_rows_forward.restype = lib.softmax_rows_backward.restype = i32
-    else:
-        lib.routed_ffn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i32]
-        lib.routed_ffn.restype = i32
+    for name, (argtypes, restype) in _SIGNATURES.get(source, {}).items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
