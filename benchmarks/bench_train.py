@@ -8,7 +8,7 @@ CPU: `tiny`, fp32, batch 8×256.  GPU: `small`, bf16 weights, batch 8×2048.
     python benchmarks/bench_train.py                   # picks CPU or GPU, all cores
     python benchmarks/bench_train.py --threads 2 --repeats 7 --out bench.json
     python benchmarks/bench_train.py --compile         # adds torch.compile rows for both
-    python benchmarks/bench_train.py --proposals       # adds rows for changes proposed to other files
+    python benchmarks/bench_train.py --ablation        # adds our step without the C head kernel
     python benchmarks/bench_train.py --profile 3       # torch.profiler table of our step, then exit
 
 Rows are medians over repeats (range in brackets); each repeat times `--steps` steps of every
@@ -121,53 +121,18 @@ def time_steps(step, steps: int, device) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# PROPOSALS: measured here, to be adopted by the module that owns the code (proof of value first).
-class _FwdGradLinearCE(torch.autograd.Function):
-    """For sputnik.losses.linear_cross_entropy: compute ∂loss/∂h and ∂loss/∂W chunk by chunk in
-    FORWARD (g = softmax(z) − onehot, in place in the logits chunk), keep them, scale them in
-    backward. Same memory bound (one [C, V] chunk), 3 head matmuls instead of 4 (no recompute)."""
-
-    @staticmethod
-    def forward(ctx, h_ND, w_VD, targets_N, chunk):
-        valid_N = targets_N != -100
-        safe_N = torch.where(valid_N, targets_N, 0)
-        grad_h_ND, grad_w_VD = torch.empty_like(h_ND), torch.zeros_like(w_VD)
-        loss = h_ND.new_zeros((), dtype=torch.float32)
-        for s in range(0, h_ND.shape[0], chunk):
-            h_CD, t_C, v_C = h_ND[s:s + chunk], safe_N[s:s + chunk, None], valid_N[s:s + chunk, None]
-            z_CV = (h_CD @ w_VD.T).float()
-            target_C1 = z_CV.gather(1, t_C)
-            max_C1 = z_CV.amax(-1, keepdim=True)
-            e_CV = z_CV.sub_(max_C1).exp_()  # one exp pass over the chunk, in place
-            sum_C1 = e_CV.sum(-1, keepdim=True)
-            loss += ((max_C1 + sum_C1.log() - target_C1) * v_C).sum()
-            g_CV = e_CV.mul_(v_C / sum_C1)  # softmax, zeroed on ignored rows, in the same pass
-            g_CV.scatter_add_(1, t_C, -v_C.to(g_CV.dtype))
-            g_CV = g_CV.to(h_ND.dtype)
-            grad_h_ND[s:s + chunk] = g_CV @ w_VD
-            grad_w_VD.addmm_(g_CV.T, h_CD)
-        ctx.save_for_backward(grad_h_ND, grad_w_VD)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h_ND, grad_w_VD = ctx.saved_tensors
-        return grad_h_ND * grad_loss, grad_w_VD * grad_loss, None, None
-
-
-def with_fwdgrad_ce(step):
-    import sputnik.model.transformer as transformer_module
-
-    def fwdgrad_lce(h_ND, w_VD, targets_N, chunk_size=1024, **_):
-        return _FwdGradLinearCE.apply(h_ND, w_VD, targets_N, chunk_size), (targets_N != -100).sum()
+# ABLATION: our step with a part switched off, to measure what that part buys in the same run.
+def without_head_kernel(step):
+    """Our step with the LM head's row softmax on ATen passes instead of softmax_rows.c."""
+    from sputnik import losses
 
     def patched():
-        original = transformer_module.linear_cross_entropy
-        transformer_module.linear_cross_entropy = fwdgrad_lce
+        original = losses._softmax_kernel
+        losses._softmax_kernel = lambda h_ND, dtype: False
         try:
             return step()
         finally:
-            transformer_module.linear_cross_entropy = original
+            losses._softmax_kernel = original
     return patched
 
 
@@ -186,8 +151,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-dense", action="store_true", help="skip the dense Llama twin row")
     ap.add_argument("--adam", default="fused", choices=["fused", "foreach"],
                     help="AdamW kernel for every variant (fused: one C++ kernel, also on CPU)")
-    ap.add_argument("--proposals", action="store_true",
-                    help="add rows for optimisations proposed to other modules (see PROPOSALS)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="add a row of our step with the LM head's C row-softmax kernel off (see ABLATION)")
     ap.add_argument("--profile", type=int, default=0, help="profile N of our steps (torch.profiler), print, exit")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)  # internal: one variant's CPU peak RSS
@@ -221,7 +186,7 @@ def build_variants(args, env, only: str | None = None) -> tuple[dict, dict]:
 
     def want(name):
         return only is None or only == name
-    need_ours = any(want(n) for n in ("sputnik", "transformers", "sputnik+fwdgrad-CE", "sputnik+compile",
+    need_ours = any(want(n) for n in ("sputnik", "transformers", "sputnik-no-head-kernel", "sputnik+compile",
                                       "transformers+compile"))
     ours = Transformer(cfg) if need_ours else None  # built first: the HF model copies its weights
     if want("transformers") or (args.compile and want("transformers+compile")):
@@ -233,12 +198,12 @@ def build_variants(args, env, only: str | None = None) -> tuple[dict, dict]:
         if args.compile and want("transformers+compile"):
             variants["transformers+compile"] = make_step(torch.compile(hf), "hf", ids_BT, targets_BT, fused)
     ours = ours.to(device=device, dtype=dtype) if need_ours else None
-    if want("sputnik") or (args.proposals and want("sputnik+fwdgrad-CE")):
+    if want("sputnik") or (args.ablation and want("sputnik-no-head-kernel")):
         step = make_step(ours, "ours", ids_BT, targets_BT, fused)
         if want("sputnik"):
             variants["sputnik"] = step
-        if args.proposals and want("sputnik+fwdgrad-CE"):
-            variants["sputnik+fwdgrad-CE"] = with_fwdgrad_ce(step)
+        if args.ablation and want("sputnik-no-head-kernel"):
+            variants["sputnik-no-head-kernel"] = without_head_kernel(step)
     if not args.no_dense and want("sputnik-dense"):
         try:
             from sputnik.model.llama import LlamaModel
@@ -261,7 +226,7 @@ def cpu_peak_rss(args, name: str) -> int:
     freed by one variant is reused by the next without growing RSS)."""
     cmd = [sys.executable, __file__, "--mem-child", name, "--threads", str(args.threads), "--batch",
            str(args.batch), "--seq", str(args.seq), "--adam", args.adam, "--warmup", "1"]
-    cmd += [f for f, on in (("--compile", args.compile), ("--proposals", args.proposals)) if on]
+    cmd += [f for f, on in (("--compile", args.compile), ("--ablation", args.ablation)) if on]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PEAK_RSS ")]
     return int(lines[-1].split()[1]) if lines else -1

@@ -46,6 +46,16 @@ def _matmul_dtype(h_ND: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_ND.dtype
 
 
+def _kernels():
+    from sputnik.model import cpu_kernels  # here, not at the top: sputnik.model imports this module
+
+    return cpu_kernels
+
+
+def _softmax_kernel(h_ND: Tensor, dtype: torch.dtype) -> bool:
+    return h_ND.device.type == "cpu" and dtype == torch.float32 and _kernels().softmax_rows_available()
+
+
 # ---------------------------------------------------------------------------------------------
 # Cross-entropy through the LM head without materializing [N, V]
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -63,6 +73,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Backward then only scales them by the upstream scalar gradient.
         grad_h_ND = torch.empty_like(h_ND) if need_h else None
         grad_w_VD = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device) if need_w else None
+        kernel = _softmax_kernel(h_ND, dtype)
+        minus_one_N = torch.full(targets_N.shape, -1.0) if kernel else None  # ∂CE/∂log p_t, before masking
         with torch.autocast(h_ND.device.type, enabled=False):
             w_VD = weight_VD.to(dtype)
             # Ignored rows get zero gradient by masking the [N, D] sides (h for ∂W, ∂h itself) instead of
@@ -72,6 +84,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, h_ND.shape[0], chunk_size):
                 e = s + chunk_size
                 logits_CV = (h_ND[s:e].to(dtype) @ w_VD.T).to(acc)  # fp32 log-softmax even for bf16
+                if kernel:  # softmax_rows.c: the row statistics in one read, softmax − onehot in one write
+                    logp_target_C, lse_C, ent_C = _kernels().softmax_rows_forward(logits_CV, safe_N[s:e])
+                    loss -= torch.where(valid_N[s:e], logp_target_C, 0.0).sum()
+                    if need_h or need_w:
+                        g_CV = _kernels().softmax_rows_backward(logits_CV, lse_C, safe_N[s:e], ent_C,
+                                                                minus_one_N[s:e], None, out_NV=logits_CV)
+                        if need_h:
+                            grad_h_ND[s:e] = (g_CV @ w_VD) * valid_N1[s:e]
+                        if need_w:
+                            grad_w_VD.addmm_(g_CV.T, hv_ND[s:e])
+                    continue
                 # One fused row-wise pass gives z − logsumexp(z) (each row stays in cache), instead of
                 # max, subtract, exp, sum and a second subtract+exp over the whole chunk.
                 logp_CV = torch.log_softmax(logits_CV, dim=-1)
@@ -123,16 +146,6 @@ def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *,
 
 # ---------------------------------------------------------------------------------------------
 # Per-token log-probs and entropy (policy-gradient inputs)
-def _kernels():
-    from sputnik.model import cpu_kernels  # here, not at the top: sputnik.model imports this module
-
-    return cpu_kernels
-
-
-def _softmax_kernel(h_ND: Tensor, dtype: torch.dtype) -> bool:
-    return h_ND.device.type == "cpu" and dtype == torch.float32 and _kernels().softmax_rows_available()
-
-
 class _TokenLogprobs(torch.autograd.Function):
     """(log softmax(z/τ)[t], H(softmax(z/τ))) per row with per-chunk recompute; see `token_logprobs`.
 

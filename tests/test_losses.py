@@ -23,9 +23,18 @@ def _grads(loss, *xs):
     return torch.autograd.grad(loss, xs)
 
 
+@pytest.fixture(params=["kernel", "aten"])
+def softmax_path(request, monkeypatch):
+    """Both implementations of the fp32 CPU row statistics: softmax_rows.c and the ATen passes."""
+    if request.param == "kernel" and not _losses._kernels().softmax_rows_available():
+        pytest.skip("no C compiler for the CPU kernel")
+    monkeypatch.setattr(_losses, "_softmax_kernel", lambda h, dtype: request.param == "kernel" and dtype == torch.float32)
+    return request.param
+
+
 # ---------------------------------------------------------------------------------------------
 # linear_cross_entropy
-def test_linear_cross_entropy_hand_value():
+def test_linear_cross_entropy_hand_value(softmax_path):
     h = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     w = torch.eye(2)
     loss, count = linear_cross_entropy(h, w, torch.tensor([0, -100]))
@@ -34,7 +43,7 @@ def test_linear_cross_entropy_hand_value():
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 10, 64])
-def test_linear_cross_entropy_matches_full_logits(chunk_size):
+def test_linear_cross_entropy_matches_full_logits(chunk_size, softmax_path):
     h, w = _head()
     t = torch.randint(0, 13, (10,))
     t[[0, 4, 5]] = -100
@@ -47,7 +56,7 @@ def test_linear_cross_entropy_matches_full_logits(chunk_size):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_linear_cross_entropy_all_ignored_rows_give_zero():
+def test_linear_cross_entropy_all_ignored_rows_give_zero(softmax_path):
     h, w = _head(n=7)
     t = torch.full((7,), -100)
     loss, count = linear_cross_entropy(h, w, t, chunk_size=3)
@@ -111,15 +120,6 @@ def test_head_losses_reject_bad_arguments():
 
 # ---------------------------------------------------------------------------------------------
 # token_logprobs
-@pytest.fixture(params=["kernel", "aten"])
-def softmax_path(request, monkeypatch):
-    """Both implementations of the fp32 CPU row statistics: softmax_rows.c and the ATen passes."""
-    if request.param == "kernel" and not _losses._kernels().softmax_rows_available():
-        pytest.skip("no C compiler for the CPU kernel")
-    monkeypatch.setattr(_losses, "_softmax_kernel", lambda h, dtype: request.param == "kernel" and dtype == torch.float32)
-    return request.param
-
-
 @pytest.mark.parametrize("chunk_size,temperature", [(1, 1.0), (3, 0.7), (64, 2.0)])
 def test_token_logprobs_match_log_softmax_and_entropy(chunk_size, temperature, softmax_path):
     h, w = _head()
