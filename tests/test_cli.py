@@ -66,6 +66,16 @@ def test_help_in_a_fresh_process():
     assert out.returncode == 0 and "usage: sputnik speedrun" in out.stdout, out.stderr
 
 
+def test_torchrun_worker_exit_keeps_code_and_output():
+    """Under torchrun (WORLD_SIZE > 1) __main__ leaves with os._exit: the exit code and the buffered
+    output (a pipe here, so block-buffered) must survive it."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"WORLD_SIZE": "2"}
+    out = subprocess.run([sys.executable, "-m", "sputnik"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "usage: sputnik" in out.stdout, out.stderr
+
+
 def test_every_subcommand_help_exits_zero(capsys):
     for name in _subparsers(build_parser()):
         with pytest.raises(SystemExit) as e:
