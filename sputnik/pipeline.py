@@ -92,11 +92,12 @@ def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
                          tasks=list(cfg.tasks), task_docs=20000, seq_len=128, batch_size=16 if not gpu else 64 * per_gpu,
                          max_steps=s(1200), eval_every=s(300), eval_batches=4, checkpoint_every=s(300), log_every=50,
                          optim=dict(lr=3e-3, warmup_steps=20)),
-        # 1,500 SFT steps: at 1,000 held-out accuracy was 0.85 and still climbing (0.43 at 500); 1,500
-        # gave 0.95 and RL from it 0.96-0.97 (was 0.91) for ~40 s more (LOG.md, stop 21)
+        # 3,000 SFT steps over 16,000 examples (was 1,500 over 8,000, itself up from 1,000 at stop 21):
+        # with 1,500 x 8,000 three trajectories gave 0.95 / 0.50 / 0.88, the 0.50 from a rounding-level
+        # change upstream; 3,000 x 16,000 gave 0.95 / 0.97 on the last two (LOG.md, stop 22)
         "sft": dict(loop, out_dir=str(p / "sft"), tokenizer=tok, init=dict(hf_dir=str(p / "pretrain" / "model")),
-                    model=_teacher_model(cfg.preset), tasks=list(cfg.tasks), num_examples=8000, max_len=192,
-                    batch_size=16 if not gpu else 64, max_steps=s(1500), eval_every=s(500), eval_examples=100,
+                    model=_teacher_model(cfg.preset), tasks=list(cfg.tasks), num_examples=16000, max_len=192,
+                    batch_size=16 if not gpu else 64, max_steps=s(3000), eval_every=s(500), eval_examples=100,
                     checkpoint_every=s(500), log_every=50, max_new_tokens=120, optim=dict(lr=2e-3, warmup_steps=10)),
         "rl": dict(common, init=str(p / "sft" / "model"), out_dir=str(p / "rl"), ledger_dir=str(p), tasks=list(cfg.tasks),
                    # 64 prompts a step: at 8, 40-100% of the groups had all-equal rewards and RL gained
