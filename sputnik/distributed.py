@@ -9,6 +9,11 @@ Gradient averaging: DDP and FSDP2 average gradients over ranks. The training loo
 micro-batch loss by (its tokens x world_size / global tokens of the step), so the averaged gradient
 is the gradient of the token-mean loss over the whole global batch, whatever its split into ranks
 and micro-batches.
+
+RL (stages/grpo.py) keeps a full copy of the weights on every rank, unwrapped, and sums gradients
+with `all_reduce_grads` after the rank's micro-batches: dynamic sampling leaves ranks with different
+numbers of sequences (sometimes none), which DDP's one-backward-per-rank contract does not fit, and
+the update reaches the model through hidden_states rather than forward, which DDP does not see.
 """
 from __future__ import annotations
 
@@ -142,6 +147,63 @@ def all_gather_object(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's `obj` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Replicated weights without a wrapper (RL): each rank keeps a full copy, ranks sum gradients
+def all_reduce_grads(model: nn.Module, info: DistInfo, bucket_numel: int = 1 << 24) -> None:
+    """Sum every parameter's gradient over ranks, in flat buckets (one all-reduce per bucket). A
+    parameter with a gradient on some rank but not this one (no rows kept here, an expert no local
+    token reached) contributes zeros; one with a gradient on no rank keeps None, as in one process
+    (AdamW then leaves it alone). The caller scales each rank's loss by the global counts, so the sum
+    is the gradient of the whole step's loss."""
+    if not info.enabled:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(has_grad)
+    params = [p for p, n in zip(params, has_grad.tolist()) if n > 0]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        if sum(g.numel() for g in bucket) >= bucket_numel or i == len(params) - 1:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+            bucket = []
+
+
+def check_replicas(model: nn.Module, info: DistInfo, when: str) -> None:
+    """Raise if the ranks' copies of the weights differ: per tensor, its float64 sum and sum of
+    squares are compared with rank 0's. Identical gradients and optimizer steps keep replicas bitwise
+    equal; this catches what would break that (a rank that loaded other weights, a missed step)."""
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        sig = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                           for p in model.state_dict().values() if p.is_floating_point()]).cpu()
+    sigs = all_gather_object(sig, info)
+    bad = [r for r, s in enumerate(sigs) if not torch.equal(s, sigs[0])]
+    if bad:
+        raise RuntimeError(f"{when}: the weights of rank(s) {bad} differ from rank 0's (replicas diverged); "
+                           "all ranks must start from the same model and step together")
 
 
 # ---------------------------------------------------------------------------------------------

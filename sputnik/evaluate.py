@@ -61,15 +61,19 @@ def _task(cfg: EvalConfig):
     return get_task(cfg.task, **knobs)
 
 
-def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None) -> tuple[float, float]:
+def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None,
+                    shard: tuple[int, int] = (0, 1)) -> tuple[float, float]:
     """(exact-match accuracy, generated tokens/s) of greedy decoding on tasks.heldout_examples(tasks,
     n, seed): the problems SFT evaluates on too, so the stages' accuracies compare. `render(prompt) ->
     ids` defaults to the chat prompt; RL's R1-Zero recipe passes its template. Used by the RL and
-    distillation stages."""
+    distillation stages. shard (i, k): only problems i, i + k, ... (rank i of k; accuracy over those,
+    0.0 when there are none)."""
     from sputnik.tasks import heldout_examples
 
     render = render or tokenizer.render_prompt
-    exs = heldout_examples(tasks, n, seed)
+    exs = heldout_examples(tasks, n, seed)[shard[0]::shard[1]]
+    if not exs:
+        return 0.0, 0.0
     by_name = {t.name: t for t in tasks}
     outs = engine.generate([render(ex.prompt) for ex in exs], SamplingParams(
         max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=(tokenizer.eot_id,)))

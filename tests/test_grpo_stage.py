@@ -22,12 +22,16 @@ MICRO = dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, first_k_dense_
              num_nextn_predict_layers=0, max_position_embeddings=256)
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("policy")
+def make_policy(d):
+    """An untrained micro policy (model + addition tokenizer) saved under d/model."""
     tok = train_tokenizer(corpus_text(["addition"], 300, seed=0), 320)
     save_model(build_model(tiny(**MICRO)), d / "model", tok, tiny(**MICRO))
     return d / "model"
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return make_policy(tmp_path_factory.mktemp("policy"))
 
 
 def _cfg(policy_dir, tmp_path, **kw):
@@ -307,13 +311,11 @@ def test_learnability_shares_are_bernoulli_variances_with_a_floor():
 
 
 def test_task_accuracy_is_a_running_mean_per_task():
-    from types import SimpleNamespace as NS
-
     acc = {}
-    exs = [NS(task="a"), NS(task="a"), NS(task="b"), NS(task="b")]
-    grpo.update_task_accuracy(acc, exs, [NS(correct=c) for c in (True, True, False, True)])
+    names = ["a", "a", "b", "b"]
+    grpo.update_task_accuracy(acc, names, [True, True, False, True])
     assert acc == {"a": 1.0, "b": 0.5}
-    grpo.update_task_accuracy(acc, exs[:2], [NS(correct=False)] * 2)
+    grpo.update_task_accuracy(acc, names[:2], [False] * 2)
     assert acc == {"a": 0.5, "b": 0.5}  # b unseen this step: unchanged
 
 

@@ -25,9 +25,11 @@ from typing import Literal
 import torch
 
 from sputnik import checkpoint as ckpt
+from sputnik import distributed as dist_lib
 from sputnik import rl_losses
 from sputnik.common import append_jsonl, autocast, pick_device, print0, seed_everything, set_threads
 from sputnik.config import add_config_args, config_from_args, knob, save_config
+from sputnik.distributed import DistInfo
 from sputnik.engine import Engine, SamplingParams
 from sputnik.model.shared_prompt import supports_shared_prompts
 from sputnik.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
@@ -137,11 +139,12 @@ def learnability_shares(task_accuracy: dict[str, float], names: list[str]) -> li
     return [max(p * (1 - p), LEARNABILITY_FLOOR) for p in (task_accuracy.get(n, 0.5) for n in names)]
 
 
-def update_task_accuracy(task_acc: dict[str, float], examples, verdicts, momentum: float = 0.5) -> None:
+def update_task_accuracy(task_acc: dict[str, float], task_names: list[str], correct: list[bool],
+                         momentum: float = 0.5) -> None:
     """Running accuracy of each task's rollouts: acc ← m·acc + (1 − m)·(this step's), per task seen."""
     seen: dict[str, list[bool]] = {}
-    for ex, v in zip(examples, verdicts):
-        seen.setdefault(ex.task, []).append(bool(v.correct))
+    for name, ok in zip(task_names, correct):
+        seen.setdefault(name, []).append(bool(ok))
     for name, hits in seen.items():
         now = sum(hits) / len(hits)
         task_acc[name] = now if name not in task_acc else momentum * task_acc[name] + (1 - momentum) * now
@@ -196,15 +199,19 @@ def compile_blocks(model) -> None:
         block.compile()
 
 
-def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_limit=None):
-    """μ optimizer steps on one rollout batch. Returns metrics of the last inner step.
-    `vocab_limit`: the tokenizer's vocabulary size, the rows of the head the engine samples from."""
-    B = batch.input_ids_BT.shape[0]
-    num_tokens = batch.completion_mask_BT.sum()
+def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_limit=None, info=DistInfo()):
+    """μ optimizer steps on one rollout batch: this rank's kept rows (None when it kept none; under
+    torchrun the ranks' losses are normalised by the counts of all ranks and their gradients summed,
+    so the step is the one a single process would take on all rows). Returns metrics of the last
+    inner step, summed over ranks. `vocab_limit`: the tokenizer's vocabulary size, the rows of the
+    head the engine samples from."""
+    rows_local = 0 if batch is None else batch.input_ids_BT.shape[0]
+    tokens_local = 0.0 if batch is None else float(batch.completion_mask_BT.sum())
+    B, num_tokens = dist_lib.all_reduce_sum([rows_local, tokens_local], info, dc.device)
     token_level = VARIANTS[cfg.variant]["aggregate"] == "token"
     agg = (lambda l, m: rl_losses.token_mean(l, m, num_tokens_global=num_tokens)) if token_level else aggregate
-    shared = shares_prompts(model, batch, cfg.share_prompts)
-    parts = micro_batches(batch, adv_B, cfg.micro_batch, keep_prompts_together=shared)
+    shared = batch is not None and shares_prompts(model, batch, cfg.share_prompts)
+    parts = [] if batch is None else micro_batches(batch, adv_B, cfg.micro_batch, keep_prompts_together=shared)
     old_logps, metrics = [None] * len(parts), {}
     for inner in range(cfg.inner_updates):
         tot = dict(loss=0.0, clip_frac=0.0, kl=0.0, entropy=0.0, mismatch=0.0)
@@ -229,17 +236,19 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_
             if old_logps[i] is None:
                 old_logps[i] = logp_BT.detach()
                 tot["mismatch"] += float(((logp_BT.detach() - mb.sampler_logp_BT).abs() * mask_BT).sum())
-            w = float(mask_BT.sum()) / max(float(num_tokens), 1.0)
+            w = float(mask_BT.sum()) / max(num_tokens, 1.0)
             tot["loss"] += float(loss.detach())
             tot["clip_frac"] += float(m["clip_frac"]) * w
             tot["kl"] += float(m.get("kl", 0.0)) * w  # only computed when β > 0
-            tot["entropy"] += float((ent_BT.detach() * mask_BT).sum()) / max(float(num_tokens), 1.0)
+            tot["entropy"] += float((ent_BT.detach() * mask_BT).sum()) / max(num_tokens, 1.0)
+        dist_lib.all_reduce_grads(model, info)
+        tot = dict(zip(tot, dist_lib.all_reduce_sum(list(tot.values()), info, dc.device)))
         if inner == 0:
-            metrics["logp_mismatch"] = tot["mismatch"] / max(float(num_tokens), 1.0)
+            metrics["logp_mismatch"] = tot["mismatch"] / max(num_tokens, 1.0)
         grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
         stepped = guarded_step(optimizer, tot["loss"], grad_norm)
         if stepped:
-            model.update_expert_bias()
+            model.update_expert_bias()  # a collective under torchrun: every rank takes the same decision
         metrics.update(loss=tot["loss"], clip_frac=tot["clip_frac"], kl=tot["kl"], entropy=tot["entropy"],
                        grad_norm=grad_norm, skipped=int(not stepped), shared_prompts=int(shared))
     return metrics
@@ -258,15 +267,37 @@ def rl_step_flops(model, batch, cfg: RLConfig) -> float:
     return rollout + update + ref
 
 
-def heldout_accuracy(engine, tokenizer, tasks, cfg: RLConfig) -> float:
+def heldout_accuracy(engine, tokenizer, tasks, cfg: RLConfig, info: DistInfo = DistInfo(),
+                     device=torch.device("cpu")) -> float:
+    """Greedy accuracy on the held-out problems; under torchrun each rank decodes every W-th one."""
     from sputnik.evaluate import greedy_accuracy
 
-    return greedy_accuracy(engine, tokenizer, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens,
-                           render=lambda p: render(tokenizer, p, cfg.recipe))[0]
+    acc, _ = greedy_accuracy(engine, tokenizer, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens,
+                             render=lambda p: render(tokenizer, p, cfg.recipe), shard=(info.rank, info.world_size))
+    n_local = len(range(info.rank, cfg.eval_examples, info.world_size))
+    hits, n = dist_lib.all_reduce_sum([acc * n_local, n_local], info, device)
+    return round(hits) / n
+
+
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """The engine's sampling seed of one step on one rank (rank 0: the single-process seed)."""
+    return seed * 7919 + step + rank * 1_000_003
+
+
+def gather_step(info: DistInfo, **local) -> dict:
+    """Each per-completion list in `local` concatenated over ranks (rank order = prompt order), and
+    each number summed; what every rank needs for identical metrics and health decisions."""
+    parts = dist_lib.all_gather_object(local, info)
+    return {k: ([x for p in parts for x in p[k]] if isinstance(v, list) else
+                (max(p[k] for p in parts) if k.startswith("time_") else sum(p[k] for p in parts)))
+            for k, v in local.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 def run(cfg: RLConfig) -> dict:
+    """The RL stage in this process, or in each of `torchrun --nproc_per_node W` processes: every
+    rank holds the whole model, samples its 1/W of the step's prompts and sums gradients with the
+    others (distributed.all_reduce_grads); rank 0 writes metrics, checkpoints and the model."""
     from sputnik import ledger
     from sputnik import train_common as tc
     from sputnik.model.config import ModelConfig
@@ -276,9 +307,21 @@ def run(cfg: RLConfig) -> dict:
     if not cfg.init:
         raise ValueError("init: give the policy to start from (a sputnik model directory or an HF model dir)")
     set_threads(cfg.num_threads)
-    seed_everything(cfg.seed)
     dc = pick_device(cfg.device)
-    print0(f"rl: device {dc.device} ({dc.reason})")
+    info = dist_lib.init_distributed(dc.device)
+    try:
+        return _run(cfg, dc, info, ledger, tc, ModelConfig, get_task)
+    finally:
+        dist_lib.teardown()
+
+
+def _run(cfg: RLConfig, dc, info: DistInfo, ledger, tc, ModelConfig, get_task) -> dict:
+    W, rank0 = info.world_size, info.is_rank0
+    if cfg.prompts_per_step % W:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of ranks ({W}): "
+                         "each rank samples whole groups")
+    seed_everything(cfg.seed)
+    print0(f"rl: device {dc.device} ({dc.reason}); ranks {W}")
     init = tc.InitConfig(hf_dir=cfg.init)
     tokenizer = tc.load_tokenizer("", init)
     model = tc.load_model(ModelConfig(), init).to(dc.device)
@@ -302,36 +345,42 @@ def run(cfg: RLConfig) -> dict:
     monitor = HealthMonitor(cfg.health)
     aggregate = aggregate_fn(cfg)
     metrics_path = f"{cfg.out_dir}/metrics.jsonl"
-    save_config(cfg, f"{cfg.out_dir}/config.json")
+    if rank0:
+        save_config(cfg, f"{cfg.out_dir}/config.json")
     start_step, acc_history, task_acc = 0, [], {}
     resume_from = ckpt.resolve(cfg.resume, cfg.out_dir)
     if resume_from is not None:
         c = ckpt.validate(resume_from, expected_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
-                          config=cfg)
-        model_state, optim_state, rng = ckpt.load(c)
+                          config=cfg, world_size=W)
+        model_state, optim_state, rng = ckpt.load(c, info.rank)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         ckpt.restore_rng(rng)
         start_step, acc_history = c.step, c.loop_state.get("acc_history", [])
         task_acc = c.loop_state.get("task_accuracy", {})
         print0(f"rl: resumed from {resume_from} at step {start_step}")
+    dist_lib.check_replicas(model, info, "rl start")
     # the run repeats the steps after its checkpoint (a fresh start all of them): drop their lines
-    trim_metrics(Path(metrics_path), start_step if resume_from is not None else -1)
+    if rank0:
+        trim_metrics(Path(metrics_path), start_step if resume_from is not None else -1)
+    log = (lambda rec: append_jsonl(metrics_path, rec)) if rank0 else (lambda rec: None)
+    per_rank = cfg.prompts_per_step // W
 
     with ledger.record_run(cfg.ledger_dir, "rl", cfg) as led:
         t_start = time.perf_counter()
         if not acc_history:
-            acc_history.append((0, heldout_accuracy(engine, tokenizer, tasks, cfg)))
-            append_jsonl(metrics_path, {"step": 0, "heldout_accuracy": acc_history[-1][1]})
+            acc_history.append((0, heldout_accuracy(engine, tokenizer, tasks, cfg, info, dc.device)))
+            log({"step": 0, "heldout_accuracy": acc_history[-1][1]})
             print0(f"rl: held-out accuracy before RL {acc_history[-1][1]:.3f}")
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
-            # --- rollout: one prefill per prompt, G forked samples each
+            # --- rollout: one prefill per prompt, G forked samples each (this rank's share of prompts)
             shares = (learnability_shares(task_acc, [t.name for t in tasks])
                       if cfg.task_sampling == "learnability" else None)
             examples = sample_prompts(tasks, step, cfg.prompts_per_step, cfg.seed, shares)
+            examples = examples[info.rank * per_rank: (info.rank + 1) * per_rank]
             prompts = [render(tokenizer, ex.prompt, cfg.recipe) for ex in examples]
-            params.seed = cfg.seed * 7919 + step
+            params.seed = rollout_seed(cfg.seed, step, info.rank)
             groups = engine.generate(prompts, params, num_samples=cfg.group_size)
             t_roll = time.perf_counter() - t0
             flat = [c for g in groups for c in g]
@@ -340,52 +389,63 @@ def run(cfg: RLConfig) -> dict:
             t1 = time.perf_counter()
             rewards, verdicts = score(cfg, tasks_by_name, flat_ex, flat, custom)
             t_rew = time.perf_counter() - t1
-            update_task_accuracy(task_acc, flat_ex, verdicts)
-            # --- advantages (+ DAPO dynamic sampling)
+            # --- advantages (+ DAPO dynamic sampling): groups are whole on each rank
             r_BG = torch.tensor(rewards).view(len(examples), cfg.group_size)
             adv = rl_losses.group_advantages(r_BG, cfg.group_size, scale_by_std=VARIANTS[cfg.variant]["scale_by_std"])
             keep_groups = rl_losses.dynamic_sampling_mask(r_BG, cfg.group_size)
             keep = keep_groups.repeat_interleave(cfg.group_size) if cfg.dynamic_sampling else torch.ones(len(flat), dtype=torch.bool)
+            g = gather_step(info, rewards=rewards, task=[ex.task for ex in flat_ex],
+                            correct=[bool(v.correct) for v in verdicts],
+                            formatted=[bool(v.well_formatted) for v in verdicts],
+                            unparsed=[v.extracted is None for v in verdicts],
+                            truncated=[c.finish_reason == "length" for c in flat],
+                            length=[len(c.token_ids) for c in flat], keep_groups=keep_groups.tolist(),
+                            kept=int(keep.sum()), time_rollout=t_roll, time_reward=t_rew,
+                            reward_failures=custom.failures.total() if custom else 0)
+            update_task_accuracy(task_acc, g["task"], g["correct"])
             # --- update
             t2 = time.perf_counter()
             m = {}
-            if keep.any():
-                rows = keep.nonzero()[:, 0].tolist()
-                batch = build_rollout_batch([prompts[i // cfg.group_size] for i in rows], [flat[i].token_ids for i in rows],
-                                            [flat[i].logprobs for i in rows], tokenizer.pad_id).to(dc.device)
+            if g["kept"]:
+                batch = None
+                if keep.any():
+                    rows = keep.nonzero()[:, 0].tolist()
+                    batch = build_rollout_batch([prompts[i // cfg.group_size] for i in rows],
+                                                [flat[i].token_ids for i in rows], [flat[i].logprobs for i in rows],
+                                                tokenizer.pad_id).to(dc.device)
                 set_lr(optimizer, lr_multiplier(step, cfg.steps, cfg.optim))
                 m = update(model, ref_model, optimizer, batch, adv.reshape(-1)[keep].to(dc.device), cfg, dc, aggregate,
-                           vocab_limit=engine.vocab_limit)
-                led.add(flops=rl_step_flops(model, batch, cfg), tokens=int(batch.input_ids_BT.numel()))
+                           vocab_limit=engine.vocab_limit, info=info)
+                flops, tokens = (0.0, 0) if batch is None else (rl_step_flops(model, batch, cfg), batch.input_ids_BT.numel())
+                flops, tokens = dist_lib.all_reduce_sum([flops, tokens], info, dc.device)
+                led.add(flops=flops, tokens=int(tokens))
             t_upd = time.perf_counter() - t2
-            # --- metrics and health
-            lengths = [len(c.token_ids) for c in flat]
-            rec = dict(step=step + 1, reward_mean=sum(rewards) / len(rewards),
-                       reward_std=float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0,
-                       accuracy=sum(v.correct for v in verdicts) / len(verdicts),
-                       format_rate=sum(v.well_formatted for v in verdicts) / len(verdicts),
-                       parse_failure_frac=sum(v.extracted is None for v in verdicts) / len(verdicts),
-                       truncated_frac=sum(c.finish_reason == "length" for c in flat) / len(flat),
-                       zero_variance_frac=1.0 - float(keep_groups.float().mean()),
+            # --- metrics and health (the same on every rank: they decide together to warn or stop)
+            rewards_all, lengths = g["rewards"], g["length"]
+            rec = dict(step=step + 1, reward_mean=sum(rewards_all) / len(rewards_all),
+                       reward_std=float(torch.tensor(rewards_all).std()) if len(rewards_all) > 1 else 0.0,
+                       accuracy=sum(g["correct"]) / len(lengths), format_rate=sum(g["formatted"]) / len(lengths),
+                       parse_failure_frac=sum(g["unparsed"]) / len(lengths),
+                       truncated_frac=sum(g["truncated"]) / len(lengths),
+                       zero_variance_frac=1.0 - sum(g["keep_groups"]) / len(g["keep_groups"]),
                        length_mean=sum(lengths) / len(lengths), length_max=max(lengths),
-                       kept_sequences=int(keep.sum()), time_rollout=t_roll, time_reward=t_rew, time_update=t_upd,
-                       tokens_per_s=sum(lengths) / max(t_roll, 1e-9),
-                       reward_failures=custom.failures.total() if custom else 0,
-                       task_accuracy=dict(task_acc), **m)
+                       kept_sequences=g["kept"], time_rollout=g["time_rollout"], time_reward=g["time_reward"],
+                       time_update=t_upd, tokens_per_s=sum(lengths) / max(g["time_rollout"], 1e-9),
+                       reward_failures=g["reward_failures"], task_accuracy=dict(task_acc), **m)
             if step < 3 or (step + 1) % 10 == 0:
                 rec["sample"] = flat[0].text[:300]
             warnings = monitor.observe_step(rec)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                acc = heldout_accuracy(engine, tokenizer, tasks, cfg)
+                acc = heldout_accuracy(engine, tokenizer, tasks, cfg, info, dc.device)
                 acc_history.append((step + 1, acc))
                 rec["heldout_accuracy"] = acc
                 warnings += monitor.observe_eval(rec["reward_mean"], acc)
             rec["warnings"] = warnings
             rec["elapsed_s"] = time.perf_counter() - t_start  # this session's wall time, evaluations included
-            append_jsonl(metrics_path, rec)
+            log(rec)
             print0(f"rl step {step + 1}/{cfg.steps} reward {rec['reward_mean']:.3f} acc {rec['accuracy']:.3f} "
                    f"fmt {rec['format_rate']:.2f} len {rec['length_mean']:.0f} kl {m.get('kl', 0):.4f} "
-                   f"ent {m.get('entropy', 0):.3f} roll {t_roll:.1f}s upd {t_upd:.1f}s"
+                   f"ent {m.get('entropy', 0):.3f} roll {rec['time_rollout']:.1f}s upd {t_upd:.1f}s"
                    + (f" heldout {rec['heldout_accuracy']:.3f}" if "heldout_accuracy" in rec else ""))
             for w in warnings:
                 print0(f"rl: WARNING {w}")
@@ -393,11 +453,18 @@ def run(cfg: RLConfig) -> dict:
                 raise KeyboardInterrupt(f"stopped by health check: {warnings[0]}")
             # --- checkpoint
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                ckpt.save(f"{cfg.out_dir}/checkpoints", step + 1, model_state=model.state_dict(),
-                          optimizer_state=optimizer.state_dict(), rng_states=[ckpt.capture_rng()],
-                          loop_state={"acc_history": acc_history, "task_accuracy": task_acc}, config=cfg,
-                          keep_last=cfg.keep_last)
-        final_dir = tc.save_model(model, Path(cfg.out_dir) / "model", tokenizer, cfg)
+                dist_lib.check_replicas(model, info, f"rl step {step + 1}")
+                rng_states = dist_lib.all_gather_object(ckpt.capture_rng(), info)
+                if rank0:
+                    ckpt.save(f"{cfg.out_dir}/checkpoints", step + 1, model_state=model.state_dict(),
+                              optimizer_state=optimizer.state_dict(), rng_states=rng_states,
+                              loop_state={"acc_history": acc_history, "task_accuracy": task_acc}, config=cfg,
+                              keep_last=cfg.keep_last)
+                dist_lib.barrier(info)
+        final_dir = Path(cfg.out_dir) / "model"
+        if rank0:
+            tc.save_model(model, final_dir, tokenizer, cfg)
+        dist_lib.barrier(info)
         led.artifacts.append(str(final_dir))
         led.metrics.update(heldout_accuracy_before=acc_history[0][1], heldout_accuracy=acc_history[-1][1],
                            accuracy_curve=acc_history)
