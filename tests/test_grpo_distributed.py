@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from sputnik.common import DeviceChoice
+from sputnik.config import build
 from sputnik.model import build_model
 from sputnik.model.config import tiny
 from sputnik.optim import OptimConfig
@@ -138,3 +139,18 @@ def test_rl_stage_under_torchrun_runs_checkpoints_and_resumes(policy_dir, tmp_pa
     # whole groups per rank: 3 prompts cannot be split over 2 ranks
     res = _torchrun_rl(policy_dir, tmp_path / "bad", 3, prompts_per_step=3)
     assert res.returncode != 0 and "multiple of the number of ranks" in res.stderr
+
+
+def test_bench_rl_ranks_reads_the_metrics_rl_writes(policy_dir, tmp_path):
+    """benchmarks/bench_rl_ranks.py summarises what `sputnik rl` writes (keys kept in step)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_rl_ranks", ROOT / "benchmarks" / "bench_rl_ranks.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    grpo.run(build(grpo.RLConfig, dict(init=str(policy_dir), out_dir=str(tmp_path / "rl"), ledger_dir=str(tmp_path),
+                                       tasks=["addition"], steps=3, prompts_per_step=2, group_size=2,
+                                       max_new_tokens=8, eval_every=0, eval_examples=4, num_threads=1,
+                                       dynamic_sampling=False)))
+    s = bench.summarise(tmp_path)
+    assert s["steps"] == 2 and s["step_s"] > 0 and s["generated_tok_s"] > 0 and len(s["heldout"]) == 2
