@@ -203,15 +203,16 @@ def _logit_kd(cfg: DistillConfig, teacher, student, tokenizer, traces: list[dict
         with count_load_where(student, ids_BT != tokenizer.pad_id):  # padding is not expert load
             loss = kd_step_loss(student, teacher, ids_BT, mask_BT, cfg, dc)
         loss.backward()
+        loss = float(loss.detach())
         grad_norm = clip_grad_norm(student, cfg.optim.grad_clip)
-        if guarded_step(optimizer, float(loss), grad_norm):
+        if guarded_step(optimizer, loss, grad_norm):
             student.update_expert_bias()
         tokens = int(ids_BT.numel())
         # student fwd+bwd, teacher fwd (1/3 of a training token)
         led.add(flops=tokens * (tc.flops_per_token(student, ids_BT.shape[1]) + tc.flops_per_token(teacher, ids_BT.shape[1]) / 3),
                 tokens=tokens)
         if step % 10 == 0 or step + 1 == cfg.steps:
-            append_jsonl(metrics_path, dict(step=step + 1, loss=float(loss), on_policy=on_policy, grad_norm=grad_norm))
+            append_jsonl(metrics_path, dict(step=step + 1, loss=loss, on_policy=on_policy, grad_norm=grad_norm))
     return {}
 
 
