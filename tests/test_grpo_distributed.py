@@ -1,7 +1,8 @@
 """`sputnik rl` under torchrun (2 gloo processes, replicated weights, summed gradients):
 
-- one update with the rows split over two ranks (evenly, or all on one rank as dynamic sampling can
-  leave it) gives the weights a single process gets from all rows, on both ranks bit for bit;
+- one update with the rows split over two ranks (evenly, unevenly, or all on one rank as dynamic
+  sampling can leave it; every aggregation; μ = 2 with β > 0) gives the weights a single process gets
+  from all rows, on both ranks bit for bit;
 - the stage end to end: each rank samples half the prompts, the metrics count all of them,
   checkpoints hold both ranks' RNG states, a killed run resumes, a bad split is a clear error.
 
@@ -29,7 +30,9 @@ from test_grpo_stage import MICRO, _rollout, make_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-CASES = [("dapo", 3), ("grpo", 3), ("dr_grpo", 3), ("dapo", 6)]  # (variant, rows on rank 0 of 6)
+# (variant, rows on rank 0 of 6, μ inner updates, β): the split, every aggregation, a rank with no rows,
+# the clipped second inner step, the KL to a reference
+CASES = [("dapo", 3, 1, 0.0), ("grpo", 3, 1, 0.0), ("dr_grpo", 3, 1, 0.0), ("dapo", 6, 1, 0.0), ("grpo", 4, 2, 0.1)]
 ADV = [1.0, -0.5, 0.3, -1.2, 0.8, -0.4]
 
 # Runs under torchrun: each rank takes its rows of the test batch, one update, saves its weights.
@@ -41,31 +44,35 @@ sys.path.insert(0, {tests!r})
 from test_grpo_distributed import CASES, one_update
 
 info = dist_lib.init_distributed(torch.device("cpu"))
-for variant, split in CASES:
+for i, (variant, split, mu, beta) in enumerate(CASES):
     rows = list(range(split)) if info.rank == 0 else list(range(split, 6))
-    state = one_update(variant, rows)
-    save_file(state, f"{{out}}/{{variant}}_{{split}}_rank{{info.rank}}.safetensors")
+    save_file(one_update(variant, rows, mu, beta), f"{{out}}/case{{i}}_rank{{info.rank}}.safetensors")
 dist_lib.teardown()
 os._exit(0)  # as python -m sputnik does under torchrun: gloo's teardown can abort at interpreter exit
 """
 
 
-def one_update(variant: str, rows: list[int]) -> dict[str, torch.Tensor]:
-    """Weights after one GRPO update on `rows` of the test batch, from the seeded micro model. Plain
+def one_update(variant: str, rows: list[int], mu: int = 1, beta: float = 0.0) -> dict[str, torch.Tensor]:
+    """Weights after one GRPO update (μ inner steps, β·KL to the initial weights) on `rows` of the
+    test batch, from the seeded micro model. Plain
     SGD: the weights move by lr x gradient, so a wrong normalisation (a factor of 2 between ranks and
     the single process) shows; Adam's first step would hide it (it divides the gradient's scale out)."""
     from sputnik import distributed as dist_lib
 
     torch.manual_seed(0)
     model = build_model(tiny(**MICRO))
-    cfg = grpo.RLConfig(init="<test>", variant=variant, micro_batch=2, max_new_tokens=9,
+    ref = None
+    if beta > 0:  # the frozen reference: the same initial weights
+        torch.manual_seed(0)
+        ref = build_model(tiny(**MICRO)).eval().requires_grad_(False)
+    cfg = grpo.RLConfig(init="<test>", variant=variant, micro_batch=2, max_new_tokens=9, inner_updates=mu, beta=beta,
                         optim=OptimConfig(lr=0.1, grad_clip=0.0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = _rollout().select(torch.tensor(rows, dtype=torch.long)) if rows else None
     adv_B = torch.tensor(ADV)[rows] if rows else torch.zeros(0)
     dc = DeviceChoice(torch.device("cpu"), torch.float32, "test")
     info = dist_lib.init_distributed(torch.device("cpu"))
-    grpo.update(model, None, optimizer, batch, adv_B, cfg, dc, grpo.aggregate_fn(cfg), vocab_limit=300, info=info)
+    grpo.update(model, ref, optimizer, batch, adv_B, cfg, dc, grpo.aggregate_fn(cfg), vocab_limit=300, info=info)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
@@ -85,10 +92,10 @@ def test_update_split_over_two_ranks_equals_one_process(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     torch.manual_seed(0)
     initial = build_model(tiny(**MICRO)).state_dict()
-    for variant, split in CASES:
-        single = one_update(variant, list(range(6)))
-        r0 = load_file(tmp_path / f"{variant}_{split}_rank0.safetensors")
-        r1 = load_file(tmp_path / f"{variant}_{split}_rank1.safetensors")
+    for i, (variant, split, mu, beta) in enumerate(CASES):
+        single = one_update(variant, list(range(6)), mu, beta)
+        r0 = load_file(tmp_path / f"case{i}_rank0.safetensors")
+        r1 = load_file(tmp_path / f"case{i}_rank1.safetensors")
         assert r0.keys() == single.keys()
         for k, v in single.items():
             assert torch.equal(r0[k], r1[k]), (variant, split, k)  # replicas stay bitwise equal
