@@ -108,11 +108,12 @@ def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
                    steps=s(30), prompts_per_step=64, group_size=8, max_new_tokens=120, eval_every=s(10),
                    eval_examples=100, checkpoint_every=s(10), resume="auto",
                    optim=dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0)),
-        # 5,000 student steps: at 3,500 its held-out accuracy was still climbing ~5 points per 500
-        # steps, and where each seed stopped on that slope was most of the 80-95% seed spread (LOG.md, stop 21)
+        # 8,000 student steps: at 3,500 its held-out accuracy was still climbing ~5 points per 500
+        # steps (stop 21: 5,000), and at 5,000 one trajectory's student was still at 0.79 where 8,000
+        # reach 0.88; on two others 0.97 / 0.97 (was 0.97 / 0.89) (LOG.md, stop 23)
         "distill": dict(common, teacher=str(p / "rl" / "model"), out_dir=str(p / "distill"), ledger_dir=str(p),
                         student=_student_model(cfg.preset), tasks=list(cfg.tasks), num_prompts=s(4000),
-                        samples_per_prompt=2, max_new_tokens=120, steps=s(5000), batch_size=16, max_len=192,
+                        samples_per_prompt=2, max_new_tokens=120, steps=s(8000), batch_size=16, max_len=192,
                         eval_examples=100, optim=dict(lr=2e-3, warmup_steps=20)),
     }
 
