@@ -21,3 +21,11 @@ def hanging_reward(prompt, completion, answer, **meta):
 
 def nan_reward(prompt, completion, answer, **meta):
     return float("nan")
+
+
+def inf_reward(prompt, completion, answer, **meta):
+    return float("inf")
+
+
+def exiting_reward(prompt, completion, answer, **meta):
+    raise SystemExit(3)

@@ -1,5 +1,6 @@
 """Distillation: rejection sampling keeps exactly the verified traces; logit KD refuses mismatched
 vocabularies; both modes run end to end on tiny models."""
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -59,6 +60,48 @@ def test_rejection_sampling_keeps_exactly_the_verified_traces(tok):
     assert len(kept) == expected
 
 
+class AlwaysRightTask(EvenLengthTask):
+    """Every completion verifies: what is dropped is then exactly the duplicates."""
+
+    def verify(self, ex, text):
+        return V(True)
+
+
+def test_rejection_sampling_drops_duplicate_traces(tok):
+    """Greedy teacher: the 4 samples of each of 6 prompts are identical, so one trace per prompt."""
+    teacher = build_model(tiny(**MICRO)).eval()
+    cfg = build(distill.DistillConfig, dict(num_prompts=6, samples_per_prompt=4, max_new_tokens=8, teacher_temperature=0.0))
+    assert len(distill.sample_traces(teacher, tok, [AlwaysRightTask()], cfg, teacher_id="t")) == 6
+
+
+def test_kd_mask_marks_positions_whose_next_token_is_the_answer(tok):
+    ids, mask = tok.render_chat("What is 12+34?", "<answer>46</answer>")
+    ids_BT, m_BT = distill.batch_from_pairs(tok, [("What is 12+34?", "<answer>46</answer>")], 64, torch.device("cpu"))
+    assert ids_BT[0, :len(ids)].tolist() == ids and 0 < m_BT.sum() < len(ids)
+    assert m_BT[0, :len(ids) - 1].tolist() == [float(x) for x in mask[1:]] and m_BT[0, len(ids) - 1:].sum() == 0
+
+
+def test_divergence_and_temperature_reach_the_loss(tok):
+    """kd_step_loss = mean over completion positions of the configured divergence at τ (here 2, and
+    JSD at β = 0.3, not the defaults), from the student's and teacher's full logits."""
+    import functools
+    from sputnik import losses
+    from sputnik.common import pick_device
+
+    expected = {"forward_kl": losses.forward_kl_per_token, "reverse_kl": losses.reverse_kl_per_token,
+                "jsd": functools.partial(losses.generalized_jsd_per_token, beta=0.3)}
+    torch.manual_seed(0)
+    teacher, student = build_model(tiny(**MICRO)).eval(), build_model(tiny(**MICRO))
+    ids, mask = distill.batch_from_pairs(tok, [("What is 12+34?", "<answer>46</answer>")] * 2, 64, torch.device("cpu"))
+    m = mask.bool()
+    with torch.no_grad():
+        z_s, z_t = student.lm_head(student.hidden_states(ids)[m]), teacher.lm_head(teacher.hidden_states(ids)[m])
+    for name, fn in expected.items():
+        cfg = build(distill.DistillConfig, dict(mode="logit", divergence=name, jsd_beta=0.3, kd_temperature=2.0))
+        got = distill.kd_step_loss(student, teacher, ids, mask, cfg, pick_device("cpu"))
+        torch.testing.assert_close(got.detach(), fn(z_s, z_t, 2.0).mean(), rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_logit_kd_refuses_mismatched_vocabularies(tok):
     other = train_tokenizer(["completely different text corpus, other merges"] * 10, 280)
     t, s = build_model(tiny(**MICRO)), build_model(tiny(**MICRO))
@@ -106,6 +149,9 @@ def test_distill_runs_end_to_end_and_a_rerun_reuses_the_traces_with_their_lineag
         student={**MICRO, "hidden_size": 16}, steps=2, batch_size=2, max_len=64, eval_examples=4, num_threads=1))
     first = distill.run(cfg, parents=["pre"], final_model=True)
     assert first["num_traces"] > 0 and 0.0 <= first["student_accuracy"] <= 1.0
+    if mode == "logit":  # on_policy_fraction 0: KD on the teacher's traces only, never the student's samples
+        recs = [json.loads(l) for l in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
+        assert recs and not any(r["on_policy"] for r in recs)
     assert first["student_params_active"] < first["teacher_params_active"]
     distill.run(cfg, parents=["pre"], final_model=True)
     runs = ledger.load(tmp_path)

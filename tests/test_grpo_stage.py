@@ -2,6 +2,7 @@
 resumed run continues from its checkpoint (its metrics trimmed), a prefilled template is refused,
 and RL raises the reward of a barely fine-tuned policy (the learning goal, small)."""
 import json
+import math
 
 import pytest
 import torch
@@ -293,6 +294,128 @@ def test_update_gradient_does_not_depend_on_the_micro_batch(variant):
     for n, g in grads[6].items():
         torch.testing.assert_close(grads[4][n], g, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-4)
+
+
+def test_variant_aggregations_hand_values():
+    """Per-token losses [[1, 2, 3], [4]] (L_max 5): GRPO means each sequence then the batch
+    ((2 + 4) / 2), DAPO divides by all tokens (10 / 4), Dr. GRPO by B·L_max (10 / 10); only GRPO and
+    DAPO scale advantages by the group's std."""
+    loss_BT = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask_BT = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
+    got = {v: grpo.aggregate_fn(grpo.RLConfig(init="x", variant=v, max_new_tokens=5))(loss_BT, mask_BT).item()
+           for v in ("grpo", "dapo", "dr_grpo")}
+    assert got == {"grpo": 3.0, "dapo": 2.5, "dr_grpo": 1.0}
+    assert {v: grpo.VARIANTS[v]["scale_by_std"] for v in grpo.VARIANTS} == {"grpo": True, "dapo": True, "dr_grpo": False}
+
+
+def test_score_adds_the_overlong_penalty_and_the_custom_reward():
+    """Accuracy 1 + format 0.1 (even lengths) + custom 0.5, and DAPO's soft overlong penalty with
+    L_max 8 and a window of 4: length 4 none, 6 -0.5, 7 -0.75."""
+    from types import SimpleNamespace as NS
+
+    cfg = grpo.RLConfig(init="x", max_new_tokens=8, overlong_cache=4, accuracy_weight=1.0, format_weight=0.1)
+    task = NS(verify=lambda ex, text: NS(correct=True, well_formatted=len(text) % 2 == 0))
+    completions = [NS(text="x" * n, token_ids=[1] * n) for n in (4, 6, 7)]
+    rewards, _ = grpo.score(cfg, {"t": task}, [NS(task="t", prompt="p", answer="a")] * 3, completions,
+                            lambda batch: [0.5] * len(batch))
+    assert rewards == pytest.approx([1.6, 1.6 - 0.5, 1.5 - 0.75])
+
+
+@pytest.mark.parametrize("knobs", [dict(tis_cap=2.0), dict(beta=0.1)])
+def test_update_gradient_is_the_loss_formula(knobs):
+    """update() on one micro-batch = autograd of rl_losses.grpo_loss over policy_logprobs (DAPO),
+    with truncated importance weights or the k3 KL to another model; the mismatch metric is the mean
+    |log p| here, since the test batch's sampler log-probs are 0."""
+    from sputnik.common import DeviceChoice
+    from sputnik.optim import OptimConfig
+    from sputnik.rollout import policy_logprobs
+    from sputnik import rl_losses
+
+    torch.manual_seed(0)
+    model = build_model(tiny(**MICRO))
+    torch.manual_seed(1)
+    ref_model = build_model(tiny(**MICRO)).requires_grad_(False) if knobs.get("beta") else None
+    batch, adv_B = _rollout(), torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.4])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    logp_BT, _ = policy_logprobs(model, batch, 1.0, vocab_limit=300)
+    ref_BT = None if ref_model is None else policy_logprobs(ref_model, batch, 1.0, vocab_limit=300)[0].detach()
+    is_w = (rl_losses.truncated_importance_weights(logp_BT.detach(), batch.sampler_logp_BT, knobs["tis_cap"])
+            if "tis_cap" in knobs else None)
+    loss, expected = rl_losses.grpo_loss(logp_BT, logp_BT.detach(), adv_B, batch.completion_mask_BT, eps_high=0.28,
+                                         beta=knobs.get("beta", 0.0), ref_logp_BT=ref_BT,
+                                         aggregate=rl_losses.token_mean, is_weights_BT=is_w)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    cfg = grpo.RLConfig(init="<test>", variant="dapo", micro_batch=6, max_new_tokens=9,
+                        optim=OptimConfig(lr=1e-4, grad_clip=0.0), **knobs)
+    opt = _CaptureGrads(model)
+    m = grpo.update(model, ref_model, opt, batch, adv_B, cfg, DeviceChoice(torch.device("cpu"), torch.float32, "test"),
+                    grpo.aggregate_fn(cfg), vocab_limit=300)
+    assert want and want.keys() == opt.grads.keys()
+    for n, g in want.items():
+        torch.testing.assert_close(opt.grads[n], g, atol=1e-6, rtol=1e-4)
+    mask = batch.completion_mask_BT.bool()
+    assert m["logp_mismatch"] == pytest.approx(logp_BT.detach().abs()[mask].mean().item(), rel=1e-5)
+    if "beta" in knobs:
+        assert m["kl"] > 0 and m["kl"] == pytest.approx(float(expected["kl"]), rel=1e-4)
+
+
+def test_second_inner_step_keeps_pi_old(monkeypatch):
+    """μ = 2: the second step's π_old is the first step's log-probs (the sampling policy), not the
+    updated model's."""
+    from sputnik.common import DeviceChoice
+    from sputnik.optim import OptimConfig
+
+    seen = []
+    real = grpo.rl_losses.grpo_loss
+
+    def spy(logp_BT, old_BT, *args, **kw):
+        seen.append((logp_BT.detach().clone(), old_BT.clone()))
+        return real(logp_BT, old_BT, *args, **kw)
+
+    monkeypatch.setattr(grpo.rl_losses, "grpo_loss", spy)
+    torch.manual_seed(0)
+    model = build_model(tiny(**MICRO))
+    cfg = grpo.RLConfig(init="<test>", variant="dapo", micro_batch=6, max_new_tokens=9, inner_updates=2,
+                        optim=OptimConfig(lr=1e-2, grad_clip=0.0))
+    grpo.update(model, None, torch.optim.SGD(model.parameters(), lr=1.0), _rollout(),
+                torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.4]), cfg,
+                DeviceChoice(torch.device("cpu"), torch.float32, "test"), grpo.aggregate_fn(cfg), vocab_limit=300)
+    (logp0, old0), (logp1, old1) = seen
+    assert torch.equal(old0, logp0) and torch.equal(old1, logp0) and not torch.equal(logp1, logp0)
+
+
+def test_step_metrics_agree_with_each_other(weak_policy_dir, tmp_path):
+    """With the format reward alone (0 or 1 per sample): reward mean = format rate, reward std =
+    the Bessel-corrected Bernoulli std over the 64 samples, kept sequences = the groups with any
+    variance x G."""
+    grpo.run(_format_cfg(weak_policy_dir, tmp_path, steps=2))
+    for r in [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[1:]]:
+        p = r["format_rate"]
+        assert r["reward_mean"] == pytest.approx(p)
+        assert r["reward_std"] == pytest.approx(math.sqrt(64 / 63 * p * (1 - p)), rel=1e-5)
+        assert r["zero_variance_frac"] < 1.0 and r["kept_sequences"] == round(64 * (1 - r["zero_variance_frac"]))
+
+
+def test_dynamic_sampling_drops_all_equal_groups(policy_dir, tmp_path):
+    """An untrained policy earns 0 everywhere: every group has zero variance, nothing is kept and no
+    update runs (no loss recorded)."""
+    grpo.run(_cfg(policy_dir, tmp_path, steps=1, dynamic_sampling=True))
+    rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][1]
+    assert rec["reward_std"] == 0.0 and rec["zero_variance_frac"] == 1.0
+    assert rec["kept_sequences"] == 0 and "loss" not in rec
+
+
+def test_health_check_stops_the_run_when_told_to(policy_dir, tmp_path):
+    with pytest.raises(KeyboardInterrupt, match="stopped by health check: "):
+        grpo.run(_cfg(policy_dir, tmp_path, health=dict(window=1, min_entropy=1e9, stop_on_pathology=True)))
+    recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["step"] == 1  # stopped after the first step, whose record (and warnings) was written
+    assert any(w.startswith("entropy collapse") for w in recs[-1]["warnings"])
+    rows = [r for r in ledger.load(tmp_path) if r["command"] == "rl"]
+    assert rows[-1]["status"] != "ok"  # the stopped run is in the ledger, not counted as a success
 
 
 # ---------------------------------------------------------------------------------------------

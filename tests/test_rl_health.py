@@ -46,3 +46,22 @@ def test_monitor_rate_limits_repeats():
     bad = {**OK, "entropy": 0.0}
     fired = [bool(mon.observe_step(bad)) for _ in range(15)]
     assert fired.count(True) == 2 and fired[2] and fired[12]
+
+
+def test_thresholds_are_strict_and_missing_metrics_pass():
+    """Each limit warns only beyond it; a step without entropy/KL (no group kept, no update) is not a
+    pathology; format stuck at 1 needs zero reward variance too."""
+    no_update = {k: v for k, v in OK.items() if k not in ("entropy", "kl")}
+    assert check_step_window([no_update] * 3, CFG) == []
+    for at_the_limit in (dict(truncated_frac=0.5), dict(entropy=0.02), dict(kl=1.0), dict(zero_variance_frac=0.9),
+                         dict(format_rate=1.0, reward_std=0.3)):
+        assert check_step_window([{**OK, **at_the_limit}] * 3, CFG) == [], at_the_limit
+    assert check_step_window([{**OK, "kl": 1.01}] * 3, CFG)[0].startswith("KL blow-up")
+
+
+def test_reward_hacking_needs_a_monotone_trend_over_three_evals():
+    assert check_reward_hacking([0.2, 0.9, 0.5], [0.6, 0.3, 0.5]) is None  # not monotone
+    assert check_reward_hacking([0.2, 0.5], [0.6, 0.5]) is None  # two points are not a trend
+    mon = HealthMonitor(CFG, repeat_every=1)
+    said = [mon.observe_eval(r, a) for r, a in ((0.2, 0.6), (0.5, 0.5), (0.9, 0.3))]
+    assert said[:2] == [[], []] and said[2][0].startswith("possible reward hacking")

@@ -32,6 +32,8 @@ def test_group_advantages_all_equal_is_exactly_zero():
     for scale in (True, False):
         adv = group_advantages(r, 3, scale_by_std=scale)
         assert torch.equal(adv, torch.zeros(12))
+    # a group whose float32 mean is inexact (8 x 0.7): without the all-equal guard it gives ~6e-4
+    assert torch.equal(group_advantages(torch.full((8,), 0.7), 8), torch.zeros(8))
     with pytest.raises(ValueError, match="groups of 5"):
         group_advantages(r, 5)
     with pytest.raises(ValueError, match="group_size=1"):
@@ -94,6 +96,9 @@ def test_truncated_importance_weights_capped_and_detached():
     w = truncated_importance_weights(train, sampler, cap=2.0)
     torch.testing.assert_close(w, torch.tensor([1.0, 0.5, 2.0]))  # exp(log 4) = 4 capped to 2
     assert not w.requires_grad
+    # truncated from above only: a ratio of 1/4 stays 1/4 (not raised to 1/cap)
+    w = truncated_importance_weights(torch.zeros(1), torch.tensor([math.log(4.0)]), cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([0.25]))
 
 
 def test_entropy_from_logits():
