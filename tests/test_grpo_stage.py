@@ -461,3 +461,13 @@ def test_rl_with_learnability_sampling_records_task_accuracy_and_resumes_it(poli
 
     state = json.loads((ckpt.resolve("latest", str(tmp_path / "rl")) / "state.json").read_text())
     assert state["loop_state"]["task_accuracy"] == recs[-1]["task_accuracy"]
+
+
+def test_reward_fn_by_import_path_reaches_the_rewards(policy_dir, tmp_path):
+    """`--reward_fn module:function` runs isolated and is added to the verifier's reward: an
+    untrained policy earns nothing from the verifier, so every reward here is the plug-in's
+    (raising_reward: 1.0 for any completion without "boom")."""
+    grpo.run(_cfg(policy_dir, tmp_path, steps=1, reward_fn="reward_fixtures:raising_reward"))
+    rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][1]
+    assert rec["accuracy"] == 0.0 and rec["format_rate"] == 0.0
+    assert rec["reward_mean"] == 1.0 and rec["reward_failures"] == 0
