@@ -24,11 +24,12 @@ import tempfile
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+PROMPTS, GROUP = 64, 8  # the speedrun's RL preset
 
 
 def rl_args(init: str, out: Path, steps: int, threads: int) -> list[str]:
-    return ["rl", "--init", init, "--tasks", "addition,subtraction", "--steps", str(steps), "--prompts_per_step", "64",
-            "--group_size", "8", "--max_new_tokens", "120", "--eval_every", "0", "--eval_examples", "100",
+    return ["rl", "--init", init, "--tasks", "addition,subtraction", "--steps", str(steps), "--prompts_per_step", str(PROMPTS),
+            "--group_size", str(GROUP), "--max_new_tokens", "120", "--eval_every", "0", "--eval_examples", "100",
             "--checkpoint_every", "1000", "--optim.lr", "1e-4", "--num_threads", str(threads),
             "--out_dir", str(out / "rl"), "--ledger_dir", str(out)]
 
@@ -37,7 +38,7 @@ def summarise(out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["step"] > 1 and "time_rollout" in r]
     kept = sum(r["kept_sequences"] for r in steps)
-    tokens = sum(r["length_mean"] * 64 * 8 for r in steps)
+    tokens = sum(r["length_mean"] * PROMPTS * GROUP for r in steps)
     return dict(steps=len(steps), step_s=sum(r["time_rollout"] + r["time_reward"] + r["time_update"] for r in steps) / len(steps),
                 rollout_s=statistics.median(r["time_rollout"] for r in steps),
                 update_s=statistics.median(r["time_update"] for r in steps),

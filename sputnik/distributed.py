@@ -149,15 +149,6 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
-def broadcast_object(obj, info: DistInfo):
-    """Rank 0's `obj` on every rank."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # Replicated weights without a wrapper (RL): each rank keeps a full copy, ranks sum gradients
 def all_reduce_grads(model: nn.Module, info: DistInfo, bucket_numel: int = 1 << 24) -> None:
@@ -177,17 +168,16 @@ def all_reduce_grads(model: nn.Module, info: DistInfo, bucket_numel: int = 1 << 
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    bucket: list[torch.Tensor] = []
+    bucket, size = [], 0
     for i, p in enumerate(params):
         bucket.append(p.grad)
-        if sum(g.numel() for g in bucket) >= bucket_numel or i == len(params) - 1:
+        size += p.grad.numel()
+        if size >= bucket_numel or i == len(params) - 1:
             flat = torch.cat([g.reshape(-1) for g in bucket])
             dist.all_reduce(flat)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket = []
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+            bucket, size = [], 0
 
 
 def check_replicas(model: nn.Module, info: DistInfo, when: str) -> None:

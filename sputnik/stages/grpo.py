@@ -285,8 +285,9 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
 
 
 def gather_step(info: DistInfo, **local) -> dict:
-    """Each per-completion list in `local` concatenated over ranks (rank order = prompt order), and
-    each number summed; what every rank needs for identical metrics and health decisions."""
+    """Each per-completion list in `local` concatenated over ranks (rank order = prompt order), each
+    count summed, each `time_*` the slowest rank's (the step waits for it); what every rank needs for
+    identical metrics and health decisions."""
     parts = dist_lib.all_gather_object(local, info)
     return {k: ([x for p in parts for x in p[k]] if isinstance(v, list) else
                 (max(p[k] for p in parts) if k.startswith("time_") else sum(p[k] for p in parts)))
@@ -298,24 +299,23 @@ def run(cfg: RLConfig) -> dict:
     """The RL stage in this process, or in each of `torchrun --nproc_per_node W` processes: every
     rank holds the whole model, samples its 1/W of the step's prompts and sums gradients with the
     others (distributed.all_reduce_grads); rank 0 writes metrics, checkpoints and the model."""
-    from sputnik import ledger
-    from sputnik import train_common as tc
-    from sputnik.model.config import ModelConfig
-    from sputnik.tasks import get_task
-
-    # --- setup
     if not cfg.init:
         raise ValueError("init: give the policy to start from (a sputnik model directory or an HF model dir)")
     set_threads(cfg.num_threads)
     dc = pick_device(cfg.device)
     info = dist_lib.init_distributed(dc.device)
     try:
-        return _run(cfg, dc, info, ledger, tc, ModelConfig, get_task)
+        return _run(cfg, dc, info)
     finally:
         dist_lib.teardown()
 
 
-def _run(cfg: RLConfig, dc, info: DistInfo, ledger, tc, ModelConfig, get_task) -> dict:
+def _run(cfg: RLConfig, dc, info: DistInfo) -> dict:
+    from sputnik import ledger
+    from sputnik import train_common as tc
+    from sputnik.model.config import ModelConfig
+    from sputnik.tasks import get_task
+
     W, rank0 = info.world_size, info.is_rank0
     if cfg.prompts_per_step % W:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of ranks ({W}): "
