@@ -30,13 +30,13 @@ import time
 import torch
 
 from sputnik.common import atomic_write_text
-from sputnik.engine import Engine, SamplingParams, decode_logits, wave_weights
+from sputnik.inference.engine import Engine, SamplingParams, decode_logits, wave_weights
 from sputnik.model import build_model
 from sputnik.model.config import PRESETS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 from sputnik.model.hf import load_hf, save_hf
-from sputnik.speculative import speculative_generate
+from sputnik.inference.speculative import speculative_generate
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,9 +147,9 @@ def make_ours(model, tokenizer, device: str = "cpu", tokens: int = 64, amp: bool
     (TRL trains on every group too), no stop token (exactly `tokens` tokens per completion).
     compile: as `sputnik rl --compile` (blocks compiled for the update, compiled decode step)."""
     from sputnik.common import DeviceChoice
-    from sputnik.engine import Engine, SamplingParams
-    from sputnik.optim import OptimConfig, build_optimizer
-    from sputnik.stages.grpo import RLConfig
+    from sputnik.inference.engine import Engine, SamplingParams
+    from sputnik.train.optim import OptimConfig, build_optimizer
+    from sputnik.stages.rl import RLConfig
 
     dev = torch.device(device)
     dc = DeviceChoice(dev, torch.bfloat16 if amp else torch.float32, "benchmark")
@@ -162,7 +162,7 @@ def make_ours(model, tokenizer, device: str = "cpu", tokens: int = 64, amp: bool
     optimizer = build_optimizer(model, cfg.optim)
     params = SamplingParams(max_new_tokens=tokens, temperature=1.0, stop_token_ids=())
     if compile:
-        from sputnik.stages.grpo import compile_blocks
+        from sputnik.stages.rl import compile_blocks
 
         compile_blocks(model)
     return OursState(model, tokenizer, Engine(model, tokenizer, compile=True if compile else None), optimizer, cfg,
@@ -171,10 +171,10 @@ def make_ours(model, tokenizer, device: str = "cpu", tokens: int = 64, amp: bool
 
 def ours_step(st: OursState, batch: list[dict]) -> dict:
     """One GRPO step on `batch` (PROMPTS_PER_STEP records {prompt, answer}). Returns seconds by phase."""
-    from sputnik import rl_losses
+    from sputnik.rl import objectives as rl_losses
     from sputnik.common import autocast
-    from sputnik.rollout import build_rollout_batch
-    from sputnik.stages.grpo import VARIANTS, aggregate_fn, update
+    from sputnik.rl.rollout import build_rollout_batch
+    from sputnik.stages.rl import VARIANTS, aggregate_fn, update
 
     cfg, dev = st.cfg, st.dc.device
     sync(dev)
@@ -418,7 +418,7 @@ def main() -> int:
     n_steps = args.warm + args.steps
     prompts = make_prompts(n_steps * PROMPTS_PER_STEP, args.seed)
     if args.prompt_template == "r1_zero":
-        from sputnik.stages.grpo import R1_ZERO_TEMPLATE
+        from sputnik.stages.rl import R1_ZERO_TEMPLATE
 
         prompts = [dict(p, prompt=R1_ZERO_TEMPLATE.format(prompt=p["prompt"])) for p in prompts]
     (Path(args.dir) / "prompts.json").write_text(json.dumps(prompts))

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sputnik.hardware import DEFAULTS, device_key  # noqa: E402
+from sputnik.accounting.hardware import DEFAULTS, device_key  # noqa: E402
 from sputnik.model.accounting import flops_per_token  # noqa: E402
 from sputnik.model.config import small, small_dense, tiny, tiny_dense  # noqa: E402
 from sputnik.model.hf import hf_config  # noqa: E402
@@ -124,7 +124,7 @@ def time_steps(step, steps: int, device) -> tuple[float, float]:
 # ABLATION: our step with a part switched off, to measure what that part buys in the same run.
 def without_head_kernel(step):
     """Our step with the LM head's row softmax on ATen passes instead of softmax_rows.c."""
-    from sputnik import losses
+    from sputnik.train import losses
 
     def patched():
         original = losses._softmax_kernel

@@ -36,7 +36,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, n
     tail -n 30 "$OUT/$name.log"
 }
 
-step gpu_tests 120 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_decode_graphs.py tests/test_moe.py tests/test_shared_prompt.py
+step gpu_tests 120 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_graphs.py tests/test_moe.py tests/test_shared_prompts.py
 step generate 200 python3 benchmarks/bench_generate.py --device "$DEVICE" --repeats 3 --out "$OUT/generate.json"
 sides=ours
 python3 -c "import trl" 2>/dev/null && sides=ours,trl

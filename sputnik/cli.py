@@ -13,19 +13,19 @@ import sys
 
 COMMAND_MODULES = [
     "sputnik.tasks.cli",              # tasks list | preview
-    "sputnik.stages.train_tokenizer",  # tokenizer train
+    "sputnik.stages.tokenizer",  # tokenizer train
     "sputnik.stages.pretrain",         # pretrain
     "sputnik.stages.sft",              # sft
-    "sputnik.stages.grpo",             # rl
+    "sputnik.stages.rl",             # rl
     "sputnik.stages.distill",          # distill
     "sputnik.evaluate",                # eval
-    "sputnik.chat",                    # chat
-    "sputnik.serve",                   # serve
+    "sputnik.inference.chat",                    # chat
+    "sputnik.inference.serve",                   # serve
     "sputnik.pipeline",                # speedrun
-    "sputnik.compare",                 # compare
-    "sputnik.ledger",                  # ledger
-    "sputnik.cost",                    # cost
-    "sputnik.report",                  # report
+    "sputnik.accounting.compare",                 # compare
+    "sputnik.accounting.ledger",                  # ledger
+    "sputnik.accounting.cost",                    # cost
+    "sputnik.accounting.report",                  # report
 ]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sputnik.common import atomic_write_json, atomic_write_text, pick_device, print0, seed_everything, set_threads
 from sputnik.config import add_config_args, config_from_args, knob, save_config
-from sputnik.engine import Engine, SamplingParams
+from sputnik.inference.engine import Engine, SamplingParams
 from sputnik.metrics import bootstrap_interval, majority_vote, pass_at_k, wilson_interval
 
 
@@ -125,7 +125,7 @@ def markdown(res: dict) -> str:
 
 
 def run(cfg: EvalConfig) -> dict:
-    from sputnik import train_common as tc
+    from sputnik.train import session as tc
     from sputnik.model.config import ModelConfig
 
     if not cfg.model:
@@ -171,7 +171,7 @@ def run(cfg: EvalConfig) -> dict:
 def _run_ledgered(cfg: EvalConfig) -> dict:
     if not cfg.ledger_dir:
         return run(cfg)
-    from sputnik.ledger import record_run
+    from sputnik.accounting.ledger import record_run
 
     with record_run(cfg.ledger_dir, "eval", cfg) as led:
         res = run(cfg)

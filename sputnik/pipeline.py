@@ -148,7 +148,7 @@ def set_aside(project: Path, stage: str, why: str) -> Path | None:
 
 def _run_ids(project: Path, command: str, out_dir: str) -> list[str]:
     """run_ids of the ok runs of `command` that wrote into out_dir (the stage's lineage link)."""
-    from sputnik import ledger
+    from sputnik.accounting import ledger
 
     want = str(Path(out_dir).resolve())
     ids = []
@@ -160,8 +160,10 @@ def _run_ids(project: Path, command: str, out_dir: str) -> list[str]:
 
 
 def run(cfg: SpeedrunConfig) -> dict:
-    from sputnik import report
-    from sputnik.stages import distill, grpo, pretrain, sft, train_tokenizer
+    from sputnik.accounting import report
+    from sputnik.stages import distill, pretrain, sft
+    from sputnik.stages import rl as grpo
+    from sputnik.stages import tokenizer as train_tokenizer
 
     from sputnik.common import world_size
 

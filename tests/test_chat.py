@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sputnik.chat import ChatConfig, run
+from sputnik.inference.chat import ChatConfig, run
 from sputnik.cli import main
 from test_serve import completion_of, make_model_dir
 

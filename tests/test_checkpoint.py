@@ -1,5 +1,5 @@
 """Checkpoints: round trip, atomic writes, pruning, validation of corrupt/incompatible ones
-(sputnik/checkpoint.py). Stage-level resume (SIGKILL, bit-identical) is in test_stages.py."""
+(sputnik/train/checkpoint.py). Stage-level resume (SIGKILL, bit-identical) is in test_stages.py."""
 import json
 import random
 from dataclasses import dataclass, field
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sputnik import checkpoint as ck
+from sputnik.train import checkpoint as ck
 from sputnik.config import knob
 
 

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from sputnik import compare, ledger
+from sputnik.accounting import compare
+from sputnik.accounting import ledger
 from sputnik.config import build
 from sputnik.model.accounting import param_counts
 from sputnik.model.config import ModelConfig

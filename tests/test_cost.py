@@ -7,7 +7,8 @@ import types
 
 import pytest
 
-from sputnik import cost, hardware
+from sputnik.accounting import cost
+from sputnik.accounting import hardware
 from sputnik.config import build, save_config
 from sputnik.model.accounting import param_counts
 from sputnik.model.config import tiny, v3_671b

@@ -50,7 +50,7 @@ def test_rejection_sampling_keeps_exactly_the_verified_traces(tok):
     assert kept and all(len(t["completion"]) % 2 == 0 for t in kept)
     assert all(t["verdict"]["correct"] and t["teacher"] == "t" and t["sampling"]["k"] == 4 for t in kept)
     # exactly: re-generate the same samples and count the distinct verified ones per prompt
-    from sputnik.engine import Engine, SamplingParams
+    from sputnik.inference.engine import Engine, SamplingParams
     import random
     rng = random.Random(cfg.seed)
     exs = [task.generate(1, split="train", seed=rng.randrange(2**31))[0] for _ in range(6)]
@@ -85,7 +85,7 @@ def test_divergence_and_temperature_reach_the_loss(tok):
     """kd_step_loss = mean over completion positions of the configured divergence at τ (here 2, and
     JSD at β = 0.3, not the defaults), from the student's and teacher's full logits."""
     import functools
-    from sputnik import losses
+    from sputnik.train import losses
     from sputnik.common import pick_device
 
     expected = {"forward_kl": losses.forward_kl_per_token, "reverse_kl": losses.reverse_kl_per_token,
@@ -137,8 +137,8 @@ def test_distill_runs_end_to_end_and_a_rerun_reuses_the_traces_with_their_lineag
     same settings reuses the traces: its distill run records no FLOPs, and the run that sampled
     them stays in the final model's lineage."""
     import sputnik.tasks
-    from sputnik import ledger
-    from sputnik import train_common as tc
+    from sputnik.accounting import ledger
+    from sputnik.train import session as tc
 
     monkeypatch.setattr(sputnik.tasks, "get_task", lambda name, **kw: EvenLengthTask())
     teacher_dir = tmp_path / "teacher"

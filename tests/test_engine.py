@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sputnik.engine import Engine, SamplingParams, filter_logits, sample_next
+from sputnik.inference.engine import Engine, SamplingParams, filter_logits, sample_next
 
 
 class TokenCache:
@@ -198,9 +198,9 @@ def test_moe_few_tokens_equals_training_path(kw, kernel, monkeypatch):
     """The decode MoE path (fused router+shared; routed experts through the C kernel, or without a
     compiler through routed_rows) == the grouped training path on random inputs, including
     group-limited routing and no shared expert."""
-    from sputnik.model import cpu_kernels
+    from sputnik.kernels import cpu as cpu_kernels
     from sputnik.model.moe import MoE
-    from sputnik.model.moe_decode import moe_decode_weights, moe_few_tokens
+    from sputnik.inference.moe_decode import moe_decode_weights, moe_few_tokens
 
     if kernel and not cpu_kernels.routed_ffn_available():
         pytest.skip("no C compiler: the CPU MoE kernel cannot be built")
@@ -222,7 +222,7 @@ def test_padded_experts_equal_the_grouped_path(monkeypatch):
     """The CPU multi-thread decode path for >= 16 tokens (experts padded to a common capacity, two
     bmm's) == the grouped sum, both when it is taken and for routing too skewed for it."""
     from sputnik.model import moe as moe_lib
-    from sputnik.model import moe_decode
+    from sputnik.inference import moe_decode
 
     taken = []
     padded_fn = moe_decode.routed_experts_padded
@@ -259,7 +259,7 @@ def test_gathered_experts_equal_the_grouped_path():
     """The compiled CPU decode path for a few tokens (each slot's expert weights gathered, two reductions)
     == the grouped sum, with experts shared between tokens and repeated within the batch."""
     from sputnik.model import moe as moe_lib
-    from sputnik.model import moe_decode
+    from sputnik.inference import moe_decode
 
     model = _v3(n_routed_experts=16)
     moe = next(m for m in model.modules() if isinstance(m, moe_lib.MoE))
@@ -326,7 +326,7 @@ def test_compiled_decode_equals_eager_and_never_uses_stale_weights(monkeypatch):
     it decodes with the new weights: tokens and log-probs equal the eager engine's each time. The
     routed experts run gathered in the graph up to 2 rows and, where it builds, through the C kernel
     as an opaque op from 3 (the bucket of 4)."""
-    from sputnik.model import moe_decode
+    from sputnik.inference import moe_decode
 
     monkeypatch.setattr(moe_decode, "GATHER_MAX_TOKENS_KERNEL", 2)
     model = _v3()

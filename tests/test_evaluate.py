@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import pytest
 
 from sputnik.config import build
-from sputnik.engine import Completion
+from sputnik.inference.engine import Completion
 from sputnik.evaluate import EvalConfig, markdown, score
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sputnik import ledger
+from sputnik.accounting import ledger
 from sputnik.config import config_hash
 from sputnik.model.config import tiny
 
@@ -91,7 +91,7 @@ def test_failed_and_aborted_are_recorded_and_reraised(tmp_path, prices):
 
 
 def test_sigterm_is_recorded_as_aborted(tmp_path, prices):
-    code = ("import sys, time; from sputnik import ledger\n"
+    code = ("import sys, time; from sputnik.accounting import ledger\n"
             "with ledger.record_run(sys.argv[1], 'pretrain', {'lr': 1}, devices={'device_type': 'cpu', 'count': 1},"
             " prices=sys.argv[2], energy_method='table') as run:\n"
             "    run.add(flops=5, tokens=1); open(sys.argv[1] + '/inside', 'w').close(); time.sleep(30)\n")
@@ -104,7 +104,7 @@ def test_sigterm_is_recorded_as_aborted(tmp_path, prices):
 
 
 def test_sigkilled_run_is_marked_killed_at_next_start(tmp_path, prices):
-    code = ("import sys, time; from sputnik import ledger\n"
+    code = ("import sys, time; from sputnik.accounting import ledger\n"
             "with ledger.record_run(sys.argv[1], 'pretrain', {'lr': 1}, devices={'device_type': 'cpu', 'count': 4},"
             " prices=sys.argv[2], energy_method='table', heartbeat_s=0.1) as run:\n"
             "    run.add(flops=7e12, tokens=4096); run.metrics['step'] = 3; time.sleep(60)\n")
@@ -137,7 +137,7 @@ def test_sigkilled_run_is_marked_killed_at_next_start(tmp_path, prices):
 
 WRITER = """
 import os, sys, random
-from sputnik.ledger import append_record
+from sputnik.accounting.ledger import append_record
 path, ack, wid = sys.argv[1], sys.argv[2], sys.argv[3]
 rng = random.Random(int(wid))
 fd = os.open(ack, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -244,7 +244,7 @@ def test_bad_inputs_fail_clearly(tmp_path):
 
 
 def test_superseded_final_models_count_as_overhead():
-    from sputnik.ledger import final_lineage, totals
+    from sputnik.accounting.ledger import final_lineage, totals
 
     rows = [dict(run_id="pre", status="ok", start_ts=1, money_usd=1.0),
             dict(run_id="old-final", status="ok", start_ts=2, money_usd=2.0, final_model=True, parents=["pre"]),

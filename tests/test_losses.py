@@ -1,4 +1,4 @@
-"""sputnik.losses: chunked LM head losses, MTP loss, KD divergences vs plain re-computations."""
+"""sputnik.train.losses: chunked LM head losses, MTP loss, KD divergences vs plain re-computations."""
 import functools
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sputnik import losses as _losses
-from sputnik.losses import (
+from sputnik.train import losses as _losses
+from sputnik.train.losses import (
     chunked_kd_loss, forward_kl, forward_kl_per_token, generalized_jsd, generalized_jsd_per_token,
     linear_cross_entropy, mtp_loss, mtp_targets, reverse_kl, reverse_kl_per_token, token_logprobs,
 )

@@ -1,4 +1,4 @@
-"""Parameter groups, schedules, clipping and the non-finite guard (sputnik/optim.py)."""
+"""Parameter groups, schedules, clipping and the non-finite guard (sputnik/train/optim.py)."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 from sputnik.config import build
 from sputnik.model import build_model
 from sputnik.model.config import ModelConfig
-from sputnik.optim import (OptimConfig, OptimizerList, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier,
+from sputnik.train.optim import (OptimConfig, OptimizerList, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier,
                            param_groups, set_lr)
 
 TINY_MOE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64, moe_intermediate_size=16,
@@ -152,7 +152,7 @@ def test_every_step_moves_the_parameters_version_counters(optimizer):
     """Caches of derived weights (mla.cached_weights: the engine's decode weights) key on the
     version counter; the fused AdamW kernel does not bump it by itself."""
     from sputnik.config import build
-    from sputnik.optim import OptimConfig, build_optimizer
+    from sputnik.train.optim import OptimConfig, build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False))
     opt = build_optimizer(model, build(OptimConfig, {"optimizer": optimizer}))

@@ -5,9 +5,12 @@ import json
 
 import pytest
 
-from sputnik import pipeline, report
+from sputnik import pipeline
+from sputnik.accounting import report
 from sputnik.config import build
-from sputnik.stages import distill, grpo, pretrain, sft, train_tokenizer
+from sputnik.stages import distill, pretrain, sft
+from sputnik.stages import rl as grpo
+from sputnik.stages import tokenizer as train_tokenizer
 
 
 def test_rerun_from_includes_every_later_stage():

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from sputnik import ledger, report
+from sputnik.accounting import ledger
+from sputnik.accounting import report
 
 
 def _run(project, command, out_dir, *, flops, metrics=None, status="ok", final=False, parents=()):

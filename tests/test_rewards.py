@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from sputnik.rewards import IsolatedReward, import_by_path
+from sputnik.rl.rewards import IsolatedReward, import_by_path
 
 
 def _batch(*completions):

@@ -1,5 +1,5 @@
 from sputnik.config import build
-from sputnik.rl_health import HealthConfig, HealthMonitor, check_reward_hacking, check_step_window, prompt_prefills_format
+from sputnik.rl.health import HealthConfig, HealthMonitor, check_reward_hacking, check_step_window, prompt_prefills_format
 
 CFG = build(HealthConfig, {"window": 3})
 OK = dict(truncated_frac=0.1, zero_variance_frac=0.2, parse_failure_frac=0.1, format_rate=0.6, reward_std=0.3,

@@ -6,10 +6,10 @@ import threading
 import pytest
 import torch
 
-from sputnik.engine import Engine, SamplingParams
+from sputnik.inference.engine import Engine, SamplingParams
 from sputnik.model import build_model
 from sputnik.model.config import tiny, tiny_dense
-from sputnik.scheduler import QueueFull, Scheduler, SchedulerClosed, TextStream
+from sputnik.inference.scheduler import QueueFull, Scheduler, SchedulerClosed, TextStream
 from sputnik.tokenizer import train_tokenizer
 
 TEXTS = ["<|user|>what is 2+2?<|assistant|><think>two plus two</think><answer>4</answer><|endoftext|>",

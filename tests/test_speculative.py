@@ -2,10 +2,10 @@
 speculative sampling leaves the main model's distribution unchanged."""
 import torch
 
-from sputnik.engine import Engine, SamplingParams
+from sputnik.inference.engine import Engine, SamplingParams
 from sputnik.model import build_model
 from sputnik.model.config import tiny
-from sputnik.speculative import accept_drafts, speculative_generate
+from sputnik.inference.speculative import accept_drafts, speculative_generate
 
 
 def small_model(vocab=8, seed=0, init=0.3, dense=True):

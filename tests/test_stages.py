@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sputnik import checkpoint as ck
-from sputnik import train_common as tc
+from sputnik.train import checkpoint as ck
+from sputnik.train import session as tc
 from sputnik.config import build
 from sputnik.stages import pretrain, sft
 

@@ -197,7 +197,7 @@ def _text_files(tmp_path, n=6):
 
 
 def test_stage_run_saves_tokenizer_config_and_reports_compression(tmp_path):
-    from sputnik.stages.train_tokenizer import Config, run
+    from sputnik.stages.tokenizer import Config, run
 
     files = _text_files(tmp_path)
     cfg = Config(out_dir=str(tmp_path / "tok"), vocab_size=300, tasks=[], text_files=files)
@@ -210,7 +210,7 @@ def test_stage_run_saves_tokenizer_config_and_reports_compression(tmp_path):
 
 
 def test_stage_config_validation(tmp_path):
-    from sputnik.stages.train_tokenizer import Config
+    from sputnik.stages.tokenizer import Config
 
     with pytest.raises(ValueError, match="missing.txt does not exist"):
         Config(text_files=[str(tmp_path / "missing.txt")])
@@ -220,7 +220,7 @@ def test_stage_config_validation(tmp_path):
 
 
 def test_stage_cli(tmp_path, capsys):
-    from sputnik.stages import train_tokenizer
+    from sputnik.stages import tokenizer as train_tokenizer
 
     parser = argparse.ArgumentParser()
     train_tokenizer.register(parser.add_subparsers(dest="command"))
@@ -239,7 +239,7 @@ def test_stage_with_builtin_tasks(tmp_path):
     tasks = pytest.importorskip("sputnik.tasks")
     if not hasattr(tasks, "corpus_text"):
         pytest.skip("sputnik.tasks.corpus_text not available yet")
-    from sputnik.stages.train_tokenizer import Config, run
+    from sputnik.stages.tokenizer import Config, run
 
     result = run(Config(out_dir=str(tmp_path), vocab_size=512, tasks=["addition", "countdown"], num_examples=40))
     tok = Tokenizer.load(tmp_path)

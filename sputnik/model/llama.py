@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sputnik.losses import linear_cross_entropy
+from sputnik.train.losses import linear_cross_entropy
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import MLP, RMSNorm
 from sputnik.model.output import ModelOutput

@@ -328,7 +328,7 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         if not torch.is_grad_enabled() and not self.training and B * T <= FEW_TOKENS:
-            from sputnik.model.moe_decode import moe_few_tokens  # here: moe_decode imports this module
+            from sputnik.inference.moe_decode import moe_few_tokens  # here: moe_decode imports this module
 
             self.last_aux_loss = None
             return moe_few_tokens(self, x_BTD.reshape(B * T, D)).view(B, T, D)  # decode steps

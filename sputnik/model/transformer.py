@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sputnik.losses import linear_cross_entropy, mtp_loss
+from sputnik.train.losses import linear_cross_entropy, mtp_loss
 from sputnik.model.block import Block
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import MLP, RMSNorm
 from sputnik.model.mla import DecodeStep, MLACache, cached_weights, rms_norm_rows
 from sputnik.model.moe import MoE
-from sputnik.model.moe_decode import mlp_decode_weights, mlp_rows, moe_decode_weights, moe_few_tokens
+from sputnik.inference.moe_decode import mlp_decode_weights, mlp_rows, moe_decode_weights, moe_few_tokens
 from sputnik.model.mtp import MTPModule
 from sputnik.model.output import ModelOutput
 from sputnik.model.rope import RotaryTables

@@ -25,14 +25,14 @@ from typing import Literal
 
 import torch
 
-from sputnik import losses
+from sputnik.train import losses
 from sputnik.common import append_jsonl, atomic_write_text, autocast, pick_device, print0, seed_everything, set_threads
 from sputnik.config import add_config_args, config_from_args, knob, save_config
-from sputnik.engine import Engine, SamplingParams
+from sputnik.inference.engine import Engine, SamplingParams
 from sputnik.evaluate import greedy_accuracy
 from sputnik.model.config import ModelConfig
 from sputnik.model.moe import count_load_where
-from sputnik.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
+from sputnik.train.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
 
 
 def student_preset() -> ModelConfig:
@@ -157,7 +157,7 @@ def batch_from_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, devi
 
 # ---------------------------------------------------------------------------------------------
 def _latest_run_ids(project: str, command: str) -> list[str]:
-    from sputnik import ledger
+    from sputnik.accounting import ledger
 
     ok = [r["run_id"] for r in ledger.load(project) if r.get("command") == command and r.get("status") == "ok"]
     return ok[-1:]
@@ -180,7 +180,7 @@ def _sft_student(cfg: DistillConfig, traces_path: Path, student_tok_dir: str) ->
 def _logit_kd(cfg: DistillConfig, teacher, student, tokenizer, traces: list[dict], dc, led) -> dict:
     """Token-level KD: each step is a batch of teacher traces (off-policy) or, with probability
     on_policy_fraction, the student's own samples for those prompts (GKD)."""
-    from sputnik import train_common as tc
+    from sputnik.train import session as tc
 
     rng = random.Random(cfg.seed)
     optimizer = build_optimizer(student, cfg.optim)
@@ -219,8 +219,8 @@ def _logit_kd(cfg: DistillConfig, teacher, student, tokenizer, traces: list[dict
 def run(cfg: DistillConfig, *, parents: list[str] = (), final_model: bool = False) -> dict:
     """`parents`: ledger run_ids that produced the teacher; with final_model the evaluation run
     names them (and this stage's own runs) as the student's lineage."""
-    from sputnik import ledger
-    from sputnik import train_common as tc
+    from sputnik.accounting import ledger
+    from sputnik.train import session as tc
     from sputnik.model.accounting import param_counts
     from sputnik.tasks import get_task
 

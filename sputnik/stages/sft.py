@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass, field
 
 from sputnik import distributed as dist_lib
-from sputnik import train_common as tc
-from sputnik.progress import Progress, Throughput
+from sputnik.train import session as tc
+from sputnik.train.progress import Progress, Throughput
 from sputnik.common import append_jsonl, print0
 from sputnik.config import add_config_args, config_from_args, knob
-from sputnik.optim import OptimConfig, clip_grad_norm, guarded_step, lr_multiplier, set_lr
+from sputnik.train.optim import OptimConfig, clip_grad_norm, guarded_step, lr_multiplier, set_lr
 
 
 @dataclass

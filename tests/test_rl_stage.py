@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from sputnik import ledger
+from sputnik.accounting import ledger
 from sputnik.config import build
 from sputnik.model import build_model
 from sputnik.model.config import tiny
-from sputnik.rollout import micro_batches
-from sputnik.stages import grpo
+from sputnik.rl.rollout import micro_batches
+from sputnik.stages import rl as grpo
 from sputnik.tasks import corpus_text, format_completion, get_task
 from sputnik.tokenizer import train_tokenizer
-from sputnik.train_common import save_model
+from sputnik.train.session import save_model
 
 MICRO = dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, first_k_dense_replace=1, intermediate_size=64,
              moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, num_attention_heads=2,
@@ -78,7 +78,7 @@ def test_rl_compiled_matches_eager_and_saves_plain_weights(weak_policy_dir, tmp_
     step samples the same completions and takes the eager run's loss and gradient (non-zero: the weak
     policy's groups disagree); the saved model has the eager run's parameter names, loads into a
     plain model and holds the eager run's weights (up to Adam's first-step amplification of rounding)."""
-    from sputnik.train_common import InitConfig, load_model
+    from sputnik.train.session import InitConfig, load_model
     from sputnik.model.config import ModelConfig
 
     kw = dict(steps=1, num_threads=2, prompts_per_step=2)  # 16 rows: few batch buckets to compile
@@ -207,7 +207,7 @@ def test_task_args_reach_the_tasks(policy_dir, tmp_path):
 # The update's batching: completion-only head, sorted and trimmed micro-batches
 def _rollout(vocab=300, seed=0):
     """A rollout batch with prompts and completions of different lengths (so rows carry padding)."""
-    from sputnik.rollout import build_rollout_batch
+    from sputnik.rl.rollout import build_rollout_batch
 
     g = torch.Generator().manual_seed(seed)
     lens = [(3, 9), (5, 2), (4, 6), (2, 1), (6, 7), (3, 4)]
@@ -219,7 +219,7 @@ def _rollout(vocab=300, seed=0):
 def test_policy_logprobs_equal_the_full_logits_at_completion_positions():
     """Only completion positions go through the head (and a trimmed batch drops trailing padding):
     same log-probs and entropies as log_softmax over the full [B, T, V] logits."""
-    from sputnik.rollout import policy_logprobs
+    from sputnik.rl.rollout import policy_logprobs
 
     torch.manual_seed(0)
     model = build_model(tiny(**MICRO)).eval()
@@ -276,7 +276,7 @@ def test_update_gradient_does_not_depend_on_the_micro_batch(variant):
     """Sorting rows by length, splitting them and trimming each micro-batch's padding is exact:
     the gradient of one update equals the unsplit batch's, for every aggregation."""
     from sputnik.common import DeviceChoice
-    from sputnik.optim import OptimConfig
+    from sputnik.train.optim import OptimConfig
 
     torch.manual_seed(0)
     model = build_model(tiny(**MICRO))
@@ -327,9 +327,9 @@ def test_update_gradient_is_the_loss_formula(knobs):
     with truncated importance weights or the k3 KL to another model; the mismatch metric is the mean
     |log p| here, since the test batch's sampler log-probs are 0."""
     from sputnik.common import DeviceChoice
-    from sputnik.optim import OptimConfig
-    from sputnik.rollout import policy_logprobs
-    from sputnik import rl_losses
+    from sputnik.train.optim import OptimConfig
+    from sputnik.rl.rollout import policy_logprobs
+    from sputnik.rl import objectives as rl_losses
 
     torch.manual_seed(0)
     model = build_model(tiny(**MICRO))
@@ -366,7 +366,7 @@ def test_second_inner_step_keeps_pi_old(monkeypatch):
     """μ = 2: the second step's π_old is the first step's log-probs (the sampling policy), not the
     updated model's."""
     from sputnik.common import DeviceChoice
-    from sputnik.optim import OptimConfig
+    from sputnik.train.optim import OptimConfig
 
     seen = []
     real = grpo.rl_losses.grpo_loss
@@ -457,7 +457,7 @@ def test_rl_with_learnability_sampling_records_task_accuracy_and_resumes_it(poli
     grpo.run(cfg)
     recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert set(recs[-1]["task_accuracy"]) == {"addition", "subtraction"}
-    from sputnik import checkpoint as ckpt
+    from sputnik.train import checkpoint as ckpt
 
     state = json.loads((ckpt.resolve("latest", str(tmp_path / "rl")) / "state.json").read_text())
     assert state["loop_state"]["task_accuracy"] == recs[-1]["task_accuracy"]

@@ -1,11 +1,11 @@
-"""CUDA-graph decode runner (sputnik/decode_graphs.py). On CPU the runner works without capture:
+"""CUDA-graph decode runner (sputnik/inference/graphs.py). On CPU the runner works without capture:
 the same static cache, bucketing, padding rows, in-place compaction and weight tracking, so these
 tests check everything but torch.cuda.graph itself; the GPU test checks the capture."""
 import pytest
 import torch
 
-from sputnik.decode_graphs import BUCKETS, DecodeGraphs, bucket_for
-from sputnik.engine import Engine, SamplingParams
+from sputnik.inference.graphs import BUCKETS, DecodeGraphs, bucket_for
+from sputnik.inference.engine import Engine, SamplingParams
 
 
 def _v3(**kw):
@@ -85,7 +85,7 @@ def test_derived_weights_are_refreshed_in_place():
 
 
 def _tensors(tree):
-    from sputnik.decode_graphs import _tensors as flat
+    from sputnik.inference.graphs import _tensors as flat
 
     return flat(tree)
 
@@ -116,7 +116,7 @@ def test_sampling_inside_the_step_equals_sampling_after_it(temperature):
     sampling in one call, with the uniforms the engine draws and padding rows in each bucket, gives
     the eager engine's tokens and log-probs, rows finishing apart (compaction) and head rows past the
     tokenizer's vocabulary never sampled."""
-    from sputnik.decode_graphs import step_and_sample
+    from sputnik.inference.graphs import step_and_sample
 
     model = _v3()
     prompts = _prompts([5, 8, 3])
@@ -139,7 +139,7 @@ def test_sampled_step_mismatch_falls_back_with_the_same_samples(caplog):
     """A sampled step whose logits disagree with the eager step is caught at its bucket's first call;
     that step's tokens come from the eager logits with the uniforms already drawn, so the output is
     still the eager engine's."""
-    from sputnik.decode_graphs import step_and_sample
+    from sputnik.inference.graphs import step_and_sample
 
     model = _v3()
     prompts = _prompts([6, 4])

@@ -24,19 +24,19 @@ from typing import Literal
 
 import torch
 
-from sputnik import checkpoint as ckpt
+from sputnik.train import checkpoint as ckpt
 from sputnik import distributed as dist_lib
-from sputnik import rl_losses
+from sputnik.rl import objectives as rl_losses
 from sputnik.common import append_jsonl, autocast, pick_device, print0, seed_everything, set_threads
 from sputnik.config import add_config_args, config_from_args, knob, save_config
 from sputnik.distributed import DistInfo
-from sputnik.engine import Engine, SamplingParams
-from sputnik.model.shared_prompt import supports_shared_prompts
-from sputnik.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
-from sputnik.progress import trim_metrics
-from sputnik.rewards import IsolatedReward, RewardWeights, verifier_rewards
-from sputnik.rl_health import HealthConfig, HealthMonitor, prompt_prefills_format
-from sputnik.rollout import build_rollout_batch, logprobs, micro_batches, shares_prompts
+from sputnik.inference.engine import Engine, SamplingParams
+from sputnik.rl.shared_prompts import supports_shared_prompts
+from sputnik.train.optim import OptimConfig, build_optimizer, clip_grad_norm, guarded_step, lr_multiplier, set_lr
+from sputnik.train.progress import trim_metrics
+from sputnik.rl.rewards import IsolatedReward, RewardWeights, verifier_rewards
+from sputnik.rl.health import HealthConfig, HealthMonitor, prompt_prefills_format
+from sputnik.rl.rollout import build_rollout_batch, logprobs, micro_batches, shares_prompts
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
@@ -257,7 +257,7 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, aggregate, vocab_
 def rl_step_flops(model, batch, cfg: RLConfig) -> float:
     """FLOPs of one RL step: rollout forward (prefill + decode, 1/3 of a training token's cost per
     token), μ training passes over the kept sequences, and the reference forward when β > 0."""
-    from sputnik import train_common as tc
+    from sputnik.train import session as tc
 
     B, T = batch.input_ids_BT.shape
     train_per_token = tc.flops_per_token(model, T)
@@ -311,8 +311,8 @@ def run(cfg: RLConfig) -> dict:
 
 
 def _run(cfg: RLConfig, dc, info: DistInfo) -> dict:
-    from sputnik import ledger
-    from sputnik import train_common as tc
+    from sputnik.accounting import ledger
+    from sputnik.train import session as tc
     from sputnik.model.config import ModelConfig
     from sputnik.tasks import get_task
 

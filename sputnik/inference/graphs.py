@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from sputnik.engine import mask_vocab, sample_plain
+from sputnik.inference.engine import mask_vocab, sample_plain
 from sputnik.model.mla import MLACache
 from sputnik.model.transformer import compile_static_shapes
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sputnik import hardware
+from sputnik.accounting import hardware
 from sputnik.config import build, knob
 from sputnik.model.accounting import flops_per_token, param_counts
 from sputnik.model.config import PRESETS, ModelConfig

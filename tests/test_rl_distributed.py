@@ -24,9 +24,9 @@ from sputnik.common import DeviceChoice
 from sputnik.config import build
 from sputnik.model import build_model
 from sputnik.model.config import tiny
-from sputnik.optim import OptimConfig
-from sputnik.stages import grpo
-from test_grpo_stage import MICRO, _rollout, make_policy
+from sputnik.train.optim import OptimConfig
+from sputnik.stages import rl as grpo
+from test_rl_stage import MICRO, _rollout, make_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -41,7 +41,7 @@ import os, sys, torch
 from safetensors.torch import save_file
 from sputnik import distributed as dist_lib
 sys.path.insert(0, {tests!r})
-from test_grpo_distributed import CASES, one_update
+from test_rl_distributed import CASES, one_update
 
 info = dist_lib.init_distributed(torch.device("cpu"))
 for i, (variant, split, mu, beta) in enumerate(CASES):

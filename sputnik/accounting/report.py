@@ -11,7 +11,7 @@ import json
 import platform
 from pathlib import Path
 
-from sputnik import ledger
+from sputnik.accounting import ledger
 from sputnik.common import atomic_write_text
 
 STAGE_ORDER = ["tokenizer", "pretrain", "sft", "rl", "distill", "eval"]

@@ -55,7 +55,7 @@ def build_corpus(config: Config) -> list[str]:
 
 def run(config: Config) -> dict:
     """Train, save to out_dir, report bytes/token on held-out documents. Returns the summary."""
-    from sputnik.ledger import record_run
+    from sputnik.accounting.ledger import record_run
 
     out_dir = Path(config.out_dir)
     with record_run(config.ledger_dir or out_dir.resolve().parent, "tokenizer", config) as led:

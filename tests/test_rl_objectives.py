@@ -1,11 +1,11 @@
-"""sputnik.rl_losses: GRPO / Dr. GRPO / DAPO pieces on hand-made tensors vs their formulas."""
+"""sputnik.rl.objectives: GRPO / Dr. GRPO / DAPO pieces on hand-made tensors vs their formulas."""
 import functools
 import math
 
 import pytest
 import torch
 
-from sputnik.rl_losses import (
+from sputnik.rl.objectives import (
     clipped_surrogate, constant_norm, dynamic_sampling_mask, entropy_from_logits, group_advantages,
     grpo_loss, k3_kl, sequence_mean, soft_overlong_penalty, token_mean, truncated_importance_weights,
 )

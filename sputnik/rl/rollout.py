@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sputnik.losses import token_logprobs
+from sputnik.train.losses import token_logprobs
 
 
 @dataclass
@@ -113,7 +113,7 @@ def shared_prompt_rows(batch: RolloutBatch):
     -> (prompt_ids_PT, prompt_lens_P, comp_ids_N, pack, rows_C), completion rows grouped by prompt
     (RolloutBatch.prompt_groups). A row's completion input is the n − 1 tokens after its prompt (n
     targets: the first is predicted from the prompt's last position)."""
-    from sputnik.model.shared_prompt import CompletionPack
+    from sputnik.rl.shared_prompts import CompletionPack
 
     groups = batch.prompt_groups()
     dev = batch.input_ids_BT.device
@@ -140,7 +140,7 @@ def policy_logprobs_shared(model, batch: RolloutBatch, temperature: float = 1.0,
     same values up to float rounding, and the same gradients. Our DeepSeek-V3 models only
     (shared_prompt.supports_shared_prompts). Counts expert load on the real tokens of both parts."""
     from sputnik.model.moe import count_load_where
-    from sputnik.model.shared_prompt import hidden_states_prefixed
+    from sputnik.rl.shared_prompts import hidden_states_prefixed
 
     prompt_ids_PT, prompt_lens_P, comp_ids_N, pack, rows_C = shared_prompt_rows(batch)
     P, T = prompt_ids_PT.shape
@@ -211,7 +211,7 @@ SHARE_PROMPTS_MIN_SAVING = 1 / 3
 def shares_prompts(model, batch: RolloutBatch, mode: str = "auto") -> bool:
     """Whether an update on `batch` runs with shared prompts: mode always / never, or auto (by the
     tokens it saves); only for models that support it (shared_prompt.supports_shared_prompts)."""
-    from sputnik.model.shared_prompt import supports_shared_prompts
+    from sputnik.rl.shared_prompts import supports_shared_prompts
 
     if mode == "never" or not supports_shared_prompts(model):
         return False

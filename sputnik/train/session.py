@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sputnik import checkpoint as ckpt_lib
+from sputnik.train import checkpoint as ckpt_lib
 from sputnik import distributed as dist_lib
 from sputnik.common import append_jsonl, autocast, pick_device, print0, seed_everything, set_threads
 from sputnik.config import build, knob, save_config
 from sputnik.model.config import ModelConfig
 from sputnik.model.moe import count_load_where
 from sputnik.model.output import ModelOutput
-from sputnik.optim import OptimConfig, build_optimizer
-from sputnik.progress import trim_metrics
+from sputnik.train.optim import OptimConfig, build_optimizer
+from sputnik.train.progress import trim_metrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -119,11 +119,11 @@ class HFCausalLM(nn.Module):
         return None
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None):  # engine contract (engine_hf.py)
-        from sputnik import engine_hf
+        from sputnik.inference import hf_cache as engine_hf
         return engine_hf.new_cache(self.hf, batch, max_len, dtype, device)
 
     def forward_cached(self, input_ids_BT, cache, cache_seqlens_B, return_hidden: bool = False):
-        from sputnik import engine_hf
+        from sputnik.inference import hf_cache as engine_hf
         return engine_hf.forward_cached(self.hf, input_ids_BT, cache, cache_seqlens_B, return_hidden)
 
 
@@ -262,7 +262,7 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 def peak_flops(device: torch.device, world_size: int) -> float | None:
     """Nominal peak FLOP/s of the devices of this job (hardware.py tables); None if unknown."""
-    from sputnik import hardware
+    from sputnik.accounting import hardware
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     key = hardware.device_key(device.type, name)
@@ -402,7 +402,7 @@ def run_stage(cfg: LoopConfig, check_data, command: str, loop) -> dict:
 
 def ledger(session: Session, command: str, final_model: bool = False):
     """The stage's one ledger call (rank 0 records; the ledger ignores other ranks)."""
-    from sputnik.ledger import record_run
+    from sputnik.accounting.ledger import record_run
 
     project = session.cfg.project_dir or str(session.out.resolve().parent)
     return record_run(project, session.cfg.ledger_command or command, session.cfg, final_model=final_model)
@@ -484,7 +484,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], *, max_new_token
     if hasattr(raw, "new_cache") and not sharded:
         # Fast path: the inference engine (latent KV cache, finished rows leave the batch); ranks
         # decode their own prompts independently, no collectives needed.
-        from sputnik.engine import Engine, SamplingParams
+        from sputnik.inference.engine import Engine, SamplingParams
 
         with amp():
             outs = Engine(raw, max_batch_size=batch_size).generate(
@@ -531,7 +531,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], *, max_new_token
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (progress bar, throughput and metrics-file helpers live in sputnik/progress.py)
+# Metrics (progress bar, throughput and metrics-file helpers live in sputnik/train/progress.py)
 def log_metrics(session: Session, record: dict) -> None:
     """Rank 0 appends one JSON line; NaN/inf become the strings "nan"/"inf" (strict JSON)."""
     if session.rank0:

@@ -2,7 +2,7 @@
 the multi-token-prediction (MTP) loss and knowledge-distillation divergences.
 
 Every function is pure (tensors in, tensors out) and its docstring carries the formula. The RL
-objectives (GRPO, Dr. GRPO, DAPO) live in `sputnik/rl_losses.py`.
+objectives (GRPO, Dr. GRPO, DAPO) live in `sputnik/rl/objectives.py`.
 
 Shape legend: N rows (flattened batch x time positions), V vocabulary, D hidden size, C rows of one
 chunk, B batch, T time (sequence length).
@@ -47,7 +47,7 @@ def _matmul_dtype(h_ND: Tensor) -> torch.dtype:
 
 
 def _kernels():
-    from sputnik.model import cpu_kernels  # here, not at the top: sputnik.model imports this module
+    from sputnik.kernels import cpu as cpu_kernels  # here, not at the top: sputnik.model imports this module
 
     return cpu_kernels
 

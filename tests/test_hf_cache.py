@@ -5,9 +5,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sputnik.engine import Engine, SamplingParams  # noqa: E402
-from sputnik.engine_hf import HFEngineModel  # noqa: E402
-from sputnik.train_common import HFCausalLM  # noqa: E402
+from sputnik.inference.engine import Engine, SamplingParams  # noqa: E402
+from sputnik.inference.hf_cache import HFEngineModel  # noqa: E402
+from sputnik.train.session import HFCausalLM  # noqa: E402
 
 
 def tiny_llama(vocab=97):

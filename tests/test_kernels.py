@@ -1,4 +1,4 @@
-"""The hand-written CPU MoE kernel (sputnik/model/routed_ffn.c via cpu_kernels.py): values against
+"""The hand-written CPU MoE kernel (sputnik/kernels/routed_ffn.c via cpu_kernels.py): values against
 the grouped training path, edge shapes, thread-count independence, bad input, and the build's
 failure path."""
 import logging
@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from sputnik.model import cpu_kernels
+from sputnik.kernels import cpu as cpu_kernels
 from sputnik.model import moe as moe_lib
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.routed_ffn_available(), reason="no C compiler for the CPU kernel")
@@ -103,7 +103,7 @@ def test_failed_build_is_a_clear_error_and_a_logged_fallback(tmp_path, monkeypat
     monkeypatch.delenv("SPUTNIK_NO_CPU_KERNELS", raising=False)
     monkeypatch.setattr(cpu_kernels, "_library", cpu_kernels._library.__wrapped__)
     monkeypatch.setenv("SPUTNIK_KERNEL_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="sputnik.model.cpu_kernels"):
+    with caplog.at_level(logging.WARNING, logger="sputnik.kernels.cpu"):
         assert cpu_kernels._library() is None
     assert "no C compiler" in caplog.text
 

@@ -1,4 +1,4 @@
-"""Shared-prompt training forward (sputnik/model/shared_prompt.py, rollout.policy_logprobs_shared):
+"""Shared-prompt training forward (sputnik/rl/shared_prompts.py, rollout.policy_logprobs_shared):
 each distinct prompt computed once for all its completions gives the plain forward's log-probs,
 entropies and gradients, and the GRPO update the same step."""
 import pytest
@@ -6,8 +6,8 @@ import torch
 
 from sputnik.model import build_model
 from sputnik.model.config import tiny, tiny_dense
-from sputnik.model.shared_prompt import supports_shared_prompts
-from sputnik.rollout import build_rollout_batch, policy_logprobs, policy_logprobs_shared, shared_prompt_rows
+from sputnik.rl.shared_prompts import supports_shared_prompts
+from sputnik.rl.rollout import build_rollout_batch, policy_logprobs, policy_logprobs_shared, shared_prompt_rows
 
 BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
             moe_intermediate_size=16, n_routed_experts=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -101,8 +101,8 @@ def test_other_models_take_the_plain_path():
 def test_grpo_update_is_the_same_step_either_way():
     """One DAPO update with and without shared prompts: same loss, gradient norm and new weights."""
     from sputnik.common import DeviceChoice
-    from sputnik.optim import OptimConfig, build_optimizer
-    from sputnik.stages.grpo import RLConfig, aggregate_fn, update
+    from sputnik.train.optim import OptimConfig, build_optimizer
+    from sputnik.stages.rl import RLConfig, aggregate_fn, update
 
     batch = _groups(lengths=[3, 1, 8, 5, 2, 7, 4, 4, 6])
     batch.sampler_logp_BT = torch.where(batch.targets_BT != -100, -1.0, 0.0)
@@ -127,7 +127,7 @@ def test_grpo_update_is_the_same_step_either_way():
 
 
 def test_auto_shares_prompts_only_when_it_saves_a_third_of_the_tokens():
-    from sputnik.rollout import prompt_token_saving, shares_prompts
+    from sputnik.rl.rollout import prompt_token_saving, shares_prompts
 
     model = _model()
     short = build_rollout_batch([[1, 2]] * 4, [[3] * 9] * 4, [[0.0] * 9] * 4, 0)  # 2 + 9: saves 6 of 40 tokens

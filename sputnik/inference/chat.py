@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass
 
 from sputnik.config import MISSING, add_config_args, config_from_args, knob
-from sputnik.engine import SamplingParams
-from sputnik.scheduler import Delta, Scheduler
-from sputnik.serve import ThinkSplitter, load_for_inference
+from sputnik.inference.engine import SamplingParams
+from sputnik.inference.scheduler import Delta, Scheduler
+from sputnik.inference.serve import ThinkSplitter, load_for_inference
 
 EXIT_COMMANDS = ("/exit", "/quit")
 

@@ -4,7 +4,7 @@
 A GRPO step is: `group_advantages` of verifier rewards -> per-token `clipped_surrogate` (+ β·`k3_kl`)
 -> one aggregation (`sequence_mean` = GRPO, `token_mean` = DAPO, `constant_norm` = Dr. GRPO).
 `grpo_loss` composes them; the variants differ only in the arguments passed, never in a string
-switch. Per-token log-probs come from `sputnik.losses.token_logprobs` at the rollout temperature.
+switch. Per-token log-probs come from `sputnik.train.losses.token_logprobs` at the rollout temperature.
 
 Shape legend: B sequences (completions) in the batch, G completions per prompt (group size),
 T completion time steps (padded), V vocabulary, N rows.

@@ -35,7 +35,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sputnik import hardware
+from sputnik.accounting import hardware
 
 LEDGER_FILE = "ledger.jsonl"
 STATE_DIR = ".ledger"  # heartbeat files and the reaping lock

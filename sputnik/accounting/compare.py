@@ -123,7 +123,7 @@ def stage_curve(out_dir: str | Path, ledger_rows: list[dict] = ()) -> dict:
     stage from its metrics.jsonl, whose rows carry cumulative "flops". Metrics written before
     that field existed fall back to the ledger's FLOPs of the ok runs into out_dir, placed
     proportionally to the step."""
-    from sputnik.report import read_metrics
+    from sputnik.accounting.report import read_metrics
 
     rows = read_metrics(str(out_dir))
     steps = max((r["step"] for r in rows if isinstance(r.get("step"), int)), default=0)
@@ -149,7 +149,7 @@ def _ok_runs(rows: list[dict], command: str, out_dir: str | None = None) -> list
 
 def recipe_curves(project: Path, speedrun: dict) -> dict:
     """Accuracy against cumulative training FLOPs for each recipe, from the ledger + metrics."""
-    from sputnik import ledger
+    from sputnik.accounting import ledger
 
     rows = ledger.load(project)
     pre = stage_curve(project / "pretrain", rows)["flops"]
@@ -253,7 +253,9 @@ def markdown(summary: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 def run(cfg: CompareConfig) -> dict:
-    from sputnik import ledger, pipeline, report
+    from sputnik import pipeline
+    from sputnik.accounting import ledger
+    from sputnik.accounting import report
     from sputnik.stages import pretrain, sft
 
     project = Path(cfg.project)

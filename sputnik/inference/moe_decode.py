@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sputnik.model import cpu_kernels
+from sputnik.kernels import cpu as cpu_kernels
 from sputnik.model.layers import MLP
 from sputnik.model.mla import cached_weights
 from sputnik.model.moe import FEW_TOKENS, MoE, routed_experts_grouped

@@ -32,8 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 from sputnik.config import MISSING, add_config_args, config_from_args, knob
-from sputnik.engine import SamplingParams
-from sputnik.scheduler import QueueFull, Scheduler, SchedulerClosed
+from sputnik.inference.engine import SamplingParams
+from sputnik.inference.scheduler import QueueFull, Scheduler, SchedulerClosed
 from sputnik.tokenizer import THINK, THINK_END
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def load_for_inference(model_dir: str, device: str = "auto", num_threads: int = 
     from sputnik.common import pick_device, set_threads
     from sputnik.data import check_vocab
     from sputnik.model.config import ModelConfig
-    from sputnik.train_common import InitConfig, load_model, load_tokenizer, model_vocab_size
+    from sputnik.train.session import InitConfig, load_model, load_tokenizer, model_vocab_size
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"model={model_dir!r}: not a directory")
@@ -178,7 +178,7 @@ class App:
         self.scheduler, self.tokenizer, self.name = scheduler, tokenizer, name
         self.max_prompt_tokens, self.max_tokens_limit, self.access_log = max_prompt_tokens, max_tokens_limit, access_log
         self.created = int(time.time())
-        self.page = resources.files("sputnik").joinpath("serve_page.html").read_bytes()
+        self.page = resources.files("sputnik.inference").joinpath("serve_page.html").read_bytes()
         # Stop at <|user|> too: a model that starts a new user turn has finished its own.
         self.stop_ids = tuple(t for t in (tokenizer.eot_id, getattr(tokenizer, "user_id", None)) if t is not None)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sputnik.engine import Completion, SamplingParams, filter_logits, sample_from_probs
+from sputnik.inference.engine import Completion, SamplingParams, filter_logits, sample_from_probs
 
 
 @dataclass

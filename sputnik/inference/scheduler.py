@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sputnik.engine import SamplingParams, decode_logits, mask_vocab, sample_next, wave_weights
+from sputnik.inference.engine import SamplingParams, decode_logits, mask_vocab, sample_next, wave_weights
 
 log = logging.getLogger(__name__)
 

@@ -335,7 +335,7 @@ class Engine:
         if not (self.cuda_graphs or self.static_compiled):
             return None
         if self.graphs is None:
-            from sputnik.decode_graphs import DecodeGraphs
+            from sputnik.inference.graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self.model, compiled=self.compile,
                                        capture=self.device.type == "cuda")
