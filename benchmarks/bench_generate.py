@@ -30,7 +30,9 @@ import time
 import torch
 
 from sputnik.common import atomic_write_text
-from sputnik.inference.engine import Engine, SamplingParams, decode_logits, wave_weights
+from sputnik.inference.decoders import cached_model
+from sputnik.inference.engine import Engine
+from sputnik.inference.sampling import SamplingParams
 from sputnik.model import build_model
 from sputnik.model.config import PRESETS
 
@@ -95,18 +97,19 @@ def run_hf(hf, prompts_BT, new_tokens, seed, static=False) -> float:
 
 @torch.no_grad()
 def decode_step_ms(model, batch, prompt_len, steps=32) -> float:
-    """Median wall time of one eager cached single-token forward as the eager engine runs it (our
-    models: decode_one with the wave's weights; others: forward_cached), i.e. the engine's decode step
-    minus sampling and bookkeeping, after a prompt_len prefill."""
+    """Median wall time of one eager cached single-token step as the eager decoder runs it (the cached
+    model's step with the wave's weights), i.e. the engine's decode step minus sampling and
+    bookkeeping, after a prompt_len prefill."""
     dev = model.lm_head.weight.device
-    cache = model.new_cache(batch, prompt_len + steps + 1, None, dev)
+    cm = cached_model(model)
+    cache = cm.new_cache(batch, prompt_len + steps + 1, None, dev)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=dev)
-    model.forward_cached(ids, cache, torch.zeros(batch, dtype=torch.long, device=dev))
+    cm.forward_cached(ids, cache, torch.zeros(batch, dtype=torch.long, device=dev))
     seqlens, tok, times = torch.full((batch,), prompt_len, device=dev), ids[:, -1:], []
-    weights = wave_weights(model)
+    weights = cm.step_weights()
     for _ in range(steps):
         t0 = time.perf_counter()
-        decode_logits(model, tok[:, 0], cache, seqlens, weights)
+        cm.step(tok[:, 0], cache, seqlens, weights)
         sync(dev)
         times.append(time.perf_counter() - t0)
         seqlens = seqlens + 1
@@ -260,7 +263,7 @@ def main(argv=None):
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(dev)
         eager = Engine(ours, compile=False, cuda_graphs=False)
         fast = Engine(ours, compile=args.compile, cuda_graphs=args.cuda_graphs and cuda)
-        fast_on = args.compile or fast.cuda_graphs
+        fast_on = args.compile or (args.cuda_graphs and cuda)
         run_ours(eager, prompts, 4, 0)  # warm-up (allocator, lazy inits)
         # The fast engine's one-off cost: torch.compile (the first generate() at this batch size class,
         # 1 or > 1) and/or CUDA-graph capture (each batch bucket and cache length once). A user pays it
@@ -280,10 +283,8 @@ def main(argv=None):
         t_ours = t_ours or t_eager
         row = {"ours_tok_s": n / statistics.median(t_ours), "ours_s": t_ours, "compile_s": setup_s,
                "eager_tok_s": n / statistics.median(t_eager), "eager_s": t_eager,
-               # the decode-graph runner: CUDA graphs on CUDA, the static-shape compiled step on CPU
-               "decode_graphs": (None if fast.graphs is None or fast.graphs.disabled
-                                 else "cuda_graphs" if fast.graphs.capture else "static_compiled"),
-               "decode_graphs_off_because": fast.graphs.disabled if fast.graphs is not None else None}
+               # the fast engine's decoder after the run (an eager fallback if its graphs failed)
+               "decoder": fast.decoder.name}
         if hf_modes:
             t_ref = t_hf["default"]
             row.update(hf_tok_s=n / statistics.median(t_ref), hf_s=t_ref,
@@ -331,8 +332,8 @@ def print_table(res, args):
         comp = f"{r['compile_s']:10.1f}" if r["compile_s"] is not None else f"{'-':>10}"
         print(f"{B:>5} | {r['ours_tok_s']:10.0f} | {hf} | {st} | {r['eager_tok_s']:11.0f} | {eager_hf} | {comp} | "
               f"{r['engine_step_ms']:14.2f} | {r['decode_step_ms']:11.2f} | {r['bandwidth_floor_ms']:11.3f}")
-        if r.get("decode_graphs_off_because"):
-            print(f"      batch {B}: decode graphs turned off: {r['decode_graphs_off_because']}")
+        if r.get("decoder", "").startswith("eager") and r["compile_s"] is not None:
+            print(f"      batch {B}: the fast engine fell back to {r['decoder']} (see the warning above)")
     print("ours = the compiled decode step (unless --no-compile; on CPU static shapes, one graph per batch bucket) "
           "and, on CUDA, CUDA graphs (unless --no-cuda-graphs); "
           "eager = Engine(compile=False, cuda_graphs=False); HF static = cache_implementation='static'; 1st call s = "

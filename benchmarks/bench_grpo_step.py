@@ -147,9 +147,10 @@ def make_ours(model, tokenizer, device: str = "cpu", tokens: int = 64, amp: bool
     (TRL trains on every group too), no stop token (exactly `tokens` tokens per completion).
     compile: as `sputnik rl --compile` (blocks compiled for the update, compiled decode step)."""
     from sputnik.common import DeviceChoice
-    from sputnik.inference.engine import Engine, SamplingParams
+    from sputnik.inference.engine import Engine
+    from sputnik.inference.sampling import SamplingParams
+    from sputnik.stages.rl import Config as RLConfig
     from sputnik.train.optim import OptimConfig, build_optimizer
-    from sputnik.stages.rl import RLConfig
 
     dev = torch.device(device)
     dc = DeviceChoice(dev, torch.bfloat16 if amp else torch.float32, "benchmark")
@@ -162,19 +163,18 @@ def make_ours(model, tokenizer, device: str = "cpu", tokens: int = 64, amp: bool
     optimizer = build_optimizer(model, cfg.optim)
     params = SamplingParams(max_new_tokens=tokens, temperature=1.0, stop_token_ids=())
     if compile:
-        from sputnik.stages.rl import compile_blocks
+        from sputnik.train.session import _compile
 
-        compile_blocks(model)
-    return OursState(model, tokenizer, Engine(model, tokenizer, compile=True if compile else None), optimizer, cfg,
-                     dc, params)
+        _compile(model, blocks=True)
+    return OursState(model, tokenizer, Engine(model, tokenizer, compile=compile), optimizer, cfg, dc, params)
 
 
 def ours_step(st: OursState, batch: list[dict]) -> dict:
     """One GRPO step on `batch` (PROMPTS_PER_STEP records {prompt, answer}). Returns seconds by phase."""
-    from sputnik.rl import objectives as rl_losses
+    from sputnik.rl import objectives
     from sputnik.common import autocast
     from sputnik.rl.rollout import build_rollout_batch
-    from sputnik.stages.rl import VARIANTS, aggregate_fn, update
+    from sputnik.rl.update import VARIANTS, update
 
     cfg, dev = st.cfg, st.dc.device
     sync(dev)
@@ -189,12 +189,12 @@ def ours_step(st: OursState, batch: list[dict]) -> dict:
     rewards = [addition_reward(c.text, r["answer"]) for r, g in zip(batch, groups) for c in g]
     t2 = time.perf_counter()
     r_PG = torch.tensor(rewards).view(len(batch), cfg.group_size)
-    adv_B = rl_losses.group_advantages(r_PG, cfg.group_size, scale_by_std=VARIANTS[cfg.variant]["scale_by_std"])
+    adv_B = objectives.group_advantages(r_PG, cfg.group_size, scale_by_std=VARIANTS[cfg.variant]["scale_by_std"])
     rb = build_rollout_batch([prompts[i // cfg.group_size] for i in range(len(flat))], [c.token_ids for c in flat],
                              [c.logprobs for c in flat], st.tokenizer.pad_id).to(dev)
     sync(dev)
     t3 = time.perf_counter()
-    m = update(st.model, None, st.optimizer, rb, adv_B.reshape(-1).to(dev), cfg, st.dc, aggregate_fn(cfg))
+    m = update(st.model, None, st.optimizer, rb, adv_B.reshape(-1).to(dev), cfg, st.dc)
     sync(dev)
     t4 = time.perf_counter()
     st.step += 1
@@ -418,7 +418,7 @@ def main() -> int:
     n_steps = args.warm + args.steps
     prompts = make_prompts(n_steps * PROMPTS_PER_STEP, args.seed)
     if args.prompt_template == "r1_zero":
-        from sputnik.stages.rl import R1_ZERO_TEMPLATE
+        from sputnik.rl.prompts import R1_ZERO_TEMPLATE
 
         prompts = [dict(p, prompt=R1_ZERO_TEMPLATE.format(prompt=p["prompt"])) for p in prompts]
     (Path(args.dir) / "prompts.json").write_text(json.dumps(prompts))

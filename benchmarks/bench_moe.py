@@ -52,9 +52,11 @@ def step(entry, x_BTD):
         model.config._experts_implementation = impl
     model.zero_grad(set_to_none=True)
     y_BTD = model(x_BTD)
-    loss = y_BTD.float().square().mean()
-    if getattr(model, "last_aux_loss", None) is not None:
-        loss = loss + model.last_aux_loss
+    if isinstance(y_BTD, tuple):  # ours: (y, Routing)
+        y_BTD, routing = y_BTD
+        loss = y_BTD.float().square().mean() + (routing.aux_loss if routing.aux_loss is not None else 0.0)
+    else:
+        loss = y_BTD.float().square().mean()
     loss.backward()
 
 

@@ -31,7 +31,7 @@ def rl_args(init: str, out: Path, steps: int, threads: int) -> list[str]:
     return ["rl", "--init", init, "--tasks", "addition,subtraction", "--steps", str(steps), "--prompts_per_step", str(PROMPTS),
             "--group_size", str(GROUP), "--max_new_tokens", "120", "--eval_every", "0", "--eval_examples", "100",
             "--checkpoint_every", "1000", "--optim.lr", "1e-4", "--num_threads", str(threads),
-            "--out_dir", str(out / "rl"), "--ledger_dir", str(out)]
+            "--out_dir", str(out / "rl"), "--project_dir", str(out)]
 
 
 def summarise(out: Path) -> dict:

@@ -91,13 +91,14 @@ def make_step(model, kind: str, ids_BT, targets_BT, fused_adam: bool):
         if kind == "hf":
             loss = model(input_ids=ids_BT, labels=ids_BT).loss  # HF shifts labels inside
         else:
-            loss = model(ids_BT, targets_BT).loss
+            out = model(ids_BT, targets_BT)
+            loss = out.loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if kind == "ours":
+        if kind == "ours":  # the trainer's aux-loss-free update (train/balance.py), one process
             base = getattr(model, "_orig_mod", model)
-            base.update_expert_bias()
+            base.update_expert_bias({k: v.detach().float() for k, v in out.expert_load.items()})
         return loss
 
     return step

@@ -12,20 +12,20 @@ import importlib.util
 import sys
 
 COMMAND_MODULES = [
-    "sputnik.tasks.cli",              # tasks list | preview
-    "sputnik.stages.tokenizer",  # tokenizer train
-    "sputnik.stages.pretrain",         # pretrain
-    "sputnik.stages.sft",              # sft
+    "sputnik.tasks.cli",             # tasks list | preview
+    "sputnik.stages.tokenizer",      # tokenizer train
+    "sputnik.stages.pretrain",       # pretrain
+    "sputnik.stages.sft",            # sft
     "sputnik.stages.rl",             # rl
-    "sputnik.stages.distill",          # distill
-    "sputnik.evaluate",                # eval
-    "sputnik.inference.chat",                    # chat
-    "sputnik.inference.serve",                   # serve
-    "sputnik.pipeline",                # speedrun
-    "sputnik.accounting.compare",                 # compare
-    "sputnik.accounting.ledger",                  # ledger
-    "sputnik.accounting.cost",                    # cost
-    "sputnik.accounting.report",                  # report
+    "sputnik.stages.distill",        # distill
+    "sputnik.evaluate",              # eval
+    "sputnik.inference.chat",        # chat
+    "sputnik.inference.serve",       # serve
+    "sputnik.pipeline",              # speedrun
+    "sputnik.accounting.compare",    # compare
+    "sputnik.accounting.ledger",     # ledger
+    "sputnik.accounting.cost",       # cost
+    "sputnik.accounting.report",     # report
 ]
 
 
@@ -55,11 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     from sputnik.common import keep_freed_memory
 
     keep_freed_memory()
+    from sputnik.accounting.ledger import RunStopped
+    from sputnik.train.session import TrainingDiverged
+
     try:
         return int(args.func(args) or 0)
     except ValueError as e:  # user mistakes: bad config, bad data, mismatched files
         print(f"sputnik {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:  # the last good checkpoint is kept
+        print(f"sputnik {args.command}: {e}", file=sys.stderr)
+        return 3
+    except RunStopped as e:  # a health check stopped the run on purpose (ledger status "stopped")
+        print(f"sputnik {args.command}: stopped: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print(f"sputnik {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 import hashlib
 import json
 import tomllib
@@ -277,9 +278,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from_args(args: argparse.Namespace, cls, base: dict | None = None):
-    """Defaults <- preset dict `base` <- --config file <- dotted flags; then validate. A run's saved
-    config.json (save_config: it names its class) is a valid --config for the same command."""
-    values = dict(base or {})
+    """Defaults <- preset dict `base` <- environment (ENVIRONMENT) <- --config file <- dotted flags;
+    then validate. A run's saved config.json (save_config: it names its class) is a valid --config for
+    the same command."""
+    values = merge(dict(base or {}), environment_overrides(cls))
     if getattr(args, "config", None):
         data = read_config_file(args.config)
         saved_as = data.pop("config_class", cls.__name__)
@@ -297,3 +299,63 @@ def save_config(cfg, path: str | Path) -> None:
     from sputnik.common import atomic_write_json
 
     atomic_write_json(path, {"config_class": type(cfg).__name__, **to_dict(cfg)})
+
+
+# ---------------------------------------------------------------------------------------------
+# What every run has: one dataclass, the same names and checks for every command
+@dataclass
+class DeviceConfig:
+    """Where and how a model runs: every command that loads one (stages, eval, chat, serve)."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = knob("auto", "compute device (auto: cuda > mps > cpu)")
+    num_threads: int = knob(0, "CPU threads (0 = all cores of the affinity mask)", min=0)
+    compile: bool = knob(False, "torch.compile the training forward and the decode step: for long runs (tens of "
+                                "seconds of compiling per shape first; docs/benchmarks.md)")
+    cuda_graphs: bool = knob(True, "on a CUDA device, replay the decode step of our DeepSeek-V3 from CUDA graphs")
+    cpu_kernels: bool = knob(True, "on a CPU, the hand-written C kernels (MoE decode experts, log-prob head); "
+                                   "off: the torch path, same results up to rounding")
+
+
+@dataclass
+class RunConfig(DeviceConfig):
+    """Every stage run (tokenizer aside): where it writes, what it starts from, how it resumes."""
+    out_dir: str = knob("runs/run", "output directory: metrics.jsonl, checkpoints/, model/, config.json")
+    project_dir: str = knob("", "directory of the cost ledger ledger.jsonl ('' = the parent of out_dir)")
+    init: str = knob("", "model to start from: a model directory (a stage's <out>/model, or any local Hugging Face "
+                         "causal LM) or a sputnik checkpoint directory ('' = a fresh model)")
+    init_impl: Literal["auto", "transformers"] = knob(
+        "auto", "auto: our model code for deepseek_v3 and our llama exports, transformers otherwise; "
+                "transformers: always AutoModelForCausalLM")
+    tokenizer: str = knob("", "tokenizer directory or tokenizer.json ('' = the one saved with init)")
+    seed: int = knob(0, "seed of the init, the data order, the sampling", min=0)
+    resume: str = knob("", "'' fresh start; 'auto' the latest checkpoint if any; 'latest'; or a checkpoint directory")
+    checkpoint_every: int = knob(100, "checkpoint every N steps (the last step always)", min=1)
+    keep_last: int = knob(2, "checkpoints kept besides the best", min=1)
+    max_nonfinite_steps: int = knob(5, "stop after this many consecutive steps with a NaN/inf loss or gradient", min=1)
+    poison_steps: list[int] = knob(default_factory=list, help="testing only: make the loss NaN at these steps")
+
+    def __post_init__(self):
+        if not self.out_dir:
+            raise ValueError("out_dir='': give an output directory")
+
+    @property
+    def ledger_dir(self) -> str:
+        """The project directory whose ledger.jsonl records this run."""
+        return self.project_dir or str(Path(self.out_dir).resolve().parent)
+
+
+# Environment variables that override a config field for every command (set by config_from_args,
+# recorded in the resolved config like any other value). The only other variables read are paths:
+# SPUTNIK_KERNEL_CACHE (kernels/cpu.py) and SPUTNIK_PRICES (accounting/hardware.py).
+ENVIRONMENT = {
+    "SPUTNIK_COMPILE": ("compile", "1 = compile=true, 0 = compile=false"),
+    "SPUTNIK_CUDA_GRAPHS": ("cuda_graphs", "0 = cuda_graphs=false"),
+    "SPUTNIK_CPU_KERNELS": ("cpu_kernels", "0 = cpu_kernels=false"),
+}
+
+
+def environment_overrides(cls) -> dict:
+    """{field: value} from the ENVIRONMENT variables that are set, for the fields `cls` has."""
+    import os
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: os.environ[var] for var, (key, _) in ENVIRONMENT.items() if var in os.environ and key in names}

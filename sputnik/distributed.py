@@ -10,7 +10,7 @@ micro-batch loss by (its tokens x world_size / global tokens of the step), so th
 is the gradient of the token-mean loss over the whole global batch, whatever its split into ranks
 and micro-batches.
 
-RL (stages/grpo.py) keeps a full copy of the weights on every rank, unwrapped, and sums gradients
+RL (stages/rl.py, rl/update.py) keeps a full copy of the weights on every rank, unwrapped, and sums gradients
 with `all_reduce_grads` after the rank's micro-batches: dynamic sampling leaves ranks with different
 numbers of sequences (sometimes none), which DDP's one-backward-per-rank contract does not fit, and
 the update reaches the model through hidden_states rather than forward, which DDP does not see.
@@ -139,6 +139,13 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a tensor over ranks in place (a no-op in one process); returns it."""
+    if info.enabled:
+        dist.all_reduce(t)
+    return t
 
 
 def all_gather_object(obj, info: DistInfo) -> list:

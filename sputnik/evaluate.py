@@ -4,8 +4,9 @@ pass@1 (mean correctness over all samples), unbiased pass@k (Chen et al. 2021), 
 (self-consistency: majority vote over the k extracted answers), format-compliance rate, mean
 response length and generated tokens/s, each with a 95% interval (Wilson for proportions over
 problems, percentile bootstrap otherwise). The sampling settings and seed are recorded with the
-results. Works on sputnik model directories and any local Hugging Face causal LM; the task can be
-built-in, `rg:<dataset>`, `jsonl` (path=...), or the real benchmarks `gsm8k` / `svamp` by path.
+results. Works on sputnik model directories and any local Hugging Face causal LM; the task is a task
+spec: built-in, `rg:<dataset>`, `jsonl:path=FILE`, or the real benchmarks `gsm8k:path=FILE` /
+`svamp:path=FILE`.
 """
 from __future__ import annotations
 
@@ -15,17 +16,18 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sputnik.common import atomic_write_json, atomic_write_text, pick_device, print0, seed_everything, set_threads
-from sputnik.config import add_config_args, config_from_args, knob, save_config
-from sputnik.inference.engine import Engine, SamplingParams
+from sputnik.common import atomic_write_json, atomic_write_text, print0, seed_everything
+from sputnik.config import DeviceConfig, add_config_args, config_from_args, knob, save_config
+from sputnik.inference.engine import Engine
+from sputnik.inference.sampling import SamplingParams
 from sputnik.metrics import bootstrap_interval, majority_vote, pass_at_k, wilson_interval
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(DeviceConfig):
     model: str = knob("", "model directory (sputnik stage output <out>/model, or a local HF causal LM)")
-    task: str = knob("addition", "task name (sputnik tasks list), rg:<dataset>, jsonl, gsm8k or svamp")
-    task_args: list[str] = knob(default_factory=list, help="task knobs as key=value (e.g. path=../shared/data/svamp.json)")
+    task: str = knob("addition", "task spec name[:knob=value...]: built-in (sputnik tasks list), rg:<dataset>, "
+                                 "jsonl:path=F, gsm8k:path=F or svamp:path=F")
     split: str = knob("test", "split to evaluate", choices=("train", "test"))
     num_problems: int = knob(200, "problems (file tasks: the first N; 0 = all)", min=0)
     samples: int = knob(1, "samples per problem (k for pass@k / maj@k)", min=1)
@@ -36,10 +38,9 @@ class EvalConfig:
     prompt_template: str = knob("{prompt}", "how a problem becomes the user turn ({prompt} is replaced)")
     batch_size: int = knob(64, "rows decoded together", min=1)
     out: str = knob("", "output directory for results.json and results.md ('' = <model>/eval/<task>)")
-    ledger_dir: str = knob("", "project directory of the cost ledger ('' = no ledger entry)")
-    seed: int = knob(0, "sampling seed")
-    device: str = knob("auto", "auto, cpu, cuda or mps")
-    num_threads: int = knob(0, "CPU threads (0 = all)", min=0)
+    project_dir: str = knob("", "directory of the cost ledger to record this evaluation in ('' = none)")
+    tokenizer: str = knob("", "tokenizer directory or tokenizer.json ('' = the one saved with the model)")
+    seed: int = knob(0, "sampling seed", min=0)
 
     def __post_init__(self):
         if self.temperature == 0 and self.samples > 1:
@@ -47,18 +48,6 @@ class EvalConfig:
                              "set --temperature > 0 for pass@k / maj@k")
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt_template={self.prompt_template!r}: must contain {{prompt}}")
-
-
-def _task(cfg: EvalConfig):
-    from sputnik.tasks import get_task
-
-    knobs = {}
-    for kv in cfg.task_args:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ValueError(f"task_args: {kv!r} is not key=value")
-        knobs[k] = v
-    return get_task(cfg.task, **knobs)
 
 
 def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None,
@@ -125,26 +114,30 @@ def markdown(res: dict) -> str:
 
 
 def run(cfg: EvalConfig) -> dict:
-    from sputnik.train import session as tc
-    from sputnik.model.config import ModelConfig
+    from sputnik.tasks import parse_task
+    from sputnik.train.session import process
 
     if not cfg.model:
         raise ValueError("model: give a model directory")
-    set_threads(cfg.num_threads)
+    with process(cfg) as (choice, _):
+        return _run(cfg, parse_task(cfg.task), choice)
+
+
+def _run(cfg: EvalConfig, task, choice) -> dict:
+    from sputnik.train.loading import load_model, load_tokenizer
+
     seed_everything(cfg.seed)
-    task = _task(cfg)
-    dc = pick_device(cfg.device)
-    init = tc.InitConfig(hf_dir=cfg.model)
-    tokenizer = tc.load_tokenizer("", init)
-    model = tc.load_model(ModelConfig(), init).to(dc.device).eval()
-    if cfg.num_problems == 0 and cfg.task not in ("gsm8k", "svamp", "jsonl"):
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    model = load_model(cfg.model).to(choice.device).eval()
+    if cfg.num_problems == 0 and task.name not in ("gsm8k", "svamp", "jsonl"):
         raise ValueError("num_problems=0 (all) only applies to file tasks; procedural tasks are endless")
     with warnings.catch_warnings():  # "asked for more than the file has" is the point of num_problems=0
         warnings.simplefilter("ignore")
         examples = task.generate(cfg.num_problems or 10**6, split=cfg.split, seed=cfg.seed)
     if not examples:
         raise ValueError(f"task {cfg.task} has no {cfg.split} problems")
-    engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size * cfg.samples)
+    engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size * cfg.samples, compile=cfg.compile,
+                    cuda_graphs=cfg.cuda_graphs)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, stop_token_ids=(tokenizer.eot_id,), seed=cfg.seed)
     t0 = time.perf_counter()
@@ -152,11 +145,11 @@ def run(cfg: EvalConfig) -> dict:
     completions = engine.generate(prompts, params, num_samples=cfg.samples)
     gen_s = time.perf_counter() - t0
     res, verdicts = score(examples, completions, task.verify, cfg.samples)
-    res.update(task=cfg.task, task_args=cfg.task_args, split=cfg.split, model=str(cfg.model), seed=cfg.seed,
+    res.update(task=cfg.task, split=cfg.split, model=str(cfg.model), seed=cfg.seed,
                sampling=asdict(params) | {"samples": cfg.samples, "prompt_template": cfg.prompt_template},
                tokens_per_s=sum(len(c.token_ids) for cs in completions for c in cs) / max(gen_s, 1e-9),
                generation_seconds=gen_s)
-    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval" / cfg.task.replace(":", "_")
+    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval" / task.name.replace(":", "_")
     atomic_write_json(out / "results.json", res)
     atomic_write_text(out / "results.md", markdown(res))
     atomic_write_text(out / "samples.jsonl", "".join(
@@ -169,11 +162,11 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def _run_ledgered(cfg: EvalConfig) -> dict:
-    if not cfg.ledger_dir:
+    if not cfg.project_dir:
         return run(cfg)
     from sputnik.accounting.ledger import record_run
 
-    with record_run(cfg.ledger_dir, "eval", cfg) as led:
+    with record_run(cfg.project_dir, "eval", cfg) as led:
         res = run(cfg)
         led.metrics.update(heldout_accuracy=res["pass@1"], task=cfg.task)
         return res

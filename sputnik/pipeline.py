@@ -77,44 +77,37 @@ def _student_model(preset: str) -> dict:
 
 
 def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
+    """Every stage's settings, built the same way: what every run has (the same keys for every stage:
+    out_dir, project_dir, init, tokenizer, seed, device, ...), then the stage's own knobs. Why each
+    number is what it is: LOG.md."""
     gpu = cfg.preset != "cpu"
     s = lambda n: max(1, round(n * cfg.scale * (4 if gpu else 1)))  # noqa: E731 - steps scale with the preset
     per_gpu = 4 if cfg.preset == "gpus" else 1
     p = Path(cfg.project)
-    common = dict(seed=cfg.seed, device=cfg.device, num_threads=cfg.num_threads)
-    loop = dict(common, project_dir=str(p), progress=True, resume="auto")
     tok = str(p / "tokenizer")
+
+    def run(stage: str, init: str = "", **own) -> dict:
+        return dict(out_dir=str(p / stage), project_dir=str(p), init=init, tokenizer=tok if stage != "distill" else "",
+                    seed=cfg.seed, device=cfg.device, num_threads=cfg.num_threads, resume="auto", **own)
+
     return {
-        "tokenizer": dict(out_dir=tok, vocab_size=_teacher_model(cfg.preset)["vocab_size"], num_examples=3000,
-                          tasks=["addition", "subtraction", "multiplication", "word_problems"], seed=cfg.seed,
-                          ledger_dir=str(p)),
-        "pretrain": dict(loop, out_dir=str(p / "pretrain"), tokenizer=tok, model=_teacher_model(cfg.preset),
-                         tasks=list(cfg.tasks), task_docs=20000, seq_len=128, batch_size=16 if not gpu else 64 * per_gpu,
-                         max_steps=s(1200), eval_every=s(300), eval_batches=4, checkpoint_every=s(300), log_every=50,
-                         optim=dict(lr=3e-3, warmup_steps=20)),
-        # 3,000 SFT steps over 16,000 examples (was 1,500 over 8,000, itself up from 1,000 at stop 21):
-        # with 1,500 x 8,000 three trajectories gave 0.95 / 0.50 / 0.88, the 0.50 from a rounding-level
-        # change upstream; 3,000 x 16,000 gave 0.95 / 0.97 on the last two (LOG.md, stop 22)
-        "sft": dict(loop, out_dir=str(p / "sft"), tokenizer=tok, init=dict(hf_dir=str(p / "pretrain" / "model")),
-                    model=_teacher_model(cfg.preset), tasks=list(cfg.tasks), num_examples=16000, max_len=192,
-                    batch_size=16 if not gpu else 64, max_steps=s(3000), eval_every=s(500), eval_examples=100,
-                    checkpoint_every=s(500), log_every=50, max_new_tokens=120, optim=dict(lr=2e-3, warmup_steps=10)),
-        "rl": dict(common, init=str(p / "sft" / "model"), out_dir=str(p / "rl"), ledger_dir=str(p), tasks=list(cfg.tasks),
-                   # 64 prompts a step: at 8, 40-100% of the groups had all-equal rewards and RL gained
-                   # +5 / +0 points (seeds 0 / 1); at 64, +8 / +4 in the same 30 steps (LOG.md, 2026-12-02).
-                   # 32 x 16 with learnability sampling for 50 steps gains more (+10 in the RL stage), but
-                   # the student distilled from that teacher fell to 76% of it in the one speedrun made:
-                   # not the preset until that is understood (LOG.md, stop 17)
-                   steps=s(30), prompts_per_step=64, group_size=8, max_new_tokens=120, eval_every=s(10),
-                   eval_examples=100, checkpoint_every=s(10), resume="auto",
-                   optim=dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0)),
-        # 8,000 student steps: at 3,500 its held-out accuracy was still climbing ~5 points per 500
-        # steps (stop 21: 5,000), and at 5,000 one trajectory's student was still at 0.79 where 8,000
-        # reach 0.88; on two others 0.97 / 0.97 (was 0.97 / 0.89) (LOG.md, stop 23)
-        "distill": dict(common, teacher=str(p / "rl" / "model"), out_dir=str(p / "distill"), ledger_dir=str(p),
-                        student=_student_model(cfg.preset), tasks=list(cfg.tasks), num_prompts=s(4000),
-                        samples_per_prompt=2, max_new_tokens=120, steps=s(8000), batch_size=16, max_len=192,
-                        eval_examples=100, optim=dict(lr=2e-3, warmup_steps=20)),
+        "tokenizer": dict(out_dir=tok, project_dir=str(p), vocab_size=_teacher_model(cfg.preset)["vocab_size"],
+                          num_examples=3000, tasks=["addition", "subtraction", "multiplication", "word_problems"],
+                          seed=cfg.seed),
+        "pretrain": run("pretrain", model=_teacher_model(cfg.preset), tasks=list(cfg.tasks), task_docs=20000,
+                        seq_len=128, batch_size=16 if not gpu else 64 * per_gpu, steps=s(1200), eval_every=s(300),
+                        eval_batches=4, checkpoint_every=s(300), log_every=50, optim=dict(lr=3e-3, warmup_steps=20)),
+        "sft": run("sft", init=str(p / "pretrain" / "model"), model=_teacher_model(cfg.preset), tasks=list(cfg.tasks),
+                   num_examples=16000, max_len=192, batch_size=16 if not gpu else 64, steps=s(3000), eval_every=s(500),
+                   eval_examples=100, checkpoint_every=s(500), log_every=50, max_new_tokens=120,
+                   optim=dict(lr=2e-3, warmup_steps=10)),
+        "rl": run("rl", init=str(p / "sft" / "model"), tasks=list(cfg.tasks), steps=s(30), prompts_per_step=64,
+                  group_size=8, max_new_tokens=120, eval_every=s(10), eval_examples=100, checkpoint_every=s(10),
+                  optim=dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0)),
+        "distill": run("distill", teacher=str(p / "rl" / "model"), student=_student_model(cfg.preset),
+                       tasks=list(cfg.tasks), num_prompts=s(4000), samples_per_prompt=2, max_new_tokens=120,
+                       steps=s(8000), batch_size=16, max_len=192, eval_examples=100, checkpoint_every=s(4000),
+                       optim=dict(lr=2e-3, warmup_steps=20)),
     }
 
 
@@ -146,24 +139,9 @@ def set_aside(project: Path, stage: str, why: str) -> Path | None:
     return dst
 
 
-def _run_ids(project: Path, command: str, out_dir: str) -> list[str]:
-    """run_ids of the ok runs of `command` that wrote into out_dir (the stage's lineage link)."""
-    from sputnik.accounting import ledger
-
-    want = str(Path(out_dir).resolve())
-    ids = []
-    for r in ledger.load(project):
-        od = (r.get("config") or {}).get("out_dir")
-        if r.get("command") == command and r.get("status") == "ok" and od and str(Path(od).resolve()) == want:
-            ids.append(r["run_id"])
-    return ids[-1:]
-
-
 def run(cfg: SpeedrunConfig) -> dict:
     from sputnik.accounting import report
-    from sputnik.stages import distill, pretrain, sft
-    from sputnik.stages import rl as grpo
-    from sputnik.stages import tokenizer as train_tokenizer
+    from sputnik.stages import distill, pretrain, rl, sft, tokenizer
 
     from sputnik.common import world_size
 
@@ -179,33 +157,32 @@ def run(cfg: SpeedrunConfig) -> dict:
     if unknown:
         raise ValueError(f"force={sorted(unknown)}: allowed {', '.join(STAGES)}, all")
     stages = {
-        "tokenizer": (train_tokenizer.Config, train_tokenizer.run),
+        "tokenizer": (tokenizer.Config, tokenizer.run),
         "pretrain": (pretrain.Config, pretrain.run),
         "sft": (sft.Config, sft.run),
-        "rl": (grpo.RLConfig, grpo.run),
-        "distill": (distill.DistillConfig, distill.run),
+        "rl": (rl.Config, rl.run),
+        "distill": (distill.Config, distill.run),
     }
     # Validate every stage's settings before any work: a typo fails now, not after 10 minutes.
     configs = {name: build(cls, settings[name]) for name, (cls, _) in stages.items()}
     rerun = rerun_from(force)
     for name in rerun:  # from scratch: never resume the old run's checkpoints
         set_aside(project, name, why=f"speedrun --force {','.join(sorted(force))}")
-    results, t0 = {}, time.time()
+    results, t0, parents = {}, time.time(), []
     for name, (_, fn) in stages.items():
         done = _done_path(project, name)
         if done.is_file() and name not in rerun:
             results[name] = json.loads(done.read_text())
             print0(f"speedrun: {name} already done ({done}); --force {name} reruns it and the stages after it")
-            continue
-        print0(f"\n=== speedrun stage: {name} ({time.time() - t0:.0f}s elapsed) ===")
-        if name == "distill":  # the final model: its evaluation run names the whole lineage as parents
-            parents = [rid for st in ("tokenizer", "pretrain", "sft", "rl")
-                       for rid in _run_ids(project, st, settings[st]["out_dir"])]
-            results[name] = fn(configs[name], parents=parents, final_model=True)
         else:
-            results[name] = fn(configs[name])
-        if is_rank0():
-            atomic_write_json(done, results[name])
+            print0(f"\n=== speedrun stage: {name} ({time.time() - t0:.0f}s elapsed) ===")
+            # Each stage's runs name the previous stage's as parents; the distilled student is the final
+            # model, so the ledger's final lineage is the whole chain.
+            extra = dict(final_model=True) if name == "distill" else {}
+            results[name] = fn(configs[name], parents=parents, **extra)
+            if is_rank0():
+                atomic_write_json(done, results[name])
+        parents = results[name].get("run_ids", [])
     path = report.build(project) if is_rank0() else None
     summary = dict(report=str(path), wall_s=time.time() - t0, **{k: v for k, v in results.items()})
     print0(f"\nspeedrun done in {summary['wall_s']:.0f}s; report card: {path}")

@@ -82,3 +82,121 @@ def test_every_subcommand_help_exits_zero(capsys):
             main([name, "--help"])
         assert e.value.code == 0
         assert f"usage: sputnik {name}" in capsys.readouterr().out
+
+
+def test_the_run_flags_have_one_name_everywhere():
+    """What every run has is one dataclass (config.RunConfig): the stages share its flags, and every
+    command that loads a model takes --tokenizer and the device flags (config.DeviceConfig); the
+    retired dialects (--max_steps, --ledger_dir, --init.hf_dir, --task_args, ...) are gone everywhere."""
+    import dataclasses
+
+    from sputnik.config import DeviceConfig, RunConfig, leaf_fields
+    from sputnik.evaluate import EvalConfig
+    from sputnik.inference.chat import ChatConfig
+    from sputnik.inference.serve import ServeConfig
+    from sputnik.stages import distill, pretrain, rl, sft
+
+    table = flag_table()
+    flags = lambda cls: {"--" + key for key, _, _ in leaf_fields(cls)}  # noqa: E731
+    device_flags, run_flags = flags(DeviceConfig), flags(RunConfig)
+    assert device_flags == {"--device", "--num_threads", "--compile", "--cuda_graphs", "--cpu_kernels"}
+    assert {"--out_dir", "--project_dir", "--init", "--tokenizer", "--seed", "--resume", "--checkpoint_every",
+            "--keep_last"} | device_flags <= run_flags
+    for stage, cls in (("pretrain", pretrain.Config), ("sft", sft.Config), ("rl", rl.Config),
+                       ("distill", distill.Config)):
+        assert issubclass(cls, RunConfig), stage
+        assert run_flags <= set(table[stage]), (stage, sorted(run_flags - set(table[stage])))
+        assert "--steps" in table[stage], stage
+    for cmd, cls in (("eval", EvalConfig), ("chat", ChatConfig), ("serve", ServeConfig)):
+        assert issubclass(cls, DeviceConfig) and "tokenizer" in {f.name for f in dataclasses.fields(cls)}, cmd
+        assert device_flags | {"--tokenizer", "--model"} <= set(table[cmd]), cmd
+    retired = {"--max_steps", "--ledger_dir", "--init.hf_dir", "--init.checkpoint", "--init.hf_impl", "--task_args",
+               "--student_init", "--ledger_command", "--knob"}
+    assert not retired & {f for flags in table.values() for f in flags}
+
+
+def test_environment_overrides_config_fields_and_flags_win(monkeypatch):
+    """The one documented environment channel (config.ENVIRONMENT): a variable sets its field for any
+    command that has it; a flag still wins; the value lands in the resolved config."""
+    from sputnik.config import ENVIRONMENT, config_from_args
+    from sputnik.stages import rl
+
+    assert set(ENVIRONMENT) == {"SPUTNIK_COMPILE", "SPUTNIK_CUDA_GRAPHS", "SPUTNIK_CPU_KERNELS"}
+    parser = build_parser()
+    monkeypatch.delenv("SPUTNIK_CUDA_GRAPHS", raising=False)
+    monkeypatch.setenv("SPUTNIK_COMPILE", "1")
+    monkeypatch.setenv("SPUTNIK_CPU_KERNELS", "0")
+    args = parser.parse_args(["rl", "--init", "x"])
+    cfg = config_from_args(args, rl.Config)
+    assert cfg.compile is True and cfg.cpu_kernels is False and cfg.cuda_graphs is True
+    args = parser.parse_args(["rl", "--init", "x", "--compile", "false"])
+    assert config_from_args(args, rl.Config).compile is False
+    monkeypatch.setenv("SPUTNIK_COMPILE", "maybe")
+    with pytest.raises(ValueError, match="compile='maybe': expected a boolean"):
+        config_from_args(parser.parse_args(["rl", "--init", "x"]), rl.Config)
+
+
+def test_one_task_spec_syntax():
+    """name[:knob=value...] everywhere, reasoning-gym names included; malformed specs name themselves."""
+    from sputnik.tasks import parse_task, parse_tasks
+
+    t = parse_task("addition:max_digits=6")
+    assert t.name == "addition" and t.max_digits == 6
+    assert parse_task("countdown").name == "countdown"
+    assert [x.name for x in parse_tasks(["addition", "subtraction:max_digits=2"])] == ["addition", "subtraction"]
+    with pytest.raises(ValueError, match="'max_digits' is not knob=value"):
+        parse_task("addition:max_digits")
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        parse_task("nope:x=1")
+    with pytest.raises(ValueError, match="max_digits"):
+        parse_task("addition:max_digits=zero")
+    with pytest.raises(ValueError, match="no tasks"):
+        parse_tasks([])
+    for spec, words in (("", "expected name"), ("addition:=3", "'=3' is not knob=value"),
+                        ("addition:max_digits=6:", "'' is not knob=value"), ("rg:", "dataset is required")):
+        with pytest.raises(ValueError, match=words):
+            parse_task(spec)
+    pytest.importorskip("reasoning_gym")
+    rg = parse_task("rg:chain_sum:min_terms=3:use_rg_scorer=true")  # the dataset name keeps its colon
+    assert (rg.name, rg.dataset, rg.config, rg.use_rg_scorer) == ("rg:chain_sum", "chain_sum", {"min_terms": 3}, True)
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "/nowhere", "--task", "addition:max_digits"],
+    ["distill", "--teacher", "/nowhere", "--tasks", "addition:max_digits"],
+    ["tasks", "preview", "addition:max_digits"],
+])
+def test_commands_read_task_specs_with_the_one_parser(argv, capsys, tmp_path, monkeypatch):
+    """A malformed spec is the same clear error (exit 2) from every command, before any work."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert "task spec 'addition:max_digits': 'max_digits' is not knob=value" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, code, words", [
+    ("diverged", 3, "consecutive steps"),
+    ("stopped", 4, "sputnik rl: stopped: entropy collapse at step 7"),
+    ("health", 4, "sputnik rl: stopped: mean entropy 0.01 < min_entropy"),
+    ("value", 2, "sputnik rl: error: bad value"),
+    ("interrupt", 130, "sputnik rl: interrupted"),
+])
+def test_exit_codes_name_how_a_command_ended(monkeypatch, capsys, error, code, words):
+    """ValueError -> 2, TrainingDiverged -> 3, a run stopped on purpose (RunStopped, e.g. an RL health
+    check's HealthStop) -> 4, Ctrl-C -> 130, each with its message on stderr."""
+    from sputnik.accounting.ledger import RunStopped
+    from sputnik.rl.health import HealthStop
+    from sputnik.stages import rl
+    from sputnik.train.session import TrainingDiverged
+
+    exc = {"diverged": TrainingDiverged("rl: 5 consecutive steps with a non-finite loss"),
+           "stopped": RunStopped("entropy collapse at step 7"),
+           "health": HealthStop("mean entropy 0.01 < min_entropy 0.02 for 5 steps"),
+           "value": ValueError("bad value"), "interrupt": KeyboardInterrupt()}[error]
+
+    def boom(cfg, parents=()):
+        raise exc
+
+    monkeypatch.setattr(rl, "run", boom)
+    assert main(["rl", "--init", "x"]) == code
+    assert words in capsys.readouterr().err

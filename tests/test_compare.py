@@ -122,3 +122,83 @@ def test_a_budgeted_run_for_another_budget_is_stale(tmp_path):
     assert compare._budget_changed(done, 2.66e13)
     done.write_text(json.dumps({"accuracy": 0.9}))
     assert not compare._budget_changed(done, 2.66e13)
+
+
+def test_budgeted_runs_get_their_parents_and_commands_as_arguments(tmp_path, monkeypatch):
+    """compare.run hands each budgeted run its lineage and its ledger command (nothing re-reads the
+    ledger for them): dense-pretrain descends from the tokenizer run, dense-sft from dense-pretrain,
+    moe-sft from the speedrun's pretrain run; each gets the FLOPs the budget leaves. A rerun that finds
+    dense-pretrain done passes the run ids of its DONE.json on."""
+    from sputnik import pipeline
+    from sputnik.accounting import report
+    from sputnik.stages import pretrain, sft
+
+    p = tmp_path / "p"
+    speedrun = stage_settings(build(SpeedrunConfig, dict(project=str(p), scale=0.03)))
+    for stage, ids in (("tokenizer", ["tok-1"]), ("pretrain", ["pre-1"])):  # the speedrun's finished stages
+        (p / stage).mkdir(parents=True)
+        (p / stage / "DONE.json").write_text(json.dumps({"run_ids": ids}))
+    (p / "pretrain" / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 2.0, "flops": 1000.0}) + "\n")
+    (p / "sft").mkdir()
+    (p / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 0, "accuracy": 0.0, "flops": 0.0}) + "\n"
+                                             + json.dumps({"step": 10, "accuracy": 0.5, "flops": 100.0}) + "\n")
+    with ledger.record_run(p, "rl", {"out_dir": speedrun["rl"]["out_dir"]}, devices="cpu", energy_method="table") as rl:
+        rl.add(flops=50.0)
+    calls = []
+
+    def fake_stage(cfg, parents=(), command=""):
+        calls.append((command, list(parents), cfg))
+        out = tmp_path / "p" / cfg.out_dir.rsplit("/", 1)[-1]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "accuracy": 0.0, "flops": 0.0}) + "\n"
+                                           + json.dumps({"step": cfg.steps, "accuracy": 0.4, "flops": 600.0}) + "\n")
+        return {"run_ids": [f"{command}-id"], "model_dir": str(out / "model")}
+
+    monkeypatch.setattr(pipeline, "run", lambda cfg: {})  # the speedrun's stages are done
+    monkeypatch.setattr(pretrain, "run", fake_stage)
+    monkeypatch.setattr(sft, "run", fake_stage)
+    monkeypatch.setattr(report, "build", lambda project: None)
+    s = compare.run(build(compare.CompareConfig, dict(project=str(p), scale=0.03, eval_points=2)))
+    assert [(c, parents) for c, parents, _ in calls] == [
+        ("compare:dense-pretrain", ["tok-1"]), ("compare:dense-sft", ["compare:dense-pretrain-id"]),
+        ("compare:moe-sft", ["pre-1"])]
+    dense_pre, dense_sft, moe_sft = (cfg for _, _, cfg in calls)
+    assert dense_pre.model.architecture == "llama" and dense_pre.out_dir == str(p / "dense_pretrain")
+    assert dense_sft.init == str(p / "dense_pretrain" / "model") and moe_sft.init == str(p / "pretrain" / "model")
+    # budget B = pretrain 1000 + SFT 100 + RL 50; moe-sft gets B - 1000 at the SFT's 10 FLOPs a step
+    assert s["budget_flops"] == 1150.0
+    assert (moe_sft.steps, moe_sft.eval_every, moe_sft.checkpoint_every) == (15, 7, 7)
+    assert s["recipes"]["moe-sft"]["points"] == [(1000.0, 0.0), (1600.0, 0.4)]
+    assert s["recipes"]["dense-sft"]["points"] == [(600.0, 0.0), (1200.0, 0.4)]  # after its own pretraining
+    done = json.loads((p / "moe_sft" / "DONE.json").read_text())
+    assert done["run_ids"] == ["compare:moe-sft-id"] and done["budget_flops"] == 1150.0
+    calls.clear()
+    compare.run(build(compare.CompareConfig, dict(project=str(p), scale=0.03, eval_points=2, force=["dense_sft"])))
+    assert [(c, parents) for c, parents, _ in calls] == [("compare:dense-sft", ["compare:dense-pretrain-id"])]
+    assert (p / "dense_sft.superseded-1" / "DONE.json").is_file()  # the old run set aside, not resumed
+
+
+@pytest.mark.parametrize("student", ["distill-sft", "distill-kd"])
+def test_the_distilled_point_costs_the_teacher_the_traces_and_the_student(tmp_path, student):
+    """distilled = the teacher's lineage (pretrain + SFT + RL) + the run that sampled the traces (a
+    rerun that reuses them records 0) + the student's own training, in either mode."""
+    p = tmp_path / "p"
+    speedrun = stage_settings(build(SpeedrunConfig, dict(project=str(p))))
+    (p / "pretrain").mkdir(parents=True)
+    (p / "pretrain" / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 2.0, "flops": 1000.0}) + "\n")
+    (p / "sft").mkdir()
+    (p / "sft" / "metrics.jsonl").write_text(json.dumps({"step": 10, "accuracy": 0.5, "flops": 100.0}) + "\n")
+
+    def run(command, flops, out_dir="", **metrics):
+        with ledger.record_run(p, command, {"out_dir": out_dir}, devices="cpu", energy_method="table") as r:
+            r.add(flops=flops)
+            r.metrics.update(metrics)
+
+    run("rl", 50.0, speedrun["rl"]["out_dir"], accuracy_curve=[(0, 0.5), (2, 0.8)])
+    run("distill", 20.0)
+    run("distill", 0.0)  # the rerun that reused the traces
+    run(student, 30.0)
+    run("distill-eval", 0.0, heldout_accuracy=0.6)
+    curves = compare.recipe_curves(p, speedrun)
+    assert curves["moe-sft-grpo"] == [(1100.0, 0.5), (1150.0, 0.8)]
+    assert curves["distilled"] == [(1150.0 + 20.0 + 30.0, 0.6)]

@@ -69,3 +69,40 @@ def test_bad_config_file(tmp_path):
         read_config_file(tmp_path / "bad.toml")
     with pytest.raises(ValueError, match="does not exist"):
         read_config_file(tmp_path / "missing.toml")
+
+
+def _resolve(cls, argv, base=None):
+    p = argparse.ArgumentParser()
+    add_config_args(p, cls)
+    return config_from_args(p.parse_args(argv), cls, base)
+
+
+def test_environment_overrides_sit_between_presets_and_files(tmp_path, monkeypatch):
+    """config.ENVIRONMENT: each variable sets its field for any config class that has it, on top of the
+    defaults and a preset (`base`), under a --config file and the flags; the resolved (and hashed)
+    config records the value."""
+    from sputnik.config import ENVIRONMENT, RunConfig, config_hash, environment_overrides
+
+    assert {var: key for var, (key, _) in ENVIRONMENT.items()} == {
+        "SPUTNIK_COMPILE": "compile", "SPUTNIK_CUDA_GRAPHS": "cuda_graphs", "SPUTNIK_CPU_KERNELS": "cpu_kernels"}
+    for var in ENVIRONMENT:
+        monkeypatch.delenv(var, raising=False)
+    plain = _resolve(RunConfig, [])
+    assert (plain.compile, plain.cuda_graphs, plain.cpu_kernels) == (False, True, True)
+
+    monkeypatch.setenv("SPUTNIK_COMPILE", "1")
+    monkeypatch.setenv("SPUTNIK_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("SPUTNIK_CPU_KERNELS", "0")
+    env = _resolve(RunConfig, [], base={"compile": False, "cuda_graphs": True})  # env beats the preset
+    assert (env.compile, env.cuda_graphs, env.cpu_kernels) == (True, False, False)
+    assert config_hash(env) != config_hash(plain)
+    assert _resolve(RunConfig, ["--compile", "false"]).compile is False  # a flag wins
+    (tmp_path / "c.toml").write_text("cuda_graphs = true\n")
+    from_file = _resolve(RunConfig, ["--config", str(tmp_path / "c.toml")])  # so does a --config file
+    assert (from_file.compile, from_file.cuda_graphs) == (True, True)
+
+    assert environment_overrides(Stage) == {}  # a config without the fields ignores the variables
+    assert _resolve(Stage, []) == build(Stage, {})
+    monkeypatch.setenv("SPUTNIK_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="compile='sometimes': expected a boolean"):
+        _resolve(RunConfig, [])

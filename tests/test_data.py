@@ -203,9 +203,6 @@ def test_jsonl_skip_bad_lines_counts_and_empty_dataset(tmp_path):
 
 
 def test_jsonl_answer_solution_records_use_the_task_format(tmp_path):
-    tasks = pytest.importorskip("sputnik.tasks")
-    if not hasattr(tasks, "format_completion"):
-        pytest.skip("sputnik.tasks.format_completion not available yet")
     path = write_lines(tmp_path / "d.jsonl", [json.dumps({"prompt": "2*3", "answer": 6, "solution": "2*3=6"})])
     assert read_sft_jsonl(path)[0] == [("2*3", "<think>2*3=6</think><answer>6</answer>")]
 

@@ -1,5 +1,6 @@
 """Distillation: rejection sampling keeps exactly the verified traces; logit KD refuses mismatched
-vocabularies; both modes run end to end on tiny models."""
+vocabularies, resumes bit for bit and guards against non-finite steps; both modes run end to end on
+tiny models, as a chain of ledger runs (traces -> student -> evaluation)."""
 import json
 from dataclasses import dataclass
 
@@ -44,13 +45,14 @@ class EvenLengthTask:
 
 def test_rejection_sampling_keeps_exactly_the_verified_traces(tok):
     teacher = build_model(tiny(**MICRO)).eval()
-    cfg = build(distill.DistillConfig, dict(num_prompts=6, samples_per_prompt=4, max_new_tokens=8, teacher_temperature=1.0))
+    cfg = build(distill.Config, dict(teacher="t", num_prompts=6, samples_per_prompt=4, max_new_tokens=8, teacher_temperature=1.0))
     task = EvenLengthTask()
     kept = distill.sample_traces(teacher, tok, [task], cfg, teacher_id="t")
     assert kept and all(len(t["completion"]) % 2 == 0 for t in kept)
     assert all(t["verdict"]["correct"] and t["teacher"] == "t" and t["sampling"]["k"] == 4 for t in kept)
     # exactly: re-generate the same samples and count the distinct verified ones per prompt
-    from sputnik.inference.engine import Engine, SamplingParams
+    from sputnik.inference.engine import Engine
+    from sputnik.inference.sampling import SamplingParams
     import random
     rng = random.Random(cfg.seed)
     exs = [task.generate(1, split="train", seed=rng.randrange(2**31))[0] for _ in range(6)]
@@ -70,7 +72,7 @@ class AlwaysRightTask(EvenLengthTask):
 def test_rejection_sampling_drops_duplicate_traces(tok):
     """Greedy teacher: the 4 samples of each of 6 prompts are identical, so one trace per prompt."""
     teacher = build_model(tiny(**MICRO)).eval()
-    cfg = build(distill.DistillConfig, dict(num_prompts=6, samples_per_prompt=4, max_new_tokens=8, teacher_temperature=0.0))
+    cfg = build(distill.Config, dict(teacher="t", num_prompts=6, samples_per_prompt=4, max_new_tokens=8, teacher_temperature=0.0))
     assert len(distill.sample_traces(teacher, tok, [AlwaysRightTask()], cfg, teacher_id="t")) == 6
 
 
@@ -82,11 +84,10 @@ def test_kd_mask_marks_positions_whose_next_token_is_the_answer(tok):
 
 
 def test_divergence_and_temperature_reach_the_loss(tok):
-    """kd_step_loss = mean over completion positions of the configured divergence at τ (here 2, and
+    """kd_loss = mean over completion positions of the configured divergence at τ (here 2, and
     JSD at β = 0.3, not the defaults), from the student's and teacher's full logits."""
     import functools
     from sputnik.train import losses
-    from sputnik.common import pick_device
 
     expected = {"forward_kl": losses.forward_kl_per_token, "reverse_kl": losses.reverse_kl_per_token,
                 "jsd": functools.partial(losses.generalized_jsd_per_token, beta=0.3)}
@@ -95,11 +96,13 @@ def test_divergence_and_temperature_reach_the_loss(tok):
     ids, mask = distill.batch_from_pairs(tok, [("What is 12+34?", "<answer>46</answer>")] * 2, 64, torch.device("cpu"))
     m = mask.bool()
     with torch.no_grad():
-        z_s, z_t = student.lm_head(student.hidden_states(ids)[m]), teacher.lm_head(teacher.hidden_states(ids)[m])
+        z_s = student.lm_head(student.hidden_states(ids).hidden[m])
+        z_t = teacher.lm_head(teacher.hidden_states(ids).hidden[m])
     for name, fn in expected.items():
-        cfg = build(distill.DistillConfig, dict(mode="logit", divergence=name, jsd_beta=0.3, kd_temperature=2.0))
-        got = distill.kd_step_loss(student, teacher, ids, mask, cfg, pick_device("cpu"))
+        cfg = build(distill.Config, dict(teacher="t", mode="logit", divergence=name, jsd_beta=0.3, kd_temperature=2.0))
+        got, load = distill.kd_loss(student, teacher, ids, mask, cfg, tok.pad_id)
         torch.testing.assert_close(got.detach(), fn(z_s, z_t, 2.0).mean(), rtol=1e-4, atol=1e-6, msg=name)
+        assert load["model.layers.1.mlp"].sum() == 2 * int((ids != tok.pad_id).sum())  # padding is not load
 
 
 def test_logit_kd_refuses_mismatched_vocabularies(tok):
@@ -114,15 +117,13 @@ def test_logit_kd_refuses_mismatched_vocabularies(tok):
 
 def test_logit_kd_step_lowers_the_divergence(tok):
     teacher, student = build_model(tiny(**MICRO)).eval(), build_model(tiny(**{**MICRO, "hidden_size": 16}))
-    cfg = build(distill.DistillConfig, dict(mode="logit", divergence="jsd", jsd_beta=0.5))
+    cfg = build(distill.Config, dict(teacher="t", mode="logit", divergence="jsd", jsd_beta=0.5))
     ids, mask = distill.batch_from_pairs(tok, [("What is 12+34?", "<think>2+4=6</think><answer>46</answer>")] * 4,
                                          64, torch.device("cpu"))
-    from sputnik.common import pick_device
-    dc = pick_device("cpu")
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):
-        loss = distill.kd_step_loss(student, teacher, ids, mask, cfg, dc)
+        loss, _ = distill.kd_loss(student, teacher, ids, mask, cfg, tok.pad_id)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -131,37 +132,95 @@ def test_logit_kd_step_lowers_the_divergence(tok):
     assert all(p.grad is None for p in teacher.parameters())
 
 
-@pytest.mark.parametrize("mode", ["sequence", "logit"])
-def test_distill_runs_end_to_end_and_a_rerun_reuses_the_traces_with_their_lineage(tok, tmp_path, monkeypatch, mode):
-    """Both modes through run(): traces, student training, evaluation, ledger. A rerun with the
-    same settings reuses the traces: its distill run records no FLOPs, and the run that sampled
-    them stays in the final model's lineage."""
+def _teacher(tok, tmp_path, monkeypatch):
     import sputnik.tasks
-    from sputnik.accounting import ledger
-    from sputnik.train import session as tc
+    from sputnik.train.loading import save_model
 
     monkeypatch.setattr(sputnik.tasks, "get_task", lambda name, **kw: EvenLengthTask())
     teacher_dir = tmp_path / "teacher"
-    tc.save_model(build_model(tiny(**MICRO)), teacher_dir, tok, build(distill.DistillConfig, {}))
-    cfg = build(distill.DistillConfig, dict(
-        teacher=str(teacher_dir), out_dir=str(tmp_path / "distill"), ledger_dir=str(tmp_path), mode=mode,
-        tasks=["even"], num_prompts=12, samples_per_prompt=2, max_new_tokens=6, teacher_temperature=1.0,
-        student={**MICRO, "hidden_size": 16}, steps=2, batch_size=2, max_len=64, eval_examples=4, num_threads=1))
+    torch.manual_seed(0)
+    save_model(build_model(tiny(**MICRO)), teacher_dir, tok, build(distill.Config, {"teacher": "x"}))
+    return teacher_dir
+
+
+def _cfg(teacher_dir, out, **kw):
+    return build(distill.Config, {**dict(
+        teacher=str(teacher_dir), out_dir=str(out), project_dir=str(out.parent), tasks=["even"], num_prompts=12,
+        samples_per_prompt=2, max_new_tokens=6, teacher_temperature=1.0, student={**MICRO, "hidden_size": 16},
+        steps=2, batch_size=2, max_len=64, eval_examples=4, num_threads=1, progress=False), **kw})
+
+
+@pytest.mark.parametrize("mode", ["sequence", "logit"])
+def test_distill_runs_end_to_end_and_a_rerun_reuses_the_traces_with_their_lineage(tok, tmp_path, monkeypatch, mode):
+    """Both modes through run(): traces ("distill"), student training ("distill-sft" / "distill-kd"),
+    evaluation ("distill-eval"), each run naming the one before as its parent. A rerun with the same
+    settings reuses the traces: its distill run records no FLOPs and names the run that sampled them,
+    which so stays in the final model's lineage."""
+    from sputnik.accounting import ledger
+    from sputnik.evaluate import greedy_accuracy
+    from sputnik.inference.engine import Engine
+    from sputnik.train.loading import load_model, load_tokenizer
+
+    cfg = _cfg(_teacher(tok, tmp_path, monkeypatch), tmp_path / "distill", mode=mode)
     first = distill.run(cfg, parents=["pre"], final_model=True)
-    assert first["num_traces"] > 0 and 0.0 <= first["student_accuracy"] <= 1.0
+    student = load_model(first["student_dir"]).eval()
+    s_tok = load_tokenizer("", first["student_dir"])
+    recomputed, _ = greedy_accuracy(Engine(student, s_tok), s_tok, [EvenLengthTask()], 4, cfg.seed, cfg.max_new_tokens)
+    assert first["num_traces"] > 0 and first["student_accuracy"] == recomputed
     if mode == "logit":  # on_policy_fraction 0: KD on the teacher's traces only, never the student's samples
-        recs = [json.loads(l) for l in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
-        assert recs and not any(r["on_policy"] for r in recs)
+        recs = [json.loads(l) for l in (tmp_path / "distill" / "student_kd" / "metrics.jsonl").read_text().splitlines()]
+        assert recs and not any(r.get("on_policy") for r in recs)
     assert first["student_params_active"] < first["teacher_params_active"]
     distill.run(cfg, parents=["pre"], final_model=True)
     runs = ledger.load(tmp_path)
-    sampled = [r for r in runs if r["command"] == "distill"]
-    assert len(sampled) == 2 and sampled[0]["flops"] > 0
-    if mode == "sequence":  # the student trains in its own distill-sft run
-        assert sampled[1]["flops"] == 0.0
-    else:  # KD trains inside the distill run: only the sampling is missing from the rerun
-        assert 0 < sampled[1]["flops"] < sampled[0]["flops"]
-    evals = [r for r in runs if r["command"] == "distill-eval"]
     assert all(r["status"] == "ok" for r in runs)
-    assert evals[-1]["parents"][0] == "pre" and sampled[0]["run_id"] in evals[-1]["parents"]
-    assert sampled[0]["run_id"] in ledger.final_lineage(runs)
+    trained = "distill-sft" if mode == "sequence" else "distill-kd"
+    sampled = [r for r in runs if r["command"] == "distill"]
+    students = [r for r in runs if r["command"] == trained]
+    evals = [r for r in runs if r["command"] == "distill-eval"]
+    assert len(sampled) == len(students) == len(evals) == 2
+    assert sampled[0]["flops"] > 0 and sampled[1]["flops"] == 0.0
+    assert sampled[0]["parents"] == ["pre"] and sampled[1]["parents"] == ["pre", sampled[0]["run_id"]]
+    assert students[0]["parents"] == [sampled[0]["run_id"]] and evals[0]["parents"] == [students[0]["run_id"]]
+    assert first["run_ids"] == [evals[0]["run_id"]]
+    assert {sampled[0]["run_id"], sampled[1]["run_id"], students[1]["run_id"], evals[1]["run_id"]} <= ledger.final_lineage(runs)
+
+
+def test_logit_kd_resumes_bit_exactly(tok, tmp_path, monkeypatch):
+    """The KD loop checkpoints like every stage: a run cut after its step-2 checkpoint and resumed
+    ends with the weights of an uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    teacher = _teacher(tok, tmp_path, monkeypatch)
+    kw = dict(mode="logit", steps=4, checkpoint_every=2, keep_last=5)
+    distill.run(_cfg(teacher, tmp_path / "full", **kw))
+    part = tmp_path / "part"
+    distill.run(_cfg(teacher, part, **kw))
+    ck = part / "student_kd" / "checkpoints"
+    shutil.rmtree(ck / "ckpt-000004")  # as if killed after the step-2 checkpoint
+    shutil.rmtree(part / "student_kd" / "model")
+    (ck / "latest").write_text("ckpt-000002\n")
+    distill.run(_cfg(teacher, part, **kw))
+    a = load_file(str(tmp_path / "full" / "student_kd" / "model" / "model.safetensors"))
+    b = load_file(str(part / "student_kd" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_logit_kd_skips_nonfinite_steps_and_stops_a_streak(tok, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from sputnik.train.session import TrainingDiverged
+
+    teacher = _teacher(tok, tmp_path, monkeypatch)
+    distill.run(_cfg(teacher, tmp_path / "a", mode="logit", steps=3, checkpoint_every=1, keep_last=5, poison_steps=[2],
+                     log_every=1))
+    ck = tmp_path / "a" / "student_kd" / "checkpoints"
+    two, three = (load_file(str(ck / f"ckpt-00000{i}" / "model.safetensors")) for i in (2, 3))
+    assert all(torch.equal(two[k], three[k]) for k in two)  # the poisoned step changed nothing
+    recs = [json.loads(l) for l in (tmp_path / "a" / "student_kd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r.get("nonfinite")] == [3]
+    with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
+        distill.run(_cfg(teacher, tmp_path / "b", mode="logit", steps=5, checkpoint_every=1, poison_steps=[1, 2],
+                         max_nonfinite_steps=2))

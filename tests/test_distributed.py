@@ -29,7 +29,7 @@ RTOL = 1e-5
 TINY_MOE = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, intermediate_size=64, moe_intermediate_size=16,
                 n_routed_experts=4, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
                 qk_rope_head_dim=8, v_head_dim=8)
-COMMON = dict(seq_len=32, max_steps=6, eval_every=3, eval_batches=2, checkpoint_every=6, log_every=1, num_threads=1,
+COMMON = dict(seq_len=32, steps=6, eval_every=3, eval_batches=2, checkpoint_every=6, log_every=1, num_threads=1,
               progress=False, tasks=[], optim={"lr": 3e-3, "warmup_steps": 2})
 
 
@@ -51,6 +51,10 @@ def ws(tmp_path_factory):
 def cfg(ws, out, **over):
     return build(pretrain.Config, {**COMMON, "out_dir": str(out), "tokenizer": str(ws / "tok"),
                                    "texts": [str(ws / "texts")], "model": TINY_MOE, **over})
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def trajectory(out):
@@ -96,6 +100,13 @@ def test_two_gloo_processes_match_one_process(ws, single, tmp_path, parallel):
     # rank 0 alone wrote: one metrics line per event, one checkpoint, one exported model
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 9
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("ckpt")] == ["ckpt-000006"]
+    # the counters are global (both ranks' tokens), as the single process counts them, and rank 0 alone
+    # records the run in the ledger
+    counts = lambda d: {r["step"]: (r["tokens"], r["loss_tokens"]) for r in metrics(d) if "loss" in r}  # noqa: E731
+    assert counts(out) == counts(single) and counts(out)[6][0] == 6 * 4 * 32
+    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["command"] if r["event"] == "started" else r["tokens"]) for r in ledger] == [
+        ("started", "pretrain"), ("finished", 6 * 4 * 32)]
     from safetensors.torch import load_file
 
     a, b = load_file(str(out / "model" / "model.safetensors")), load_file(str(single / "model" / "model.safetensors"))

@@ -1,11 +1,13 @@
-"""Engine semantics on a tiny stand-in model that honours the cache contract; the real models'
-cached-decode parity lives in test_mla.py / test_llama.py, and test_engine_models.py runs the
-engine on them."""
+"""Engine semantics on a tiny stand-in model that honours the cached-model contract
+(inference/decoders.py); the real models' cached-decode parity lives in test_mla.py / test_llama.py,
+and test_engine_models.py runs the engine on them. Below: the DeepSeek-V3 decode path's pieces
+(mla_decode, the few-token MoE, derived weights, the static step) against their references."""
 import pytest
 import torch
 from torch import nn
 
-from sputnik.inference.engine import Engine, SamplingParams, filter_logits, sample_next
+from sputnik.inference.engine import Engine
+from sputnik.inference.sampling import SamplingParams, filter_logits, sample_next
 
 
 class TokenCache:
@@ -33,16 +35,24 @@ class CountingLM(nn.Module):
         T = ids_BT.shape[1]
         return self.a[ids_BT] + 0.5 * self.b[prev] + self.pos[:T]
 
-    def new_cache(self, batch, max_len, dtype, device):
+    # --- the cached-model contract
+    def new_cache(self, batch, max_len, dtype=None, device=None):
         return TokenCache(torch.zeros(batch, max_len, dtype=torch.long, device=device))
 
-    def forward_cached(self, ids_BT, cache, seqlens_B):
+    def forward_cached(self, ids_BT, cache, seqlens_B, logits_at_B=None):
         B, T = ids_BT.shape
         self.calls.append(B)
         pos_BT = seqlens_B[:, None] + torch.arange(T)
         cache.ids_BS.scatter_(1, pos_BT, ids_BT)
         prev_BT = cache.ids_BS.gather(1, (pos_BT - 1).clamp(min=0)) * (pos_BT > 0)
-        return self.a[ids_BT] + 0.5 * self.b[prev_BT] + self.pos[pos_BT]
+        logits_BTV = self.a[ids_BT] + 0.5 * self.b[prev_BT] + self.pos[pos_BT]
+        return logits_BTV if logits_at_B is None else logits_BTV[torch.arange(B), logits_at_B]
+
+    def step_weights(self):
+        return None
+
+    def step(self, tok_B, cache, seqlens_B, weights=None, step_fn=None):
+        return self.forward_cached(tok_B[:, None], cache, seqlens_B)[:, -1]
 
 
 def test_greedy_matches_full_forward_and_is_deterministic():
@@ -153,7 +163,7 @@ def test_sampling_matches_the_distribution():
 
 
 # ---------------------------------------------------------------------------------------------
-# The model side of the fast decode path (MLA.decode, moe_few_tokens, cached weights)
+# The DeepSeek-V3 decode path (inference/: mla_decode, moe_few_tokens, derived weights, the static step)
 def _v3(**kw):
     from sputnik.model import build_model
     from sputnik.model.config import tiny
@@ -168,27 +178,34 @@ def _v3(**kw):
 @pytest.mark.parametrize("absorb", [None, True, False])
 @pytest.mark.parametrize("q_lora_rank", [16, 0])
 def test_mla_decode_equals_reference_cached_forward(absorb, q_lora_rank):
-    """MLA.decode (fused/absorbed weights, split-halves RoPE, baddbmm mask) == MLA.forward with a
-    cache, for a ragged prefill then single tokens; the cache rows are the same too."""
-    from sputnik.model.mla import MLACache
+    """mla_decode (fused/absorbed weights, split-halves RoPE, baddbmm mask) == the plain absorbed
+    form (tests/oracles.py), for a ragged prefill then single tokens; the cache rows are the same too."""
+    from oracles import absorbed_mla_forward
+    from sputnik.inference.decoders import cached_model
+    from sputnik.inference.mla_decode import MLACache, mla_decode, mla_decode_weights
 
     model = _v3(q_lora_rank=q_lora_rank, rope_type="yarn", rope_factor=4.0, original_max_position_embeddings=16)
     attn = model.model.layers[0].self_attn
-    attn.absorb_decode = absorb
     cfg = model.config
     x_BTD = torch.randn(3, 9, cfg.hidden_size)
     new = lambda: MLACache(1, 3, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim, torch.float32)  # noqa: E731
     ref_cache, fast_cache = new(), new()
     seqlens_B = torch.tensor([0, 2, 1])
+    cm = cached_model(model)
     with torch.no_grad():
         for a, b in [(0, 4), (4, 5), (5, 6), (6, 8), (8, 9)]:
-            cos, sin = model.rope(ref_cache.prepare(seqlens_B, b - a), torch.float32)
-            ref = attn(x_BTD[:, a:b], cos, sin, ref_cache)
-            step = model._decode_step(fast_cache, seqlens_B, b - a)
-            out = attn.decode(x_BTD[:, a:b].reshape(-1, cfg.hidden_size), step, fast_cache)
+            pos_BT = seqlens_B[:, None] + torch.arange(b - a)
+            cos, sin = model.rope(pos_BT, torch.float32)
+            ref = absorbed_mla_forward(attn, x_BTD[:, a:b], cos, sin, ref_cache.kv_BSX[0], pos_BT)
+            step = cm._decode_step(fast_cache, seqlens_B, b - a)
+            out = mla_decode(attn, x_BTD[:, a:b].reshape(-1, cfg.hidden_size), step, fast_cache,
+                             mla_decode_weights(attn, absorb))
             torch.testing.assert_close(out.view(3, b - a, -1), ref, atol=1e-5, rtol=1e-5)
             seqlens_B = seqlens_B + (b - a)
     torch.testing.assert_close(fast_cache.kv_BSX[0], ref_cache.kv_BSX[0], atol=1e-6, rtol=0)
+    if absorb is not None:
+        w = mla_decode_weights(attn, absorb)
+        assert w["absorb_q"] == absorb and w["absorb_o"] == absorb
 
 
 @pytest.mark.parametrize("kernel", [True, False])
@@ -211,10 +228,8 @@ def test_moe_few_tokens_equals_training_path(kw, kernel, monkeypatch):
         moe.gate.e_score_correction_bias.normal_(0, 0.1)
         for n in (1, 2, 5):
             x_1ND = torch.randn(1, n, model.config.hidden_size)
-            with torch.enable_grad():  # grad on: MoE.forward takes the training path
-                ref = moe(x_1ND)
+            ref, _ = moe(x_1ND)  # the model's own (grouped) path
             torch.testing.assert_close(moe_few_tokens(moe, x_1ND[0]), ref[0], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(moe(x_1ND), ref, atol=1e-5, rtol=1e-5)  # no_grad dispatch
         assert ("gate_up_packed" in moe_decode_weights(moe)) == kernel
 
 
@@ -278,15 +293,19 @@ def test_gathered_experts_equal_the_grouped_path():
 
 def test_cached_weights_follow_optimizer_updates():
     """Derived decode weights are rebuilt after an in-place update (an optimizer step between RL
-    rollouts): forward_cached keeps matching the full forward."""
+    rollouts): forward_cached keeps matching the full forward. They are kept outside the model."""
+    from sputnik.inference.decoders import cached_model
+
     model = _v3()
+    cm = cached_model(model)
     ids = torch.randint(0, 64, (2, 6))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(2):
         with torch.no_grad():
             full = model(ids).logits
-            cache = model.new_cache(2, 8)
-            cached = model.forward_cached(ids, cache, torch.zeros(2, dtype=torch.long))
+            cache = cm.new_cache(2, 8)
+            cached = cm.forward_cached(ids, cache, torch.zeros(2, dtype=torch.long))
+        assert not [k for m in model.modules() for k in vars(m) if "decode" in k]  # nothing stashed on modules
         torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
         model(ids, ids).loss.backward()
         opt.step()
@@ -294,28 +313,35 @@ def test_cached_weights_follow_optimizer_updates():
 
 
 def test_static_decode_step_equals_forward_cached_and_follows_updates():
-    """Transformer.decode_one (whole-buffer attention under a −inf bias, no host sync; the shape the
-    compiled step has) == forward_cached's last row, for ragged rows, before and after an SGD step."""
+    """The one-token step, eagerly over the written prefix (cm.step) and over the whole buffer under a
+    −inf bias (deepseek.static_step: no host sync, the shape the compiled step has) == forward_cached's
+    last row, for ragged rows, before and after an SGD step."""
+    from sputnik.inference.decoders import cached_model
+    from sputnik.inference.deepseek import static_step
+
     model = _v3(n_group=2, topk_group=1)
+    cm = cached_model(model)
     ids = torch.randint(0, 64, (3, 5))
     seqlens_B = torch.tensor([5, 3, 4])
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(2):
         with torch.no_grad():
-            a, b = model.new_cache(3, 12), model.new_cache(3, 12)
-            for c in (a, b):
-                model.forward_cached(ids, c, torch.zeros(3, dtype=torch.long))
+            a, b, c = cm.new_cache(3, 12), cm.new_cache(3, 12), cm.new_cache(3, 12)
+            for cache in (a, b, c):
+                cm.forward_cached(ids, cache, torch.zeros(3, dtype=torch.long))
             tok_B = torch.tensor([7, 8, 9])
             for _ in range(3):
-                ref = model.forward_cached(tok_B[:, None], a, seqlens_B)[:, -1]
-                torch.testing.assert_close(model.decode_one(tok_B, b, seqlens_B), ref, atol=1e-5, rtol=1e-5)
+                ref = cm.forward_cached(tok_B[:, None], a, seqlens_B)[:, -1]
+                torch.testing.assert_close(cm.step(tok_B, b, seqlens_B), ref, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(static_step(model, tok_B, c, seqlens_B, cm.step_weights()), ref,
+                                           atol=1e-5, rtol=1e-5)
                 seqlens_B, tok_B = seqlens_B + 1, ref.argmax(-1)
         model(ids, ids).loss.backward()
         opt.step()
         opt.zero_grad()
         seqlens_B = torch.tensor([5, 3, 4])
     with pytest.raises(ValueError, match="cache overflow"):
-        model.decode_one(tok_B, b, torch.tensor([12, 0, 0]))
+        cm.step(tok_B, b, torch.tensor([12, 0, 0]))
 
 
 @pytest.mark.slow  # one torch.compile: ~40-90 s on 2 shared cores
@@ -339,7 +365,7 @@ def test_compiled_decode_equals_eager_and_never_uses_stale_weights(monkeypatch):
         eager = Engine(model, compile=False).generate(prompts, params)
         fast = Engine(model, compile=True)
         compiled = fast.generate(prompts, params)
-        assert fast.graphs is not None and fast.graphs.disabled is None and fast.graphs.stats["replays"] > 0
+        assert not fast.decoder.failed and fast.decoder.stats["replays"] > 0
         assert len({len(e[0].token_ids) for e in eager}) > 1  # rows finished apart: compaction ran
         for e, c in zip(eager, compiled):
             assert e[0].token_ids == c[0].token_ids
@@ -366,9 +392,12 @@ def test_prefill_last_position_logits_equal_full_prefill(arch):
     ids = torch.randint(0, 64, (3, 6))
     last_B = torch.tensor([5, 2, 3])
     zeros = torch.zeros(3, dtype=torch.long)
+    from sputnik.inference.decoders import cached_model
+
+    cm = cached_model(model)
     with torch.no_grad():
-        full = model.forward_cached(ids, model.new_cache(3, 8), zeros)
-        last = model.forward_cached(ids, model.new_cache(3, 8), zeros, logits_at_B=last_B)
+        full = cm.forward_cached(ids, cm.new_cache(3, 8), zeros)
+        last = cm.forward_cached(ids, cm.new_cache(3, 8), zeros, logits_at_B=last_B)
     torch.testing.assert_close(last, full[torch.arange(3), last_B], atol=1e-5, rtol=1e-5)
 
 

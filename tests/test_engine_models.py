@@ -3,7 +3,8 @@ batch == one by one, engine log-probs == the full forward's, forked group == sep
 import pytest
 import torch
 
-from sputnik.inference.engine import Engine, SamplingParams
+from sputnik.inference.engine import Engine
+from sputnik.inference.sampling import SamplingParams
 from sputnik.model import build_model
 from sputnik.model.config import tiny, tiny_dense
 

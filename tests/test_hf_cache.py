@@ -1,13 +1,20 @@
-"""The engine driving a transformers causal LM through its own DynamicCache (engine_hf.py):
-ragged batches and forked samples must give what the plain HF full forward gives."""
+"""The engine driving a transformers causal LM through its own DynamicCache (inference/hf_cache.py):
+ragged batches and forked samples must give what the plain HF full forward gives, for a bare
+transformers model and for one wrapped for training (model/hf_wrapper.HFCausalLM)."""
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sputnik.inference.engine import Engine, SamplingParams  # noqa: E402
-from sputnik.inference.hf_cache import HFEngineModel  # noqa: E402
-from sputnik.train.session import HFCausalLM  # noqa: E402
+from sputnik.inference.engine import Engine  # noqa: E402
+from sputnik.inference.sampling import SamplingParams  # noqa: E402
+from sputnik.inference.decoders import cached_model  # noqa: E402
+from sputnik.inference.hf_cache import HFCachedModel  # noqa: E402
+from sputnik.model.hf_wrapper import HFCausalLM  # noqa: E402
+
+
+def bare(hf):
+    return hf
 
 
 def tiny_llama(vocab=97):
@@ -26,10 +33,11 @@ def full_forward_greedy(hf, prompt, n):
     return seq[len(prompt):]
 
 
-@pytest.mark.parametrize("wrap", [HFEngineModel, HFCausalLM])
+@pytest.mark.parametrize("wrap", [bare, HFCausalLM])
 def test_ragged_greedy_batch_equals_full_forward(wrap):
     hf = tiny_llama()
     eng = Engine(wrap(hf))
+    assert isinstance(cached_model(wrap(hf)), HFCachedModel) and eng.decoder.name == "eager (transformers)"
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
     out = eng.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0))
     for p, row in zip(prompts, out):
@@ -38,7 +46,7 @@ def test_ragged_greedy_batch_equals_full_forward(wrap):
 
 def test_logprobs_match_full_forward():
     hf = tiny_llama()
-    eng = Engine(HFEngineModel(hf))
+    eng = Engine(hf)
     prompts = [[3, 1, 4, 1, 5], [2, 7]]
     out = eng.generate(prompts, SamplingParams(max_new_tokens=5, temperature=1.0, seed=3))
     for p, row in zip(prompts, out):
@@ -51,7 +59,7 @@ def test_logprobs_match_full_forward():
 
 def test_forked_samples_equal_separate_prefill():
     hf = tiny_llama()
-    eng = Engine(HFEngineModel(hf))
+    eng = Engine(hf)
     params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=11)
     forked = eng.generate([[4, 2, 6], [1]], params, num_samples=3)
     repeated = eng.generate([[4, 2, 6]] * 3 + [[1]] * 3, params)
@@ -62,7 +70,7 @@ def test_rollback_forgets_stale_slots():
     """Writing position p again after rolling back (speculative rejection) must not leave the old
     token visible: result == a cache that never saw it."""
     hf = tiny_llama()
-    m = HFEngineModel(hf)
+    m = HFCachedModel(hf)
     prompt = torch.tensor([[3, 1, 4]])
     a = m.new_cache(1, 16)
     m.forward_cached(prompt, a, torch.tensor([0]))

@@ -1,6 +1,6 @@
-"""The hand-written CPU MoE kernel (sputnik/kernels/routed_ffn.c via cpu_kernels.py): values against
-the grouped training path, edge shapes, thread-count independence, bad input, and the build's
-failure path."""
+"""The hand-written CPU kernels (sputnik/kernels/routed_ffn.c and softmax_rows.c via kernels/cpu.py): values
+against the torch paths, edge shapes, thread-count independence, bad input, the build's failure path and
+cache directory, and the process-wide switch (use_cpu_kernels, a run's cpu_kernels field)."""
 import logging
 
 import pytest
@@ -100,12 +100,52 @@ def test_failed_build_is_a_clear_error_and_a_logged_fallback(tmp_path, monkeypat
         assert not list((tmp_path / "out").glob("*.so*"))
     monkeypatch.setenv("CC", "")
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing to run
-    monkeypatch.delenv("SPUTNIK_NO_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu_kernels, "_enabled", True)  # switched on: unavailable only for want of a compiler
     monkeypatch.setattr(cpu_kernels, "_library", cpu_kernels._library.__wrapped__)
     monkeypatch.setenv("SPUTNIK_KERNEL_CACHE", str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING, logger="sputnik.kernels.cpu"):
         assert cpu_kernels._library() is None
+        assert not cpu_kernels.routed_ffn_available() and not cpu_kernels.softmax_rows_available()
     assert "no C compiler" in caplog.text
+    assert not list((tmp_path / "cache").glob("*.so*"))
+    _assert_decode_moe_takes_the_torch_path()
+
+
+def _assert_decode_moe_takes_the_torch_path():
+    """A fresh model's few-token MoE builds no packed kernel weights and equals the training path."""
+    from sputnik.inference.moe_decode import moe_decode_weights, moe_few_tokens
+    from test_engine import _v3
+
+    moe = next(m for m in _v3().modules() if isinstance(m, moe_lib.MoE))
+    w = moe_decode_weights(moe)
+    assert "gate_up_packed" not in w and "gate_up_ED2I" in w
+    with torch.no_grad():
+        x_ND = torch.randn(2, moe.gate.weight.shape[1])
+        torch.testing.assert_close(moe_few_tokens(moe, x_ND), moe(x_ND[None])[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_use_cpu_kernels_switches_both_kernels_off(monkeypatch):
+    """use_cpu_kernels(False) (what a run's cpu_kernels=false applies, session.process / serve) turns
+    both kernels off for the process, even where they build: the decode MoE and the log-prob head take
+    their torch paths, with the same values; use_cpu_kernels(True) turns them back on."""
+    from sputnik.config import DeviceConfig
+    from sputnik.train import losses
+    from sputnik.train.session import process
+
+    monkeypatch.setattr(cpu_kernels, "_enabled", True)  # restored after the test: the switch is process-wide
+    builds = cpu_kernels._library() is not None
+    assert cpu_kernels.routed_ffn_available() == builds
+    cpu_kernels.use_cpu_kernels(False)
+    assert not cpu_kernels.routed_ffn_available() and not cpu_kernels.softmax_rows_available()
+    assert not losses._softmax_kernel(torch.zeros(2, 4), torch.float32)
+    _assert_decode_moe_takes_the_torch_path()
+    cpu_kernels.use_cpu_kernels(True)
+    assert cpu_kernels.routed_ffn_available() == builds
+    assert losses._softmax_kernel(torch.zeros(2, 4), torch.float32) == (cpu_kernels._library(cpu_kernels.SOFTMAX_SOURCE) is not None)
+    threads = torch.get_num_threads()
+    with process(DeviceConfig(device="cpu", num_threads=1, cpu_kernels=False)):
+        assert not cpu_kernels.routed_ffn_available() and not cpu_kernels.softmax_rows_available()
+    assert torch.get_num_threads() == threads
 
 
 def test_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path, monkeypatch):
@@ -115,7 +155,6 @@ def test_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path, monkeypa
     blocked.write_text("not a directory")
     monkeypatch.setenv("SPUTNIK_KERNEL_CACHE", str(blocked / "kernels"))  # mkdir fails: a file is in the way
     monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    monkeypatch.delenv("SPUTNIK_NO_CPU_KERNELS", raising=False)
     assert cpu_kernels._library.__wrapped__() is not None
     assert list((tmp_path / "tmp").glob("sputnik-kernels-*/routed_ffn-*.so"))
 

@@ -76,17 +76,28 @@ def test_ok_run_records_config_git_devices_cost(tmp_path, prices):
     assert not list((tmp_path / ".ledger").glob("*.json"))  # heartbeat removed at the end
 
 
-def test_failed_and_aborted_are_recorded_and_reraised(tmp_path, prices):
+def test_failed_aborted_and_stopped_are_recorded_and_reraised(tmp_path, prices):
+    """A run that stops itself on purpose (RunStopped, e.g. an RL health check, and its subclasses)
+    is "stopped": neither a failure nor a user's Ctrl-C ("aborted")."""
+    from sputnik.rl.health import HealthStop
+
     with pytest.raises(RuntimeError, match="boom"), _run(tmp_path, prices, command="sft"):
         raise RuntimeError("boom")
     with pytest.raises(KeyboardInterrupt), _run(tmp_path, prices, command="grpo"):
         raise KeyboardInterrupt
     with pytest.raises(SystemExit), _run(tmp_path, prices, command="eval"):
         raise SystemExit(3)
+    with pytest.raises(ledger.RunStopped, match="enough"), _run(tmp_path, prices, command="mine"):
+        raise ledger.RunStopped("enough")
+    with pytest.raises(HealthStop), _run(tmp_path, prices, command="rl") as run:
+        run.add(flops=4.0, tokens=2)
+        raise HealthStop("stopped by a health check at step 3: entropy collapse")
     rows = ledger.load(tmp_path)
     assert [(r["command"], r["status"], r["error"]) for r in rows] == [
         ("sft", "failed", "RuntimeError: boom"), ("grpo", "aborted", "KeyboardInterrupt"),
-        ("eval", "failed", "SystemExit(3)")]
+        ("eval", "failed", "SystemExit(3)"), ("mine", "stopped", "enough"),
+        ("rl", "stopped", "stopped by a health check at step 3: entropy collapse")]
+    assert (rows[-1]["flops"], rows[-1]["tokens"]) == (4.0, 2)  # what it spent is kept
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # our SIGTERM handler was removed
 
 
@@ -196,14 +207,17 @@ def _row(rid, status, money, final=False, parents=(), device_hours=None):
 def test_totals_separate_final_lineage_from_everything():
     rows = [_row("ablation", "ok", 3.0), _row("pre", "ok", 10.0), _row("crash", "failed", 2.0),
             _row("ext", "ok", 1.0, parents=["pre"]), _row("oom", "killed", 4.0), _row("ctrl-c", "aborted", 0.5),
-            _row("sft", "ok", 0.5, final=True, parents=["ext"]), _row("sft-bad", "failed", 0.25, final=True)]
+            _row("sft", "ok", 0.5, final=True, parents=["ext"]), _row("sft-bad", "failed", 0.25, final=True),
+            _row("rl-health", "stopped", 1.5, final=True, parents=["sft"])]  # stopped: never the final model
     t = ledger.totals(rows)
     assert t["final_run_ids"] == ["ext", "pre", "sft"]
     assert (t["final"]["runs"], t["final"]["money_usd"], t["final"]["device_hours"]) == (3, 11.5, 5.75)
-    assert (t["all"]["runs"], t["all"]["money_usd"], t["all"]["tokens"]) == (8, 21.25, 21250)
-    assert t["final"]["flops"] == pytest.approx(11.5e18) and t["all"]["energy_j"] == pytest.approx(21.25e6)
-    assert {s: v["runs"] for s, v in t["by_status"].items()} == {"ok": 4, "failed": 2, "aborted": 1, "killed": 1}
-    assert t["by_status"]["killed"]["money_usd"] == 4.0 and t["overhead"] == pytest.approx(21.25 / 11.5)
+    assert (t["all"]["runs"], t["all"]["money_usd"], t["all"]["tokens"]) == (9, 22.75, 22750)
+    assert t["final"]["flops"] == pytest.approx(11.5e18) and t["all"]["energy_j"] == pytest.approx(22.75e6)
+    assert {s: v["runs"] for s, v in t["by_status"].items()} == {"ok": 4, "failed": 2, "aborted": 1, "stopped": 1,
+                                                                  "killed": 1}
+    assert t["by_status"]["killed"]["money_usd"] == 4.0 and t["by_status"]["stopped"]["money_usd"] == 1.5
+    assert t["overhead"] == pytest.approx(22.75 / 11.5)
     assert t["final"]["device_hours_by_device"] == {"h800": 5.75}
     assert ledger.totals(rows[:3])["overhead"] is None  # no final model yet
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sputnik.inference.decoders import cached_model
 from sputnik.model.accounting import param_counts
 from sputnik.model.config import tiny_dense
 from sputnik.model.hf_llama import load_hf_llama, save_hf_llama
@@ -90,9 +91,9 @@ def test_loss_is_mean_ce_of_logits_and_zero_when_all_ignored():
     targets = torch.randint(0, V, (2, 10))
     logits = model(ids).logits
     assert torch.allclose(model(ids, targets).loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten()), atol=1e-6)
-    assert torch.allclose(model.lm_head(model.hidden_states(ids)), logits)
+    assert torch.allclose(model.lm_head(model.hidden_states(ids).hidden), logits)
     assert model(ids, torch.full_like(ids, -100)).loss.item() == 0.0
-    assert model.expert_load() == {} and model.update_expert_bias() is None
+    assert model(ids, targets).expert_load == {} and model.update_expert_bias({}) is None
 
 
 @pytest.mark.parametrize("kv_heads", [2, 0], ids=["gqa", "mha"])
@@ -107,15 +108,16 @@ def test_cached_decode_matches_full_forward_ragged(kv_heads):
     ids = torch.full((B, T), 5)
     for b, n in enumerate(lens):
         ids[b, :n] = seqs[b][:n]
-    cache = model.new_cache(B, T + 6, torch.float32, "cpu")
-    logits = model.forward_cached(ids, cache, torch.zeros(B, dtype=torch.long))
+    cm = cached_model(model)
+    cache = cm.new_cache(B, T + 6, torch.float32, "cpu")
+    logits = cm.forward_cached(ids, cache, torch.zeros(B, dtype=torch.long))
     for b, n in enumerate(lens):
         assert (logits[b, :n] - full[b][:n]).abs().max() <= 1e-4
     seqlens = torch.tensor(lens)
     # two single-token steps, then a 2-token chunk and 2 more single steps: ragged positions throughout
     for width in (1, 1, 2, 1, 1):
         step = torch.stack([seqs[b][n: n + width] for b, n in enumerate(seqlens.tolist())])
-        logits = model.forward_cached(step, cache, seqlens)
+        logits = cm.forward_cached(step, cache, seqlens)
         for b, n in enumerate(seqlens.tolist()):
             assert (logits[b] - full[b][n: n + width]).abs().max() <= 1e-4
         seqlens = seqlens + width
@@ -124,16 +126,19 @@ def test_cached_decode_matches_full_forward_ragged(kv_heads):
 def test_cache_select_forks_rows():
     model = LlamaModel(small_cfg(initializer_range=0.1)).eval()
     prompt, conts = torch.randint(0, V, (1, 5)), torch.randint(0, V, (3, 1))
-    cache = model.new_cache(1, 8, torch.float32, "cpu")
-    model.forward_cached(prompt, cache, torch.zeros(1, dtype=torch.long))
+    cm = cached_model(model)
+    cache = cm.new_cache(1, 8, torch.float32, "cpu")
+    cm.forward_cached(prompt, cache, torch.zeros(1, dtype=torch.long))
     forked = cache.select(torch.zeros(3, dtype=torch.long))
-    logits = model.forward_cached(conts, forked, torch.full((3,), 5))[:, 0]
+    logits = cm.forward_cached(conts, forked, torch.full((3,), 5))[:, 0]
+    torch.testing.assert_close(cm.step(conts[:, 0], cache.select(torch.zeros(3, dtype=torch.long)), torch.full((3,), 5)),
+                               logits)  # the one-token step is the same forward
     with torch.no_grad():
         ref = model(torch.cat([prompt.expand(3, 5), conts], 1)).logits[:, -1]
     assert (logits - ref).abs().max() <= 1e-4
     assert cache.k_LBKSC[:, :, :, 5].abs().sum() == 0  # the fork copied; the parent's slot 5 is untouched
     with pytest.raises(ValueError, match="cache overflow"):
-        model.forward_cached(torch.randint(0, V, (3, 3)), forked, torch.full((3,), 6))
+        cm.forward_cached(torch.randint(0, V, (3, 3)), forked, torch.full((3,), 6))
 
 
 def test_parameter_count_matches_tiny_dense_preset():

@@ -1,5 +1,6 @@
-"""MLA and RoPE: HF parity, DeepSeek pair convention, YaRN, padded-V SDPA, absorbed cached decode
-== naive full forward (single sequence and ragged batch)."""
+"""MLA and RoPE: HF parity, DeepSeek pair convention, YaRN, padded-V SDPA, the attention hook, the
+absorbed form over a latent cache == the naive full forward (the plain oracle and the engine's decode,
+single sequence and ragged batch)."""
 import math
 
 import pytest
@@ -10,7 +11,10 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 
 from sputnik.model.config import tiny, v3_671b
 from sputnik.model.hf import hf_config
-from sputnik.model.mla import MLA, MLACache
+from oracles import absorbed_mla_forward, rope_at
+from sputnik.inference.decoders import cached_model
+from sputnik.inference.mla_decode import MLACache
+from sputnik.model.mla import MLA
 from sputnik.model.rope import RotaryTables, apply_rope, rope_frequencies, softmax_scale
 from sputnik.model.transformer import Transformer
 
@@ -113,13 +117,12 @@ def test_absorbed_cached_decode_equals_naive_every_position():
     x_BTD = torch.randn(2, 10, 64)
     full = attn(x_BTD, *tables(10, torch.float32))
     cache = MLACache(1, 2, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim, torch.float32)
-    seqlens_B = torch.zeros(2, dtype=torch.long)
     # prefill 4 tokens at once, then one token per step
     steps = [(0, 4)] + [(t, t + 1) for t in range(4, 10)]
     for a, b in steps:
-        out = attn(x_BTD[:, a:b], *tables(cache.prepare(seqlens_B, b - a), torch.float32), cache)
+        pos_BT = torch.arange(a, b)[None].expand(2, b - a)
+        out = absorbed_mla_forward(attn, x_BTD[:, a:b], *tables(pos_BT, torch.float32), cache.kv_BSX[0], pos_BT)
         torch.testing.assert_close(out, full[:, a:b], atol=1e-5, rtol=1e-5)
-        seqlens_B += b - a
     # the cache holds exactly c_KV (post-norm) and the rotated k_R, nothing per head
     assert cache.kv_BSX[0].shape == (2, 16, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     c_BTC = attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(x_BTD)[..., : cfg.kv_lora_rank])
@@ -127,26 +130,76 @@ def test_absorbed_cached_decode_equals_naive_every_position():
     assert cache.k_rope(0)[:, 10:].abs().sum() == 0
 
 
+def test_absorbed_form_ragged_rows_equal_each_row_alone():
+    """The absorbed form with ragged positions: rows of 3, 7 and 5 tokens prefilled right-padded (the
+    padding's cache rows are written, then overwritten by the next real token), then 3 single-token
+    steps at each row's own position: every real token's output is its row's naive causal forward."""
+    torch.manual_seed(3)
+    cfg = small_cfg(**YARN)
+    attn = MLA(cfg, 0)
+    tables = RotaryTables(cfg)
+    lens, new = [3, 7, 5], 3
+    xs = [torch.randn(1, n + new, 64) for n in lens]
+    refs = [attn(x, *tables(x.shape[1], torch.float32))[0] for x in xs]
+    kv_BSX = torch.zeros(3, 16, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    prompt_BTD = torch.randn(3, max(lens), 64)  # padding: random rows, never visible to a real token
+    for b, n in enumerate(lens):
+        prompt_BTD[b, :n] = xs[b][0, :n]
+    pos_BT = torch.arange(max(lens))[None].expand(3, -1)
+    out = absorbed_mla_forward(attn, prompt_BTD, *rope_at(tables, pos_BT), kv_BSX, pos_BT)
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(out[b, :n], refs[b][:n], atol=1e-5, rtol=1e-5)
+    for t in range(new):
+        pos_B1 = torch.tensor(lens)[:, None] + t
+        x_B1D = torch.stack([x[0, n + t] for x, n in zip(xs, lens)])[:, None]
+        out = absorbed_mla_forward(attn, x_B1D, *rope_at(tables, pos_B1), kv_BSX, pos_B1)
+        for b, n in enumerate(lens):
+            torch.testing.assert_close(out[b, 0], refs[b][n + t], atol=1e-5, rtol=1e-5)
+    c_BTC = attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(xs[0])[..., : cfg.kv_lora_rank])
+    torch.testing.assert_close(kv_BSX[0, : lens[0] + new, : cfg.kv_lora_rank], c_BTC[0], atol=1e-6, rtol=0)
+    assert kv_BSX[0, max(lens):].abs().sum() == 0 and kv_BSX[1, lens[1] + new:].abs().sum() == 0
+
+
+def test_attention_hook_replaces_only_the_attention():
+    """MLA.forward's attend(mla, q, k, v) sees the per-head q, k, v of the naive form; given the
+    causal attention it reproduces the default output, given another it changes only that step."""
+    cfg = small_cfg()
+    attn = MLA(cfg, 0)
+    x_BTD = torch.randn(2, 7, 64)
+    cos, sin = RotaryTables(cfg)(7, torch.float32)
+    seen = []
+
+    def causal(mla, q_BHTK, k_BHTK, v_BHTV):
+        seen.append((q_BHTK.shape, v_BHTV.shape))
+        return mla.causal_attention(q_BHTK, k_BHTK, v_BHTV)
+
+    torch.testing.assert_close(attn(x_BTD, cos, sin, attend=causal), attn(x_BTD, cos, sin))
+    assert seen == [((2, 4, 7, 24), (2, 4, 7, 12))]
+    zeros = attn(x_BTD, cos, sin, attend=lambda mla, q, k, v: torch.zeros_like(v))
+    torch.testing.assert_close(zeros, torch.zeros_like(zeros))  # o_proj has no bias
+
+
 def test_ragged_batch_decode_matches_per_sequence_forward():
     """Rows with prompts of 3, 7 and 5 tokens, right-padded prefill, then 4 decode steps: every
     row's logits equal its own unbatched full forward."""
     torch.manual_seed(2)
     model = Transformer(small_cfg(num_nextn_predict_layers=1)).eval()
+    cm = cached_model(model)
     lens, new = [3, 7, 5], 4
     seqs = [torch.randint(0, 128, (n + new,)) for n in lens]
     with torch.no_grad():
         refs = [model(s[None]).logits[0] for s in seqs]
-        cache = model.new_cache(3, 16)
+        cache = cm.new_cache(3, 16)
         prompt_BT = torch.zeros(3, max(lens), dtype=torch.long)
         for b, n in enumerate(lens):
             prompt_BT[b, :n] = seqs[b][:n]
-        logits_BTV = model.forward_cached(prompt_BT, cache, torch.zeros(3, dtype=torch.long))
+        logits_BTV = cm.forward_cached(prompt_BT, cache, torch.zeros(3, dtype=torch.long))
         for b, n in enumerate(lens):
             torch.testing.assert_close(logits_BTV[b, :n], refs[b][:n], atol=1e-4, rtol=1e-4)
         seqlens_B = torch.tensor(lens)
         for t in range(new):
             tok_B1 = torch.stack([seqs[b][n + t] for b, n in enumerate(lens)])[:, None]
-            step_BV = model.forward_cached(tok_B1, cache, seqlens_B)[:, -1]
+            step_BV = cm.forward_cached(tok_B1, cache, seqlens_B)[:, -1]
             for b, n in enumerate(lens):
                 torch.testing.assert_close(step_BV[b], refs[b][n + t], atol=1e-4, rtol=1e-4)
             seqlens_B += 1
@@ -160,13 +213,13 @@ def test_cache_select_forks_rows_and_overflow_raises():
     forked.kv_BSX[1][0] = 1.0
     assert cache.kv_BSX[1][1].eq(7).all()  # a copy, not a view
     with pytest.raises(ValueError, match="cache overflow"):
-        cache.prepare(torch.tensor([2, 3]), 2)
+        cache.decode_step(torch.tensor([2, 3]), 2, 1, torch.zeros(8, 2), torch.zeros(8, 2), torch.float32)
 
 
 def test_rms_norm_rows_equals_the_module():
     """The decode path's norm gives RMSNorm.forward's values (fp32 fast path; bf16 via the module)."""
     from sputnik.model.layers import RMSNorm
-    from sputnik.model.mla import rms_norm_rows
+    from sputnik.inference.mla_decode import rms_norm_rows
 
     torch.manual_seed(0)
     for shape in [(1, 256), (32, 256), (3, 5, 64)]:

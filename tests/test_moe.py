@@ -1,14 +1,16 @@
 """DeepSeekMoE: parity with transformers 5.x DeepseekV3MoE, grouped == loop (values and gradients),
-routing rules with hand-made scores, the aux-loss-free bias step and the sequence-wise balance loss."""
+routing rules with hand-made scores, the expert load each forward returns (padding excluded), the
+aux-loss-free bias step (pure in the model, summed over micro-batches and ranks by train/balance.py)
+and the sequence-wise balance loss."""
 import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
+from sputnik.distributed import DistInfo
 from sputnik.model.config import tiny
-from sputnik.model.moe import (MoE, Router, count_load_where, expert_bias_delta, grouped_mm_supported,
-                               seq_balance_loss)
+from sputnik.model.moe import MoE, Router, expert_bias_delta, grouped_mm_supported, seq_balance_loss
+from sputnik.train.balance import ExpertLoad
 
 HF_MOE = dict(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, n_group=4, topk_group=2,
               num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)
@@ -61,7 +63,7 @@ def test_matches_transformers_deepseek_v3_moe(impl, use_grouped_mm):
     x_BTD = torch.randn(3, 7, 32)
     x_ours = x_BTD.clone().requires_grad_()
     x_hf = x_BTD.clone().requires_grad_()
-    y_ours, y_hf = ours(x_ours), hf(x_hf)
+    y_ours, y_hf = ours(x_ours)[0], hf(x_hf)
     assert (y_ours - y_hf).abs().max() <= 1e-5
 
     # The bias really changes the selection here (else the test would not cover it).
@@ -98,16 +100,16 @@ def test_grouped_equals_loop_values_and_gradients(use_grouped_mm):
     results = []
     for moe in (loop, grouped):
         x = x_BTD.clone().requires_grad_()
-        y = moe(x)
-        (y.sin().sum() + moe.last_aux_loss).backward()  # non-uniform upstream gradient
-        results.append((y.detach(), x.grad, {n: p.grad for n, p in moe.named_parameters()}))
-    (y_l, gx_l, g_l), (y_g, gx_g, g_g) = results
+        y, routing = moe(x)
+        (y.sin().sum() + routing.aux_loss).backward()  # non-uniform upstream gradient
+        results.append((y.detach(), x.grad, {n: p.grad for n, p in moe.named_parameters()}, routing.load_E))
+    (y_l, gx_l, g_l, load_l), (y_g, gx_g, g_g, load_g) = results
     assert (y_l - y_g).abs().max() <= 1e-5
     assert (gx_l - gx_g).abs().max() <= 1e-5
     for name, grad in g_l.items():
         assert (grad - g_g[name]).abs().max() <= 1e-5, name
-    assert torch.equal(loop.last_load, grouped.last_load) and loop.last_load[5] == 0
-    used = grouped.last_load > 0  # experts with tokens get gradient, the starved one none
+    assert torch.equal(load_l, load_g) and load_l[5] == 0 and load_l.sum() == 2 * 24 * 3
+    used = load_g > 0  # experts with tokens get gradient, the starved one none
     assert g_g["experts.gate_up_proj"].flatten(1).abs().amax(1).gt(0).tolist() == used.tolist()
     assert g_g["experts.down_proj"].flatten(1).abs().amax(1).gt(0).tolist() == used.tolist()
 
@@ -166,10 +168,9 @@ def test_bias_stays_fp32_under_dtype_casts():
     assert moe.gate.e_score_correction_bias.dtype == torch.float32
     assert moe.gate.weight.dtype == torch.bfloat16
     moe.gate.e_score_correction_bias.fill_(0.5)
-    moe.last_load = torch.tensor([9.0, 0, 0, 0, 0, 0, 0, 7])
-    moe.update_bias(0.001)  # 0.5 ± 0.001 is not representable in bf16
+    moe.update_bias(torch.tensor([9.0, 0, 0, 0, 0, 0, 0, 7]), 0.001)  # 0.5 ± 0.001 is not representable in bf16
     assert moe.gate.e_score_correction_bias.sub(0.5).abs().max().item() == pytest.approx(0.001, abs=1e-7)
-    y = moe(torch.randn(1, 4, 32, dtype=torch.bfloat16))
+    y, _ = moe(torch.randn(1, 4, 32, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
 
 
@@ -180,31 +181,97 @@ def test_expert_bias_delta_formula():
     assert delta.tolist() == pytest.approx([0.01, 0.01, 0.0, -0.01])
 
 
-def test_load_accumulates_over_micro_batches_and_resets():
+def test_load_is_returned_and_summed_over_a_step_by_the_trainer():
+    """Each forward returns its load (eval forwards too: the trainer decides what counts); ExpertLoad
+    sums a step's micro-batches, and its apply moves the bias only for a step that was taken."""
     moe = make_moe()
     x = torch.randn(2, 5, 32)
-    moe(x)
-    moe(x)
-    assert moe.last_load.sum().item() == 2 * 10 * 2  # 2 forwards x 10 tokens x top-2
-    stats = moe.load_stats()
-    assert sum(stats["counts"]) == 40 and stats["max_over_mean"] == pytest.approx(max(stats["counts"]) / 5)
+    step = ExpertLoad()
+    for _ in range(2):
+        _, routing = moe(x)
+        assert routing.load_E.sum().item() == 10 * 2  # 10 tokens x top-2
+        step.add({"mlp": routing.load_E})
+    counts = step.load["mlp"].tolist()
+    assert sum(counts) == 40 and step.max_over_mean() == pytest.approx(max(counts) / 5)
     moe.eval()
-    moe(x)  # eval forwards do not count
-    assert moe.last_load.sum().item() == 40 and moe.last_aux_loss is None
-    load = moe.update_bias(0.0)  # γ = 0: bias frozen, counts still consumed
-    assert load.sum().item() == 40 and moe.last_load.sum().item() == 0
-    assert moe.gate.e_score_correction_bias.abs().max() == 0 and moe.load_stats()["max_over_mean"] == 0.0
+    _, routing = moe(x)
+    assert routing.aux_loss is None and routing.load_E.sum().item() == 20  # returned, counted only if added
+
+    class One(torch.nn.Module):  # the model's side of the contract: moe_layers() and update_expert_bias(load)
+        def __init__(self):
+            super().__init__()
+            self.moe = moe
+
+        def moe_layers(self):
+            return {"mlp": self.moe}
+
+        def update_expert_bias(self, load):
+            self.moe.update_bias(load["mlp"], 0.1)
+
+    step.apply(One(), DistInfo(), stepped=False)  # a skipped step: its counts are dropped, the bias stays
+    assert step.load == {} and step.max_over_mean() is None and moe.gate.e_score_correction_bias.abs().max() == 0
+    moe.update_bias(torch.tensor([4.0, 0, 0, 0, 0, 0, 0, 4]), 0.0)  # γ = 0: the bias is frozen
+    assert moe.gate.e_score_correction_bias.abs().max() == 0
+    step.add({"mlp": torch.tensor([4.0, 0, 0, 0, 0, 0, 0, 4])})
+    step.apply(One(), DistInfo(), stepped=True)
+    assert moe.gate.e_score_correction_bias.tolist() == pytest.approx([-0.1] + [0.1] * 6 + [-0.1])
+    assert step.load == {} and step.max_over_mean() is None  # reset for the next step
 
 
-def test_update_bias_all_reduces_under_torch_distributed():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+def _two_rank_balance(rank: int, path: str, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     try:
-        moe = make_moe()
-        moe.last_load = torch.tensor([4.0, 0, 0, 0, 0, 0, 0, 4])
-        moe.update_bias(0.1)
-        assert moe.gate.e_score_correction_bias.tolist() == pytest.approx([-0.1] + [0.1] * 6 + [-0.1])
+        moe, other = make_moe(), make_moe()
+
+        class Two(torch.nn.Module):
+            def moe_layers(self):
+                return {"mlp": moe, "mtp": other}
+
+            def update_expert_bias(self, load):
+                moe.update_bias(load["mlp"], 0.1)
+                other.update_bias(load["mtp"], 0.1)
+
+        info = DistInfo(rank=rank, world_size=2, backend="gloo")
+        step = ExpertLoad()  # step 1: each rank saw one side; layer "mtp" routed nothing on either
+        step.add({"mlp": [torch.tensor([4.0, 0, 0, 0, 0, 0, 0, 0]), torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 4])][rank]})
+        step.apply(Two(), info, stepped=True)
+        first = moe.gate.e_score_correction_bias.tolist()
+        step = ExpertLoad()  # step 2: rank 1 kept no rows at all (an RL step): it still joins the sum
+        if rank == 0:
+            step.add({"mlp": torch.tensor([0.0, 6, 0, 0, 0, 0, 0, 2])})
+        step.apply(Two(), info, stepped=True)
+        out.put((rank, (first, moe.gate.e_score_correction_bias.tolist(), other.gate.e_score_correction_bias.tolist())))
     finally:
         dist.destroy_process_group()
+
+
+def test_expert_load_is_summed_over_ranks(tmp_path):
+    """V3 balances the global batch: two ranks that saw opposite experts get the bias of the summed
+    load ([4, 0, ..., 0, 4]), the same on both, never their own share's; a rank with nothing to add
+    (no rows, or a layer its forwards never ran) still takes part, with zeros."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_two_rank_balance, args=(r, str(tmp_path / "store"), out)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = dict(out.get(timeout=120) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():  # a rank stuck in the collective: end it, the test fails on the queue
+                proc.terminate()
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    first = [-0.1] + [0.1] * 6 + [-0.1]
+    second = [first[0] + 0.1, first[1] - 0.1] + [x + 0.1 for x in first[2:7]] + [first[7] - 0.1]  # load [0, 6, 0.., 2]
+    for rank in (0, 1):
+        got_first, got_second, got_other = results[rank]
+        assert got_first == pytest.approx(first) and got_second == pytest.approx(second)
+        assert got_other == [0.0] * 8
 
 
 def test_bias_update_reduces_load_imbalance():
@@ -217,9 +284,10 @@ def test_bias_update_reduces_load_imbalance():
     x = torch.randn(4, 64, D) + 1.5 * u
     ratios = []
     for _ in range(100):
-        moe(x)
-        ratios.append(moe.load_stats()["max_over_mean"])
-        moe.update_bias(0.01)
+        _, routing = moe(x)
+        load_E = routing.load_E
+        ratios.append(float(load_E.max() / load_E.mean()))
+        moe.update_bias(load_E, 0.01)
     assert ratios[0] > 3.0  # most tokens go to experts 0 and 1 (4.0 = all of them)
     # The sign rule with a fixed γ ends in a small limit cycle, so average its last steps.
     late = sum(ratios[-20:]) / 20
@@ -255,8 +323,8 @@ def test_seq_balance_loss_ignores_padding():
 
 
 def test_padding_is_not_expert_load():
-    """Under count_load_where a right-padded batch counts exactly the load of its rows run alone, in
-    the main layers and in the MTP block (which sees the last T − 1 columns of the mask)."""
+    """With valid_BT a right-padded batch counts exactly the load of its rows run alone, in the main
+    layers and in the MTP block (which gets valid_BT[:, 1:]); a mask of the wrong shape is an error."""
     from sputnik.model import build_model
 
     torch.manual_seed(0)
@@ -264,46 +332,40 @@ def test_padding_is_not_expert_load():
                              n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=2, q_lora_rank=16,
                              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                              intermediate_size=64)).train()
-    layers = model.moe_layers()
-    assert len(layers) == 2  # layer 1 and the MTP block
+    assert len(model.moe_layers()) == 2  # layer 1 and the MTP block
     rows = [torch.randint(2, 64, (9,)), torch.randint(2, 64, (5,))]
 
     def load_of(ids_BT, valid_BT=None):
-        for m in layers.values():
-            m.last_load = torch.zeros(8)
-        if valid_BT is None:
-            model(ids_BT, ids_BT)
-        else:
-            with count_load_where(model, valid_BT):
-                model(ids_BT, ids_BT)
-        return {k: m.last_load.clone() for k, m in layers.items()}
+        return model(ids_BT, ids_BT, valid_BT).expert_load
 
     alone = [load_of(r[None]) for r in rows]
     padded = torch.zeros(2, 9, dtype=torch.long)  # pad id 0
     padded[0], padded[1, :5] = rows[0], rows[1]
     masked = load_of(padded, padded != 0)
-    for k in layers:
+    assert list(masked) == ["model.layers.1.mlp", "mtp.0.mlp"]
+    for k in masked:
         assert torch.equal(masked[k], alone[0][k] + alone[1][k]), k
         assert masked[k].sum() < load_of(padded)[k].sum()  # unmasked, the 4 pads (3 at MTP depth 1) count
-    assert all(m.load_mask_BT is None for m in layers.values())  # the context restores the default
+    moe = model.model.layers[1].mlp
+    with pytest.raises(ValueError, match="valid_BT has shape"):
+        moe(torch.randn(2, 9, 32), torch.ones(2, 8, dtype=torch.bool))
 
 
 def test_moe_aux_loss_value_and_gradient_only_through_router():
     moe = make_moe(seq_aux_loss_alpha=0.01)
     x = torch.randn(2, 6, 32, requires_grad=True)
-    moe(x)
+    _, routing = moe(x)
     idx, _, scores = moe.gate(x.detach().view(-1, 32))
     expected = seq_balance_loss(scores.view(2, 6, -1), idx.view(2, 6, -1), 0.01)
-    assert moe.last_aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert moe.last_aux_loss.item() == pytest.approx(0.01, rel=0.5)  # near-uniform at init
-    moe.last_aux_loss.backward()
+    assert routing.aux_loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert routing.aux_loss.item() == pytest.approx(0.01, rel=0.5)  # near-uniform at init
+    routing.aux_loss.backward()
     assert moe.gate.weight.grad.abs().max() > 0 and x.grad.abs().max() > 0
     for name, p in moe.named_parameters():
         if not name.startswith("gate."):
             assert p.grad is None, name
     off = make_moe(seq_aux_loss_alpha=0.0)  # alpha = 0: not computed at all
-    off(torch.randn(1, 3, 32))
-    assert off.last_aux_loss is None
+    assert off(torch.randn(1, 3, 32))[1].aux_loss is None
 
 
 def test_no_shared_experts_and_state_dict_layout():
@@ -311,7 +373,7 @@ def test_no_shared_experts_and_state_dict_layout():
     shapes = {k: tuple(v.shape) for k, v in moe.state_dict().items()}
     assert shapes == {"gate.weight": (8, 32), "gate.e_score_correction_bias": (8,),
                       "experts.gate_up_proj": (8, 32, 32), "experts.down_proj": (8, 32, 16)}
-    assert moe(torch.randn(2, 3, 32)).shape == (2, 3, 32)
+    assert moe(torch.randn(2, 3, 32))[0].shape == (2, 3, 32)
 
 
 def test_grouped_mm_probe_is_not_fooled_by_no_grad():
@@ -360,7 +422,7 @@ def test_grouped_mm_bf16_cuda_matches_loop():
     outs = []
     for moe in (loop, grouped):
         x = x_BTD.clone().requires_grad_()
-        y = moe(x)
+        y, _ = moe(x)
         y.float().square().sum().backward()
         outs.append((y.float(), x.grad.float(), moe.experts.gate_up_proj.grad.float()))
     for a, b in zip(*outs):

@@ -1,8 +1,11 @@
 """Multi-token prediction: masking at sequence ends, 1/T normalisation, [emb; h] concat order,
-h^0 = post-final-norm hidden, gradients into eh_proj and the shared embedding, drafting."""
+h^0 = post-final-norm hidden, gradients into eh_proj and the shared embedding, drafting (the MTP
+module as the inference engine's draft head, checked against the training path)."""
 import torch
 import torch.nn.functional as F
 
+from oracles import mtp_draft
+from sputnik.inference.decoders import cached_model
 from sputnik.model.config import tiny
 from sputnik.model.transformer import Transformer
 
@@ -20,10 +23,10 @@ def by_hand_depth1(model, ids_BT, targets_BT):
     Emb(ids[i+1]) and predicts targets[i+1]; returns ce_B(T−1) (0 where ignored)."""
     T = ids_BT.shape[1]
     mod = model.mtp[0]
-    h0_BTD, emb_BTD = model.hidden_states(ids_BT), model.model.embed_tokens(ids_BT)
+    h0_BTD, emb_BTD = model.hidden_states(ids_BT).hidden, model.model.embed_tokens(ids_BT)
     merged = mod.eh_proj(torch.cat([mod.enorm(emb_BTD[:, 1:]), mod.hnorm(h0_BTD[:, : T - 1])], -1))
     cos, sin = model.rope(T - 1, merged.dtype)
-    h1_BTD = super(type(mod), mod).forward(merged, cos, sin)  # the decoder block alone
+    h1_BTD, _ = super(type(mod), mod).forward(merged, cos, sin)  # the decoder block alone
     logits_BTV = model.lm_head(mod.shared_head.norm(h1_BTD))
     tgt = targets_BT[:, 1:]
     return F.cross_entropy(logits_BTV.transpose(1, 2), tgt, ignore_index=-100, reduction="none")
@@ -64,11 +67,11 @@ def test_depth_two_chains_modules_and_averages_depths():
     ids_BT = torch.randint(0, 64, (2, 7))
     targets_BT = torch.cat([ids_BT[:, 1:], torch.full((2, 1), -100)], 1)
     out = model(ids_BT, targets_BT)
-    h0 = model.hidden_states(ids_BT)
+    h0 = model.hidden_states(ids_BT).hidden
     emb = model.model.embed_tokens(ids_BT)
     cos, sin = model.rope(7, h0.dtype)
-    h1 = model.mtp[0](h0[:, :6], emb[:, 1:], cos[:6], sin[:6])
-    h2 = model.mtp[1](h1[:, :5], emb[:, 2:], cos[:5], sin[:5])  # depth 2 consumes depth 1's output
+    h1, _ = model.mtp[0](h0[:, :6], emb[:, 1:], cos[:6], sin[:6])
+    h2, _ = model.mtp[1](h1[:, :5], emb[:, 2:], cos[:5], sin[:5])  # depth 2 consumes depth 1's output
     ce = [F.cross_entropy(model.lm_head(m.shared_head.norm(h)).transpose(1, 2), targets_BT[:, k:],
                           ignore_index=-100, reduction="sum")
           for k, m, h in ((1, model.mtp[0], h1), (2, model.mtp[1], h2))]
@@ -86,7 +89,7 @@ def test_concat_order_is_embedding_first():
     cos, sin = torch.ones(4, 1, 2), torch.zeros(4, 1, 2)
     merged_a = mod.eh_proj(torch.cat([mod.enorm(e1), mod.hnorm(h)], -1))
     assert merged_a.abs().max() == 0  # emb half zeroed by enorm, h half by the projection
-    torch.testing.assert_close(mod(h, e1, cos, sin), mod(h, e2, cos, sin))
+    torch.testing.assert_close(mod(h, e1, cos, sin)[0], mod(h, e2, cos, sin)[0])
 
 
 def test_gradients_reach_eh_proj_and_shared_embedding():
@@ -107,23 +110,57 @@ def test_gradients_reach_eh_proj_and_shared_embedding():
     assert not any(n.startswith("mtp.") and "embed" in n for n, _ in mtp_model().named_parameters())
 
 
-def test_draft_matches_training_path_and_cached_draft():
+def test_cached_draft_matches_the_training_path():
+    """Self-speculative drafting (inference/deepseek.py): one cache for the main layers and the MTP
+    block, token by token, gives the MTP module's training-path logits and hidden states (the
+    uncached draft of tests/oracles.py, itself checked against MTPModule.forward here)."""
     torch.manual_seed(6)
     model = mtp_model().eval()
+    cm = cached_model(model)
     ids_BT = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
-        h0 = model.hidden_states(ids_BT)
-        logits, h1 = model.draft(h0[:, :5], ids_BT[:, 1:])
+        h0 = model.hidden_states(ids_BT).hidden
+        ref_logits, ref_h1 = mtp_draft(model, h0[:, :5], ids_BT[:, 1:])
         emb = model.model.embed_tokens(ids_BT)
         cos, sin = model.rope(5, h0.dtype)
-        ref_h1 = model.mtp[0](h0[:, :5], emb[:, 1:], cos, sin)
-        torch.testing.assert_close(h1, ref_h1)
-        torch.testing.assert_close(logits, model.lm_head(model.mtp[0].shared_head.norm(ref_h1)))
-        # self-speculative use: one cache for the main layers and the MTP block, token by token
-        cache, seqlens_B = model.new_cache(2, 8), torch.zeros(2, dtype=torch.long)
+        h1, _ = model.mtp[0](h0[:, :5], emb[:, 1:], cos, sin)
+        torch.testing.assert_close(ref_h1, h1)
+        torch.testing.assert_close(ref_logits, model.lm_head(model.mtp[0].shared_head.norm(h1)))
+        cache, seqlens_B = cm.new_cache(2, 8), torch.zeros(2, dtype=torch.long)
         for t in range(5):
-            _, h_t = model.forward_cached(ids_BT[:, t:t + 1], cache, seqlens_B, return_hidden=True)
+            _, h_t = cm.forward_cached(ids_BT[:, t:t + 1], cache, seqlens_B, return_hidden=True)
             torch.testing.assert_close(h_t[:, 0], h0[:, t], atol=1e-5, rtol=1e-5)
-            step, _ = model.draft(h_t, ids_BT[:, t + 1:t + 2], cache=cache, cache_seqlens_B=seqlens_B)
-            torch.testing.assert_close(step[:, 0], logits[:, t], atol=1e-4, rtol=1e-4)
+            step, h1_t = cm.draft(h_t, ids_BT[:, t + 1:t + 2], cache, seqlens_B)
+            torch.testing.assert_close(step[:, 0], ref_logits[:, t], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(h1_t[:, 0], ref_h1[:, t], atol=1e-4, rtol=1e-4)
             seqlens_B += 1
+        # several positions at once (the engine drafts over every position accepted since the last draft)
+        cache, zeros = cm.new_cache(2, 8), torch.zeros(2, dtype=torch.long)
+        _, h_all = cm.forward_cached(ids_BT[:, :5], cache, zeros, return_hidden=True)
+        many, _ = cm.draft(h_all, ids_BT[:, 1:6], cache, zeros)
+        torch.testing.assert_close(many, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_draft_chains_depths():
+    """Depth 2 drafts from depth 1's h^1 with its own cache layer (num_hidden_layers + 1): the cached
+    chain equals the uncached one, which equals the training path's chained modules."""
+    torch.manual_seed(7)
+    model = mtp_model(depth=2).eval()
+    cm = cached_model(model)
+    ids_BT = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        h0 = model.hidden_states(ids_BT).hidden
+        ref1, ref_h1 = mtp_draft(model, h0[:, :6], ids_BT[:, 1:])
+        ref2, ref_h2 = mtp_draft(model, ref_h1[:, :5], ids_BT[:, 2:], depth=2)
+        emb = model.model.embed_tokens(ids_BT)
+        cos, sin = model.rope(5, h0.dtype)
+        h2, _ = model.mtp[1](ref_h1[:, :5], emb[:, 2:], cos, sin)
+        torch.testing.assert_close(ref_h2, h2)
+        cache, zeros = cm.new_cache(2, 8), torch.zeros(2, dtype=torch.long)
+        assert len(cache.kv_BSX) == 2 + 2  # main layers + one per MTP depth
+        _, h_all = cm.forward_cached(ids_BT[:, :6], cache, zeros, return_hidden=True)
+        logits1, h1 = cm.draft(h_all, ids_BT[:, 1:], cache, zeros)
+        logits2, _ = cm.draft(h1[:, :5], ids_BT[:, 2:], cache, zeros, depth=2)
+        torch.testing.assert_close(logits1, ref1, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits2, ref2, atol=1e-4, rtol=1e-4)
+        assert cache.c_kv(3)[:, :5].abs().sum() > 0 and cache.c_kv(3)[:, 5:].abs().sum() == 0  # depth 2's layer

@@ -15,7 +15,9 @@ def _run(project, command, out_dir, *, flops, metrics=None, status="ok", final=F
             run.metrics.update(metrics or {})
             if status == "failed":
                 raise RuntimeError("boom")
-    except RuntimeError:
+            if status == "stopped":
+                raise ledger.RunStopped("stopped by a health check at step 2: entropy collapse")
+    except (RuntimeError, ledger.RunStopped):
         pass
     return run.run_id
 
@@ -83,3 +85,37 @@ def test_report_includes_the_compare_table_when_present(project):
 def test_report_refuses_an_empty_project(tmp_path):
     with pytest.raises(ValueError, match="no runs"):
         report.build(tmp_path)
+
+
+def test_report_follows_the_distill_chain_and_counts_stopped_runs(tmp_path, monkeypatch):
+    """The distillation's runs ("distill" traces -> "distill-kd" student -> "distill-eval") each
+    get a row and add their FLOPs to the accuracy curve, whose student point sits after all of them;
+    a health-stopped RL run is spending ("of which stopped"), never the stage's row."""
+    p = tmp_path / "proj"
+    seen = {}
+    real = report._plot
+
+    def spy(path, panels, xlabel="step"):
+        seen[path.name] = panels
+        return real(path, panels, xlabel)
+
+    monkeypatch.setattr(report, "_plot", spy)
+    pre = _run(p, "pretrain", p / "pretrain", flops=1e12)
+    sft = _run(p, "sft", p / "sft", flops=2e11, metrics={"accuracy": 0.5}, parents=[pre])
+    _run(p, "rl", p / "rl", flops=3e11, status="stopped", parents=[sft])
+    rl = _run(p, "rl", p / "rl", flops=1e11, metrics={"heldout_accuracy": 0.7}, parents=[sft])
+    traces = _run(p, "distill", p / "distill", flops=5e10, metrics={"num_traces": 40}, parents=[rl])
+    kd = _run(p, "distill-kd", p / "distill" / "student_kd", flops=4e10, metrics={"final_train_loss": 0.3},
+              parents=[traces])
+    _run(p, "distill-eval", p / "distill", flops=0.0, final=True, parents=[kd], metrics={"heldout_accuracy": 0.6})
+    md = report.build(p).read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("| stage")}
+    assert [c for c in rows if c in ("pretrain", "sft", "rl", "distill", "distill-kd", "distill-eval")] == \
+        ["pretrain", "sft", "rl", "distill", "distill-kd", "distill-eval"]
+    assert rows["rl"] == "ok" and "0.700" in next(l for l in md.splitlines() if l.startswith("| rl |"))
+    assert "| final model's lineage | 6 |" in md and "| all runs (failed, aborted, killed included) | 7 |" in md
+    assert "| of which stopped | 1 |" in md
+    (label, xs, ys), = seen["accuracy_vs_flops.png"][0][1]
+    assert label == "sft → rl → distill-eval" and ys == [0.5, 0.7, 0.6]
+    assert xs == pytest.approx([1.2e12, 1.3e12, 1.39e12])  # the student after its traces and its KD training

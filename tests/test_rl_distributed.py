@@ -25,6 +25,7 @@ from sputnik.config import build
 from sputnik.model import build_model
 from sputnik.model.config import tiny
 from sputnik.train.optim import OptimConfig
+from sputnik.rl.update import update as rl_update
 from sputnik.stages import rl as grpo
 from test_rl_stage import MICRO, _rollout, make_policy
 
@@ -65,14 +66,14 @@ def one_update(variant: str, rows: list[int], mu: int = 1, beta: float = 0.0) ->
     if beta > 0:  # the frozen reference: the same initial weights
         torch.manual_seed(0)
         ref = build_model(tiny(**MICRO)).eval().requires_grad_(False)
-    cfg = grpo.RLConfig(init="<test>", variant=variant, micro_batch=2, max_new_tokens=9, inner_updates=mu, beta=beta,
+    cfg = grpo.Config(init="<test>", variant=variant, micro_batch=2, max_new_tokens=9, inner_updates=mu, beta=beta,
                         optim=OptimConfig(lr=0.1, grad_clip=0.0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = _rollout().select(torch.tensor(rows, dtype=torch.long)) if rows else None
     adv_B = torch.tensor(ADV)[rows] if rows else torch.zeros(0)
     dc = DeviceChoice(torch.device("cpu"), torch.float32, "test")
     info = dist_lib.init_distributed(torch.device("cpu"))
-    grpo.update(model, ref, optimizer, batch, adv_B, cfg, dc, grpo.aggregate_fn(cfg), vocab_limit=300, info=info)
+    rl_update(model, ref, optimizer, batch, adv_B, cfg, dc, vocab_limit=300, info=info)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
@@ -110,7 +111,7 @@ def policy_dir(tmp_path_factory):
 
 
 def _rl_args(policy, out, **over):
-    opts = {**dict(init=str(policy), out_dir=str(out), ledger_dir=str(out.parent), tasks="addition", steps=2,
+    opts = {**dict(init=str(policy), out_dir=str(out), project_dir=str(out.parent), tasks="addition", steps=2,
                    prompts_per_step=4, group_size=2, max_new_tokens=8, eval_every=0, eval_examples=5,
                    checkpoint_every=1, num_threads=1, dynamic_sampling="false"), **over}
     return [a for k, v in opts.items() for a in (f"--{k}", str(v))]
@@ -131,7 +132,9 @@ def test_rl_stage_under_torchrun_runs_checkpoints_and_resumes(policy_dir, tmp_pa
     assert [r["step"] for r in recs] == [0, 1, 2]  # rank 0 alone writes
     for r in recs[1:]:
         assert r["kept_sequences"] == 8  # both ranks' 2 prompts x 2 samples
-        assert 0.0 <= r["accuracy"] <= 1.0 and "loss" in r
+        # every count covers both ranks' 8 samples: rates are eighths, and reward = accuracy + 0.1 format
+        assert (r["accuracy"] * 8).is_integer() and (r["format_rate"] * 8).is_integer() and "loss" in r
+        assert r["reward_mean"] == pytest.approx(r["accuracy"] + 0.1 * r["format_rate"])
     ck = out / "checkpoints"
     state = json.loads((ck / "ckpt-000002" / "state.json").read_text())
     assert state["world_size"] == 2
@@ -141,7 +144,7 @@ def test_rl_stage_under_torchrun_runs_checkpoints_and_resumes(policy_dir, tmp_pa
     (ck / "latest").write_text("ckpt-000001\n")
     res = _torchrun_rl(policy_dir, out, 2, resume="auto")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from" in res.stderr
+    assert "resuming at step 1" in res.stderr
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     # whole groups per rank: 3 prompts cannot be split over 2 ranks
     res = _torchrun_rl(policy_dir, tmp_path / "bad", 3, prompts_per_step=3)
@@ -155,7 +158,7 @@ def test_bench_rl_ranks_reads_the_metrics_rl_writes(policy_dir, tmp_path):
     spec = importlib.util.spec_from_file_location("bench_rl_ranks", ROOT / "benchmarks" / "bench_rl_ranks.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    grpo.run(build(grpo.RLConfig, dict(init=str(policy_dir), out_dir=str(tmp_path / "rl"), ledger_dir=str(tmp_path),
+    grpo.run(build(grpo.Config, dict(init=str(policy_dir), out_dir=str(tmp_path / "rl"), project_dir=str(tmp_path),
                                        tasks=["addition"], steps=3, prompts_per_step=2, group_size=2,
                                        max_new_tokens=8, eval_every=0, eval_examples=4, num_threads=1,
                                        dynamic_sampling=False)))

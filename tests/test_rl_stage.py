@@ -11,11 +11,15 @@ from sputnik.accounting import ledger
 from sputnik.config import build
 from sputnik.model import build_model
 from sputnik.model.config import tiny
+from sputnik.rl import prompts as rl_prompts
+from sputnik.rl import update as rl_update
+from sputnik.rl.health import HealthStop
+from sputnik.rl.rewards import score
 from sputnik.rl.rollout import micro_batches
 from sputnik.stages import rl as grpo
 from sputnik.tasks import corpus_text, format_completion, get_task
 from sputnik.tokenizer import train_tokenizer
-from sputnik.train.session import save_model
+from sputnik.train.loading import save_model
 
 MICRO = dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, first_k_dense_replace=1, intermediate_size=64,
              moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, num_attention_heads=2,
@@ -36,7 +40,7 @@ def policy_dir(tmp_path_factory):
 
 
 def _cfg(policy_dir, tmp_path, **kw):
-    return build(grpo.RLConfig, {**dict(init=str(policy_dir), out_dir=str(tmp_path / "rl"), ledger_dir=str(tmp_path),
+    return build(grpo.Config, {**dict(init=str(policy_dir), out_dir=str(tmp_path / "rl"), project_dir=str(tmp_path),
                                         tasks=["addition"], steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8,
                                         eval_every=0, eval_examples=4, checkpoint_every=1, num_threads=1,
                                         dynamic_sampling=False), **kw})
@@ -53,6 +57,7 @@ def test_rl_runs_writes_metrics_ledger_and_resumes(policy_dir, tmp_path):
     rows = [r for r in ledger.load(tmp_path) if r["command"] == "rl"]
     assert rows[-1]["status"] == "ok" and rows[-1]["flops"] > 0
     assert (tmp_path / "rl" / "model" / "config.json").is_file() and res["accuracy_curve"]
+    assert res["run_ids"] == [rows[-1]["run_id"]] and res["model_dir"] == str(tmp_path / "rl" / "model")
     # as if killed after step 1: the latest complete checkpoint is step 1; resume runs only step 2
     import shutil
     ck = tmp_path / "rl" / "checkpoints"
@@ -62,6 +67,8 @@ def test_rl_runs_writes_metrics_ledger_and_resumes(policy_dir, tmp_path):
     recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     # the lines of the repeated step 2 were trimmed on resume: one line per step, step 0 kept
     assert [r["step"] for r in recs] == [0, 1, 2]
+    rows = [r for r in ledger.load(tmp_path) if r["command"] == "rl"]
+    assert rows[-1]["parents"] == [rows[0]["run_id"]]  # the resumed run names the one that wrote its checkpoint
 
 
 def test_rl_fresh_start_drops_the_metrics_of_an_earlier_run(policy_dir, tmp_path):
@@ -78,19 +85,19 @@ def test_rl_compiled_matches_eager_and_saves_plain_weights(weak_policy_dir, tmp_
     step samples the same completions and takes the eager run's loss and gradient (non-zero: the weak
     policy's groups disagree); the saved model has the eager run's parameter names, loads into a
     plain model and holds the eager run's weights (up to Adam's first-step amplification of rounding)."""
-    from sputnik.train.session import InitConfig, load_model
-    from sputnik.model.config import ModelConfig
+    from sputnik.train import session
+    from sputnik.train.loading import load_model
 
     kw = dict(steps=1, num_threads=2, prompts_per_step=2)  # 16 rows: few batch buckets to compile
     grpo.run(_format_cfg(weak_policy_dir, tmp_path / "eager", **kw))
     compiled_blocks = []
 
-    def compile_blocks(model):
-        grpo_compile_blocks(model)
+    def compile_blocks(model, blocks):
+        real_compile(model, blocks)
         compiled_blocks.extend(b for b in model.model.layers if b._compiled_call_impl is not None)
 
-    grpo_compile_blocks = grpo.compile_blocks
-    monkeypatch.setattr(grpo, "compile_blocks", compile_blocks)
+    real_compile = session._compile
+    monkeypatch.setattr(session, "_compile", compile_blocks)
     grpo.run(_format_cfg(weak_policy_dir, tmp_path / "compiled", **kw, compile=True))
     assert len(compiled_blocks) == MICRO["num_hidden_layers"]
     rec = [json.loads(l) for l in (tmp_path / "eager" / "rl" / "metrics.jsonl").read_text().splitlines()][-1]
@@ -99,8 +106,8 @@ def test_rl_compiled_matches_eager_and_saves_plain_weights(weak_policy_dir, tmp_
     assert got["length_mean"] == rec["length_mean"] and got["reward_mean"] == rec["reward_mean"]
     assert got["loss"] == pytest.approx(rec["loss"], abs=1e-5)
     assert got["grad_norm"] == pytest.approx(rec["grad_norm"], rel=1e-3)
-    a = load_model(ModelConfig(), InitConfig(hf_dir=str(tmp_path / "eager" / "rl" / "model")))
-    b = load_model(ModelConfig(), InitConfig(hf_dir=str(tmp_path / "compiled" / "rl" / "model")))
+    a = load_model(str(tmp_path / "eager" / "rl" / "model"))
+    b = load_model(str(tmp_path / "compiled" / "rl" / "model"))
     assert a.state_dict().keys() == b.state_dict().keys()
     # Adam's first step moves each weight by ~lr·sign(g): where g is ~0, rounding-level gradient
     # differences can flip the sign, so a few elements may differ by up to 2·lr (lr = 3e-3 here)
@@ -109,13 +116,15 @@ def test_rl_compiled_matches_eager_and_saves_plain_weights(weak_policy_dir, tmp_
 
 
 def test_rl_compile_refuses_a_model_without_blocks():
+    from sputnik.train.session import _compile
+
     with pytest.raises(ValueError, match="no model.layers"):
-        grpo.compile_blocks(torch.nn.Linear(2, 2))
+        _compile(torch.nn.Linear(2, 2), blocks=True)
 
 
 def test_rl_refuses_a_missing_init(tmp_path):
     with pytest.raises(ValueError, match="init"):
-        grpo.run(build(grpo.RLConfig, dict(out_dir=str(tmp_path / "rl"))))
+        grpo.run(build(grpo.Config, dict(out_dir=str(tmp_path / "rl"))))
 
 
 def _sft_briefly(model, tok, examples, steps: int, lr: float = 1e-2, batch: int = 16):
@@ -151,7 +160,7 @@ def weak_policy_dir(tmp_path_factory):
 
 
 def _format_cfg(policy, tmp_path, **kw):
-    return _cfg(policy, tmp_path, **{**dict(task_args=["max_digits=1"], prompts_per_step=8, group_size=8,
+    return _cfg(policy, tmp_path, **{**dict(tasks=["addition:max_digits=1"], prompts_per_step=8, group_size=8,
                                             max_new_tokens=32, checkpoint_every=100, accuracy_weight=0.0,
                                             format_weight=1.0, dynamic_sampling=True,
                                             optim=dict(lr=3e-3, warmup_steps=0, schedule="constant",
@@ -191,15 +200,16 @@ def test_rollouts_follow_the_updated_policy(weak_policy_dir, tmp_path):
     assert max(r["logp_mismatch"] for r in recs) < 1e-4, [r["logp_mismatch"] for r in recs]
 
 
-def test_task_args_reach_the_tasks(policy_dir, tmp_path):
-    grpo.run(_cfg(policy_dir, tmp_path, steps=1, task_args=["max_digits=1"]))
+def test_task_specs_reach_the_tasks(policy_dir, tmp_path):
+    """Task knobs ride in the task spec: the step's prompts are 1-digit additions."""
+    grpo.run(_cfg(policy_dir, tmp_path, steps=1, tasks=["addition:max_digits=1"], prompts_per_step=4))
     rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert len(rec) == 2
-    assert grpo.task_knobs(["max_digits=1", "min_digits=1"]) == {"max_digits": "1", "min_digits": "1"}
-    with pytest.raises(ValueError, match="key=value"):
-        grpo.task_knobs(["max_digits"])
+    prompts = [e.prompt for e in rl_prompts.sample_prompts([get_task("addition", max_digits=1)], 0, 4, 0)]
+    assert all(len(x) == 1 for p in prompts for x in p.removeprefix("What is ").rstrip("?").split(" + "))
     with pytest.raises(ValueError, match="max_digits"):
-        grpo.run(_cfg(policy_dir, tmp_path, steps=1, task_args=["max_digits=0"]))
+        grpo.run(_cfg(policy_dir, tmp_path / "bad", steps=1, tasks=["addition:max_digits=0"]))
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 
@@ -232,7 +242,7 @@ def test_policy_logprobs_equal_the_full_logits_at_completion_positions():
         ref_ent = torch.where(mask_BT, -(logp_all.exp() * logp_all).sum(-1), 0.0)
         for rows in (slice(None), slice(1, 4)):
             sub = batch.select(rows).trimmed()
-            logp, ent = policy_logprobs(model, sub, tau, vocab_limit=vocab_limit)
+            logp, ent, _ = policy_logprobs(model, sub, tau, vocab_limit=vocab_limit)
             T = sub.input_ids_BT.shape[1]
             torch.testing.assert_close(logp, ref_logp[rows, :T], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(ent, ref_ent[rows, :T], atol=1e-5, rtol=1e-5)
@@ -285,10 +295,10 @@ def test_update_gradient_does_not_depend_on_the_micro_batch(variant):
     grads, state = {}, {k: v.clone() for k, v in model.state_dict().items()}
     for mb in (6, 4, 1):
         model.load_state_dict(state)  # update() moves the routers' expert bias after its step
-        cfg = grpo.RLConfig(init="<test>", variant=variant, micro_batch=mb, max_new_tokens=9,
+        cfg = grpo.Config(init="<test>", variant=variant, micro_batch=mb, max_new_tokens=9,
                             optim=OptimConfig(lr=1e-4, grad_clip=0.0))
         opt = _CaptureGrads(model)
-        grpo.update(model, None, opt, batch, adv_B, cfg, dc, grpo.aggregate_fn(cfg), vocab_limit=300)
+        rl_update.update(model, None, opt, batch, adv_B, cfg, dc, vocab_limit=300)
         grads[mb] = opt.grads
     assert grads[6] and grads[6].keys() == grads[4].keys() == grads[1].keys()
     for n, g in grads[6].items():
@@ -302,10 +312,12 @@ def test_variant_aggregations_hand_values():
     DAPO scale advantages by the group's std."""
     loss_BT = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask_BT = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
-    got = {v: grpo.aggregate_fn(grpo.RLConfig(init="x", variant=v, max_new_tokens=5))(loss_BT, mask_BT).item()
+    got = {v: rl_update.aggregation(grpo.Config(init="x", variant=v, max_new_tokens=5), 4)(loss_BT, mask_BT).item()
            for v in ("grpo", "dapo", "dr_grpo")}
     assert got == {"grpo": 3.0, "dapo": 2.5, "dr_grpo": 1.0}
-    assert {v: grpo.VARIANTS[v]["scale_by_std"] for v in grpo.VARIANTS} == {"grpo": True, "dapo": True, "dr_grpo": False}
+    assert rl_update.aggregation(grpo.Config(init="x", variant="dapo"), 8)(loss_BT, mask_BT).item() == 10 / 8  # all ranks' tokens
+    variants = rl_update.VARIANTS
+    assert {v: variants[v]["scale_by_std"] for v in variants} == {"grpo": True, "dapo": True, "dr_grpo": False}
 
 
 def test_score_adds_the_overlong_penalty_and_the_custom_reward():
@@ -313,10 +325,10 @@ def test_score_adds_the_overlong_penalty_and_the_custom_reward():
     L_max 8 and a window of 4: length 4 none, 6 -0.5, 7 -0.75."""
     from types import SimpleNamespace as NS
 
-    cfg = grpo.RLConfig(init="x", max_new_tokens=8, overlong_cache=4, accuracy_weight=1.0, format_weight=0.1)
+    cfg = grpo.Config(init="x", max_new_tokens=8, overlong_cache=4, accuracy_weight=1.0, format_weight=0.1)
     task = NS(verify=lambda ex, text: NS(correct=True, well_formatted=len(text) % 2 == 0))
     completions = [NS(text="x" * n, token_ids=[1] * n) for n in (4, 6, 7)]
-    rewards, _ = grpo.score(cfg, {"t": task}, [NS(task="t", prompt="p", answer="a")] * 3, completions,
+    rewards, _ = score(cfg, {"t": task}, [NS(task="t", prompt="p", answer="a")] * 3, completions,
                             lambda batch: [0.5] * len(batch))
     assert rewards == pytest.approx([1.6, 1.6 - 0.5, 1.5 - 0.75])
 
@@ -337,7 +349,7 @@ def test_update_gradient_is_the_loss_formula(knobs):
     ref_model = build_model(tiny(**MICRO)).requires_grad_(False) if knobs.get("beta") else None
     batch, adv_B = _rollout(), torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.4])
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    logp_BT, _ = policy_logprobs(model, batch, 1.0, vocab_limit=300)
+    logp_BT, _, _ = policy_logprobs(model, batch, 1.0, vocab_limit=300)
     ref_BT = None if ref_model is None else policy_logprobs(ref_model, batch, 1.0, vocab_limit=300)[0].detach()
     is_w = (rl_losses.truncated_importance_weights(logp_BT.detach(), batch.sampler_logp_BT, knobs["tis_cap"])
             if "tis_cap" in knobs else None)
@@ -348,11 +360,11 @@ def test_update_gradient_is_the_loss_formula(knobs):
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
-    cfg = grpo.RLConfig(init="<test>", variant="dapo", micro_batch=6, max_new_tokens=9,
+    cfg = grpo.Config(init="<test>", variant="dapo", micro_batch=6, max_new_tokens=9,
                         optim=OptimConfig(lr=1e-4, grad_clip=0.0), **knobs)
     opt = _CaptureGrads(model)
-    m = grpo.update(model, ref_model, opt, batch, adv_B, cfg, DeviceChoice(torch.device("cpu"), torch.float32, "test"),
-                    grpo.aggregate_fn(cfg), vocab_limit=300)
+    m = rl_update.update(model, ref_model, opt, batch, adv_B, cfg, DeviceChoice(torch.device("cpu"), torch.float32, "test"),
+                         vocab_limit=300)
     assert want and want.keys() == opt.grads.keys()
     for n, g in want.items():
         torch.testing.assert_close(opt.grads[n], g, atol=1e-6, rtol=1e-4)
@@ -369,20 +381,20 @@ def test_second_inner_step_keeps_pi_old(monkeypatch):
     from sputnik.train.optim import OptimConfig
 
     seen = []
-    real = grpo.rl_losses.grpo_loss
+    real = rl_update.objectives.grpo_loss
 
     def spy(logp_BT, old_BT, *args, **kw):
         seen.append((logp_BT.detach().clone(), old_BT.clone()))
         return real(logp_BT, old_BT, *args, **kw)
 
-    monkeypatch.setattr(grpo.rl_losses, "grpo_loss", spy)
+    monkeypatch.setattr(rl_update.objectives, "grpo_loss", spy)
     torch.manual_seed(0)
     model = build_model(tiny(**MICRO))
-    cfg = grpo.RLConfig(init="<test>", variant="dapo", micro_batch=6, max_new_tokens=9, inner_updates=2,
+    cfg = grpo.Config(init="<test>", variant="dapo", micro_batch=6, max_new_tokens=9, inner_updates=2,
                         optim=OptimConfig(lr=1e-2, grad_clip=0.0))
-    grpo.update(model, None, torch.optim.SGD(model.parameters(), lr=1.0), _rollout(),
-                torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.4]), cfg,
-                DeviceChoice(torch.device("cpu"), torch.float32, "test"), grpo.aggregate_fn(cfg), vocab_limit=300)
+    rl_update.update(model, None, torch.optim.SGD(model.parameters(), lr=1.0), _rollout(),
+                     torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.4]), cfg,
+                     DeviceChoice(torch.device("cpu"), torch.float32, "test"), vocab_limit=300)
     (logp0, old0), (logp1, old1) = seen
     assert torch.equal(old0, logp0) and torch.equal(old1, logp0) and not torch.equal(logp1, logp0)
 
@@ -401,53 +413,92 @@ def test_step_metrics_agree_with_each_other(weak_policy_dir, tmp_path):
 
 def test_dynamic_sampling_drops_all_equal_groups(policy_dir, tmp_path):
     """An untrained policy earns 0 everywhere: every group has zero variance, nothing is kept and no
-    update runs (no loss recorded)."""
+    update runs: its update metrics are absent (not 0), and the weights are those it started from."""
     grpo.run(_cfg(policy_dir, tmp_path, steps=1, dynamic_sampling=True))
     rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][1]
     assert rec["reward_std"] == 0.0 and rec["zero_variance_frac"] == 1.0
-    assert rec["kept_sequences"] == 0 and "loss" not in rec
+    assert rec["kept_sequences"] == 0
+    assert not {"loss", "entropy", "kl", "clip_frac", "grad_norm", "logp_mismatch"} & set(rec)
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(policy_dir / "model.safetensors")), load_file(str(tmp_path / "rl" / "model" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_health_check_stops_the_run_when_told_to(policy_dir, tmp_path):
-    with pytest.raises(KeyboardInterrupt, match="stopped by health check: "):
-        grpo.run(_cfg(policy_dir, tmp_path, health=dict(window=1, min_entropy=1e9, stop_on_pathology=True)))
+def test_health_check_stops_the_run_when_told_to(policy_dir, tmp_path, capsys):
+    """A health stop is its own exception and its own ledger status ("stopped", neither "aborted" as
+    a user's Ctrl-C nor "failed"), and `sputnik rl` exits 4 with the reason."""
+    cfg = _cfg(policy_dir, tmp_path, dynamic_sampling=False,
+               health=dict(window=1, min_entropy=1e9, stop_on_pathology=True))
+    with pytest.raises(HealthStop, match="stopped by a health check at step 1: truncation"):
+        grpo.run(cfg)
     recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == 1  # stopped after the first step, whose record (and warnings) was written
     assert any(w.startswith("entropy collapse") for w in recs[-1]["warnings"])
     rows = [r for r in ledger.load(tmp_path) if r["command"] == "rl"]
-    assert rows[-1]["status"] != "ok"  # the stopped run is in the ledger, not counted as a success
+    assert rows[-1]["status"] == "stopped" and "truncation" in rows[-1]["error"]
+    from sputnik.cli import main
+
+    args = ["rl", "--init", str(policy_dir), "--out_dir", str(tmp_path / "cli"), "--tasks", "addition", "--steps", "2",
+            "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "8", "--eval_examples", "4",
+            "--num_threads", "1", "--dynamic_sampling", "false", "--health.window", "1", "--health.min_entropy", "1e9",
+            "--health.stop_on_pathology", "true"]
+    assert main(args) == 4
+    assert "stopped: stopped by a health check at step 1: truncation" in capsys.readouterr().err
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(policy_dir, tmp_path):
+    """The RL loop's non-finite guard, as every loop's: a poisoned update is skipped (weights, biases
+    and Adam moments untouched; its expert load discarded) and max_nonfinite_steps in a row stop the
+    run with TrainingDiverged, keeping the last good checkpoint."""
+    from safetensors.torch import load_file
+
+    from sputnik.train.session import TrainingDiverged
+
+    kw = dict(dynamic_sampling=False, checkpoint_every=1, keep_last=5)
+    grpo.run(_cfg(policy_dir, tmp_path / "a", steps=2, poison_steps=[1], **kw))
+    recs = [json.loads(l) for l in (tmp_path / "a" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in recs if r["step"] > 0 and "skipped" in r] == [0, 1]
+    assert any(r.get("nonfinite") for r in recs)
+    ck = tmp_path / "a" / "rl" / "checkpoints"
+    one, two = load_file(str(ck / "ckpt-000001" / "model.safetensors")), load_file(str(ck / "ckpt-000002" / "model.safetensors"))
+    assert all(torch.equal(one[k], two[k]) for k in one)  # the skipped step left no trace, router biases included
+    with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
+        grpo.run(_cfg(policy_dir, tmp_path / "b", steps=4, poison_steps=[1, 2], max_nonfinite_steps=2, **kw))
+    assert (tmp_path / "b" / "rl" / "checkpoints" / "ckpt-000001").is_dir()
+    assert not (tmp_path / "b" / "rl" / "checkpoints" / "ckpt-000002").exists()
 
 
 # ---------------------------------------------------------------------------------------------
 # Learnability task sampling
 def test_allocate_splits_exactly_by_largest_remainder():
-    assert grpo._allocate(64, [1, 1]) == [32, 32]
-    assert grpo._allocate(10, [0.05, 0.2275]) == [2, 8]  # 1.77 -> 2, 8.05 -> 8
-    assert grpo._allocate(7, [1, 1, 1]) == [3, 2, 2]
-    assert sum(grpo._allocate(61, [0.3, 0.05, 0.11])) == 61
+    assert rl_prompts._allocate(64, [1, 1]) == [32, 32]
+    assert rl_prompts._allocate(10, [0.05, 0.2275]) == [2, 8]  # 1.77 -> 2, 8.05 -> 8
+    assert rl_prompts._allocate(7, [1, 1, 1]) == [3, 2, 2]
+    assert sum(rl_prompts._allocate(61, [0.3, 0.05, 0.11])) == 61
 
 
 def test_learnability_shares_are_bernoulli_variances_with_a_floor():
-    shares = grpo.learnability_shares({"addition": 0.95, "subtraction": 0.65}, ["addition", "subtraction", "new"])
-    assert shares == pytest.approx([grpo.LEARNABILITY_FLOOR, 0.65 * 0.35, 0.25])
-    assert grpo.learnability_shares({"a": 0.0, "b": 1.0}, ["a", "b"]) == [grpo.LEARNABILITY_FLOOR] * 2
+    shares = rl_prompts.learnability_shares({"addition": 0.95, "subtraction": 0.65}, ["addition", "subtraction", "new"])
+    assert shares == pytest.approx([rl_prompts.LEARNABILITY_FLOOR, 0.65 * 0.35, 0.25])
+    assert rl_prompts.learnability_shares({"a": 0.0, "b": 1.0}, ["a", "b"]) == [rl_prompts.LEARNABILITY_FLOOR] * 2
 
 
 def test_task_accuracy_is_a_running_mean_per_task():
     acc = {}
     names = ["a", "a", "b", "b"]
-    grpo.update_task_accuracy(acc, names, [True, True, False, True])
+    rl_prompts.update_task_accuracy(acc, names, [True, True, False, True])
     assert acc == {"a": 1.0, "b": 0.5}
-    grpo.update_task_accuracy(acc, names[:2], [False] * 2)
+    rl_prompts.update_task_accuracy(acc, names[:2], [False] * 2)
     assert acc == {"a": 0.5, "b": 0.5}  # b unseen this step: unchanged
 
 
 def test_sample_prompts_follow_the_shares_and_are_deterministic():
     tasks = [get_task("addition"), get_task("subtraction")]
-    exs = grpo.sample_prompts(tasks, step=3, n=10, seed=0, shares=[0.05, 0.2275])
+    exs = rl_prompts.sample_prompts(tasks, step=3, n=10, seed=0, shares=[0.05, 0.2275])
     assert [e.task for e in exs].count("subtraction") == 8
-    assert [e.prompt for e in exs] == [e.prompt for e in grpo.sample_prompts(tasks, 3, 10, 0, [0.05, 0.2275])]
-    rr = grpo.sample_prompts(tasks, step=3, n=4, seed=0)
+    assert [e.prompt for e in exs] == [e.prompt for e in rl_prompts.sample_prompts(tasks, 3, 10, 0, [0.05, 0.2275])]
+    rr = rl_prompts.sample_prompts(tasks, step=3, n=4, seed=0)
     assert [e.task for e in rr] == ["addition", "subtraction"] * 2
 
 

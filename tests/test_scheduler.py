@@ -6,7 +6,8 @@ import threading
 import pytest
 import torch
 
-from sputnik.inference.engine import Engine, SamplingParams
+from sputnik.inference.engine import Engine
+from sputnik.inference.sampling import SamplingParams
 from sputnik.model import build_model
 from sputnik.model.config import tiny, tiny_dense
 from sputnik.inference.scheduler import QueueFull, Scheduler, SchedulerClosed, TextStream

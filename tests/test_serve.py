@@ -25,7 +25,7 @@ from sputnik.model.config import tiny_dense
 from sputnik.inference.scheduler import Scheduler
 from sputnik.inference.serve import App, ServeConfig, ThinkSplitter, build_app, make_server, split_reasoning
 from sputnik.tokenizer import train_tokenizer
-from sputnik.train.session import save_model
+from sputnik.train.loading import save_model
 
 PAIRS = {"what is 2+2?": ("two plus two is four", "4"), "hi": ("greet back", "hello!")}
 NAME = "sputnik-tiny"

@@ -36,7 +36,7 @@ def _groups(seed=1, lengths=None):
 
 def _logprobs_and_grads(model, fn, batch, weights_BT):
     model.zero_grad()
-    logp_BT, ent_BT = fn(model, batch)
+    logp_BT, ent_BT, _ = fn(model, batch)
     ((logp_BT * weights_BT).sum() + 0.5 * ent_BT.sum()).backward()
     return logp_BT.detach(), ent_BT.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -74,8 +74,8 @@ def test_rows_without_targets_and_distinct_prompts():
     model = _model()
     batch = build_rollout_batch([[1, 2], [3, 4, 5], [6]], [[7, 8, 9], [], [10, 11]], [[0.0] * 3, [], [0.0] * 2], 0)
     with torch.no_grad():
-        lp1, e1 = policy_logprobs(model, batch)
-        lp2, e2 = policy_logprobs_shared(model, batch)
+        lp1, e1, _ = policy_logprobs(model, batch)
+        lp2, e2, _ = policy_logprobs_shared(model, batch)
     torch.testing.assert_close(lp2, lp1, atol=2e-6, rtol=1e-5)
     assert lp2[1].abs().sum() == 0
 
@@ -83,12 +83,12 @@ def test_rows_without_targets_and_distinct_prompts():
 def test_expert_load_counts_each_prompt_token_once():
     model = _model()
     batch = _groups(lengths=[2] * 9)
-    moes = [b.mlp for b in model.model.layers if hasattr(b.mlp, "last_load")]
-    for m in moes:
-        m.last_load.zero_()
-    policy_logprobs_shared(model, batch)
-    # prompts 5 + 2 + 3 tokens once, completions 9 rows x 1 input token; top-2 routing
-    assert [float(m.last_load.sum()) for m in moes] == [2 * (10 + 9)] * 2
+    _, _, load = policy_logprobs_shared(model, batch)
+    # prompts 5 + 2 + 3 tokens once (their padding not), completions 9 rows x 1 input token; top-2 routing
+    assert list(load) == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    assert [float(v.sum()) for v in load.values()] == [2 * (10 + 9)] * 2
+    _, _, plain = policy_logprobs(model, batch)  # the plain forward: each row's prompt (not its padding) again
+    assert [float(v.sum()) for v in plain.values()] == [2 * (3 * (5 + 2 + 3) + 9)] * 2
 
 
 def test_other_models_take_the_plain_path():
@@ -102,7 +102,8 @@ def test_grpo_update_is_the_same_step_either_way():
     """One DAPO update with and without shared prompts: same loss, gradient norm and new weights."""
     from sputnik.common import DeviceChoice
     from sputnik.train.optim import OptimConfig, build_optimizer
-    from sputnik.stages.rl import RLConfig, aggregate_fn, update
+    from sputnik.rl.update import update
+    from sputnik.stages.rl import Config as RLConfig
 
     batch = _groups(lengths=[3, 1, 8, 5, 2, 7, 4, 4, 6])
     batch.sampler_logp_BT = torch.where(batch.targets_BT != -100, -1.0, 0.0)
@@ -113,8 +114,7 @@ def test_grpo_update_is_the_same_step_either_way():
         cfg = RLConfig(init="<test>", share_prompts=share, micro_batch=4,
                        optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.0))
         opt = build_optimizer(model, cfg.optim)
-        m = update(model, None, opt, batch, adv_B, cfg, DeviceChoice(torch.device("cpu"), torch.float32, "test"),
-                   aggregate_fn(cfg))
+        m = update(model, None, opt, batch, adv_B, cfg, DeviceChoice(torch.device("cpu"), torch.float32, "test"))
         out.append((m, [p.detach().clone() for p in model.parameters()]))
     (m1, w1), (m2, w2) = out
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-7)
@@ -144,8 +144,8 @@ def test_shared_prompts_on_cuda_in_bf16_autocast():
     model = _model().cuda()
     batch = _groups(lengths=[3, 1, 8, 5, 2, 7, 4, 4, 6]).to("cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        plain, _ = policy_logprobs(model, batch)
-        shared, ent = policy_logprobs_shared(model, batch)
+        plain, _, _ = policy_logprobs(model, batch)
+        shared, ent, _ = policy_logprobs_shared(model, batch)
         (shared.sum() + ent.sum()).backward()
     assert (plain - shared).abs().max() <= 5e-2 * max(1.0, plain.abs().max().item())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

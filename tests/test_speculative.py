@@ -2,7 +2,8 @@
 speculative sampling leaves the main model's distribution unchanged."""
 import torch
 
-from sputnik.inference.engine import Engine, SamplingParams
+from sputnik.inference.engine import Engine
+from sputnik.inference.sampling import SamplingParams
 from sputnik.model import build_model
 from sputnik.model.config import tiny
 from sputnik.inference.speculative import accept_drafts, speculative_generate

@@ -69,14 +69,14 @@ def test_cli_list(capsys):
 
 
 def test_cli_preview(capsys):
-    code, out = _run(["tasks", "preview", "addition", "-n", "2", "--split", "test", "--seed", "3",
-                      "--knob", "max_digits=2"], capsys)
+    code, out = _run(["tasks", "preview", "addition:max_digits=2", "-n", "2", "--split", "test", "--seed", "3"], capsys)
     assert code == 0 and out.count("=== addition #") == 2
     assert out.count("verdict of the target completion: correct=True well_formatted=True") == 2
+    assert all(len(line.split("+")[0].split()[-1]) <= 2 for line in out.splitlines() if line.startswith("What is"))
     with pytest.raises(ValueError, match="max_digits=0: must be >= 1"):
-        _run(["tasks", "preview", "addition", "--knob", "max_digits=0"], capsys)
-    with pytest.raises(SystemExit):
-        _run(["tasks", "preview", "addition", "--knob", "novalue"], capsys)
+        _run(["tasks", "preview", "addition:max_digits=0"], capsys)
+    with pytest.raises(ValueError, match="'novalue' is not knob=value"):
+        _run(["tasks", "preview", "addition:novalue"], capsys)
 
 
 def test_cli_flags_have_help():

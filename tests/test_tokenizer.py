@@ -205,8 +205,11 @@ def test_stage_run_saves_tokenizer_config_and_reports_compression(tmp_path):
     assert result["vocab_size"] == Tokenizer.load(tmp_path / "tok").vocab_size <= 300
     assert result["num_train_docs"] + result["num_held_out_docs"] == 6 and result["num_held_out_docs"] >= 1
     assert result["bytes_per_token_on"] == "held_out" and result["bytes_per_token"] > 1.0
-    saved = json.loads((tmp_path / "tok" / "train_config.json").read_text())
+    saved = json.loads((tmp_path / "tok" / "stage_config.json").read_text())
     assert saved["config_class"] == "Config" and saved["vocab_size"] == 300 and saved["text_files"] == files
+    assert len(result["run_ids"]) == 1  # its ledger run: the parent of every stage that uses the tokenizer
+    rows = [json.loads(l) for l in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert {r["run_id"] for r in rows} == set(result["run_ids"]) and rows[-1]["status"] == "ok"
 
 
 def test_stage_config_validation(tmp_path):
@@ -236,11 +239,31 @@ def test_stage_cli(tmp_path, capsys):
 
 
 def test_stage_with_builtin_tasks(tmp_path):
-    tasks = pytest.importorskip("sputnik.tasks")
-    if not hasattr(tasks, "corpus_text"):
-        pytest.skip("sputnik.tasks.corpus_text not available yet")
     from sputnik.stages.tokenizer import Config, run
 
-    result = run(Config(out_dir=str(tmp_path), vocab_size=512, tasks=["addition", "countdown"], num_examples=40))
+    result = run(Config(out_dir=str(tmp_path), vocab_size=512, tasks=["addition:max_digits=3", "countdown"],
+                        num_examples=40))
     tok = Tokenizer.load(tmp_path)
     assert result["num_held_out_docs"] >= 1 and tok.encode("<think>") == [tok.think_id]
+
+
+def test_stage_task_specs_project_dir_and_parents(tmp_path):
+    """The tokenizer stage reads task specs like every command (knobs shape its corpus), records itself
+    in the project_dir's ledger (not beside out_dir) and names the parents it was given."""
+    import re
+
+    from sputnik.stages.tokenizer import Config, build_corpus, run
+
+    docs = build_corpus(Config(tasks=["addition:max_digits=2"], num_examples=50))
+    prompts = [re.fullmatch(r"What is (\d+) \+ (\d+)\?", d.splitlines()[0]) for d in docs]
+    assert len(docs) == 50 and all(m and max(len(m[1]), len(m[2])) <= 2 for m in prompts)
+    assert any(max(len(m[1]), len(m[2])) == 2 for m in prompts)
+
+    cfg = Config(out_dir=str(tmp_path / "out" / "tok"), project_dir=str(tmp_path / "proj"), vocab_size=300,
+                 tasks=[], text_files=_text_files(tmp_path, 3))
+    result = run(cfg, parents=["an-earlier-run"])
+    assert not (tmp_path / "out" / "ledger.jsonl").exists()
+    rows = [json.loads(line) for line in (tmp_path / "proj" / "ledger.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["run_id"], r["parents"]) for r in rows] == [
+        ("started", result["run_ids"][0], ["an-earlier-run"]), ("finished", result["run_ids"][0], ["an-earlier-run"])]
+    assert rows[0]["command"] == "tokenizer"

@@ -28,13 +28,16 @@ def batch(B=2, T=10, V=96, seed=0):
 
 def test_loss_contract_and_chunked_ce_equals_full_logits():
     model = Transformer(small())  # training mode: aux loss on
+    routings = []  # each MoE forward's Routing, as the model returns it (nothing is kept on the modules)
+    for m in model.moe_layers().values():
+        m.register_forward_hook(lambda mod, args, out: routings.append(out[1]))
     ids_BT, targets_BT = batch()
     out = model(ids_BT, targets_BT)
     assert out.logits is None and out.num_tokens.item() == 2 * 9 - 3
-    logits_BTV = model.lm_head(model.hidden_states(ids_BT))
+    logits_BTV = model.lm_head(model.hidden_states(ids_BT).hidden)
     ce = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
     torch.testing.assert_close(out.ce_loss, ce, atol=1e-5, rtol=1e-5)
-    aux = sum(m.last_aux_loss for m in model.moe_layers().values())  # 2 main MoE layers + the MTP block
+    aux = sum(r.aux_loss for r in routings[:3])  # 2 main MoE layers + the MTP block of the training forward
     assert len(model.moe_layers()) == 3 and aux.item() > 0
     torch.testing.assert_close(out.aux_loss, aux.detach())
     torch.testing.assert_close(out.loss, ce + 0.3 * out.mtp_loss + aux, atol=1e-5, rtol=1e-5)
@@ -92,16 +95,42 @@ def test_tiny_sizes():
 
 def test_expert_load_and_bias_update():
     model = Transformer(small(bias_update_speed=0.01))
-    model(*batch(B=4, T=16))
-    loads = model.expert_load()
+    out = model(*batch(B=4, T=16))
+    loads = out.expert_load
     assert list(loads) == ["model.layers.1.mlp", "model.layers.2.mlp", "mtp.0.mlp"]
     assert loads["model.layers.1.mlp"].sum().item() == 4 * 16 * 2  # every token routed to top-2
+    assert loads["mtp.0.mlp"].sum().item() == 4 * 15 * 2  # the MTP block sees T - 1 positions
     load = loads["model.layers.1.mlp"].clone()
-    model.update_expert_bias()
+    assert all(m.gate.e_score_correction_bias.eq(0).all() for m in model.moe_layers().values())  # a forward moves nothing
+    model.update_expert_bias({"model.layers.1.mlp": load})
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias
     expected = 0.01 * torch.sign(load.mean() - load)
     torch.testing.assert_close(bias, expected)
     assert bias.requires_grad is False
+    assert model.model.layers[2].mlp.gate.e_score_correction_bias.eq(0).all()  # a layer not in `load` stays
+
+
+def test_padding_is_not_expert_load_and_a_wrong_mask_is_an_error():
+    """valid_BT marks the real tokens of a right-padded batch: the load counts only those (the MTP
+    block at depth 1 sees valid_BT[:, 1:]); a mask of the wrong shape is an error, never ignored."""
+    model = Transformer(small())
+    ids_BT, targets_BT = batch(B=2, T=10)
+    valid_BT = torch.ones(2, 10, dtype=torch.bool)
+    valid_BT[1, 6:] = False  # row 1 is 6 real tokens + 4 padding
+    out = model(ids_BT, targets_BT, valid_BT)
+    assert out.expert_load["model.layers.1.mlp"].sum().item() == (10 + 6) * 2
+    assert out.expert_load["mtp.0.mlp"].sum().item() == (9 + 5) * 2
+    alone = model(ids_BT[1:, :6]).expert_load["model.layers.1.mlp"] + model(ids_BT[:1]).expert_load["model.layers.1.mlp"]
+    torch.testing.assert_close(out.expert_load["model.layers.1.mlp"], alone)  # causal: row 1's real tokens see no padding
+    # the logits-only forward and hidden_states report the main layers' load the same way (no MTP pass)
+    for other in (model(ids_BT, valid_BT=valid_BT).expert_load, model.hidden_states(ids_BT, valid_BT).expert_load):
+        assert list(other) == ["model.layers.1.mlp", "model.layers.2.mlp"]
+        for k in other:
+            torch.testing.assert_close(other[k], out.expert_load[k])
+    with pytest.raises(ValueError, match="valid_BT has shape"):
+        model(ids_BT, targets_BT, valid_BT[:, :9])
+    with pytest.raises(ValueError, match="valid_BT has shape"):
+        model.hidden_states(ids_BT, valid_BT[:1])
 
 
 def test_build_model_dispatch():
@@ -117,5 +146,7 @@ def test_too_long_sequence_raises():
     model = Transformer(small())
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 65, dtype=torch.long))
+    from sputnik.inference.decoders import cached_model
+
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        model.new_cache(1, 65)
+        cached_model(model).new_cache(1, 65)

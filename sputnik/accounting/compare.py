@@ -101,8 +101,7 @@ def compare_settings(cfg: CompareConfig, speedrun: dict, budget: float, spent: d
     stage_curve of the stages already run (pretrain, sft, dense_pretrain)."""
     p = Path(cfg.project)
     dense = dense_twin(speedrun["pretrain"]["model"])
-    out = {"dense_pretrain": dict(speedrun["pretrain"], out_dir=str(p / "dense_pretrain"), model=dense,
-                                  ledger_command="compare:dense-pretrain")}
+    out = {"dense_pretrain": dict(speedrun["pretrain"], out_dir=str(p / "dense_pretrain"), model=dense)}
     for name, model, init, pre in [("dense_sft", dense, p / "dense_pretrain" / "model", "dense_pretrain"),
                                    ("moe_sft", speedrun["sft"]["model"], p / "pretrain" / "model", "pretrain")]:
         left = budget * cfg.budget_multiplier - spent[pre]["flops"]
@@ -110,9 +109,8 @@ def compare_settings(cfg: CompareConfig, speedrun: dict, budget: float, spent: d
         steps = max(cfg.eval_points, round(left / per_step))
         every = max(1, steps // cfg.eval_points)
         sft_settings = {k: v for k, v in speedrun["sft"].items() if k != "model"}  # init decides the architecture
-        out[name] = dict(sft_settings, out_dir=str(p / name), init=dict(hf_dir=str(init)),
-                         max_steps=steps, eval_every=every, checkpoint_every=every,
-                         ledger_command=f"compare:{name.replace('_', '-')}")
+        out[name] = dict(sft_settings, out_dir=str(p / name), init=str(init), steps=steps, eval_every=every,
+                         checkpoint_every=every)
     return out
 
 
@@ -173,7 +171,8 @@ def recipe_curves(project: Path, speedrun: dict) -> dict:
     if student and grpo:
         # the traces' cost is that of the run that sampled them (a rerun that reuses them records 0)
         sampled = [x for x in _ok_runs(rows, "distill") if x.get("flops")][-1:]
-        extra = sum((x.get("flops") or 0.0) for x in sampled + _ok_runs(rows, "distill-sft")[-1:])
+        student_runs = _ok_runs(rows, "distill-sft")[-1:] + _ok_runs(rows, "distill-kd")[-1:]
+        extra = sum((x.get("flops") or 0.0) for x in sampled + student_runs)
         acc = (student[-1].get("metrics") or {}).get("heldout_accuracy")
         if acc is not None:
             curves["distilled"] = [(grpo[-1][0] + extra, float(acc))]
@@ -274,11 +273,15 @@ def run(cfg: CompareConfig) -> dict:
                "moe_sft": (sft.Config, sft.run)}
     if "dense_pretrain" in force:
         force.add("dense_sft")  # it fine-tunes that base
+    # each budgeted run names the run that produced its init as its parent
+    parents = {"dense_pretrain": _done_ids(project / "tokenizer"), "moe_sft": _done_ids(project / "pretrain")}
     for name in COMPARE_STAGES:
         done = project / name / "DONE.json"
         stale = name != "dense_pretrain" and _budget_changed(done, budget)
         if done.is_file() and name not in force and not stale:
             print0(f"compare: {name} already done ({done}); --force {name} reruns it")
+            if name == "dense_pretrain":
+                parents["dense_sft"] = _done_ids(project / name)
             continue
         if is_rank0() and (name in force or stale):  # from scratch: never resume the old run's checkpoints
             pipeline.set_aside(project, name, why="compare: the budget changed" if stale else f"compare --force {name}")
@@ -286,7 +289,10 @@ def run(cfg: CompareConfig) -> dict:
         settings = compare_settings(cfg, speedrun, budget, spent)
         cls, fn = classes[name]
         print0(f"\n=== compare stage: {name} ===")
-        atomic_write_json(done, {**fn(build(cls, settings[name])), "budget_flops": budget})
+        result = fn(build(cls, settings[name]), parents=parents.get(name, []), command=f"compare:{name.replace('_', '-')}")
+        if name == "dense_pretrain":
+            parents["dense_sft"] = result["run_ids"]
+        atomic_write_json(done, {**result, "budget_flops": budget})
     curves = recipe_curves(project, speedrun)
     summary = summarize(curves, cfg.target_accuracy, budget)
     out = project / "compare"
@@ -298,6 +304,12 @@ def run(cfg: CompareConfig) -> dict:
     print0("\n" + markdown(summary))
     print0(f"compare: {out / 'compare.md'}")
     return summary
+
+
+def _done_ids(stage_dir: Path) -> list[str]:
+    """The ledger runs of a finished stage (its DONE.json)."""
+    done = stage_dir / "DONE.json"
+    return json.loads(done.read_text()).get("run_ids", []) if done.is_file() else []
 
 
 def _budget_changed(done: Path, budget: float) -> bool:

@@ -6,7 +6,7 @@ model's lineage next to everything spent, failed, aborted and killed runs includ
 
 Protocol (`<project>/ledger.jsonl`):
 - A run appends a "started" record when it begins and a "finished" record (status ok | failed |
-  aborted) when it ends; `load()` merges the two into one row per run_id.
+  aborted | stopped) when it ends; `load()` merges the two into one row per run_id.
 - A SIGKILLed process cannot write. Its run keeps a heartbeat file (`<project>/.ledger/<run_id>.json`,
   rewritten every `heartbeat_s` with time, FLOPs, tokens, energy) and the next run that starts in the
   project finds the started-without-finished run whose process is gone (same host, pid dead or reused)
@@ -40,7 +40,12 @@ from sputnik.accounting import hardware
 LEDGER_FILE = "ledger.jsonl"
 STATE_DIR = ".ledger"  # heartbeat files and the reaping lock
 SCHEMA = 1
-STATUSES = ("ok", "failed", "aborted", "killed", "running")
+STATUSES = ("ok", "failed", "aborted", "stopped", "killed", "running")
+
+
+class RunStopped(Exception):
+    """A run that ended early on purpose, by a check of its own (an RL health check): status "stopped",
+    neither a failure nor a user's Ctrl-C ("aborted")."""
 
 
 def ledger_path(project_dir: str | os.PathLike) -> Path:
@@ -165,6 +170,24 @@ def _dead(started: dict) -> bool:
     return hardware.process_alive(started.get("host"), int(started.get("pid", -1)), started.get("proc_start")) is False
 
 
+def _started_record(run_id: str, project: Path, command: str, config, info: dict, tables: dict, start: float,
+                    final_model: bool, parents) -> dict:
+    """The "started" record: what ran (command, config, git), where (host, pid, devices), its prices."""
+    cfg_dict, cfg_hash = _config_fields(config)
+    key = info["device_key"]
+    return dict(
+        event="started", schema=SCHEMA, run_id=run_id, project=str(project.resolve()), command=command,
+        config_hash=cfg_hash, config=cfg_dict, git=hardware.git_info(), host=socket.gethostname(), pid=os.getpid(),
+        proc_start=hardware.proc_start(os.getpid()), start=_iso(start), start_ts=start,
+        device_type=info["device_type"], device_name=info.get("device_name"), device_key=key,
+        device_count=info["count"], cpu_model=info.get("cpu_model") or hardware.cpu_model(),
+        price_usd_per_hour=tables["price_usd_per_hour"].get(key, tables["price_usd_per_hour"]["gpu"]),
+        power_w=tables["power_w"].get(key, tables["power_w"]["gpu"]), final_model=final_model,
+        parents=list(parents), versions={"python": platform.python_version(),  # torch only if already imported
+                                         "torch": getattr(sys.modules.get("torch"), "__version__", None)},
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The one call a stage makes
 @dataclasses.dataclass
@@ -207,8 +230,8 @@ def record_run(project_dir: str | os.PathLike, command: str, config=None, *, dev
                heartbeat_s: float = 30.0, energy_method: str | None = None):
     """Ledger one run: `with record_run(dir, "pretrain", cfg) as run: ...; run.add(flops=, tokens=)`.
 
-    Status: "ok" on normal exit (or SystemExit(0)); "failed" on an exception (message kept,
-    exception re-raised); "aborted" on KeyboardInterrupt or SIGTERM (turned into KeyboardInterrupt
+    Status: "ok" on normal exit (or SystemExit(0)); "stopped" on RunStopped; "failed" on another
+    exception (message kept, exception re-raised); "aborted" on KeyboardInterrupt or SIGTERM (turned into KeyboardInterrupt
     while the run is open, if nobody else handles SIGTERM); "killed" is written later by reap().
     final_model: this run produced the final model; with `parents` it defines the final lineage.
     prices: a TOML/JSON file overriding hardware.DEFAULTS (default: $SPUTNIK_PRICES).
@@ -222,21 +245,9 @@ def record_run(project_dir: str | os.PathLike, command: str, config=None, *, dev
     info = hardware.resolve_devices(devices)
     project.mkdir(parents=True, exist_ok=True)
     reap(project)
-    cfg_dict, cfg_hash = _config_fields(config)
-    key, git = info["device_key"], hardware.git_info()
     meter = hardware.EnergyMeter(info, tables=tables, prefer=energy_method).__enter__()
     start = time.time()  # wall time and the energy meter both start here
-    started = dict(
-        event="started", schema=SCHEMA, run_id=run_id, project=str(project.resolve()), command=command,
-        config_hash=cfg_hash, config=cfg_dict, git=git, host=socket.gethostname(), pid=os.getpid(),
-        proc_start=hardware.proc_start(os.getpid()), start=_iso(start), start_ts=start,
-        device_type=info["device_type"], device_name=info.get("device_name"), device_key=key,
-        device_count=info["count"], cpu_model=info.get("cpu_model") or hardware.cpu_model(),
-        price_usd_per_hour=tables["price_usd_per_hour"].get(key, tables["price_usd_per_hour"]["gpu"]),
-        power_w=tables["power_w"].get(key, tables["power_w"]["gpu"]), final_model=final_model,
-        parents=list(parents), versions={"python": platform.python_version(),  # torch only if already imported
-                                         "torch": getattr(sys.modules.get("torch"), "__version__", None)},
-    )
+    started = _started_record(run_id, project, command, config, info, tables, start, final_model, parents)
     path = ledger_path(project)
     run = Run(run_id, project, parents=list(parents), final_model=final_model)
     hb_path = project / STATE_DIR / f"{run_id}.json"
@@ -263,6 +274,9 @@ def record_run(project_dir: str | os.PathLike, command: str, config=None, *, dev
         beat()
         heart.start()
         yield run
+    except RunStopped as e:
+        status, error = "stopped", str(e)
+        raise
     except KeyboardInterrupt as e:
         status, error = "aborted", str(e) or "KeyboardInterrupt"
         raise
@@ -390,7 +404,8 @@ def _render(rows: list[dict], tot: dict, corrupt: int, path: Path) -> None:
     runs = Table(title=f"runs in {path}", title_justify="left")
     for col in ["run", "command", "status", "start (UTC)", "wall s", "devices"] + numeric + ["final"]:
         runs.add_column(col, justify="right" if col in numeric or col == "wall s" else "left")
-    colour = {"ok": "green", "failed": "red", "aborted": "yellow", "killed": "magenta", "running": "cyan"}
+    colour = {"ok": "green", "failed": "red", "aborted": "yellow", "stopped": "yellow", "killed": "magenta",
+              "running": "cyan"}
     for r in rows:
         st = r.get("status", "?")
         runs.add_row(r["run_id"], str(r.get("command", "?")), f"[{colour.get(st, 'white')}]{st}[/]",

@@ -106,43 +106,46 @@ def stage_rows(rows: list[dict]) -> list[dict]:
 
 
 def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """<out>/report.md (default <project>/report) with its plots, from the ledger and metrics files only."""
     project = Path(project_dir)
     rows = ledger.load(project)
     if not rows:
         raise ValueError(f"no runs in {ledger.ledger_path(project)}: nothing to report")
     out = Path(out_dir) if out_dir else project / "report"
     stages = stage_rows(rows)
-    tot = ledger.totals(rows)
-    figs = []
+    lines = markdown(project, rows, stages) + figures(out, stages)
+    cmp_md = project / "compare" / "compare.md"  # written by `sputnik compare` from the same ledger
+    if cmp_md.is_file():
+        body = cmp_md.read_text(encoding="utf-8").splitlines()[1:]
+        lines += ["", "## Recipes at equal compute (`sputnik compare`)",
+                  *[line.replace("](compare.png)", "](../compare/compare.png)") for line in body]]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
 
-    # --- loss curves of the training stages
+
+def figures(out: Path, stages: list[dict]) -> list[str]:
+    """The plots (loss curves, RL, expert load, accuracy against cumulative FLOPs) -> markdown lines."""
+    figs = []
     loss_series, eval_series = [], []
     for r in stages:
         m = read_metrics((r.get("config") or {}).get("out_dir"))
         loss_series.append((r["command"], *_series(m, "loss")))
         eval_series.append((r["command"], *_series(m, "eval_loss")))
     figs.append(("Loss curves", _plot(out / "loss.png", [("train loss", loss_series), ("held-out loss", eval_series)])))
-
-    # --- RL: reward, accuracy, response length
     for r in stages:
-        if r["command"] != "rl":
-            continue
         m = read_metrics((r.get("config") or {}).get("out_dir"))
-        figs.append(("Reinforcement learning", _plot(out / "rl.png", [
-            ("reward", [("mean reward", *_series(m, "reward_mean"))]),
-            ("accuracy", [("rollout accuracy", *_series(m, "accuracy")),
-                          ("held-out (greedy)", *_series(m, "heldout_accuracy"))]),
-            ("response length", [("mean", *_series(m, "length_mean")), ("max", *_series(m, "length_max"))]),
-        ])))
-
-    # --- expert load balance during pretraining
-    for r in stages:
+        if r["command"] == "rl":
+            figs.append(("Reinforcement learning", _plot(out / "rl.png", [
+                ("reward", [("mean reward", *_series(m, "reward_mean"))]),
+                ("accuracy", [("rollout accuracy", *_series(m, "accuracy")),
+                              ("held-out (greedy)", *_series(m, "heldout_accuracy"))]),
+                ("response length", [("mean", *_series(m, "length_mean")), ("max", *_series(m, "length_max"))]),
+            ])))
         if r["command"] == "pretrain":
-            m = read_metrics((r.get("config") or {}).get("out_dir"))
             figs.append(("Expert load (max/mean tokens per expert; 1 = perfectly balanced)", _plot(
                 out / "expert_load.png", [("expert load max/mean", [("pretrain", *_series(m, "moe_max_over_mean"))])])))
-
-    # --- accuracy against cumulative FLOPs across the stages
     cum, xs, ys, labels = 0.0, [], [], []
     for r in stages:
         if r["command"].startswith("compare:"):  # side branches of `sputnik compare`, not this lineage
@@ -157,8 +160,12 @@ def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         figs.append(("Held-out accuracy against cumulative training FLOPs",
                      _plot(out / "accuracy_vs_flops.png", [("accuracy vs FLOPs", [(" → ".join(labels), xs, ys)])],
                            xlabel="cumulative FLOPs")))
+    return [line for title, name in figs if name for line in ("", f"## {title}", "", f"![{title}]({name})")]
 
-    # --- markdown
+
+def markdown(project: Path, rows: list[dict], stages: list[dict]) -> list[str]:
+    """The tables: one row a stage, the final lineage against everything spent, hardware and software."""
+    tot = ledger.totals(rows)
     lines = [f"# Sputnik report card — {project.resolve().name}", ""]
     lines += ["| stage | status | held-out accuracy | params total | params active | FLOPs | time (s) | device-hours | money (USD) | energy (kWh) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -187,18 +194,7 @@ def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
               f"- python {platform.python_version()}, torch {(first.get('versions') or {}).get('torch')}, "
               f"git {str((first.get('git') or {}).get('revision') or '?')[:12]}{' (dirty)' if (first.get('git') or {}).get('dirty') else ''}",
               f"- prices: {first.get('price_usd_per_hour')} USD/device-hour, power {first.get('power_w')} W (override with --prices)"]
-    for title, name in figs:
-        if name:
-            lines += ["", f"## {title}", "", f"![{title}]({name})"]
-    cmp_md = project / "compare" / "compare.md"  # written by `sputnik compare` from the same ledger
-    if cmp_md.is_file():
-        body = cmp_md.read_text(encoding="utf-8").splitlines()[1:]
-        lines += ["", "## Recipes at equal compute (`sputnik compare`)",
-                  *[line.replace("](compare.png)", "](../compare/compare.png)") for line in body]]
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    return lines
 
 
 def register(sub) -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from sputnik.config import MISSING, add_config_args, config_from_args, knob
-from sputnik.inference.engine import SamplingParams
+from sputnik.config import DeviceConfig, add_config_args, config_from_args, knob
+from sputnik.inference.sampling import SamplingParams
 from sputnik.inference.scheduler import Delta, Scheduler
 from sputnik.inference.serve import ThinkSplitter, load_for_inference
 
@@ -25,17 +25,18 @@ EXIT_COMMANDS = ("/exit", "/quit")
 
 
 @dataclass
-class ChatConfig:
-    model: str = knob(MISSING, "model directory (a stage's <out>/model: weights, config.json, tokenizer)")
+class ChatConfig(DeviceConfig):
+    model: str = knob("", "model directory (a stage's <out>/model: weights, config.json, tokenizer); required")
+    tokenizer: str = knob("", "tokenizer directory or tokenizer.json ('' = the one saved with the model)")
     temperature: float = knob(0.6, "sampling temperature (0 = greedy; DeepSeek-R1 recommends 0.5-0.7)", min=0.0, max=2.0)
     top_p: float = knob(0.95, "nucleus sampling mass (1 = off)", min=0.0, max=1.0)
     top_k: int = knob(0, "sample among the k most likely tokens (0 = off)", min=0)
     max_tokens: int = knob(512, "longest reply in tokens", min=1)
     seed: int = knob(0, "seed of turn i is seed + i (replies are reproducible)", min=0)
-    device: str = knob("auto", "compute device", choices=["auto", "cpu", "cuda", "mps"])
-    num_threads: int = knob(0, "CPU threads (0 = all cores of the affinity mask)", min=0)
 
     def __post_init__(self):
+        if not self.model:
+            raise ValueError("model: give a model directory (--model DIR)")
         if self.top_p <= 0:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
 
@@ -76,10 +77,10 @@ def run(cfg: ChatConfig, stdin=None, stdout=None, pretty: bool | None = None) ->
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin is sys.stdin and stdin.isatty()
     pretty = stdout.isatty() if pretty is None else pretty
-    model, tokenizer = load_for_inference(cfg.model, cfg.device, cfg.num_threads)
+    model, tokenizer = load_for_inference(cfg, cfg.model, cfg.tokenizer)
     max_len = model.config.max_position_embeddings
     stop_ids = tuple(t for t in (tokenizer.eot_id, getattr(tokenizer, "user_id", None)) if t is not None)
-    sched = Scheduler(model, tokenizer, max_batch=1, max_len=max_len, queue_size=1)
+    sched = Scheduler(model, tokenizer, max_batch=1, max_len=max_len, queue_size=1, compile=cfg.compile)
     if interactive:
         print(f"sputnik chat: {cfg.model} (type /exit to quit)", file=sys.stderr)
     try:

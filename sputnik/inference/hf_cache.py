@@ -1,4 +1,4 @@
-"""The engine's cache contract (engine.py) over any Hugging Face causal LM's own KV cache.
+"""The engine's cached-model contract (decoders.py) over any Hugging Face causal LM's own KV cache.
 
 The engine prefills right-padded prompts with cache_seqlens = 0, then feeds one token per row at
 its true position cache_seqlens[b]; a row's tokens at positions >= cache_seqlens[b] are stale
@@ -46,45 +46,48 @@ class HFEngineCache:
         return self.pos_BS.shape[1]
 
 
-def new_cache(hf_model: nn.Module, batch: int, max_len: int, dtype=None, device=None) -> HFEngineCache:
-    """dtype is the model's own (HF allocates K/V lazily in the activation dtype)."""
-    device = device or next(hf_model.parameters()).device
-    return HFEngineCache.empty(hf_model.config, batch, max_len, device)
+class HFCachedModel:
+    """A transformers causal LM (bare, or wrapped as model/hf_wrapper.HFCausalLM for training) behind the
+    cached-model contract: new_cache / forward_cached / step through its own forward and KV cache."""
 
-
-def forward_cached(hf_model: nn.Module, input_ids_BT: torch.Tensor, cache: HFEngineCache,
-                   cache_seqlens_B: torch.Tensor, return_hidden: bool = False):
-    """Append T tokens per row at logical positions cache_seqlens[b] … +T−1 -> logits [B, T, V]
-    (and the last hidden state, post final norm, if return_hidden)."""
-    B, T = input_ids_BT.shape
-    seqlens_B = cache_seqlens_B.to(cache.pos_BS.device).long()
-    positions_BT = seqlens_B[:, None] + torch.arange(T, device=seqlens_B.device)
-    if int(positions_BT.max()) >= cache.max_len:
-        raise ValueError(f"cache overflow: a row needs position {int(positions_BT.max())}, cache holds {cache.max_len}")
-    # Forget what the engine rolled back (pad slots of the prefill, rejected drafts): forever, so a
-    # later write of the same position does not leave two live copies of it.
-    cache.live_BS &= cache.pos_BS < seqlens_B[:, None]
-    cache.pos_BS = torch.cat([cache.pos_BS, positions_BT], dim=1)
-    cache.live_BS = torch.cat([cache.live_BS, torch.ones_like(positions_BT, dtype=torch.bool)], dim=1)
-    out = hf_model(input_ids=input_ids_BT, attention_mask=cache.live_BS.long(), position_ids=positions_BT,
-                   past_key_values=cache.kv, use_cache=True, output_hidden_states=return_hidden)
-    cache.kv = out.past_key_values  # the same object for DynamicCache; kept in case a model swaps it
-    if return_hidden:
-        return out.logits, out.hidden_states[-1]
-    return out.logits
-
-
-class HFEngineModel(nn.Module):
-    """A bare transformers causal LM behind the engine's model contract (new_cache/forward_cached).
-    HFCausalLM (train_common.py) exposes the same two methods for wrapped policies and teachers."""
+    name = "transformers"
 
     def __init__(self, hf_model: nn.Module):
-        super().__init__()
         self.hf = hf_model
         self.config = hf_model.config
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> HFEngineCache:
-        return new_cache(self.hf, batch, max_len, dtype, device)
+        """dtype is the model's own (HF allocates K/V lazily in the activation dtype)."""
+        device = device or next(self.hf.parameters()).device
+        return HFEngineCache.empty(self.hf.config, batch, max_len, device)
 
-    def forward_cached(self, input_ids_BT, cache, cache_seqlens_B, return_hidden: bool = False):
-        return forward_cached(self.hf, input_ids_BT, cache, cache_seqlens_B, return_hidden)
+    @torch.no_grad()
+    def forward_cached(self, input_ids_BT: torch.Tensor, cache: HFEngineCache, cache_seqlens_B: torch.Tensor,
+                       logits_at_B: torch.Tensor | None = None, return_hidden: bool = False):
+        """Append T tokens per row at logical positions cache_seqlens[b] … +T−1 -> logits [B, T, V]
+        (and the last hidden state, post final norm, if return_hidden); logits_at_B: row b's new
+        token logits_at_B[b] only, [B, V]."""
+        B, T = input_ids_BT.shape
+        seqlens_B = cache_seqlens_B.to(cache.pos_BS.device).long()
+        positions_BT = seqlens_B[:, None] + torch.arange(T, device=seqlens_B.device)
+        if int(positions_BT.max()) >= cache.max_len:
+            raise ValueError(f"cache overflow: a row needs position {int(positions_BT.max())}, cache holds {cache.max_len}")
+        # Forget what the engine rolled back (pad slots of the prefill, rejected drafts): forever, so a
+        # later write of the same position does not leave two live copies of it.
+        cache.live_BS &= cache.pos_BS < seqlens_B[:, None]
+        cache.pos_BS = torch.cat([cache.pos_BS, positions_BT], dim=1)
+        cache.live_BS = torch.cat([cache.live_BS, torch.ones_like(positions_BT, dtype=torch.bool)], dim=1)
+        out = self.hf(input_ids=input_ids_BT, attention_mask=cache.live_BS.long(), position_ids=positions_BT,
+                      past_key_values=cache.kv, use_cache=True, output_hidden_states=return_hidden)
+        cache.kv = out.past_key_values  # the same object for DynamicCache; kept in case a model swaps it
+        logits = out.logits
+        if logits_at_B is not None:
+            return logits[torch.arange(B, device=logits.device), logits_at_B]
+        return (logits, out.hidden_states[-1]) if return_hidden else logits
+
+    def step_weights(self) -> None:
+        return None
+
+    def step(self, tok_B: torch.Tensor, cache: HFEngineCache, cache_seqlens_B: torch.Tensor, weights=None,
+             step_fn=None) -> torch.Tensor:
+        return self.forward_cached(tok_B[:, None], cache, cache_seqlens_B)[:, -1]

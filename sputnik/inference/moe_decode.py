@@ -1,9 +1,9 @@
 """MoE and MLP layers for inference with a few tokens a call (decode steps, no autograd): the same
-sums as moe.py's training path (moe.MoE.forward, layers.MLP.forward) in fewer, cheaper ops, over
-weight copies derived once per weight update (mla.cached_weights).
+sums as the model's training path (model/moe.py MoE.forward, layers.MLP.forward) in fewer, cheaper
+ops, over weight copies derived once per weight update (weights.cached_weights).
 
 The routed experts have one path per situation, each measured against the others (LOG.md):
-  - CPU, fp32, a C compiler: the hand-written kernel (cpu_kernels.py, routed_ffn.c);
+  - CPU, fp32, a C compiler: the hand-written kernel (kernels/cpu.py, routed_ffn.c);
   - inside a compiled CPU step with a few tokens: gathered per slot in the graph (routed_experts_gathered);
   - otherwise `routed_rows`: per-expert matmuls for 1-2 tokens, a padded bmm with several threads,
     the grouped GEMM (always on CUDA: device-side offsets, no host sync, so CUDA graphs can capture it).
@@ -15,10 +15,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sputnik.inference.weights import cached_weights
 from sputnik.kernels import cpu as cpu_kernels
 from sputnik.model.layers import MLP
-from sputnik.model.mla import cached_weights
-from sputnik.model.moe import FEW_TOKENS, MoE, routed_experts_grouped
+from sputnik.model.moe import MoE, routed_experts_grouped
+
+# A prefill (several tokens) takes the MoE's grouped training path past this many tokens; one-token
+# decode steps always take the few-token path below. Measured (same run, tiny, 1 thread): the
+# few-token path 0.65x the grouped time at 1-2 tokens, even at 3-4.
+FEW_TOKENS = 2
+
+
+def ffn_decode_weights(ffn) -> dict | tuple:
+    """The derived weights of a block's FFN: moe_decode_weights for a MoE, mlp_decode_weights else."""
+    return moe_decode_weights(ffn) if isinstance(ffn, MoE) else mlp_decode_weights(ffn)
 
 
 def mlp_decode_weights(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +38,7 @@ def mlp_decode_weights(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
                 mlp.down_proj.weight.t().contiguous())
 
     sources = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
-    return cached_weights(mlp, "_decode_weights_cache", sources, build)
+    return cached_weights(mlp, "mlp_decode", sources, build)
 
 
 def mlp_rows(mlp: MLP, x_ND: torch.Tensor, w: tuple | None = None) -> torch.Tensor:
@@ -42,14 +52,14 @@ def mlp_rows(mlp: MLP, x_ND: torch.Tensor, w: tuple | None = None) -> torch.Tens
 def moe_decode_weights(moe: MoE) -> dict:
     """The few-token path's [in, out] weight copies (rebuilt after a weight update, see cached_weights)."""
     fused = moe.gate.weight.dtype == torch.float32 and moe.shared_experts is not None
-    return cached_weights(moe, "_decode_weights_cache", [p for p in moe.parameters()],
+    return cached_weights(moe, "moe_decode", [p for p in moe.parameters()],
                           lambda: _build_few_token_weights(moe, fused))
 
 
 def moe_few_tokens(moe: MoE, x_ND: torch.Tensor, w: dict | None = None) -> torch.Tensor:
     """MoE.forward for a handful of tokens without autograd: Router.forward's selection and gates and
     the same sum, in fewer ops. In fp32 the router and the shared expert's gate/up share one matmul.
-    The routed experts: in fp32 on a CPU, the hand-written kernel (cpu_kernels.py, routed_ffn.c) when
+    The routed experts: in fp32 on a CPU, the hand-written kernel (kernels/cpu.py, routed_ffn.c) when
     it could be built, otherwise `routed_rows` (on CUDA the grouped GEMM), both opaque to
     torch.compile; a compiled CPU step with a few tokens gathers them inside the graph instead. `w` is
     moe_decode_weights(moe), fetched by the caller when the step is compiled."""
@@ -94,7 +104,7 @@ def _routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch
     runs as two plain matmuls: no sort, and no grouped GEMM walking all E experts for K rows
     (torch._grouped_mm on CPU visits every expert). More tokens: sort the slots by expert, grouped GEMM.
     On CUDA always the grouped GEMM: it reads the expert offsets on the device, so the step has no host
-    sync and can be captured in a CUDA graph (decode_graphs.py)."""
+    sync and can be captured in a CUDA graph (graphs.py)."""
     N, K = topk_idx_NK.shape
     acc_dtype = torch.promote_types(x_ND.dtype, torch.float32)
     if N > FEW_TOKENS or x_ND.is_cuda:
@@ -124,7 +134,7 @@ def _routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch
 # / 1.88 / 2.85 / 4.62. With the reduction form and static shapes (stop 19), the gathered step at batch
 # 32 / 48 / 64: 3.39-3.49 / 4.50 / 5.77 vs routed_rows 3.96 / 4.99 / 6.05 ms. Eager it loses (batch 8 /
 # 16: 3.62 / 5.41 vs 3.04 / 3.56 ms): inductor does better with the gathers. Against the C kernel
-# (cpu_kernels.py), an opaque call that costs a few us more than a fused in-graph kernel, the gathered
+# (kernels/cpu.py), an opaque call that costs a few us more than a fused in-graph kernel, the gathered
 # form still wins up to 8 tokens (stop 20, same process, alternating, generated tok/s at batch 1 / 8 /
 # 16 / 24 / 32: gathered 1265 / 5645 / 8014 / 8755 / 9429, kernel 1171 / 5480 / 8177 / 9359 / 10551).
 GATHER_MAX_TOKENS = 64  # compiled steps without the C kernel

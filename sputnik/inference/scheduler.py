@@ -14,8 +14,8 @@ Tokens are turned into text incrementally (UTF-8 safe) and streamed to a per-req
 queue. Stop strings truncate the text (OpenAI semantics); text that may be the start of a stop
 string is held back until it is decided.
 
-Cache contract (engine.py): model.new_cache / forward_cached / cache.select, plus the static
-`type(cache).concat(caches)` that stacks batch rows.
+Cache contract (decoders.py, the cached model): new_cache / forward_cached / step / cache.select,
+plus the static `type(cache).concat(caches)` that stacks batch rows.
 
 Shape legend: B running rows, V vocab.
 """
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sputnik.inference.engine import SamplingParams, decode_logits, mask_vocab, sample_next, wave_weights
+from sputnik.inference.decoders import cached_model, compiled_step
+from sputnik.inference.sampling import SamplingParams, mask_vocab, sample_next
 
 log = logging.getLogger(__name__)
 
@@ -198,17 +199,20 @@ class Scheduler:
     with start=False)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int = 1024, queue_size: int = 64,
-                 start: bool = True):
+                 start: bool = True, compile: bool = False):
+        """compile: our DeepSeek-V3's decode step through torch.compile (one dynamic-shape graph)."""
         if max_batch < 1 or max_len < 2 or queue_size < 1:
             raise ValueError(f"max_batch={max_batch}, max_len={max_len}, queue_size={queue_size}: need "
                              "max_batch >= 1, max_len >= 2, queue_size >= 1")
         self.model, self.tokenizer = model, tokenizer
+        self.cm = cached_model(model)
+        self.step_fn = compiled_step("dynamic") if compile and hasattr(self.cm, "draft") else None
         self.max_batch, self.max_len, self.queue_size = max_batch, max_len, queue_size
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         # A head wider than the tokenizer has rows no text maps to: never sample them.
         self.vocab_limit = tokenizer.vocab_size
-        probe = model.new_cache(1, max_len, self.dtype, self.device)  # also checks max_len vs the context
+        probe = self.cm.new_cache(1, max_len, self.dtype, self.device)  # also checks max_len vs the context
         if not hasattr(type(probe), "concat"):
             raise ValueError(f"{type(probe).__name__} has no concat(): this model cannot join requests to a running batch")
         self.stats = SchedulerStats()
@@ -217,7 +221,7 @@ class Scheduler:
         self._closed = False
         self._rows: list[Request] = []  # running rows, in cache row order
         self._cache = self._seqlens_B = self._last_B = None
-        self._weights = None  # decode weights of the running batch (engine.wave_weights), fetched when it starts
+        self._weights = None  # the cached model's step weights, fetched when the running batch starts
         self._thread = threading.Thread(target=self._loop, name="sputnik-scheduler", daemon=True)
         if start:
             self._thread.start()
@@ -312,9 +316,9 @@ class Scheduler:
             self._count(req)
             return
         dev = self.device
-        cache = self.model.new_cache(1, self.max_len, self.dtype, dev)
+        cache = self.cm.new_cache(1, self.max_len, self.dtype, dev)
         ids_1T = torch.tensor([req.prompt_ids], dtype=torch.long, device=dev)
-        logits_1V = self.model.forward_cached(ids_1T, cache, torch.zeros(1, dtype=torch.long, device=dev))[:, -1]
+        logits_1V = self.cm.forward_cached(ids_1T, cache, torch.zeros(1, dtype=torch.long, device=dev))[:, -1]
         self.stats.prefills += 1
         self.stats.generated_tokens += 1
         (token,) = self._sample(logits_1V, [req])
@@ -325,7 +329,7 @@ class Scheduler:
         last_1 = torch.tensor([token], device=dev)
         if self._cache is None:
             self._cache, self._seqlens_B, self._last_B = cache, seqlen_1, last_1
-            self._weights = wave_weights(self.model)
+            self._weights = self.cm.step_weights()
         else:  # same max_len on both sides, so rows stack
             self._cache = type(cache).concat([self._cache, cache])
             self._seqlens_B = torch.cat([self._seqlens_B, seqlen_1])
@@ -334,7 +338,7 @@ class Scheduler:
         self.stats.max_running = max(self.stats.max_running, len(self._rows))
 
     def _decode(self) -> None:
-        logits_BV = decode_logits(self.model, self._last_B, self._cache, self._seqlens_B, self._weights)
+        logits_BV = self.cm.step(self._last_B, self._cache, self._seqlens_B, self._weights, step_fn=self.step_fn)
         self._seqlens_B = self._seqlens_B + 1
         tokens = self._sample(logits_BV, self._rows)
         self.stats.steps += 1

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from sputnik.config import MISSING, add_config_args, config_from_args, knob
-from sputnik.inference.engine import SamplingParams
+from sputnik.config import DeviceConfig, add_config_args, config_from_args, knob
+from sputnik.inference.sampling import SamplingParams
 from sputnik.inference.scheduler import QueueFull, Scheduler, SchedulerClosed
 from sputnik.tokenizer import THINK, THINK_END
 
@@ -42,8 +42,9 @@ REQUEST_TIMEOUT_S = 600.0
 
 
 @dataclass
-class ServeConfig:
-    model: str = knob(MISSING, "model directory (a stage's <out>/model: weights, config.json, tokenizer)")
+class ServeConfig(DeviceConfig):
+    model: str = knob("", "model directory (a stage's <out>/model: weights, config.json, tokenizer); required")
+    tokenizer: str = knob("", "tokenizer directory or tokenizer.json ('' = the one saved with the model)")
     host: str = knob("127.0.0.1", "address to bind (no authentication: keep it on loopback unless proxied)")
     port: int = knob(8000, "TCP port (0 = any free port)", min=0, max=65535)
     max_batch: int = knob(8, "requests decoded together (continuous batching)", min=1)
@@ -51,33 +52,33 @@ class ServeConfig:
     max_tokens_limit: int = knob(1024, "largest max_tokens a request may ask for (400 beyond)", min=1)
     queue_size: int = knob(64, "requests allowed to wait for a batch slot (429 beyond)", min=1)
     served_name: str = knob("", "model id in the API ('' = the model directory's name)")
-    device: str = knob("auto", "compute device", choices=["auto", "cpu", "cuda", "mps"])
-    num_threads: int = knob(0, "CPU threads (0 = all cores of the affinity mask)", min=0)
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("model: give a model directory (--model DIR)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Model loading (shared with `sputnik chat`) and the reasoning split
-def load_for_inference(model_dir: str, device: str = "auto", num_threads: int = 0):
-    """(model, tokenizer) from a model directory, through the same loaders the stages use."""
+def load_for_inference(cfg: DeviceConfig, model_dir: str, tokenizer: str = ""):
+    """(model, tokenizer) from a model directory, through the same loaders the stages use; the process's
+    threads and kernels set from cfg (a server lives as long as its process)."""
     from sputnik.common import pick_device, set_threads
     from sputnik.data import check_vocab
-    from sputnik.model.config import ModelConfig
-    from sputnik.train.session import InitConfig, load_model, load_tokenizer, model_vocab_size
+    from sputnik.kernels.cpu import use_cpu_kernels
+    from sputnik.train.loading import load_model, load_tokenizer
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"model={model_dir!r}: not a directory")
-    choice = pick_device(device)
-    set_threads(num_threads)
-    init = InitConfig(hf_dir=str(model_dir))
-    tokenizer, model = load_tokenizer("", init), load_model(ModelConfig(), init)
-    check_vocab(tokenizer, model_vocab_size(model))
-    if not hasattr(model, "new_cache"):
-        raise ValueError(f"model={model_dir!r}: {type(model).__name__} has no KV-cache decode; serving needs a "
-                         "sputnik deepseek_v3 or llama model")
+    choice = pick_device(cfg.device)
+    set_threads(cfg.num_threads)
+    use_cpu_kernels(cfg.cpu_kernels)
+    tok, model = load_tokenizer(tokenizer, model_dir), load_model(model_dir)
+    check_vocab(tok, model.config.vocab_size)
     # Inference only: no fp32 master weights needed, so run in the compute dtype outright.
     model = model.to(device=choice.device, dtype=choice.dtype).eval()
     print(f"sputnik: {choice.device} ({choice.reason})", file=sys.stderr)
-    return model, tokenizer
+    return model, tok
 
 
 class ThinkSplitter:
@@ -399,14 +400,15 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> Server:
 
 
 def build_app(cfg: ServeConfig, access_log: bool = True) -> App:
-    model, tokenizer = load_for_inference(cfg.model, cfg.device, cfg.num_threads)
+    model, tokenizer = load_for_inference(cfg, cfg.model, cfg.tokenizer)
     context = model.config.max_position_embeddings
     max_len = min(cfg.max_prompt_tokens + cfg.max_tokens_limit, context)
     prompt_limit, tokens_limit = min(cfg.max_prompt_tokens, max_len - 1), min(cfg.max_tokens_limit, max_len - 1)
     if (prompt_limit, tokens_limit) != (cfg.max_prompt_tokens, cfg.max_tokens_limit):
         print(f"sputnik serve: warning: the model's context is {context} tokens: max_prompt_tokens={prompt_limit}, "
               f"max_tokens_limit={tokens_limit} (a request's prompt + max_tokens must still fit {max_len})", file=sys.stderr)
-    scheduler = Scheduler(model, tokenizer, max_batch=cfg.max_batch, max_len=max_len, queue_size=cfg.queue_size)
+    scheduler = Scheduler(model, tokenizer, max_batch=cfg.max_batch, max_len=max_len, queue_size=cfg.queue_size,
+                          compile=cfg.compile)
     name = cfg.served_name or os.path.basename(os.path.abspath(cfg.model))
     return App(scheduler, tokenizer, name, prompt_limit, tokens_limit, access_log)
 

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sputnik.inference.engine import Completion, SamplingParams, filter_logits, sample_from_probs
+from sputnik.inference.decoders import cached_model
+from sputnik.inference.engine import Completion
+from sputnik.inference.sampling import SamplingParams, filter_logits, sample_from_probs
 
 
 @dataclass
@@ -101,17 +103,17 @@ def speculative_generate(model, prompt: list[int], params: SamplingParams) -> tu
 
 
 def _generate(model, prompt, params):
-    t0, stats = time.perf_counter(), SpecStats()
+    t0, stats, cm = time.perf_counter(), SpecStats(), cached_model(model)
     dev = model.lm_head.weight.device
     gen = torch.Generator(device=dev).manual_seed(params.seed)
     stops = set(params.stop_token_ids)
     one = lambda v: torch.tensor([v], device=dev)  # noqa: E731  (a [1] position / seqlen tensor)
     greedy = params.temperature == 0
     # verify writes one slot past the last emitted token: +2 of slack
-    cache = model.new_cache(1, len(prompt) + params.max_new_tokens + 2, None, dev)
+    cache = cm.new_cache(1, len(prompt) + params.max_new_tokens + 2, None, dev)
 
     # --- prefill: h_0 … h_{n−1} and x_n
-    logits_1TV, h_1TD = model.forward_cached(torch.tensor([prompt], device=dev), cache, one(0), return_hidden=True)
+    logits_1TV, h_1TD = cm.forward_cached(torch.tensor([prompt], device=dev), cache, one(0), return_hidden=True)
     tok = sample_from_probs(sampling_probs(logits_1TV[:, -1], params), gen)
     seq, out, logps = list(prompt), [int(tok)], policy_logprobs(logits_1TV[:, -1], tok, params).tolist()
     seq.append(out[0])
@@ -120,7 +122,7 @@ def _generate(model, prompt, params):
     while len(out) < params.max_new_tokens and out[-1] not in stops:
         # --- draft: the MTP block catches up over positions mtp_len … n−1; the last one drafts x_{n+1}
         next_ids_1P = torch.tensor([seq[mtp_len + 1: n + 1]], device=dev)
-        draft_logits_1PV, _ = model.draft(h_pend_1PD, next_ids_1P, 1, cache, one(mtp_len))
+        draft_logits_1PV, _ = cm.draft(h_pend_1PD, next_ids_1P, cache, one(mtp_len))
         if greedy:  # one-hot p and q: the rule is "accept iff d == argmax p_0" with no random draws
             draft_11 = draft_logits_1PV[:, -1].argmax(-1, keepdim=True)
         else:
@@ -129,7 +131,7 @@ def _generate(model, prompt, params):
         mtp_len = n
         # --- verify [x_n, d] at positions n, n+1
         ids_12 = torch.cat([one(seq[n])[:, None], draft_11], dim=1)
-        logits_12V, h_12D = model.forward_cached(ids_12, cache, one(n), return_hidden=True)
+        logits_12V, h_12D = cm.forward_cached(ids_12, cache, one(n), return_hidden=True)
         if greedy:
             d, (top0, top1) = int(draft_11), logits_12V[0].argmax(-1).tolist()
             a, new_1A = int(d == top0), torch.tensor([d, top1] if d == top0 else [top0], device=dev)

@@ -13,7 +13,8 @@ flags and the CPU's feature flags (it is built for this CPU), and written to a t
 renamed, so concurrent builds never load a half-written library.
 
 No compiler, a failed build or a non-Linux host: `routed_ffn_available()` / `softmax_rows_available()`
-is False (logged once) and callers keep their torch path; SPUTNIK_NO_CPU_KERNELS=1 turns both off.
+is False (logged once) and callers keep their torch path; `use_cpu_kernels(False)` (a run's
+cpu_kernels=false) turns both off for the process.
 `routed_ffn_rows` is a torch custom op, so a compiled decode step calls it as one opaque node.
 """
 from __future__ import annotations
@@ -96,9 +97,25 @@ def build(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
     return lib
 
 
+_enabled = True
+
+
+def use_cpu_kernels(enabled: bool) -> None:
+    """Process-wide switch (a run's cpu_kernels setting, applied with its thread count): off, every
+    caller takes its torch path. Set it before the first decode or update: derived decode weights
+    built for the kernel are not rebuilt when it changes."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def cpu_kernels_enabled() -> bool:
+    """The process-wide switch (use_cpu_kernels), not whether the kernels could be built."""
+    return _enabled
+
+
 @functools.cache
 def _library(source: Path = SOURCE):
-    if not sys.platform.startswith("linux") or os.environ.get("SPUTNIK_NO_CPU_KERNELS") == "1":
+    if not sys.platform.startswith("linux"):
         return None
     try:
         try:
@@ -116,11 +133,11 @@ def _library(source: Path = SOURCE):
 
 
 def routed_ffn_available() -> bool:
-    return _library() is not None
+    return _enabled and _library() is not None
 
 
 def softmax_rows_available() -> bool:
-    return _library(SOFTMAX_SOURCE) is not None
+    return _enabled and _library(SOFTMAX_SOURCE) is not None
 
 
 def _checked_library():

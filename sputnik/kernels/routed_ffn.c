@@ -16,7 +16,7 @@
    loader reuses the copy torch loaded), so this shares torch's threads. Each output is summed in a
    fixed order by one thread: results do not depend on the thread count.
 
-   Plain C, no torch headers: cpu_kernels.py builds it with cc -O3 -march=native in about a second. */
+   Plain C, no torch headers: kernels/cpu.py builds it with cc -O3 -march=native in about a second. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>

@@ -1,8 +1,9 @@
 """One pre-norm decoder block of DeepSeek-V3: MLA, then a dense SwiGLU or a DeepSeekMoE layer.
 
-Shape legend: B batch, T time, D hidden_size, F = qk_rope_head_dim / 2.
+Shape legend: B batch, T time, D hidden_size.
 Used for the main layers and, by subclassing, for the multi-token-prediction modules (mtp.py),
-whose checkpoint keys are a block's keys plus four extras.
+whose checkpoint keys are a block's keys plus four extras. The decode path runs the same math on
+token rows over weight copies (inference/deepseek.py: decode_block).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from torch import nn
 
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import MLP, RMSNorm
-from sputnik.model.mla import MLA, MLACache
+from sputnik.model.mla import MLA
+from sputnik.model.moe import MoE, Routing
 
 
 class Block(nn.Module):
@@ -25,14 +27,15 @@ class Block(nn.Module):
         self.self_attn = MLA(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(D, eps)
         use_moe = config.is_moe_layer(layer_idx) if moe is None else moe
-        if use_moe:
-            from sputnik.model.moe import MoE  # imported here so attention-only users need no MoE
+        self.mlp = MoE(config) if use_moe else MLP(D, config.intermediate_size)
 
-            self.mlp = MoE(config)
-        else:
-            self.mlp = MLP(D, config.intermediate_size)
-
-    def forward(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: MLACache | None = None) -> torch.Tensor:
-        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), cos, sin, cache)
-        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+    def forward(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, valid_BT: torch.Tensor | None = None,
+                attend=None) -> tuple[torch.Tensor, Routing | None]:
+        """-> (h_BTD, the MoE layer's Routing or None for a dense FFN). valid_BT: the real tokens of a
+        right-padded batch (expert load); attend: the attention over q, k, v (MLA.forward)."""
+        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), cos, sin, attend)
+        x_BTD = self.post_attention_layernorm(h_BTD)
+        if isinstance(self.mlp, MoE):
+            y_BTD, routing = self.mlp(x_BTD, valid_BT)
+            return h_BTD + y_BTD, routing
+        return h_BTD + self.mlp(x_BTD), None

@@ -1,8 +1,8 @@
 """Dense Llama-style baseline: RMSNorm, RoPE (rotate_half), grouped-query attention, SwiGLU.
 
 The control arm for the DeepSeek-V3 `Transformer`: same interface (forward with chunked loss,
-`hidden_states`, `lm_head`, KV-cache decode, no-op MoE hooks) so every stage and the engine treat
-both alike. Module names equal transformers' `LlamaForCausalLM`, so `state_dict()` *is* the HF
+`hidden_states`, `lm_head`, an empty expert load and a no-op bias update) so every stage treats both
+alike; inference/llama.py decodes it over a preallocated KV cache through the attention hook. Module names equal transformers' `LlamaForCausalLM`, so `state_dict()` *is* the HF
 checkpoint (`model.layers.{i}.self_attn.q_proj.weight`, ..., `lm_head.weight`); see hf_llama.py.
 
 Shape legend: B batch, T time (new tokens), S key slots (cache length), D hidden_size,
@@ -10,8 +10,6 @@ H query heads, K key/value heads, C head_dim, F = C/2 rotary frequencies, P RoPE
 V vocab, N = B·T flattened rows, L layers.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +70,9 @@ class LlamaAttention(nn.Module):
     """softmax(q kᵀ / √C + causal) v with K ≤ H key/value heads; query head h reads KV head
     h // (H/K), the grouping of HF's `repeat_kv`."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         D, C = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.kv_heads, C
         self.q_proj = nn.Linear(D, self.num_heads * C, bias=False)
@@ -95,63 +94,30 @@ class LlamaAttention(nn.Module):
         B, _, T, _ = o_BHTC.shape
         return self.o_proj(o_BHTC.transpose(1, 2).reshape(B, T, -1))
 
-    def forward(self, x_BTD, cos_TC, sin_TC):
-        q_BHTC, k_BKTC, v_BKTC = self._qkv(x_BTD, cos_TC, sin_TC)
-        o_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BKTC, v_BKTC, is_causal=True, enable_gqa=self.gqa)
-        return self._out(o_BHTC)
-
-    def forward_cached(self, x_BTD, cos, sin, k_cache_BKSC, v_cache_BKSC, pos_BT, mask_B1TS):
-        """Write this step's K/V at each row's own slots pos_BT, then attend over the first S slots
-        under mask_B1TS (slot s visible to query t of row b iff s ≤ pos_BT[b, t])."""
+    def forward(self, x_BTD, cos, sin, attend=None):
+        """Causal self-attention; cos/sin [T, C] (positions 0..T−1) or [B, 1, T, C] (given positions).
+        attend(self, q_BHTC, k_BKTC, v_BKTC) -> o_BHTC replaces the causal attention (the KV-cache
+        decode writes and reads its cache there, inference/llama.py)."""
         q_BHTC, k_BKTC, v_BKTC = self._qkv(x_BTD, cos, sin)
-        rows_B1 = torch.arange(x_BTD.shape[0], device=x_BTD.device)[:, None]
-        # Advanced indices on dims 0 and 2 around a slice: the indexed view is [B, T, K, C].
-        k_cache_BKSC[rows_B1, :, pos_BT] = k_BKTC.transpose(1, 2).to(k_cache_BKSC.dtype)
-        v_cache_BKSC[rows_B1, :, pos_BT] = v_BKTC.transpose(1, 2).to(v_cache_BKSC.dtype)
-        S = mask_B1TS.shape[-1]
-        k_BKSC, v_BKSC = k_cache_BKSC[:, :, :S].to(q_BHTC.dtype), v_cache_BKSC[:, :, :S].to(q_BHTC.dtype)
-        o_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BKSC, v_BKSC, attn_mask=mask_B1TS, enable_gqa=self.gqa)
+        if attend is not None:
+            return self._out(attend(self, q_BHTC, k_BKTC, v_BKTC))
+        o_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BKTC, v_BKTC, is_causal=True, enable_gqa=self.gqa)
         return self._out(o_BHTC)
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, layer_idx)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x_BTD, cos, sin):
-        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin)
+    def forward(self, x_BTD, cos, sin, attend=None):
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, attend)
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-
-
-@dataclass
-class KVCache:
-    """Preallocated keys/values of all layers, [L, B, K, S_max, C]; layer l's view is [B, K, S_max, C].
-    One allocation per tensor so `select` (fork/compaction in the engine) is one gather."""
-
-    k_LBKSC: torch.Tensor
-    v_LBKSC: torch.Tensor
-
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """Keep/repeat batch rows (a copy: forked rows must not share slots)."""
-        return KVCache(self.k_LBKSC[:, rows], self.v_LBKSC[:, rows])
-
-    @property
-    def max_len(self) -> int:
-        return self.k_LBKSC.shape[3]
-
-    @staticmethod
-    def concat(caches: list["KVCache"]) -> "KVCache":
-        """Stack the rows of several caches (same layers, heads and max_len) into one: the server's
-        scheduler joins a freshly prefilled request to the running batch this way."""
-        if not caches:
-            raise ValueError("KVCache.concat: no caches")
-        return KVCache(torch.cat([c.k_LBKSC for c in caches], dim=1), torch.cat([c.v_LBKSC for c in caches], dim=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +135,7 @@ class LlamaModel(nn.Module):
         self.model = nn.Module()
         # No padding_idx: our pad id defaults to the BOS id, whose row must keep learning.
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.model.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.model.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryTables(config)
@@ -191,23 +157,34 @@ class LlamaModel(nn.Module):
         self.rotary.reset()
 
     # --- training / scoring path
-    def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        """h_BTD after the final RMSNorm (what the head multiplies)."""
+    def _trunk(self, input_ids_BT: torch.Tensor, positions: torch.Tensor | None, attend) -> torch.Tensor:
+        """Embedding, layers, final norm -> h_BTD. positions [B, T] default to 0..T−1."""
         T = input_ids_BT.shape[1]
-        if T > self.rotary.cos_PC.shape[0]:
+        if positions is None and T > self.rotary.cos_PC.shape[0]:
             raise ValueError(f"sequence length {T} > max_position_embeddings={self.rotary.cos_PC.shape[0]}")
         x_BTD = self.model.embed_tokens(input_ids_BT)
         # HF casts the fp32 tables to the activation dtype before the multiply; so do we.
-        cos_TC, sin_TC = self.rotary.cos_PC[:T].to(x_BTD.dtype), self.rotary.sin_PC[:T].to(x_BTD.dtype)
+        if positions is None:
+            cos, sin = self.rotary.cos_PC[:T], self.rotary.sin_PC[:T]  # [T, C]
+        else:
+            cos, sin = self.rotary.cos_PC[positions][:, None], self.rotary.sin_PC[positions][:, None]  # [B, 1, T, C]
+        cos, sin = cos.to(x_BTD.dtype), sin.to(x_BTD.dtype)
         for layer in self.model.layers:
-            x_BTD = layer(x_BTD, cos_TC, sin_TC)
+            x_BTD = layer(x_BTD, cos, sin, attend)
         return self.model.norm(x_BTD)
 
-    def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None) -> ModelOutput:
+    def hidden_states(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, *,
+                      positions: torch.Tensor | None = None, attend=None) -> ModelOutput:
+        """`hidden`: h_BTD after the final RMSNorm (what the head multiplies); no expert load.
+        valid_BT is accepted for the common signature (a dense model has no load to mask)."""
+        return ModelOutput(hidden=self._trunk(input_ids_BT, positions, attend))
+
+    def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
+                valid_BT: torch.Tensor | None = None) -> ModelOutput:
         """Without targets: logits [B, T, V]. With (already shifted, −100 = ignore) targets:
         ce = Σ_n CE(W h_n, t_n) / #valid through the chunked head (no [B, T, V] tensor);
         loss = ce (no MTP, no balance loss: both reported as 0 so loops log both models alike)."""
-        h_BTD = self.hidden_states(input_ids_BT)
+        h_BTD = self._trunk(input_ids_BT, None, None)
         if targets_BT is None:
             return ModelOutput(logits=self.lm_head(h_BTD))
         if targets_BT.shape != input_ids_BT.shape:
@@ -218,48 +195,5 @@ class LlamaModel(nn.Module):
         # ce_loss detached, as the Transformer reports its loss parts: for logging, not for backward.
         return ModelOutput(loss=ce, ce_loss=ce.detach(), mtp_loss=zero, aux_loss=zero, num_tokens=num_valid)
 
-    # --- MoE hooks: a dense model has no experts (uniform loops for both architectures)
-    def expert_load(self) -> dict[str, torch.Tensor]:
-        """{MoE layer: per-expert load}, as Transformer.expert_load; empty here."""
-        return {}
-
-    def update_expert_bias(self) -> None:
-        return None
-
-    # --- KV-cache decode (engine.py contract)
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
-        """Zeroed K/V for `batch` rows of up to `max_len` tokens (dtype/device default to the weights')."""
-        w = self.lm_head.weight
-        dtype, device = dtype or w.dtype, device or w.device
-        if max_len > self.config.max_position_embeddings:
-            raise ValueError(f"max_len={max_len} > max_position_embeddings={self.config.max_position_embeddings}")
-        c = self.config
-        shape = (c.num_hidden_layers, batch, c.kv_heads, max_len, c.head_dim)
-        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-
-    @torch.no_grad()
-    def forward_cached(self, input_ids_BT: torch.Tensor, cache: KVCache, cache_seqlens_B: torch.Tensor,
-                       logits_at_B: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] of T new tokens per row; row b's tokens take positions
-        cache_seqlens_B[b] + 0..T−1 (ragged rows allowed) and attend to everything before them.
-        Slots past a row's own length (padding, stale forks) are masked, never read.
-        logits_at_B: only the logits of new token logits_at_B[b] of each row, [B, V] (a prefill needs
-        just each prompt's last position: the lm_head on one row instead of T)."""
-        B, T = input_ids_BT.shape
-        dev = input_ids_BT.device
-        pos_BT = cache_seqlens_B.to(dev, torch.long)[:, None] + torch.arange(T, device=dev)
-        S = int(pos_BT[:, -1].max()) + 1  # attend over the used prefix only, not all S_max slots
-        if S > cache.max_len:
-            raise ValueError(f"cache overflow: a row needs {S} slots, cache holds {cache.max_len}")
-        mask_B1TS = (torch.arange(S, device=dev) <= pos_BT[:, :, None])[:, None]
-        x_BTD = self.model.embed_tokens(input_ids_BT)
-        cos = self.rotary.cos_PC[pos_BT][:, None].to(x_BTD.dtype)  # [B, 1, T, C]
-        sin = self.rotary.sin_PC[pos_BT][:, None].to(x_BTD.dtype)
-        for l, layer in enumerate(self.model.layers):
-            attn = layer.self_attn.forward_cached(layer.input_layernorm(x_BTD), cos, sin, cache.k_LBKSC[l],
-                                                  cache.v_LBKSC[l], pos_BT, mask_B1TS)
-            x_BTD = x_BTD + attn
-            x_BTD = x_BTD + layer.mlp(layer.post_attention_layernorm(x_BTD))
-        if logits_at_B is not None:
-            x_BTD = x_BTD[torch.arange(B, device=dev), logits_at_B]  # [B, D]
-        return self.lm_head(self.model.norm(x_BTD))
+    def update_expert_bias(self, load: dict[str, torch.Tensor]) -> None:
+        """A dense model has no experts: nothing to balance (uniform loops for both architectures)."""

@@ -11,11 +11,10 @@ chosen expert) pair), M tokens of one expert, O/F output/input width of a groupe
 """
 from __future__ import annotations
 
-import contextlib
 import functools
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -53,21 +52,6 @@ def seq_balance_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha
     f_BE = hits_BE * (E / K) / len_B1
     p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True) * m_BT[..., None]).sum(1) / len_B1
     return alpha * (f_BE * p_BE).sum(-1).mean()
-
-
-@contextlib.contextmanager
-def count_load_where(model: nn.Module, valid_BT: torch.Tensor):
-    """Inside: training forwards of `model` count expert load (for the aux-loss-free bias update and
-    the sequence-wise loss) only at valid_BT positions, the real tokens of a right-padded batch (SFT,
-    RL, distillation): padding is not load and must not steer the bias. No-op without MoE layers."""
-    layers = list(getattr(model, "moe_layers", dict)().values())
-    for m in layers:
-        m.load_mask_BT = valid_BT
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.load_mask_BT = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,85 +282,60 @@ class Experts(nn.Module):
                                       counts_E, self.use_grouped_mm)
 
 
-# Decode steps (no autograd, a few tokens) take moe_decode.moe_few_tokens up to this many tokens.
-FEW_TOKENS = 2  # measured (same run, tiny, 1 thread): few-token path 0.65x the grouped time at 1-2 tokens, even at 3-4
-
-
 # ---------------------------------------------------------------------------------------------
 # The MoE block
+@dataclass
+class Routing:
+    """What an MoE forward reports besides its output, for the trainer's balancing (the model keeps no
+    state of its own). load_E: tokens routed to each expert, counted at valid positions only (right
+    padding is not load and must not steer the bias); aux_loss: the sequence-wise balance loss of a
+    training forward (None in eval mode or when seq_aux_loss_alpha == 0)."""
+    load_E: torch.Tensor
+    aux_loss: torch.Tensor | None
+
+
 class MoE(nn.Module):
     """h ↦ Σ_shared FFN^s(h) + Σ_i w_i FFN^r_i(h) (V3 eq. 13; the residual is added by the Block).
-
-    Balancing state: `last_load` [E] fp32 accumulates routed token counts over training forwards
-    (micro-batches) until `update_bias()` consumes it; `last_aux_loss` is the sequence-wise balance
-    loss of the last training forward (None in eval or when seq_aux_loss_alpha == 0)."""
+    Returns (y, Routing); the aux-loss-free bias moves only when the trainer calls
+    Transformer.update_expert_bias with a step's summed load (train/balance.py)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
-        self.bias_update_speed, self.seq_aux_loss_alpha = config.bias_update_speed, config.seq_aux_loss_alpha
+        self.seq_aux_loss_alpha = config.seq_aux_loss_alpha
         self.gate = Router(config)
         self.experts = Experts(config)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
                                if config.n_shared_experts > 0 else None)
-        # A plain attribute, not a buffer: DDP broadcasts buffers from rank 0 every forward, which would
-        # overwrite each rank's own counts before update_bias all-reduces them.
-        self.last_load = torch.zeros(config.n_routed_experts)
-        self.last_aux_loss: torch.Tensor | None = None
-        self.load_mask_BT: torch.Tensor | None = None  # real tokens of a padded batch (count_load_where)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """valid_BT (bool [B, T]): the real tokens of a right-padded batch; None = all of them."""
         B, T, D = x_BTD.shape
-        if not torch.is_grad_enabled() and not self.training and B * T <= FEW_TOKENS:
-            from sputnik.inference.moe_decode import moe_few_tokens  # here: moe_decode imports this module
-
-            self.last_aux_loss = None
-            return moe_few_tokens(self, x_BTD.reshape(B * T, D)).view(B, T, D)  # decode steps
+        if valid_BT is not None and tuple(valid_BT.shape) != (B, T):
+            raise ValueError(f"valid_BT has shape {tuple(valid_BT.shape)}, the tokens of this MoE forward are [{B}, {T}]")
         x_ND = x_BTD.reshape(B * T, D)
         topk_idx_NK, topk_weight_NK, scores_NE = self.gate(x_ND)
         # scatter_add_ instead of bincount: bincount sizes its output from max() and syncs on CUDA.
         flat_S = topk_idx_NK.flatten()
         counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_BTD.device)
         counts_E.scatter_add_(0, flat_S, torch.ones_like(flat_S))
-        self.last_aux_loss = None
-        if self.training:  # eval / generation must not move the bias
-            valid_BT = self._valid(B, T)
+        if valid_BT is None:
             load_E = counts_E.float()
-            if valid_BT is not None:
-                load_E = torch.zeros(self.num_experts, device=x_BTD.device).scatter_add_(
-                    0, flat_S, valid_BT.reshape(-1).float().repeat_interleave(self.top_k))
-            self.last_load = self.last_load.to(counts_E.device) + load_E
-            if self.seq_aux_loss_alpha > 0:
-                self.last_aux_loss = seq_balance_loss(scores_NE.view(B, T, -1), topk_idx_NK.view(B, T, -1),
-                                                      self.seq_aux_loss_alpha, valid_BT)
+        else:
+            load_E = torch.zeros(self.num_experts, device=x_BTD.device).scatter_add_(
+                0, flat_S, valid_BT.reshape(-1).float().repeat_interleave(self.top_k))
+        aux_loss = None
+        if self.training and self.seq_aux_loss_alpha > 0:  # a training loss: eval forwards skip it
+            aux_loss = seq_balance_loss(scores_NE.view(B, T, -1), topk_idx_NK.view(B, T, -1), self.seq_aux_loss_alpha,
+                                        None if valid_BT is None else valid_BT.to(torch.bool))
         y_ND = self.experts(x_ND, topk_idx_NK, topk_weight_NK, counts_E)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
-        return y_ND.view(B, T, D)
-
-    def _valid(self, B: int, T: int) -> torch.Tensor | None:
-        """The load mask for this forward's [B, T] tokens. An MTP block of depth k runs on the first
-        T − k positions, and its position i stands for token i + k: its mask is the last T columns."""
-        mask = self.load_mask_BT
-        if mask is None or mask.shape[0] != B or mask.shape[1] < T:
-            return None
-        return mask[:, mask.shape[1] - T:].to(torch.bool)
+        return y_ND.view(B, T, D), Routing(load_E, aux_loss)
 
     @torch.no_grad()
-    def update_bias(self, gamma: float | None = None) -> torch.Tensor:
-        """b ← b + γ·sign(mean(c) − c) with c the counts since the last call (all ranks summed), then reset c.
-        Call on every rank after optimizer.step() (a collective under torch.distributed). Returns c."""
-        gamma = self.bias_update_speed if gamma is None else gamma
+    def update_bias(self, load_E: torch.Tensor, gamma: float) -> None:
+        """b ← b + γ·sign(mean(c) − c), c = load_E: the tokens each expert received over a whole
+        optimizer step (its micro-batches and ranks, summed by the trainer). Not a gradient."""
         bias_E = self.gate.e_score_correction_bias
-        load_E = self.last_load.to(device=bias_E.device, dtype=torch.float32)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load_E)  # V3 balances the load of the whole global batch, not one rank's share
-        bias_E += expert_bias_delta(load_E, gamma)
-        self.last_load = torch.zeros_like(load_E)
-        return load_E
-
-    def load_stats(self) -> dict:
-        """Counts accumulated since the last update_bias() and max/mean (1.0 = balanced; 0.0 if empty)."""
-        counts = self.last_load.tolist()
-        mean = sum(counts) / len(counts)
-        return {"counts": counts, "max_over_mean": max(counts) / mean if mean > 0 else 0.0}
+        bias_E += expert_bias_delta(load_E.to(device=bias_E.device, dtype=torch.float32), gamma)

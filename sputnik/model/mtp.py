@@ -16,7 +16,8 @@ equal to running all T positions and masking the tail, at less cost.
 Checkpoint keys: a module's own keys are `enorm`, `hnorm`, `eh_proj` [D, 2D], `shared_head.norm`,
 plus a decoder block's keys; export puts them at `model.layers.{num_hidden_layers + k − 1}` and
 adds copies of the shared `embed_tokens` and `lm_head` (hf.py). Embedding and head are passed in,
-never owned, so the optimizer sees each shared matrix once.
+never owned, so the optimizer sees each shared matrix once. As a draft head for self-speculative
+decoding (V3 §5.4.3) the module runs through inference/deepseek.py.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from torch import nn
 from sputnik.model.block import Block
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import RMSNorm
-from sputnik.model.mla import MLACache
+from sputnik.model.moe import Routing
 
 
 class MTPModule(Block):
@@ -46,21 +47,12 @@ class MTPModule(Block):
         self.shared_head.norm = RMSNorm(D, eps)
 
     def forward(self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
+                sin: torch.Tensor, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
         """h^k from h^{k−1} (same positions) and Emb(t_{i+k}); returns the block output (before
-        shared_head.norm), which is also the next depth's h^{k}."""
+        shared_head.norm), which is also the next depth's h^{k}, and the block's MoE routing."""
         merged_BT2D = torch.cat([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], dim=-1)
-        return super().forward(self.eh_proj(merged_BT2D), cos, sin, cache)
+        return super().forward(self.eh_proj(merged_BT2D), cos, sin, valid_BT)
 
     def head_input(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """What the shared lm_head multiplies: shared_head.norm(h^k)."""
         return self.shared_head.norm(h_BTD)
-
-    def draft(self, h_prev_BTD: torch.Tensor, next_ids_BT: torch.Tensor, embed_tokens: nn.Embedding,
-              lm_head: nn.Linear, cos: torch.Tensor, sin: torch.Tensor,
-              cache: MLACache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Self-speculative drafting (V3 §5.4.3): given h^{k−1} at positions i and the token
-        t_{i+k} that follows, logits_BTV for t_{i+k+1} and h^k (feed it to depth k+1).
-        With a cache, it must have been `prepare`d for these positions (layer index L + k − 1)."""
-        h_BTD = self(h_prev_BTD, embed_tokens(next_ids_BT), cos, sin, cache)
-        return lm_head(self.head_input(h_BTD)), h_BTD

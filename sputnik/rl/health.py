@@ -9,9 +9,14 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from sputnik.accounting.ledger import RunStopped
 from sputnik.config import knob
 
 FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+class HealthStop(RunStopped):
+    """A health check stopped the run (health.stop_on_pathology): ledger status "stopped", exit code 4."""
 
 
 @dataclass
@@ -22,7 +27,7 @@ class HealthConfig:
     max_parse_failure_frac: float = knob(0.95, "warn when more answers than this cannot be parsed", min=0.0, max=1.0)
     min_entropy: float = knob(0.02, "warn when mean token entropy (nats) falls below this (entropy collapse)", min=0.0)
     max_kl: float = knob(1.0, "warn when the KL to the reference/old policy exceeds this", min=0.0)
-    stop_on_pathology: bool = knob(False, "stop the run (status aborted) instead of only warning")
+    stop_on_pathology: bool = knob(False, "stop the run (ledger status stopped, exit code 4) instead of only warning")
 
 
 def prompt_prefills_format(rendered_prompt: str) -> str | None:

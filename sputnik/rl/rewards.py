@@ -129,3 +129,24 @@ def verifier_rewards(verify, examples, completions: list[str], weights: RewardWe
     verdicts = [verify(ex, c) for ex, c in zip(examples, completions)]
     rewards = [weights.accuracy * v.correct + weights.format * v.well_formatted for v in verdicts]
     return rewards, verdicts
+
+
+def score(cfg, tasks_by_name: dict, examples, completions, custom: IsolatedReward | None):
+    """-> (rewards, verdicts) of a step's completions: the verifier reward (accuracy_weight,
+    format_weight), plus the isolated user reward if any, plus DAPO's soft overlong penalty when
+    overlong_cache > 0."""
+    import torch
+
+    from sputnik.rl import objectives
+
+    weights = RewardWeights(accuracy=cfg.accuracy_weight, format=cfg.format_weight)
+    texts = [c.text for c in completions]
+    rewards, verdicts = verifier_rewards(lambda ex, c: tasks_by_name[ex.task].verify(ex, c), examples, texts, weights)
+    if custom is not None:
+        extra = custom([{"prompt": ex.prompt, "completion": t, "answer": ex.answer} for ex, t in zip(examples, texts)])
+        rewards = [r + e for r, e in zip(rewards, extra)]
+    if cfg.overlong_cache:
+        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        pen = objectives.soft_overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
+        rewards = [r + float(p) for r, p in zip(rewards, pen)]
+    return rewards, verdicts

@@ -1,6 +1,6 @@
 """Rollout batches for RL and on-policy distillation: prompt + sampled completion -> padded
 training tensors, the update's micro-batches, and the policy's per-token log-probs on the
-completion tokens (plain, or with each prompt computed once: model/shared_prompt.py).
+completion tokens (plain, or with each prompt computed once: shared_prompts.py).
 
 Shape legend: B sequences (prompts x samples), T padded length, N completion tokens in the batch.
 """
@@ -50,7 +50,7 @@ class RolloutBatch:
 
     def valid_BT(self) -> torch.Tensor:
         """bool: the positions a row's log-probs need (prompt, and completion up to its last target);
-        the rest is right padding (not expert load: see count_load_where)."""
+        the rest is right padding (not expert load)."""
         T = self.targets_BT.shape[1]
         end_B = self.completion_end_B()
         return torch.arange(T, device=end_B.device) < end_B[:, None]
@@ -89,14 +89,15 @@ def build_rollout_batch(prompts: list[list[int]], completions: list[list[int]], 
 
 def policy_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, chunk_size: int = 1024,
                     vocab_limit: int | None = None):
-    """-> (logp_BT, entropy_BT), zero outside the completion. Only completion positions go
+    """-> (logp_BT, entropy_BT, expert load), zero outside the completion. Only completion positions go
     through the LM head (chunked), so no [B, T, V] tensor is built.
 
     `vocab_limit` (the tokenizer's vocabulary size) restricts the softmax to the first rows of the
     head, as the engine does when it samples: the model's vocabulary is padded (e.g. 640 rows for
     607 tokens), and the padding rows, never sampled, must not take probability mass here either,
     or π_train is not the sampled policy (an untrained head gives them ~10% per token)."""
-    h_BTD = model.hidden_states(batch.input_ids_BT)
+    out = model.hidden_states(batch.input_ids_BT, batch.valid_BT())  # padding is not expert load
+    h_BTD = out.hidden
     mask_BT = batch.targets_BT != -100
     weight_VD = model.lm_head.weight
     if vocab_limit is not None and weight_VD.shape[0] > vocab_limit:
@@ -105,11 +106,11 @@ def policy_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, chunk_
                                    temperature=temperature, chunk_size=chunk_size)
     logp_BT = torch.zeros(mask_BT.shape, dtype=logp_N.dtype, device=logp_N.device).masked_scatter(mask_BT, logp_N)
     ent_BT = torch.zeros(mask_BT.shape, dtype=ent_N.dtype, device=ent_N.device).masked_scatter(mask_BT, ent_N)
-    return logp_BT, ent_BT
+    return logp_BT, ent_BT, out.expert_load
 
 
 def shared_prompt_rows(batch: RolloutBatch):
-    """The rows of `batch` with targets as distinct prompts + packed completion tokens (shared_prompt.py):
+    """The rows of `batch` with targets as distinct prompts + packed completion tokens (shared_prompts.py):
     -> (prompt_ids_PT, prompt_lens_P, comp_ids_N, pack, rows_C), completion rows grouped by prompt
     (RolloutBatch.prompt_groups). A row's completion input is the n − 1 tokens after its prompt (n
     targets: the first is predicted from the prompt's last position)."""
@@ -136,19 +137,15 @@ def shared_prompt_rows(batch: RolloutBatch):
 
 def policy_logprobs_shared(model, batch: RolloutBatch, temperature: float = 1.0, chunk_size: int = 1024,
                            vocab_limit: int | None = None):
-    """policy_logprobs with each distinct prompt of the batch computed once (shared_prompt.py): the
+    """policy_logprobs with each distinct prompt of the batch computed once (shared_prompts.py): the
     same values up to float rounding, and the same gradients. Our DeepSeek-V3 models only
-    (shared_prompt.supports_shared_prompts). Counts expert load on the real tokens of both parts."""
-    from sputnik.model.moe import count_load_where
+    (shared_prompts.supports_shared_prompts). Expert load counts the real tokens of both parts."""
     from sputnik.rl.shared_prompts import hidden_states_prefixed
 
     prompt_ids_PT, prompt_lens_P, comp_ids_N, pack, rows_C = shared_prompt_rows(batch)
     P, T = prompt_ids_PT.shape
     dev = prompt_ids_PT.device
-    valid_1M = torch.cat([(torch.arange(T, device=dev)[None, :] < prompt_lens_P[:, None]).flatten(),
-                          torch.ones_like(comp_ids_N, dtype=torch.bool)])[None]
-    with count_load_where(model, valid_1M):
-        hp_PTD, hc_ND = hidden_states_prefixed(model, prompt_ids_PT, prompt_lens_P, comp_ids_N, pack)
+    hp_PTD, hc_ND, load = hidden_states_prefixed(model, prompt_ids_PT, prompt_lens_P, comp_ids_N, pack)
     # The hidden state that predicts each target, in the row-major order of the targets: target j of
     # row c comes from its prompt's last position (j = 0) or from its own packed token j − 1.
     mask_BT = batch.targets_BT != -100
@@ -169,7 +166,7 @@ def policy_logprobs_shared(model, batch: RolloutBatch, temperature: float = 1.0,
                                    chunk_size=chunk_size)
     logp_BT = torch.zeros(mask_BT.shape, dtype=logp_N.dtype, device=dev).masked_scatter(mask_BT, logp_N)
     ent_BT = torch.zeros(mask_BT.shape, dtype=ent_N.dtype, device=dev).masked_scatter(mask_BT, ent_N)
-    return logp_BT, ent_BT
+    return logp_BT, ent_BT, load
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +207,7 @@ SHARE_PROMPTS_MIN_SAVING = 1 / 3
 
 def shares_prompts(model, batch: RolloutBatch, mode: str = "auto") -> bool:
     """Whether an update on `batch` runs with shared prompts: mode always / never, or auto (by the
-    tokens it saves); only for models that support it (shared_prompt.supports_shared_prompts)."""
+    tokens it saves); only for models that support it (shared_prompts.supports_shared_prompts)."""
     from sputnik.rl.shared_prompts import supports_shared_prompts
 
     if mode == "never" or not supports_shared_prompts(model):
@@ -230,12 +227,9 @@ def prompt_token_saving(batch: RolloutBatch) -> float:
 
 def logprobs(model, mb: RolloutBatch, temperature: float = 1.0, vocab_limit: int | None = None,
              shared: bool = False):
-    """(logp_BT, entropy_BT) of a training micro-batch under `model`: with each prompt computed once
-    (policy_logprobs_shared) when `shared`, else the plain forward; expert load counted on real
-    tokens only either way."""
-    from sputnik.model.moe import count_load_where
-
+    """(logp_BT, entropy_BT, expert load) of a training micro-batch under `model`: with each prompt
+    computed once (policy_logprobs_shared) when `shared`, else the plain forward; expert load counted
+    on real tokens only either way."""
     if shared:
         return policy_logprobs_shared(model, mb, temperature, vocab_limit=vocab_limit)
-    with count_load_where(model, mb.valid_BT()):  # padding is not expert load
-        return policy_logprobs(model, mb, temperature, vocab_limit=vocab_limit)
+    return policy_logprobs(model, mb, temperature, vocab_limit=vocab_limit)

@@ -1,4 +1,4 @@
-"""Training forward with each prompt computed once for all the completions sampled from it.
+"""The RL update's forward with each prompt computed once for all the completions sampled from it.
 
 A GRPO group is one prompt and G completions. The plain forward runs G sequences [prompt; c_i], so
 every prompt token goes through every layer (and back) G times. Here the prompts run once, as their
@@ -12,8 +12,9 @@ different order of summation; everything else in a block is per token. The gradi
 prompt token is the sum over its completions, as autograd gives it for the plain forward. Expert
 load is counted once per prompt token (it is computed once).
 
-Completion rows have different lengths: their tokens are packed (N tokens, no padding) for all the
-token-wise work, and padded to [C, L] only inside attention.
+All M = P·T + N tokens (prompt rows right-padded to T, then the N completion tokens packed without
+padding) go through the model as one row with their true positions; only attention sees the two parts
+apart, through the model's attention hook (MLA.forward's `attend`), the completions padded to [C, L].
 
 Shape legend: P prompts, T prompt length (padded), C completion rows, L longest completion, N packed
 completion tokens, M = P·T + N, D hidden, H heads, K = qk head dim, V = v head dim.
@@ -22,44 +23,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def mla_prefixed(mla, xp_PTD, xc_ND, rope, prompt_lens_P, pack):
-    """MLA.forward for prompt rows [P, T, D] and packed completion tokens [N, D] (`pack`: see
-    CompletionPack) that attend to their prompt. -> (out_PTD, out_ND). The projections run once over
-    all P·T + N tokens (`rope`: their cos/sin, [1, M, 1, F]); only attention sees the two parts
-    apart, the completions padded to [C, L]."""
-    P, T, D = xp_PTD.shape
-    C, L = pack.rows, pack.length
-    x_1MD = torch.cat([xp_PTD.reshape(P * T, D), xc_ND])[None]
-    q_1HMK, k_1HMK, v_1HMV = mla.heads(*mla.project(x_1MD, *rope))
-    split = lambda t: (t[0, :, : P * T].unflatten(1, (P, T)).transpose(0, 1),  # noqa: E731
-                       pack.pad(t[0, :, P * T:].transpose(0, 1)).transpose(1, 2))  # [P, H, T, ·], [C, H, L, ·]
-    (q_p, q_c), (k_p, k_c), (v_p, v_c) = split(q_1HMK), split(k_1HMK), split(v_1HMV)
-    K = q_p.shape[-1]
-    if mla.V < K:  # as MLA._attend_naive: SDPA's fast kernels want V == K; zero columns are exact
-        v_p, v_c = F.pad(v_p, (0, K - mla.V)), F.pad(v_c, (0, K - mla.V))
-    o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, scale=mla.scale)[..., : mla.V]
-    k_all = torch.cat([k_p.index_select(0, pack.group_C), k_c], dim=2)  # [C, H, T + L, K]
-    v_all = torch.cat([v_p.index_select(0, pack.group_C), v_c], dim=2)
-    seen_CT = torch.arange(T, device=xp_PTD.device)[None, :] < prompt_lens_P.index_select(0, pack.group_C)[:, None]
-    causal_LL = torch.ones(L, L, dtype=torch.bool, device=xp_PTD.device).tril()
-    mask_C1LS = torch.cat([seen_CT[:, None, None, :].expand(C, 1, L, T), causal_LL.expand(C, 1, L, L)], dim=-1)
-    o_c = F.scaled_dot_product_attention(q_c, k_all, v_all, attn_mask=mask_C1LS, scale=mla.scale)[..., : mla.V]
-    o_MHV = torch.cat([o_p.transpose(1, 2).reshape(P * T, mla.H, mla.V), pack.unpad(o_c.transpose(1, 2))])
-    y_MD = mla.o_proj(o_MHV.reshape(-1, mla.H * mla.V))
-    return y_MD[: P * T].view(P, T, D), y_MD[P * T:]
-
-
-def block_prefixed(block, hp_PTD, hc_ND, rope, prompt_lens_P, pack):
-    """Block.forward for both parts; the FFN (dense or MoE) runs once over all their tokens."""
-    a_p, a_c = mla_prefixed(block.self_attn, block.input_layernorm(hp_PTD), block.input_layernorm(hc_ND),
-                            rope, prompt_lens_P, pack)
-    hp_PTD, hc_ND = hp_PTD + a_p, hc_ND + a_c
-    P, T, D = hp_PTD.shape
-    x_1MD = torch.cat([hp_PTD.reshape(P * T, D), hc_ND])[None]
-    y_MD = block.mlp(block.post_attention_layernorm(x_1MD))[0]
-    return hp_PTD + y_MD[: P * T].view_as(hp_PTD), hc_ND + y_MD[P * T:]
 
 
 class CompletionPack:
@@ -80,26 +43,50 @@ class CompletionPack:
         return x_CL.reshape((self.rows * self.length,) + tuple(x_CL.shape[2:])).index_select(0, self.flat_N)
 
 
+def prefixed_attention(prompt_lens_P: torch.Tensor, prompt_len: int, pack: CompletionPack):
+    """The attention hook for one packed row (MLA.forward's `attend`): prompt rows attend causally to
+    themselves, each completion to its prompt's real tokens and causally to itself."""
+    def attend(mla, q_1HMK, k_1HMK, v_1HMV):
+        P, T, C, L = prompt_lens_P.shape[0], prompt_len, pack.rows, pack.length
+        split = lambda t: (t[0, :, : P * T].unflatten(1, (P, T)).transpose(0, 1),  # noqa: E731
+                           pack.pad(t[0, :, P * T:].transpose(0, 1)).transpose(1, 2))  # [P, H, T, ·], [C, H, L, ·]
+        (q_p, q_c), (k_p, k_c), (v_p, v_c) = split(q_1HMK), split(k_1HMK), split(v_1HMV)
+        K = q_p.shape[-1]
+        if mla.V < K:  # as MLA.causal_attention: SDPA's fast kernels want V == K; zero columns are exact
+            v_p, v_c = F.pad(v_p, (0, K - mla.V)), F.pad(v_c, (0, K - mla.V))
+        o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, scale=mla.scale)[..., : mla.V]
+        k_all = torch.cat([k_p.index_select(0, pack.group_C), k_c], dim=2)  # [C, H, T + L, K]
+        v_all = torch.cat([v_p.index_select(0, pack.group_C), v_c], dim=2)
+        dev = q_1HMK.device
+        seen_CT = torch.arange(T, device=dev)[None, :] < prompt_lens_P.index_select(0, pack.group_C)[:, None]
+        causal_LL = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+        mask_C1LS = torch.cat([seen_CT[:, None, None, :].expand(C, 1, L, T), causal_LL.expand(C, 1, L, L)], dim=-1)
+        o_c = F.scaled_dot_product_attention(q_c, k_all, v_all, attn_mask=mask_C1LS, scale=mla.scale)[..., : mla.V]
+        o_MHV = torch.cat([o_p.transpose(1, 2).reshape(P * T, mla.H, mla.V), pack.unpad(o_c.transpose(1, 2))])
+        return o_MHV.transpose(0, 1)[None]  # [1, H, M, V]
+    return attend
+
+
 def hidden_states_prefixed(model, prompt_ids_PT, prompt_lens_P, comp_ids_N, pack: CompletionPack):
     """Transformer.hidden_states of the sequences [prompt_{group_C[c]}; completion c] as (h of the
-    prompt rows [P, T, D], h of the packed completion tokens [N, D]), after the final norm. Prompt
-    rows are right-padded past prompt_lens_P (those keys are masked from completions; causal within
-    the prompt row, nothing real attends to them)."""
-    embed = model.model.embed_tokens
-    hp_PTD, hc_ND = embed(prompt_ids_PT), embed(comp_ids_N)
+    prompt rows [P, T, D], h of the packed completion tokens [N, D], expert load), after the final
+    norm. Prompt rows are right-padded past prompt_lens_P (those keys are masked from completions and
+    are not expert load; causal within the prompt row, nothing real attends to them)."""
     P, T = prompt_ids_PT.shape
+    dev = prompt_ids_PT.device
     pos_N = prompt_lens_P.index_select(0, pack.group_C.index_select(0, pack.row_N)) + pack.pos_N
-    pos_1M = torch.cat([torch.arange(T, device=pos_N.device).repeat(P), pos_N])[None]
-    rope = model.rope(pos_1M, hp_PTD.dtype)  # prompt tokens then completion tokens, as mla_prefixed packs them
-    for layer in model.model.layers:
-        hp_PTD, hc_ND = block_prefixed(layer, hp_PTD, hc_ND, rope, prompt_lens_P, pack)
-    return model.model.norm(hp_PTD), model.model.norm(hc_ND)
+    pos_1M = torch.cat([torch.arange(T, device=dev).repeat(P), pos_N])[None]
+    ids_1M = torch.cat([prompt_ids_PT.reshape(-1), comp_ids_N])[None]
+    valid_1M = torch.cat([(torch.arange(T, device=dev)[None, :] < prompt_lens_P[:, None]).flatten(),
+                          torch.ones_like(comp_ids_N, dtype=torch.bool)])[None]
+    out = model.hidden_states(ids_1M, valid_1M, positions=pos_1M,
+                              attend=prefixed_attention(prompt_lens_P, T, pack))
+    h_MD = out.hidden[0]
+    return h_MD[: P * T].view(P, T, -1), h_MD[P * T:], out.expert_load
 
 
 def supports_shared_prompts(model) -> bool:
     """Our DeepSeek-V3 Transformer (MLA blocks); other models (HF, the Llama twin) take the plain path."""
-    from sputnik.model.mla import MLA
+    from sputnik.model.transformer import Transformer
 
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    return (layers is not None and hasattr(model, "rope") and len(layers) > 0
-            and all(isinstance(getattr(b, "self_attn", None), MLA) for b in layers))
+    return isinstance(model, Transformer)

@@ -7,33 +7,35 @@ test split of the same tasks (or a hash split of the JSONL records), scored two 
 token-mean CE on the reference completions, and exact-match accuracy of greedy completions
 judged by the task verifier (never eval()).
 
-    sputnik sft --init.hf_dir runs/pretrain/model --tasks addition --out_dir runs/sft
+    sputnik sft --init runs/pretrain/model --tasks addition --out_dir runs/sft
 """
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 
 from sputnik import distributed as dist_lib
-from sputnik.train import session as tc
-from sputnik.train.progress import Progress, Throughput
 from sputnik.common import append_jsonl, print0
 from sputnik.config import add_config_args, config_from_args, knob
-from sputnik.train.optim import OptimConfig, clip_grad_norm, guarded_step, lr_multiplier, set_lr
+from sputnik.train.evaluation import eval_loss, greedy_generate
+from sputnik.train.loading import peak_flops
+from sputnik.train.optim import OptimConfig
+from sputnik.train.progress import Progress, Throughput
+from sputnik.train.session import TrainConfig, every, open_session
+from sputnik.train.step import train_step
 
 
 @dataclass
-class Config(tc.LoopConfig):
+class Config(TrainConfig):
     out_dir: str = knob("runs/sft", "output directory: metrics.jsonl, samples.jsonl, checkpoints/, model/")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
     data: list[str] = knob(default_factory=list,
                            help="JSONL files of {prompt, completion} / {prompt, answer, solution} / {messages}")
     skip_bad_lines: bool = knob(False, "skip (and count) malformed JSONL lines instead of stopping")
     tasks: list[str] = knob(default_factory=lambda: ["addition"],
-                            help="built-in tasks whose worked train problems are SFT data: name or name:knob=value:... "
-                                 "(comma-separated)")
+                            help="built-in tasks whose worked train problems are SFT data: task specs "
+                                 "name[:knob=value...] (comma-separated)")
     num_examples: int = knob(5000, "train examples drawn from the tasks", min=0)
     eval_examples: int = knob(64, "held-out test-split problems for accuracy and eval loss", min=0)
     eval_fraction: float = knob(0.05, "JSONL data only: share of records held out", min=0.0, max=0.5)
@@ -49,50 +51,47 @@ class Config(tc.LoopConfig):
 
 # ---------------------------------------------------------------------------------------------
 # Data
-def make_data(cfg: Config):
-    """check(tokenizer, dist) -> (train loader, held-out loss batches, held-out Examples)."""
+def load_data(cfg: Config, tokenizer, dist):
+    """(train loader, held-out loss batches, held-out Examples) for this rank; ValueError on bad data."""
     from sputnik.data import read_sft_jsonl, sft_batches, split_documents
+    from sputnik.tasks import format_completion, heldout_examples, mixture, parse_tasks
 
-    def check(tokenizer, dist):
-        from sputnik.tasks import format_completion, heldout_examples, mixture
-
-        pairs, eval_pairs, eval_examples = [], [], []
-        for path in cfg.data:
-            file_pairs, _ = read_sft_jsonl(path, skip_bad_lines=cfg.skip_bad_lines)
-            by_text = {json.dumps(p): p for p in file_pairs}  # hash split on the record, as for documents
-            train_keys, held_keys = split_documents(list(by_text), cfg.eval_fraction)
-            pairs += [by_text[k] for k in train_keys]
-            eval_pairs += [by_text[k] for k in held_keys]
-        if cfg.tasks and cfg.num_examples:
-            tasks = tc.parse_tasks(cfg.tasks)
-            pairs += [(ex.prompt, format_completion(ex)) for ex in mixture(tasks, cfg.num_examples, "train", cfg.seed)]
-            if cfg.eval_examples:
-                eval_examples = heldout_examples(tasks, cfg.eval_examples, cfg.seed)
-                eval_pairs += [(ex.prompt, format_completion(ex)) for ex in eval_examples]
-        kw = dict(rank=dist.rank, world_size=dist.world_size)
-        train = sft_batches(pairs, tokenizer, cfg.batch_size, cfg.max_len, seed=cfg.seed, name="sft data", **kw)
-        held = []
-        if eval_pairs:
-            loader = sft_batches(eval_pairs, tokenizer, min(cfg.batch_size, max(1, len(eval_pairs) // dist.world_size)),
-                                 cfg.max_len, shuffle=False, num_epochs=1, name="sft held-out data", **kw)
-            held = [b for _, b in zip(range(cfg.eval_batches), loader)]
-        return train, held, eval_examples
-    return check
+    pairs, eval_pairs, eval_examples = [], [], []
+    for path in cfg.data:
+        file_pairs, _ = read_sft_jsonl(path, skip_bad_lines=cfg.skip_bad_lines)
+        by_text = {json.dumps(p): p for p in file_pairs}  # hash split on the record, as for documents
+        train_keys, held_keys = split_documents(list(by_text), cfg.eval_fraction)
+        pairs += [by_text[k] for k in train_keys]
+        eval_pairs += [by_text[k] for k in held_keys]
+    if cfg.tasks and cfg.num_examples:
+        tasks = parse_tasks(cfg.tasks)
+        pairs += [(ex.prompt, format_completion(ex)) for ex in mixture(tasks, cfg.num_examples, "train", cfg.seed)]
+        if cfg.eval_examples:
+            eval_examples = heldout_examples(tasks, cfg.eval_examples, cfg.seed)
+            eval_pairs += [(ex.prompt, format_completion(ex)) for ex in eval_examples]
+    kw = dict(rank=dist.rank, world_size=dist.world_size)
+    train = sft_batches(pairs, tokenizer, cfg.batch_size, cfg.max_len, seed=cfg.seed, name="sft data", **kw)
+    held = []
+    if eval_pairs:
+        loader = sft_batches(eval_pairs, tokenizer, min(cfg.batch_size, max(1, len(eval_pairs) // dist.world_size)),
+                             cfg.max_len, shuffle=False, num_epochs=1, name="sft held-out data", **kw)
+        held = [b for _, b in zip(range(cfg.eval_batches), loader)]
+    return train, held, eval_examples
 
 
 # ---------------------------------------------------------------------------------------------
 # Held-out accuracy
-def accuracy(s: tc.Session, cfg: Config, examples: list, step: int) -> dict:
+def accuracy(s, cfg: Config, examples: list, step: int) -> dict:
     """Exact match of greedy completions (task verifier); each rank decodes its share."""
     from sputnik.tasks import verify
 
     mine = examples[s.dist.rank::s.dist.world_size]
     tok = s.tokenizer
     prompts = [tok.render_prompt(ex.prompt) for ex in mine]
-    max_len = getattr(tc.unwrap_config(s.model), "max_position_embeddings", None)
-    outs = tc.greedy_generate(s.model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids={tok.eot_id},
-                              pad_id=tok.pad_id, device=s.device, amp=s.amp, batch_size=cfg.eval_batch_size,
-                              dist=s.dist, max_len=max_len)
+    max_len = getattr(s.raw.config, "max_position_embeddings", None)
+    outs = greedy_generate(s.model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids={tok.eot_id},
+                           pad_id=tok.pad_id, device=s.device, amp=s.amp, batch_size=cfg.eval_batch_size,
+                           dist=s.dist, max_len=max_len)
     texts = [tok.decode([t for t in ids if t != tok.eot_id and t < tok.vocab_size]) for ids in outs]
     verdicts = [verify(ex, text) for ex, text in zip(mine, texts)]
     if s.rank0:
@@ -105,82 +104,53 @@ def accuracy(s: tc.Session, cfg: Config, examples: list, step: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-def run(cfg: Config) -> dict:
-    """Fine-tune; returns the summary (final accuracy and eval loss, tokens, time, paths)."""
-    return tc.run_stage(cfg, make_data(cfg), "sft", _loop)
-
-
-def _loop(s: tc.Session, cfg: Config, train, held, eval_examples, ledger_run) -> dict:
-    speed = Throughput(tc.peak_flops(s.device, s.dist.world_size))
-    state = tc.new_loop_state(s.loop_state)
-    progress = Progress(cfg.max_steps, s.start_step, s.rank0 and cfg.progress, "sft")
-    print0(f"sft: {len(train.rows):,} train conversations ({train.num_dropped} dropped > max_len), "
-           f"{len(eval_examples)} held-out problems")
-    step, ev, eval_step, t_start, m, tokens = s.start_step, {}, -1, time.time(), {"loss": float("nan")}, 0
-    while True:
-        last = step == cfg.max_steps
-        # --- every eval_every steps (and first and last): held-out loss and accuracy ------------
-        if last or (cfg.eval_every and step % cfg.eval_every == 0 and (step == 0 or step != s.start_step)):
-            ev, eval_step = {}, step
-            if held:
-                ev["eval_loss"] = tc.eval_loss(s, held)
-                state["best_eval"] = min(ev["eval_loss"], state["best_eval"] or float("inf"))
-            if eval_examples:
-                ev.update(accuracy(s, cfg, eval_examples, step))
-            tc.log_metrics(s, {"step": step, **ev, "flops": state.get("flops", 0.0)})
-            print0(f"sft step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
-        # --- every checkpoint_every steps (and the last): checkpoint, never mid non-finite streak -
-        if step != s.start_step and ((step % cfg.checkpoint_every == 0 and not state["nonfinite_streak"]) or last):
-            tc.save_checkpoint(s, step, {**state, "loader": train.state_dict()},
-                               ev.get("eval_loss") if eval_step == step else None)
-        if last:
-            break
-        # --- training step ---------------------------------------------------------------------
-        batches = [next(train) for _ in range(cfg.grad_accum)]
-        lr = set_lr(s.optimizer, lr_multiplier(step, cfg.max_steps, cfg.optim))
-        m = tc.forward_backward(s, batches, poison=step in cfg.poison_steps)
-        grad_norm = clip_grad_norm(s.model, cfg.optim.grad_clip)
-        stepped = guarded_step(s.optimizer, m["loss"], grad_norm)
-        tc.after_step(s.raw, stepped)
-        step += 1
-        seq_len = batches[0][0].shape[1]  # padded length (equal on every rank)
-        step_tokens = sum(x.numel() for x, _ in batches) * s.dist.world_size
-        flops = tc.flops_per_token(s.model, seq_len) * step_tokens
-        tokens += step_tokens
-        state["flops"] = state.get("flops", 0.0) + flops  # cumulative over resumes (rides in the checkpoint)
-        speed.add(step_tokens, flops)
-        ledger_run.add(flops=flops, tokens=step_tokens)
-        if not tc.nonfinite_guard(s, state, stepped, step, m, grad_norm, "sft"):
-            continue
-        # --- every log_every steps: metrics line; every step: progress -------------------------
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            tok_s, mfu = speed.read()
-            tc.log_metrics(s, {"step": step, "loss": m["loss"], "ce": m["ce"], "mtp": m["mtp"], "aux": m["aux"],
-                               "lr": lr, "grad_norm": grad_norm, "loss_tokens": m["tokens"], "tokens_per_s": tok_s,
-                               "mfu": mfu, "tokens": tokens, "flops": state["flops"]})
-            progress.update(step, m["loss"], (tok_s, mfu))
-        else:
-            progress.update(step, m["loss"])
-    progress.close()
-    # --- summary -----------------------------------------------------------------------------------
-    return tc.finish(s, cfg, ledger_run, {
-        "final_eval_loss": ev.get("eval_loss"), "best_eval_loss": state["best_eval"], "accuracy": ev.get("accuracy"),
-        "format_rate": ev.get("format_rate"), "final_train_loss": m["loss"], "steps": cfg.max_steps,
-        "tokens_this_run": tokens, "wall_s": time.time() - t_start, "nonfinite_steps": state["nonfinite_total"]}, "sft")
+def run(cfg: Config, parents=(), command: str = "sft") -> dict:
+    """Fine-tune; returns the summary (final accuracy and eval loss, tokens, time, the model
+    directory, this run's id). `parents`: the ledger runs that produced init; `command`: the run's
+    name in the ledger (distillation trains its student as "distill-sft")."""
+    with open_session(cfg, model_cfg=cfg.model, optim=cfg.optim, parallel=cfg.parallel) as s:
+        train, held, eval_examples = load_data(cfg, s.tokenizer, s.dist)
+        s.restore_loader(train)
+        with s.recording(command, parents) as run:
+            speed, state = Throughput(peak_flops(s.device, s.dist.world_size)), s.new_loop_state()
+            progress = Progress(cfg.steps, s.start_step, s.rank0 and cfg.progress, "sft")
+            print0(f"sft: {len(train.rows):,} train conversations ({train.num_dropped} dropped > max_len), "
+                   f"{len(eval_examples)} held-out problems")
+            step, ev, eval_step, t_start, m = s.start_step, {}, -1, time.time(), {"loss": float("nan")}
+            while True:
+                last = step == cfg.steps
+                # --- every eval_every steps (and first and last): held-out loss and accuracy ------
+                if every(step, cfg.eval_every, s.start_step, last):
+                    ev, eval_step = {}, step
+                    if held:
+                        ev["eval_loss"] = eval_loss(s, held)
+                        state["best_eval"] = min(ev["eval_loss"], state["best_eval"] or float("inf"))
+                    if eval_examples:
+                        ev.update(accuracy(s, cfg, eval_examples, step))
+                    s.log({"step": step, **ev, "flops": state["flops"]})
+                    print0(f"sft step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                # --- every checkpoint_every steps (and the last) ---------------------------------
+                if s.checkpoint_due(step, state, last):
+                    s.save_checkpoint(step, {**state, "loader": train.state_dict()}, run,
+                                      ev.get("eval_loss") if eval_step == step else None)
+                if last:
+                    break
+                # --- training step -------------------------------------------------------------
+                m = train_step(s, cfg, step, [next(train) for _ in range(cfg.grad_accum)])
+                step += 1
+                s.count_step(state, m, run, speed)
+                if s.nonfinite_guard(state, m["stepped"], step, m["loss"], m["grad_norm"], "sft"):
+                    s.log_step(step, m, state, speed, progress, cfg.log_every, step == cfg.steps)
+            progress.close()
+            # --- summary -------------------------------------------------------------------------
+            return s.finish(run, {"final_eval_loss": ev.get("eval_loss"), "best_eval_loss": state["best_eval"],
+                                  "accuracy": ev.get("accuracy"), "format_rate": ev.get("format_rate"),
+                                  "final_train_loss": m["loss"], "steps": cfg.steps, "tokens": state["tokens"],
+                                  "wall_s": time.time() - t_start, "nonfinite_steps": state["nonfinite_total"]}, "sft")
 
 
 # ---------------------------------------------------------------------------------------------
 def register(sub) -> None:
     p = sub.add_parser("sft", help="chain-of-thought supervised fine-tuning", description=__doc__.split("\n\n")[0])
     add_config_args(p, Config)
-    p.set_defaults(func=main)
-
-
-def main(args) -> int:
-    try:
-        run(config_from_args(args, Config))
-    except tc.TrainingDiverged as e:
-        print(f"sputnik sft: {e}", file=sys.stderr, flush=True)
-        return 3
-    return 0
-
+    p.set_defaults(func=lambda args: run(config_from_args(args, Config)) and 0)

@@ -20,7 +20,7 @@ from sputnik.tokenizer import MIN_VOCAB_SIZE, bytes_per_token, train_tokenizer
 
 BUILTIN_TASKS = ["addition", "subtraction", "multiplication", "countdown", "word_problems"]
 HELD_OUT_FRACTION = 0.1
-CONFIG_FILE = "train_config.json"  # not config.json: AutoTokenizer would read that as a model config
+CONFIG_FILE = "stage_config.json"  # not config.json: AutoTokenizer would read that as a model config
 
 
 @dataclass
@@ -29,11 +29,12 @@ class Config:
     vocab_size: int = knob(4096, "vocabulary size incl. 256 byte tokens and 8 special tokens (an upper bound)",
                            min=MIN_VOCAB_SIZE)
     tasks: list[str] = knob(default_factory=lambda: list(BUILTIN_TASKS),
-                            help="tasks whose rendered chats form the corpus (comma separated; empty for none)")
+                            help="tasks whose worked problems form the corpus: task specs name[:knob=value...] "
+                                 "(comma separated; empty for none)")
     num_examples: int = knob(2000, "examples generated per task", min=0)
     text_files: list[str] = knob(default_factory=list, help="your UTF-8 text files, one document each (comma separated)")
     seed: int = knob(0, "seed of the task generators", min=0)
-    ledger_dir: str = knob("", "project directory of the cost ledger ('' = the parent of out_dir)")
+    project_dir: str = knob("", "directory of the cost ledger ledger.jsonl ('' = the parent of out_dir)")
 
     def __post_init__(self):
         missing = [p for p in self.text_files if not Path(p).is_file()]
@@ -46,23 +47,24 @@ class Config:
 def build_corpus(config: Config) -> list[str]:
     docs = []
     if config.tasks and config.num_examples:
-        from sputnik.tasks import corpus_text  # tasks are optional for a text-only tokenizer
+        from sputnik.tasks import corpus_text, parse_tasks  # tasks are optional for a text-only tokenizer
 
-        docs += corpus_text(config.tasks, config.num_examples, config.seed)
+        docs += corpus_text(parse_tasks(config.tasks), config.num_examples, config.seed)
     docs += read_text_files(config.text_files)
     return docs
 
 
-def run(config: Config) -> dict:
-    """Train, save to out_dir, report bytes/token on held-out documents. Returns the summary."""
+def run(config: Config, parents=()) -> dict:
+    """Train, save to out_dir, report bytes/token on held-out documents. Returns the summary and this
+    run's ledger id (the parent of every stage that uses the tokenizer)."""
     from sputnik.accounting.ledger import record_run
 
     out_dir = Path(config.out_dir)
-    with record_run(config.ledger_dir or out_dir.resolve().parent, "tokenizer", config) as led:
+    with record_run(config.project_dir or out_dir.resolve().parent, "tokenizer", config, parents=parents) as led:
         result = _fit(config, out_dir)
         led.metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
         led.artifacts.append(str(out_dir))
-    return result
+    return {**result, "run_ids": [led.run_id]}
 
 
 def _fit(config: Config, out_dir: Path) -> dict:

@@ -3,6 +3,8 @@
     get_task("addition", max_digits=6)                  built-in procedural task, knobs validated
     get_task("rg:chain_sum", min_terms=3)                a reasoning-gym dataset (extra `gym`)
     get_task("gsm8k", path=".../gsm8k_test.jsonl")      evaluation file (split="test" only)
+    parse_task("addition:max_digits=6")                  the same from a task spec, the one syntax of every
+                                                         command: name[:knob=value[:knob=value...]]
     task.generate(n, split="train", seed=0)              deterministic; train/test never overlap
     task.verify(example, completion) -> Verdict          total, bounded, never eval()s
     verify(example, completion)                          the same, dispatched on example.task
@@ -26,7 +28,8 @@ from sputnik.tasks.datasets import GSM8K, SVAMP, JsonlTask, gsm8k, load_gsm8k, l
 from sputnik.tasks.reasoning_gym import ReasoningGymTask
 from sputnik.tasks.word_problems import WordProblems
 
-__all__ = ["Example", "Verdict", "Task", "split_of", "format_completion", "get_task", "list_tasks", "describe_task",
+__all__ = ["Example", "Verdict", "Task", "split_of", "format_completion", "get_task", "parse_task", "parse_tasks",
+           "list_tasks", "describe_task",
            "verify", "mixture", "heldout_examples", "corpus_text", "example_text", "gsm8k", "svamp", "JsonlTask", "load_jsonl",
            "load_gsm8k", "load_svamp", "REGISTRY"]
 
@@ -61,6 +64,29 @@ def get_task(name: str, **knobs) -> Task:
         return build(REGISTRY[name], knobs)
     except ValueError as e:
         raise ValueError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
+
+
+def parse_task(spec: str) -> Task:
+    """A task from a spec "name" or "name:knob=value:knob=value" ("addition:max_digits=6",
+    "rg:chain_sum:min_terms=3", "svamp:path=../shared/data/svamp.json"): every command's syntax."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"task spec {spec!r}: expected name[:knob=value...]")
+    parts = spec.strip().split(":")
+    name_parts = 2 if parts[0] == "rg" and len(parts) > 1 else 1  # reasoning-gym names carry a colon
+    name, knobs = ":".join(parts[:name_parts]), {}
+    for pair in parts[name_parts:]:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"task spec {spec!r}: {pair!r} is not knob=value (expected name[:knob=value...])")
+        knobs[key] = value
+    return get_task(name, **knobs)
+
+
+def parse_tasks(specs: list[str]) -> list[Task]:
+    """parse_task of each spec; at least one."""
+    if not specs:
+        raise ValueError("no tasks: give at least one task spec (sputnik tasks list)")
+    return [parse_task(s) for s in specs]
 
 
 def list_tasks() -> list[str]:

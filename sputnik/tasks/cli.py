@@ -3,16 +3,7 @@ model will be trained on and judged by (prompt, trace, answer, and the verdict o
 completion, which must always be correct)."""
 from __future__ import annotations
 
-import argparse
-
-from sputnik.tasks import describe_task, format_completion, get_task, list_tasks
-
-
-def _parse_knob(text: str) -> tuple[str, str]:
-    key, eq, value = text.partition("=")
-    if not eq or not key.strip():
-        raise argparse.ArgumentTypeError(f"--knob {text!r}: expected key=value")
-    return key.strip(), value.strip()
+from sputnik.tasks import describe_task, format_completion, list_tasks, parse_task
 
 
 def register(subparsers) -> None:
@@ -22,12 +13,11 @@ def register(subparsers) -> None:
     listing = sub.add_parser("list", help="every task with its description and knobs")
     listing.set_defaults(func=run_list)
     preview = sub.add_parser("preview", help="print a few examples of a task with the verdict of their target completion")
-    preview.add_argument("task", metavar="TASK", help="task name (see `sputnik tasks list`), or rg:DATASET for reasoning-gym")
+    preview.add_argument("task", metavar="TASK", help="task spec name[:knob=value...] (see `sputnik tasks list`), e.g. "
+                                                      "addition:max_digits=6 or rg:chain_sum:min_terms=3")
     preview.add_argument("-n", type=int, default=5, help="how many examples to print (default 5)")
     preview.add_argument("--split", choices=("train", "test"), default="train", help="which split to draw from (default train)")
     preview.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
-    preview.add_argument("--knob", type=_parse_knob, action="append", default=[], metavar="KEY=VALUE",
-                         help="set a task knob, e.g. --knob max_digits=6 (repeatable; for rg:* tasks, a dataset config key)")
     preview.set_defaults(func=run_preview)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
@@ -45,7 +35,7 @@ def run_preview(args) -> int:
     if args.n < 0:
         raise ValueError(f"-n {args.n}: must be >= 0")
     try:
-        task = get_task(args.task, **dict(args.knob))
+        task = parse_task(args.task)
         examples = task.generate(args.n, split=args.split, seed=args.seed)
     except ImportError as e:  # the optional reasoning-gym extra
         raise ValueError(str(e)) from None

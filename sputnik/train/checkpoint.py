@@ -42,7 +42,7 @@ CKPT_RE = re.compile(r"^ckpt-(\d{6,})$")
 FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "stage_config.json")
 # Config fields that may change between a run and its resume without changing the trajectory.
 RESUME_MAY_CHANGE = {"resume", "log_every", "progress", "checkpoint_every", "keep_last", "max_nonfinite_steps",
-                     "num_threads", "poison_steps", "eval_every", "out_dir", "project_dir", "device", "ledger_command"}
+                     "num_threads", "poison_steps", "eval_every", "out_dir", "project_dir", "device"}
 
 
 def checkpoints_dir(out_dir: str | os.PathLike) -> Path:

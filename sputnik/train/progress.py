@@ -1,6 +1,6 @@
 """Progress bar, throughput/MFU meter and metrics-file helpers for the training loops.
 
-Kept apart from train_common.py (one concern per file): nothing here knows about models, ranks
+Kept apart from session.py (one concern per file): nothing here knows about models, ranks
 or optimizers; the loops feed it numbers.
 """
 from __future__ import annotations

@@ -1,0 +1,155 @@
+"""Decoding our DeepSeek-V3 `Transformer` over its compressed latent cache: the model's forward on token
+rows with the absorbed MLA (mla_decode.py), the inference FFN paths (moe_decode.py) and derived weight
+copies (weights.py). Decode is bound by per-op overhead at small batch, not FLOPs, so the same math
+runs in fewer, fused ops here; tests check every path against the model's forward.
+
+`DeepSeekCachedModel` is the engine's cached-model contract for this architecture (decoders.py):
+    cache = cm.new_cache(batch, max_len)
+    logits = cm.forward_cached(ids_BT, cache, seqlens_B, logits_at_B=None, return_hidden=False)
+    w = cm.step_weights();  logits_BV = cm.step(tok_B, cache, seqlens_B, w)
+and, for self-speculative decoding, cm.draft(...) with the MTP module. `static_step` is the one-token
+step with shapes that depend only on (batch, cache length): what graphs.py compiles and captures.
+
+Shape legend: B rows, T new tokens a row, N = B·T token rows, D hidden, V vocab.
+"""
+from __future__ import annotations
+
+import torch
+
+from sputnik.inference.mla_decode import DecodeStep, MLACache, mla_decode, mla_decode_weights, rms_norm_rows
+from sputnik.inference.moe_decode import FEW_TOKENS, ffn_decode_weights, mlp_rows, moe_few_tokens
+from sputnik.inference.weights import cached_weights
+from sputnik.model.block import Block
+from sputnik.model.moe import MoE
+from sputnik.model.transformer import Transformer
+
+
+def decode_block(block: Block, h_ND: torch.Tensor, step: DecodeStep, cache: MLACache, w: tuple | None = None,
+                 prefill: bool = False) -> torch.Tensor:
+    """Block.forward on token rows over the latent cache: h += MLA(norm(h)); h += FFN(norm(h)).
+    w: (attention weights, FFN weights) fetched by the caller (a compiled step takes them as inputs).
+    A MoE runs its few-token path, except in a prefill past FEW_TOKENS tokens, which takes the
+    model's own grouped path, as a training forward would."""
+    w_attn, w_ffn = w if w is not None else (mla_decode_weights(block.self_attn), ffn_decode_weights(block.mlp))
+    h_ND = h_ND + mla_decode(block.self_attn, rms_norm_rows(h_ND, block.input_layernorm), step, cache, w_attn)
+    x_ND = rms_norm_rows(h_ND, block.post_attention_layernorm)
+    if not isinstance(block.mlp, MoE):
+        return h_ND + mlp_rows(block.mlp, x_ND, w_ffn)
+    if prefill and x_ND.shape[0] > FEW_TOKENS:
+        return h_ND + block.mlp(x_ND[None])[0][0]
+    return h_ND + moe_few_tokens(block.mlp, x_ND, w_ffn)
+
+
+def static_step(model: Transformer, tok_B: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,
+                weights: dict, kv_len: int | None = None) -> torch.Tensor:
+    """logits_BV of one new token per row: embedding, blocks on token rows, final norm, lm_head. With
+    kv_len None every position of the buffer is read under a −inf bias, so shapes depend only on
+    (B, cache length) and the step has no host sync: it can be compiled or captured (graphs.py).
+    Eager callers pass kv_len (the longest row + 1) to read only the written prefix. The caller has
+    checked that no row overflows. `weights`: DeepSeekCachedModel.step_weights()."""
+    cos2_PR, sin2_PR = weights["rope"]
+    step = cache.static_step(cache_seqlens_B, model.config.num_attention_heads, cos2_PR, sin2_PR,
+                             model.model.embed_tokens.weight.dtype, kv_len)
+    h_ND = model.model.embed_tokens(tok_B)
+    for layer, w in zip(model.model.layers, weights["layers"]):
+        h_ND = decode_block(layer, h_ND, step, cache, w)
+    return torch.mm(rms_norm_rows(h_ND, model.model.norm), weights["lm_head"])
+
+
+class DeepSeekCachedModel:
+    """The cached-model contract over a `Transformer` (module docstring)."""
+
+    name = "deepseek_v3"
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.config = model.config
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> MLACache:
+        """Compressed MLA cache for the main layers and the MTP blocks (drafting)."""
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} > max_position_embeddings={self.config.max_position_embeddings}")
+        w = self.model.lm_head.weight
+        num_layers = self.config.num_hidden_layers + len(self.model.mtp)
+        return MLACache(num_layers, batch, max_len, self.config.kv_lora_rank, self.config.qk_rope_head_dim,
+                        dtype or w.dtype, device or w.device)
+
+    @torch.no_grad()
+    def forward_cached(self, input_ids_BT: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,
+                       logits_at_B: torch.Tensor | None = None, return_hidden: bool = False):
+        """Append T tokens per row at positions cache_seqlens[b] … +T−1 and return their logits
+        [B, T, V] (and the post-norm h_BTD for MTP drafting if return_hidden). The caller advances
+        cache_seqlens (by T, or by each row's real token count when rows were right-padded: the
+        padding slots are then overwritten by later steps). logits_at_B: only the logits of new token
+        logits_at_B[b] of each row, [B, V] (a prefill needs just each prompt's last position)."""
+        B, T = input_ids_BT.shape
+        m = self.model
+        step = self._decode_step(cache, cache_seqlens_B, T)
+        h_ND = m.model.embed_tokens(input_ids_BT.reshape(-1))  # token rows, N = B·T
+        for layer in m.model.layers:
+            h_ND = decode_block(layer, h_ND, step, cache, prefill=True)
+        if logits_at_B is not None:  # the lm_head on B rows instead of B·T
+            assert not return_hidden, "logits_at_B drops the other positions' hidden states"
+            rows_B = torch.arange(B, device=h_ND.device) * T + logits_at_B
+            return torch.mm(rms_norm_rows(h_ND[rows_B], m.model.norm), self._lm_head_t())
+        h_ND = rms_norm_rows(h_ND, m.model.norm)
+        logits_BTV = torch.mm(h_ND, self._lm_head_t()).view(B, T, -1)
+        return (logits_BTV, h_ND.view(B, T, -1)) if return_hidden else logits_BTV
+
+    @torch.no_grad()
+    def draft(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,
+              depth: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP depth `depth` as a draft head (V3 §5.4.3): from h^{depth−1} at the positions of the main
+        model's step (cache_seqlens[b] + t) and the token t_{i+depth} that follows, (logits_BTV for
+        t_{i+depth+1}, h^depth). MTPModule.forward on token rows: [enorm(Emb(t)); hnorm(h)] -> eh_proj
+        -> block (eq. 21); the block's cache layer is num_hidden_layers + depth − 1."""
+        m = self.model
+        module = m.mtp[depth - 1]
+        B, T, D = h_BTD.shape
+        step = self._decode_step(cache, cache_seqlens_B, T)
+        merged_N2D = torch.cat([rms_norm_rows(m.model.embed_tokens(next_ids_BT.reshape(-1)), module.enorm),
+                                rms_norm_rows(h_BTD.reshape(-1, D), module.hnorm)], dim=-1)
+        h_ND = decode_block(module, module.eh_proj(merged_N2D), step, cache, prefill=True)
+        logits_ND = torch.mm(rms_norm_rows(h_ND, module.shared_head.norm), self._lm_head_t())
+        return logits_ND.view(B, T, -1), h_ND.view(B, T, D)
+
+    def step_weights(self) -> dict:
+        """Every parameter-derived tensor a decode step reads, as current copies (weights.py): per
+        layer the attention's and the FFN's, the lm_head [D, V] and the RoPE tables. Fetched once per
+        wave (re-fetching them each step was ~15% of a batch-1 step)."""
+        layers = [(mla_decode_weights(layer.self_attn), ffn_decode_weights(layer.mlp)) for layer in self.model.model.layers]
+        return {"layers": layers, "lm_head": self._lm_head_t(), "rope": self._rope_tables()}
+
+    @torch.no_grad()
+    def step(self, tok_B: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor, weights: dict | None = None,
+             step_fn=None) -> torch.Tensor:
+        """logits_BV of one token per row = forward_cached(tok_B[:, None], …)[:, -1]. Eagerly it reads
+        the written prefix only (the static shape buys nothing without a compiler; RL waves at batch
+        256 read ~half the buffer on average); `step_fn`, a compiled static_step, reads the whole
+        buffer. `weights`: step_weights(), fetched by a caller who answers for their being current."""
+        longest = int(cache_seqlens_B.max())
+        if longest >= cache.max_len:
+            raise ValueError(f"cache overflow: a row needs {longest + 1} positions, cache holds {cache.max_len}")
+        weights = self.step_weights() if weights is None else weights
+        if step_fn is not None:
+            return step_fn(self.model, tok_B, cache, cache_seqlens_B, weights)
+        return static_step(self.model, tok_B, cache, cache_seqlens_B, weights, kv_len=longest + 1)
+
+    def _lm_head_t(self) -> torch.Tensor:
+        """lm_head weight as a cached [D, V] copy: decode calls torch.mm directly."""
+        w = self.model.lm_head.weight
+        return cached_weights(self.model.lm_head, "lm_head_t", [w], lambda: w.t().contiguous())
+
+    def _decode_step(self, cache: MLACache, cache_seqlens_B: torch.Tensor, num_new: int) -> DecodeStep:
+        """Per-step state shared by all layers; RoPE tables re-laid out once for mla_decode."""
+        cos2_PR, sin2_PR = self._rope_tables()
+        return cache.decode_step(cache_seqlens_B, num_new, self.config.num_attention_heads, cos2_PR, sin2_PR,
+                                 self.model.model.embed_tokens.weight.dtype)
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rope = self.model.rope
+
+        def tables():  # [cos; cos] and [−sin; sin] per position: mla_decode's split-halves rotation
+            return torch.cat([rope.cos_PF, rope.cos_PF], -1), torch.cat([-rope.sin_PF, rope.sin_PF], -1)
+
+        return cached_weights(self.model, "rope_tables", [rope.cos_PF, rope.sin_PF], tables, cast=False)
