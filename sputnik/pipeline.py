@@ -22,6 +22,7 @@ Presets (functions returning the stage settings; `--preset`):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -29,23 +30,23 @@ from pathlib import Path
 from typing import Literal
 
 from sputnik.common import atomic_write_json, is_rank0, print0
-from sputnik.config import add_config_args, build, config_from_args, knob, save_config
+from sputnik.config import DeviceConfig, add_config_args, build, config_from_args, knob, save_config
 
 STAGES = ["tokenizer", "pretrain", "sft", "rl", "distill", "report"]
 SPEEDRUN_TASKS = ["addition", "subtraction"]
 
 
 @dataclass
-class SpeedrunConfig:
+class SpeedrunConfig(DeviceConfig):
+    """The recipe's own knobs; device, threads and the compile / CUDA-graph / kernel switches
+    (DeviceConfig) go to every stage."""
     project: str = knob("runs/speedrun", "project directory: one sub-directory per stage, ledger.jsonl, report/")
     preset: Literal["cpu", "gpu", "gpus"] = knob("cpu", "cpu (laptop, ≤ 20 min), gpu (one GPU), gpus (several GPUs: run pretrain/sft under torchrun first)")
     tasks: list[str] = knob(default_factory=lambda: list(SPEEDRUN_TASKS), help="tasks for SFT, RL and distillation")
     force: list[str] = knob(default_factory=list, help=f"stages to rerun from scratch, with every stage after them "
                                    f"({', '.join(STAGES)}; 'all')")
     scale: float = knob(1.0, "multiply every stage's step count (0.1 = a quick smoke run)", min=0.01, max=100.0)
-    seed: int = knob(0, "seed of every stage")
-    device: str = knob("auto", "auto, cpu, cuda or mps")
-    num_threads: int = knob(0, "CPU threads (0 = all cores)", min=0)
+    seed: int = knob(0, "seed of every stage", min=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,9 +87,11 @@ def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
     p = Path(cfg.project)
     tok = str(p / "tokenizer")
 
+    device = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DeviceConfig)}
+
     def run(stage: str, init: str = "", **own) -> dict:
         return dict(out_dir=str(p / stage), project_dir=str(p), init=init, tokenizer=tok if stage != "distill" else "",
-                    seed=cfg.seed, device=cfg.device, num_threads=cfg.num_threads, resume="auto", **own)
+                    seed=cfg.seed, resume="auto", **device, **own)
 
     return {
         "tokenizer": dict(out_dir=tok, project_dir=str(p), vocab_size=_teacher_model(cfg.preset)["vocab_size"],

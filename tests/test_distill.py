@@ -209,18 +209,36 @@ def test_logit_kd_resumes_bit_exactly(tok, tmp_path, monkeypatch):
 
 
 def test_logit_kd_skips_nonfinite_steps_and_stops_a_streak(tok, tmp_path, monkeypatch):
+    """The KD loop's non-finite guard: a poisoned step (poison_steps, 0-based) is skipped without a
+    trace (weights, router biases: its expert load is discarded, Adam moments) and logged;
+    max_nonfinite_steps in a row raise TrainingDiverged, the "distill-kd" run is failed in the ledger
+    and the last good checkpoint is kept."""
     from safetensors.torch import load_file
 
+    from sputnik.accounting import ledger
     from sputnik.train.session import TrainingDiverged
 
     teacher = _teacher(tok, tmp_path, monkeypatch)
     distill.run(_cfg(teacher, tmp_path / "a", mode="logit", steps=3, checkpoint_every=1, keep_last=5, poison_steps=[2],
                      log_every=1))
     ck = tmp_path / "a" / "student_kd" / "checkpoints"
-    two, three = (load_file(str(ck / f"ckpt-00000{i}" / "model.safetensors")) for i in (2, 3))
+    one, two, three = (load_file(str(ck / f"ckpt-00000{i}" / "model.safetensors")) for i in (1, 2, 3))
     assert all(torch.equal(two[k], three[k]) for k in two)  # the poisoned step changed nothing
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert not torch.equal(one[bias], two[bias])  # where a taken step moves the router bias
+    opts = [torch.load(ck / f"ckpt-00000{i}" / "optimizer.pt", weights_only=False) for i in (2, 3)]
+    moments = [[t for st in o["state"].values() for t in st.values() if torch.is_tensor(t)] for o in opts]
+    assert moments[0] and all(torch.equal(a, b) for a, b in zip(*moments))
     recs = [json.loads(l) for l in (tmp_path / "a" / "student_kd" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r.get("nonfinite")] == [3]
+    assert [r["step"] for r in recs if not r.get("nonfinite")] == [1, 2]  # no training line for the skipped step
+    assert json.loads((ck / "ckpt-000003" / "state.json").read_text())["loop_state"]["nonfinite_total"] == 1
     with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
         distill.run(_cfg(teacher, tmp_path / "b", mode="logit", steps=5, checkpoint_every=1, poison_steps=[1, 2],
                          max_nonfinite_steps=2))
+    kept = sorted(p.name for p in (tmp_path / "b" / "student_kd" / "checkpoints").glob("ckpt-*"))
+    assert kept == ["ckpt-000001"]  # none written during the streak
+    runs = {r["command"]: r for r in ledger.load(tmp_path) if r["config"]["out_dir"] == str(tmp_path / "b")
+            or r["command"] == "distill-kd" and r["config"]["out_dir"] == str(tmp_path / "b" / "student_kd")}
+    assert runs["distill"]["status"] == "ok" and runs["distill-kd"]["status"] == "failed"
+    assert "TrainingDiverged" in runs["distill-kd"]["error"]

@@ -26,6 +26,13 @@ def test_majority_vote():
 def test_intervals():
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
-    assert wilson_interval(0, 10)[0] == 0.0
+    # 0 of 10: the lower end is 0 and the upper z²/(n + z²), not the degenerate [0, 0] of mean ± 1.96 se
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(1.96**2 / (10 + 1.96**2)))
+    assert wilson_interval(10, 10) == (pytest.approx(10 / (10 + 1.96**2)), 1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    # mean 0.5 of 100 coin flips: the normal interval is 0.5 ± 1.96·0.05; the percentile bootstrap
+    # (seeded, so repeatable) lands within a bootstrap step of it
     lo, hi = bootstrap_interval([0.0, 1.0] * 50)
-    assert lo < 0.5 < hi
+    assert lo == pytest.approx(0.5 - 1.96 * 0.05, abs=0.015) and hi == pytest.approx(0.5 + 1.96 * 0.05, abs=0.015)
+    assert bootstrap_interval([0.0, 1.0] * 50) == (lo, hi)
+    assert bootstrap_interval([0.3] * 7) == (0.3, 0.3)  # no spread, no interval

@@ -193,3 +193,17 @@ def test_speedrun_final_lineage_covers_every_stage_run(tmp_path, monkeypatch):
     kept = {first[n] for n in ("tokenizer", "pretrain", "sft")}
     assert lineage == kept | set(second.values())  # the superseded rl and distillation runs are overhead
     assert first["rl"] not in lineage and first["distill-eval"] not in lineage
+
+
+def test_environment_and_device_flags_reach_every_stage(monkeypatch):
+    """SPUTNIK_COMPILE / SPUTNIK_CPU_KERNELS (config.ENVIRONMENT) set the speedrun's DeviceConfig
+    fields, which every model stage of the recipe gets."""
+    from sputnik.cli import build_parser
+    from sputnik.config import config_from_args
+
+    monkeypatch.setenv("SPUTNIK_CPU_KERNELS", "0")
+    monkeypatch.setenv("SPUTNIK_COMPILE", "1")
+    cfg = config_from_args(build_parser().parse_args(["speedrun", "--num_threads", "1"]), pipeline.SpeedrunConfig)
+    settings = pipeline.stage_settings(cfg)
+    for name in ("pretrain", "sft", "rl", "distill"):
+        assert (settings[name]["cpu_kernels"], settings[name]["compile"], settings[name]["num_threads"]) == (False, True, 1)

@@ -374,6 +374,40 @@ def test_update_gradient_is_the_loss_formula(knobs):
         assert m["kl"] > 0 and m["kl"] == pytest.approx(float(expected["kl"]), rel=1e-4)
 
 
+def test_a_skipped_update_discards_its_expert_load():
+    """A taken step moves each router bias by γ·sign(mean − load) of the step's load (every micro-batch's
+    real tokens: train/balance.ExpertLoad); a step the non-finite guard skips discards that load with
+    the gradient: weights, router biases and Adam moments stay exactly as they were."""
+    from sputnik.common import DeviceChoice
+    from sputnik.rl.rollout import policy_logprobs
+    from sputnik.train.optim import OptimConfig, build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(tiny(**MICRO))
+    batch, adv_B = _rollout(), torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.4])
+    cfg = grpo.Config(init="<test>", variant="dapo", micro_batch=4, max_new_tokens=9, share_prompts="never",
+                      optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=0.0))
+    dc = DeviceChoice(torch.device("cpu"), torch.float32, "test")
+    opt = build_optimizer(model, cfg.optim)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m = rl_update.update(model, None, opt, batch, adv_B, cfg, dc, vocab_limit=300, poison=True)
+    assert m["skipped"] == 1 and not math.isfinite(m["loss"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not opt.state  # no Adam moments either
+    with torch.no_grad():
+        _, _, load = policy_logprobs(model, batch, 1.0, vocab_limit=300)  # the step's load: all rows, no padding
+    gamma = model.config.bias_update_speed
+    m = rl_update.update(model, None, opt, batch, adv_B, cfg, dc, vocab_limit=300)
+    assert m["skipped"] == 0
+    moes = model.moe_layers()
+    assert list(moes) == list(load) == ["model.layers.1.mlp"]
+    for name, moe in moes.items():
+        key = f"{name}.gate.e_score_correction_bias"
+        delta = moe.gate.e_score_correction_bias - before[key]
+        torch.testing.assert_close(delta, gamma * torch.sign(load[name].mean() - load[name]), rtol=0, atol=1e-9)
+        assert delta.abs().sum() > 0  # the batch's load is uneven: the bias did move
+
+
 def test_second_inner_step_keeps_pi_old(monkeypatch):
     """μ = 2: the second step's π_old is the first step's log-probs (the sampling policy), not the
     updated model's."""
@@ -463,6 +497,11 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(policy_dir, tmp_path):
     ck = tmp_path / "a" / "rl" / "checkpoints"
     one, two = load_file(str(ck / "ckpt-000001" / "model.safetensors")), load_file(str(ck / "ckpt-000002" / "model.safetensors"))
     assert all(torch.equal(one[k], two[k]) for k in one)  # the skipped step left no trace, router biases included
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert one[bias].abs().sum() > 0  # the taken step 1 moved the bias from its initial zeros; step 2 did not
+    opt1, opt2 = (torch.load(ck / f"ckpt-00000{i}" / "optimizer.pt", weights_only=False) for i in (1, 2))
+    moments = lambda o: [t for st in o["state"].values() for t in st.values() if torch.is_tensor(t)]  # noqa: E731
+    assert moments(opt1) and all(torch.equal(a, b) for a, b in zip(moments(opt1), moments(opt2)))  # Adam's too
     with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
         grpo.run(_cfg(policy_dir, tmp_path / "b", steps=4, poison_steps=[1, 2], max_nonfinite_steps=2, **kw))
     assert (tmp_path / "b" / "rl" / "checkpoints" / "ckpt-000001").is_dir()

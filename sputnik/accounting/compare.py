@@ -30,19 +30,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
 from sputnik.common import atomic_write_json, atomic_write_text, is_rank0, print0
-from sputnik.config import add_config_args, build, config_from_args, knob, save_config
+from sputnik.config import DeviceConfig, add_config_args, build, config_from_args, knob, save_config
 
 RECIPES = ["dense-sft", "moe-sft", "moe-sft-grpo", "distilled"]
 COMPARE_STAGES = ["dense_pretrain", "dense_sft", "moe_sft"]
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(DeviceConfig):
     project: str = knob("runs/speedrun", "speedrun project to extend (its finished stages are reused)")
     preset: Literal["cpu", "gpu", "gpus"] = knob("cpu", "the speedrun preset (see `sputnik speedrun --help`)")
     tasks: list[str] = knob(default_factory=lambda: ["addition", "subtraction"], help="tasks of every recipe")
@@ -52,9 +52,7 @@ class CompareConfig:
     target_accuracy: float = knob(0.0, "accuracy whose compute-to-reach is compared (0 = the dense baseline's final)",
                                   min=0.0, max=1.0)
     force: list[str] = knob(default_factory=list, help=f"compare stages to rerun ({', '.join(COMPARE_STAGES)}; 'all')")
-    seed: int = knob(0, "seed of every stage")
-    device: str = knob("auto", "auto, cpu, cuda or mps")
-    num_threads: int = knob(0, "CPU threads (0 = all cores)", min=0)
+    seed: int = knob(0, "seed of every stage", min=0)
 
     def __post_init__(self):
         unknown = set(self.force) - set(COMPARE_STAGES) - {"all"}
@@ -259,8 +257,8 @@ def run(cfg: CompareConfig) -> dict:
 
     project = Path(cfg.project)
     sr_cfg = build(pipeline.SpeedrunConfig, dict(project=cfg.project, preset=cfg.preset, tasks=list(cfg.tasks),
-                                                 scale=cfg.scale, seed=cfg.seed, device=cfg.device,
-                                                 num_threads=cfg.num_threads))
+                                                 scale=cfg.scale, seed=cfg.seed,
+                                                 **{f.name: getattr(cfg, f.name) for f in fields(DeviceConfig)}))
     pipeline.run(sr_cfg)  # finished stages are skipped
     save_config(cfg, project / "compare_config.json")
     speedrun = pipeline.stage_settings(sr_cfg)

@@ -129,14 +129,11 @@ def _routed_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch
 # Gathered experts (CPU, compiled decode steps with a few tokens): each (token, expert) slot reads its
 # expert's weights and the FFN runs as two reductions over the slots. The shapes are static and
 # nothing leaves the graph: inside a compiled step it replaces the opaque `routed_rows` call (a Python
-# body of ~20 eager ops). Compiled step, tiny, 2 threads, ms at batch 1 / 2 / 4 / 8 / 16 / 32 (LOG.md,
-# stop 18): routed_rows 1.34 / 1.73 / 2.39 / 2.90 / 3.30 / 4.28, gathered (bmm form) 1.01 / 1.22 / 1.45
-# / 1.88 / 2.85 / 4.62. With the reduction form and static shapes (stop 19), the gathered step at batch
-# 32 / 48 / 64: 3.39-3.49 / 4.50 / 5.77 vs routed_rows 3.96 / 4.99 / 6.05 ms. Eager it loses (batch 8 /
-# 16: 3.62 / 5.41 vs 3.04 / 3.56 ms): inductor does better with the gathers. Against the C kernel
-# (kernels/cpu.py), an opaque call that costs a few us more than a fused in-graph kernel, the gathered
-# form still wins up to 8 tokens (stop 20, same process, alternating, generated tok/s at batch 1 / 8 /
-# 16 / 24 / 32: gathered 1265 / 5645 / 8014 / 8755 / 9429, kernel 1171 / 5480 / 8177 / 9359 / 10551).
+# body of ~20 eager ops). Why the thresholds (LOG.md, stops 18-20; compiled step, tiny, 2 threads):
+# gathered beats routed_rows at every batch up to 64 (batch 32: 3.4-3.5 vs 4.0 ms a step) but loses
+# eagerly, where inductor cannot fuse the gathers; against the C kernel (kernels/cpu.py), an opaque call
+# a few us dearer than an in-graph kernel, it wins up to 8 tokens and loses from 16 (generated tok/s
+# at batch 8 / 16: 5645 vs 5480, 8014 vs 8177).
 GATHER_MAX_TOKENS = 64  # compiled steps without the C kernel
 GATHER_MAX_TOKENS_KERNEL = 8  # compiled steps with it
 
