@@ -127,7 +127,7 @@ def test_logit_kd_step_lowers_the_divergence(tok):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -183,29 +183,76 @@ def test_distill_runs_end_to_end_and_a_rerun_reuses_the_traces_with_their_lineag
     assert sampled[0]["parents"] == ["pre"] and sampled[1]["parents"] == ["pre", sampled[0]["run_id"]]
     assert students[0]["parents"] == [sampled[0]["run_id"]] and evals[0]["parents"] == [students[0]["run_id"]]
     assert first["run_ids"] == [evals[0]["run_id"]]
-    assert {sampled[0]["run_id"], sampled[1]["run_id"], students[1]["run_id"], evals[1]["run_id"]} <= ledger.final_lineage(runs)
+    # the rerun's student finds its finished checkpoint (resume auto): no step, no FLOPs, and it names
+    # the run that wrote that checkpoint; so the final lineage is both chains but the superseded
+    # first evaluation
+    assert students[1]["parents"] == [sampled[1]["run_id"], students[0]["run_id"]]
+    assert students[0]["flops"] > 0 and students[1]["flops"] == 0.0
+    assert evals[1]["parents"] == [students[1]["run_id"]]
+    assert ledger.final_lineage(runs) == {r["run_id"] for r in runs} - {evals[0]["run_id"]}
+
+
+def test_the_student_starts_from_init(tok, tmp_path, monkeypatch):
+    """`init` (was student_init) is the student's starting point: its architecture (the `student`
+    settings are then ignored, with a warning), weights and tokenizer. One KD step at lr 0 leaves
+    every weight as loaded; only the router bias, which no learning rate scales, moves."""
+    from sputnik.train.loading import load_model, save_model
+
+    teacher = _teacher(tok, tmp_path, monkeypatch)
+    torch.manual_seed(5)
+    init = save_model(build_model(tiny(**{**MICRO, "hidden_size": 24})), tmp_path / "init", tok, tiny(**MICRO))
+    cfg = _cfg(teacher, tmp_path / "d", mode="logit", init=str(init), steps=1,
+               optim=dict(lr=0.0, warmup_steps=0, schedule="constant"))
+    assert cfg.student_tokenizer == ""  # the init's own
+    with pytest.warns(UserWarning, match="model settings ignored"):
+        res = distill.run(cfg)
+    student = load_model(res["student_dir"])
+    assert student.config.hidden_size == 24
+    want = load_model(str(init)).state_dict()
+    got = student.state_dict()
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert all(torch.equal(got[k], v) for k, v in want.items() if k != bias)
+    assert not torch.equal(got[bias], want[bias])
 
 
 def test_logit_kd_resumes_bit_exactly(tok, tmp_path, monkeypatch):
-    """The KD loop checkpoints like every stage: a run cut after its step-2 checkpoint and resumed
-    ends with the weights of an uninterrupted run."""
-    import shutil
-
+    """The KD loop checkpoints like every stage: a run interrupted after its step-2 checkpoint (Ctrl-C
+    in step 4: "aborted" in the ledger) and rerun with the same settings resumes there (resume="auto")
+    and ends with the weights of an uninterrupted run, on-policy batches (the student's own samples)
+    included; the metrics hold each step once and the resumed run names the interrupted one."""
     from safetensors.torch import load_file
 
+    from sputnik.accounting import ledger
+
     teacher = _teacher(tok, tmp_path, monkeypatch)
-    kw = dict(mode="logit", steps=4, checkpoint_every=2, keep_last=5)
+    kw = dict(mode="logit", steps=4, checkpoint_every=2, keep_last=5, on_policy_fraction=0.5, log_every=1)
     distill.run(_cfg(teacher, tmp_path / "full", **kw))
+    full = [json.loads(l) for l in (tmp_path / "full" / "student_kd" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["on_policy"] for r in full} == {True, False}  # both kinds of batch in these 4 steps
     part = tmp_path / "part"
-    distill.run(_cfg(teacher, part, **kw))
+    real_batch = distill.kd_batch
+
+    def interrupted(cfg, step, *args):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_batch(cfg, step, *args)
+
+    monkeypatch.setattr(distill, "kd_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(_cfg(teacher, part, **kw))
+    monkeypatch.setattr(distill, "kd_batch", real_batch)
     ck = part / "student_kd" / "checkpoints"
-    shutil.rmtree(ck / "ckpt-000004")  # as if killed after the step-2 checkpoint
-    shutil.rmtree(part / "student_kd" / "model")
-    (ck / "latest").write_text("ckpt-000002\n")
+    assert sorted(p.name for p in ck.glob("ckpt-*")) == ["ckpt-000002"] and not (part / "student_kd" / "model").exists()
     distill.run(_cfg(teacher, part, **kw))
     a = load_file(str(tmp_path / "full" / "student_kd" / "model" / "model.safetensors"))
     b = load_file(str(part / "student_kd" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = [json.loads(l) for l in (part / "student_kd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [(r["loss"], r["on_policy"]) for r in resumed] == [(r["loss"], r["on_policy"]) for r in full]
+    kd = [r for r in ledger.load(tmp_path) if r["command"] == "distill-kd"
+          and r["config"]["out_dir"] == str(part / "student_kd")]
+    assert [r["status"] for r in kd] == ["aborted", "ok"] and kd[1]["parents"][-1] == kd[0]["run_id"]
 
 
 def test_logit_kd_skips_nonfinite_steps_and_stops_a_streak(tok, tmp_path, monkeypatch):

@@ -26,8 +26,8 @@ from sputnik.model import build_model
 from sputnik.model.config import tiny
 from sputnik.train.optim import OptimConfig
 from sputnik.rl.update import update as rl_update
-from sputnik.stages import rl as grpo
-from test_rl_stage import MICRO, _rollout, make_policy
+from sputnik.stages import rl
+from test_rl_stage import MICRO, _rollout, make_policy, weak_policy_dir  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -66,8 +66,8 @@ def one_update(variant: str, rows: list[int], mu: int = 1, beta: float = 0.0) ->
     if beta > 0:  # the frozen reference: the same initial weights
         torch.manual_seed(0)
         ref = build_model(tiny(**MICRO)).eval().requires_grad_(False)
-    cfg = grpo.Config(init="<test>", variant=variant, micro_batch=2, max_new_tokens=9, inner_updates=mu, beta=beta,
-                        optim=OptimConfig(lr=0.1, grad_clip=0.0))
+    cfg = rl.Config(init="<test>", variant=variant, micro_batch=2, max_new_tokens=9, inner_updates=mu, beta=beta,
+                    optim=OptimConfig(lr=0.1, grad_clip=0.0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = _rollout().select(torch.tensor(rows, dtype=torch.long)) if rows else None
     adv_B = torch.tensor(ADV)[rows] if rows else torch.zeros(0)
@@ -123,18 +123,57 @@ def _torchrun_rl(policy, out, port_offset, **over):
     return subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=240)
 
 
-def test_rl_stage_under_torchrun_runs_checkpoints_and_resumes(policy_dir, tmp_path):
+def _first_step_by_hand(policy, **knobs) -> dict:
+    """Step 1 as the two ranks take it, in this process: rank r samples prompts 2r and 2r+1 of the
+    step's 4 with its own seed from the initial policy; the 8 completions scored. What the metrics
+    of step 1 must count, every rank's samples included."""
+    from sputnik.inference.engine import Engine
+    from sputnik.inference.sampling import SamplingParams
+    from sputnik.rl.prompts import render, rollout_seed, sample_prompts
+    from sputnik.rl.rewards import score
+    from sputnik.tasks import parse_tasks
+    from sputnik.train.loading import load_model, load_tokenizer
+    from sputnik.train.session import process
+
+    cfg = build(rl.Config, dict(init=str(policy), num_threads=1, prompts_per_step=4, group_size=2, **knobs))
+    with process(cfg):  # the run's threads and kernels: the same sampling arithmetic
+        tok = load_tokenizer("", str(policy))
+        engine = Engine(load_model(str(policy)).train(), tok)
+        tasks = parse_tasks(cfg.tasks)
+        examples = sample_prompts(tasks, 0, 4, cfg.seed)
+        flat_ex, comps = [], []
+        for rank in (0, 1):
+            mine = examples[2 * rank: 2 * rank + 2]
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                    stop_token_ids=(tok.eot_id,), seed=rollout_seed(cfg.seed, 0, rank))
+            groups = engine.generate([render(tok, ex.prompt, cfg.recipe) for ex in mine], params, num_samples=2)
+            comps += [c for g in groups for c in g]
+            flat_ex += [ex for ex in mine for _ in range(2)]
+        rewards, verdicts = score(cfg, {t.name: t for t in tasks}, flat_ex, comps, None)
+    n = len(comps)
+    return dict(reward_mean=sum(rewards) / n, accuracy=sum(v.correct for v in verdicts) / n,
+                format_rate=sum(v.well_formatted for v in verdicts) / n,
+                length_mean=sum(len(c.token_ids) for c in comps) / n,
+                truncated_frac=sum(c.finish_reason == "length" for c in comps) / n, sample=comps[0].text[:300])
+
+
+def test_rl_stage_under_torchrun_runs_checkpoints_and_resumes(weak_policy_dir, tmp_path):
+    """The weak policy (writes the format about a third of the time) on 1-digit additions: the
+    samples of a step differ, so its metrics show whether they count both ranks' samples."""
     out = tmp_path / "rl"
-    res = _torchrun_rl(policy_dir, out, 1)
+    knobs = dict(tasks="addition:max_digits=1", max_new_tokens=32)
+    res = _torchrun_rl(weak_policy_dir, out, 1, **knobs)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "ranks 2" in res.stderr
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [0, 1, 2]  # rank 0 alone writes
     for r in recs[1:]:
-        assert r["kept_sequences"] == 8  # both ranks' 2 prompts x 2 samples
-        # every count covers both ranks' 8 samples: rates are eighths, and reward = accuracy + 0.1 format
-        assert (r["accuracy"] * 8).is_integer() and (r["format_rate"] * 8).is_integer() and "loss" in r
+        assert r["kept_sequences"] == 8 and "loss" in r  # both ranks' 2 prompts x 2 samples
         assert r["reward_mean"] == pytest.approx(r["accuracy"] + 0.1 * r["format_rate"])
+    want = _first_step_by_hand(weak_policy_dir, tasks=["addition:max_digits=1"], max_new_tokens=32)
+    assert 0.0 < want["format_rate"] < 1.0 and want["truncated_frac"] < 1.0  # the samples differ
+    got = recs[1]
+    assert {k: got[k] for k in want} == pytest.approx(want)
     ck = out / "checkpoints"
     state = json.loads((ck / "ckpt-000002" / "state.json").read_text())
     assert state["world_size"] == 2
@@ -142,12 +181,12 @@ def test_rl_stage_under_torchrun_runs_checkpoints_and_resumes(policy_dir, tmp_pa
     # as if killed after step 1: resume runs step 2 only, on two ranks again
     shutil.rmtree(ck / "ckpt-000002")
     (ck / "latest").write_text("ckpt-000001\n")
-    res = _torchrun_rl(policy_dir, out, 2, resume="auto")
+    res = _torchrun_rl(weak_policy_dir, out, 2, resume="auto", **knobs)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming at step 1" in res.stderr
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     # whole groups per rank: 3 prompts cannot be split over 2 ranks
-    res = _torchrun_rl(policy_dir, tmp_path / "bad", 3, prompts_per_step=3)
+    res = _torchrun_rl(weak_policy_dir, tmp_path / "bad", 3, prompts_per_step=3)
     assert res.returncode != 0 and "multiple of the number of ranks" in res.stderr
 
 
@@ -158,9 +197,9 @@ def test_bench_rl_ranks_reads_the_metrics_rl_writes(policy_dir, tmp_path):
     spec = importlib.util.spec_from_file_location("bench_rl_ranks", ROOT / "benchmarks" / "bench_rl_ranks.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    grpo.run(build(grpo.Config, dict(init=str(policy_dir), out_dir=str(tmp_path / "rl"), project_dir=str(tmp_path),
-                                       tasks=["addition"], steps=3, prompts_per_step=2, group_size=2,
-                                       max_new_tokens=8, eval_every=0, eval_examples=4, num_threads=1,
-                                       dynamic_sampling=False)))
+    rl.run(build(rl.Config, dict(init=str(policy_dir), out_dir=str(tmp_path / "rl"), project_dir=str(tmp_path),
+                                 tasks=["addition"], steps=3, prompts_per_step=2, group_size=2,
+                                 max_new_tokens=8, eval_every=0, eval_examples=4, num_threads=1,
+                                 dynamic_sampling=False)))
     s = bench.summarise(tmp_path)
     assert s["steps"] == 2 and s["step_s"] > 0 and s["generated_tok_s"] > 0 and len(s["heldout"]) == 2

@@ -16,7 +16,7 @@ from sputnik.rl import update as rl_update
 from sputnik.rl.health import HealthStop
 from sputnik.rl.rewards import score
 from sputnik.rl.rollout import micro_batches
-from sputnik.stages import rl as grpo
+from sputnik.stages import rl
 from sputnik.tasks import corpus_text, format_completion, get_task
 from sputnik.tokenizer import train_tokenizer
 from sputnik.train.loading import save_model
@@ -40,14 +40,14 @@ def policy_dir(tmp_path_factory):
 
 
 def _cfg(policy_dir, tmp_path, **kw):
-    return build(grpo.Config, {**dict(init=str(policy_dir), out_dir=str(tmp_path / "rl"), project_dir=str(tmp_path),
-                                        tasks=["addition"], steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8,
-                                        eval_every=0, eval_examples=4, checkpoint_every=1, num_threads=1,
-                                        dynamic_sampling=False), **kw})
+    return build(rl.Config, {**dict(init=str(policy_dir), out_dir=str(tmp_path / "rl"), project_dir=str(tmp_path),
+                                    tasks=["addition"], steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8,
+                                    eval_every=0, eval_examples=4, checkpoint_every=1, num_threads=1,
+                                    dynamic_sampling=False), **kw})
 
 
 def test_rl_runs_writes_metrics_ledger_and_resumes(policy_dir, tmp_path):
-    res = grpo.run(_cfg(policy_dir, tmp_path))
+    res = rl.run(_cfg(policy_dir, tmp_path))
     recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r["step"] > 0]
     assert [r["step"] for r in steps] == [1, 2]
@@ -58,15 +58,21 @@ def test_rl_runs_writes_metrics_ledger_and_resumes(policy_dir, tmp_path):
     assert rows[-1]["status"] == "ok" and rows[-1]["flops"] > 0
     assert (tmp_path / "rl" / "model" / "config.json").is_file() and res["accuracy_curve"]
     assert res["run_ids"] == [rows[-1]["run_id"]] and res["model_dir"] == str(tmp_path / "rl" / "model")
+    # the curve: held-out accuracy before RL (step 0) and at the last step, as the metrics lines say
+    assert res["accuracy_curve"] == [(0, recs[0]["heldout_accuracy"]), (2, recs[-1]["heldout_accuracy"])]
+    assert rows[-1]["metrics"]["heldout_accuracy"] == res["accuracy_after"] == recs[-1]["heldout_accuracy"]
     # as if killed after step 1: the latest complete checkpoint is step 1; resume runs only step 2
     import shutil
     ck = tmp_path / "rl" / "checkpoints"
     shutil.rmtree(ck / "ckpt-000002")
     (ck / "latest").write_text("ckpt-000001\n")
-    grpo.run(_cfg(policy_dir, tmp_path, resume="auto"))
-    recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    rl.run(_cfg(policy_dir, tmp_path, resume="auto"))
+    resumed = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     # the lines of the repeated step 2 were trimmed on resume: one line per step, step 0 kept
-    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert [r["step"] for r in resumed] == [0, 1, 2]
+    # and step 2 is taken again exactly: same prompts, samples, rewards and update
+    same = ("reward_mean", "accuracy", "format_rate", "length_mean", "sample", "loss", "grad_norm", "entropy")
+    assert {k: resumed[-1][k] for k in same} == {k: recs[-1][k] for k in same}
     rows = [r for r in ledger.load(tmp_path) if r["command"] == "rl"]
     assert rows[-1]["parents"] == [rows[0]["run_id"]]  # the resumed run names the one that wrote its checkpoint
 
@@ -75,7 +81,7 @@ def test_rl_fresh_start_drops_the_metrics_of_an_earlier_run(policy_dir, tmp_path
     metrics = tmp_path / "rl" / "metrics.jsonl"
     metrics.parent.mkdir(parents=True)
     metrics.write_text('{"step": 0, "heldout_accuracy": 0.5}\n{"step": 7, "reward_mean": 9.0}\n{"step": 8, "rew')
-    grpo.run(_cfg(policy_dir, tmp_path, steps=1))
+    rl.run(_cfg(policy_dir, tmp_path, steps=1))
     assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == [0, 1]
 
 
@@ -89,7 +95,7 @@ def test_rl_compiled_matches_eager_and_saves_plain_weights(weak_policy_dir, tmp_
     from sputnik.train.loading import load_model
 
     kw = dict(steps=1, num_threads=2, prompts_per_step=2)  # 16 rows: few batch buckets to compile
-    grpo.run(_format_cfg(weak_policy_dir, tmp_path / "eager", **kw))
+    rl.run(_format_cfg(weak_policy_dir, tmp_path / "eager", **kw))
     compiled_blocks = []
 
     def compile_blocks(model, blocks):
@@ -98,7 +104,7 @@ def test_rl_compiled_matches_eager_and_saves_plain_weights(weak_policy_dir, tmp_
 
     real_compile = session._compile
     monkeypatch.setattr(session, "_compile", compile_blocks)
-    grpo.run(_format_cfg(weak_policy_dir, tmp_path / "compiled", **kw, compile=True))
+    rl.run(_format_cfg(weak_policy_dir, tmp_path / "compiled", **kw, compile=True))
     assert len(compiled_blocks) == MICRO["num_hidden_layers"]
     rec = [json.loads(l) for l in (tmp_path / "eager" / "rl" / "metrics.jsonl").read_text().splitlines()][-1]
     got = [json.loads(l) for l in (tmp_path / "compiled" / "rl" / "metrics.jsonl").read_text().splitlines()][-1]
@@ -124,7 +130,7 @@ def test_rl_compile_refuses_a_model_without_blocks():
 
 def test_rl_refuses_a_missing_init(tmp_path):
     with pytest.raises(ValueError, match="init"):
-        grpo.run(build(grpo.Config, dict(out_dir=str(tmp_path / "rl"))))
+        rl.run(build(rl.Config, dict(out_dir=str(tmp_path / "rl"))))
 
 
 def _sft_briefly(model, tok, examples, steps: int, lr: float = 1e-2, batch: int = 16):
@@ -174,7 +180,7 @@ def test_rl_raises_the_format_reward_of_a_weak_policy(weak_policy_dir, tmp_path)
     with other seeds of the policy 0.80 -> 0.94, 0.63 -> 0.94; on stop 18's Intel machine 0.51 ->
     0.95, the rounding of another CPU's kernels). Fails if the update does not follow
     the advantages (sign flipped: 0.14 -> 0.00), or if rollouts come from stale weights."""
-    grpo.run(_format_cfg(weak_policy_dir, tmp_path, steps=20))
+    rl.run(_format_cfg(weak_policy_dir, tmp_path, steps=20))
     fmt = [json.loads(l)["format_rate"] for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[1:]]
     first, last = sum(fmt[:2]) / 2, sum(fmt[-5:]) / 5
     assert first < 0.6 and last > 0.75 and last > first + 0.3, (first, last)
@@ -183,7 +189,7 @@ def test_rl_raises_the_format_reward_of_a_weak_policy(weak_policy_dir, tmp_path)
 def test_trainer_logprobs_are_the_sampled_policy(policy_dir, tmp_path):
     """The micro model's head has 320 rows, its tokenizer fewer; the engine samples from the
     tokenizer's rows only, so the trainer's softmax must too (it gave 0.105 per token before)."""
-    grpo.run(_cfg(policy_dir, tmp_path, steps=1, group_size=4))
+    rl.run(_cfg(policy_dir, tmp_path, steps=1, group_size=4))
     rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][1]
     assert rec["logp_mismatch"] < 1e-4, rec["logp_mismatch"]
 
@@ -194,21 +200,32 @@ def test_rollouts_follow_the_updated_policy(weak_policy_dir, tmp_path):
     inference-weight cache goes stale (an optimizer step that does not bump the tensors' version
     counters, e.g. torch's fused CPU AdamW), or when the trainer's softmax covers the head's padding
     rows that the engine never samples (0.1 per token on an untrained head)."""
-    grpo.run(_format_cfg(weak_policy_dir, tmp_path, steps=4, prompts_per_step=4, group_size=4, dynamic_sampling=False))
+    rl.run(_format_cfg(weak_policy_dir, tmp_path, steps=4, prompts_per_step=4, group_size=4, dynamic_sampling=False))
     recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[1:]]
     assert all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in recs)
     assert max(r["logp_mismatch"] for r in recs) < 1e-4, [r["logp_mismatch"] for r in recs]
 
 
-def test_task_specs_reach_the_tasks(policy_dir, tmp_path):
-    """Task knobs ride in the task spec: the step's prompts are 1-digit additions."""
-    grpo.run(_cfg(policy_dir, tmp_path, steps=1, tasks=["addition:max_digits=1"], prompts_per_step=4))
+def test_task_specs_reach_the_tasks(policy_dir, tmp_path, monkeypatch):
+    """Task knobs ride in the task spec: the step's prompts are those of addition(max_digits=1),
+    1-digit operands only; a bad knob is refused before anything is written."""
+    drawn = []
+    real = rl.sample_prompts
+
+    def spy(tasks, *args, **kw):
+        drawn.append(real(tasks, *args, **kw))
+        return drawn[-1]
+
+    monkeypatch.setattr(rl, "sample_prompts", spy)
+    rl.run(_cfg(policy_dir, tmp_path, steps=1, tasks=["addition:max_digits=1"], prompts_per_step=4))
     rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert len(rec) == 2
-    prompts = [e.prompt for e in rl_prompts.sample_prompts([get_task("addition", max_digits=1)], 0, 4, 0)]
-    assert all(len(x) == 1 for p in prompts for x in p.removeprefix("What is ").rstrip("?").split(" + "))
+    (prompts,) = [[e.prompt for e in exs] for exs in drawn]
+    assert prompts == [e.prompt for e in rl_prompts.sample_prompts([get_task("addition", max_digits=1)], 0, 4, 0)]
+    operands = [x for p in prompts for x in p.removeprefix("What is ").rstrip("?").split(" + ")]
+    assert len(operands) == 8 and all(x.isdigit() and len(x) == 1 for x in operands)
     with pytest.raises(ValueError, match="max_digits"):
-        grpo.run(_cfg(policy_dir, tmp_path / "bad", steps=1, tasks=["addition:max_digits=0"]))
+        rl.run(_cfg(policy_dir, tmp_path / "bad", steps=1, tasks=["addition:max_digits=0"]))
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
@@ -295,8 +312,8 @@ def test_update_gradient_does_not_depend_on_the_micro_batch(variant):
     grads, state = {}, {k: v.clone() for k, v in model.state_dict().items()}
     for mb in (6, 4, 1):
         model.load_state_dict(state)  # update() moves the routers' expert bias after its step
-        cfg = grpo.Config(init="<test>", variant=variant, micro_batch=mb, max_new_tokens=9,
-                            optim=OptimConfig(lr=1e-4, grad_clip=0.0))
+        cfg = rl.Config(init="<test>", variant=variant, micro_batch=mb, max_new_tokens=9,
+                        optim=OptimConfig(lr=1e-4, grad_clip=0.0))
         opt = _CaptureGrads(model)
         rl_update.update(model, None, opt, batch, adv_B, cfg, dc, vocab_limit=300)
         grads[mb] = opt.grads
@@ -312,10 +329,10 @@ def test_variant_aggregations_hand_values():
     DAPO scale advantages by the group's std."""
     loss_BT = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask_BT = torch.tensor([[1, 1, 1], [1, 0, 0]]).bool()
-    got = {v: rl_update.aggregation(grpo.Config(init="x", variant=v, max_new_tokens=5), 4)(loss_BT, mask_BT).item()
+    got = {v: rl_update.aggregation(rl.Config(init="x", variant=v, max_new_tokens=5), 4)(loss_BT, mask_BT).item()
            for v in ("grpo", "dapo", "dr_grpo")}
     assert got == {"grpo": 3.0, "dapo": 2.5, "dr_grpo": 1.0}
-    assert rl_update.aggregation(grpo.Config(init="x", variant="dapo"), 8)(loss_BT, mask_BT).item() == 10 / 8  # all ranks' tokens
+    assert rl_update.aggregation(rl.Config(init="x", variant="dapo"), 8)(loss_BT, mask_BT).item() == 10 / 8  # all ranks' tokens
     variants = rl_update.VARIANTS
     assert {v: variants[v]["scale_by_std"] for v in variants} == {"grpo": True, "dapo": True, "dr_grpo": False}
 
@@ -325,7 +342,7 @@ def test_score_adds_the_overlong_penalty_and_the_custom_reward():
     L_max 8 and a window of 4: length 4 none, 6 -0.5, 7 -0.75."""
     from types import SimpleNamespace as NS
 
-    cfg = grpo.Config(init="x", max_new_tokens=8, overlong_cache=4, accuracy_weight=1.0, format_weight=0.1)
+    cfg = rl.Config(init="x", max_new_tokens=8, overlong_cache=4, accuracy_weight=1.0, format_weight=0.1)
     task = NS(verify=lambda ex, text: NS(correct=True, well_formatted=len(text) % 2 == 0))
     completions = [NS(text="x" * n, token_ids=[1] * n) for n in (4, 6, 7)]
     rewards, _ = score(cfg, {"t": task}, [NS(task="t", prompt="p", answer="a")] * 3, completions,
@@ -360,8 +377,8 @@ def test_update_gradient_is_the_loss_formula(knobs):
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     model.load_state_dict(state)
-    cfg = grpo.Config(init="<test>", variant="dapo", micro_batch=6, max_new_tokens=9,
-                        optim=OptimConfig(lr=1e-4, grad_clip=0.0), **knobs)
+    cfg = rl.Config(init="<test>", variant="dapo", micro_batch=6, max_new_tokens=9,
+                    optim=OptimConfig(lr=1e-4, grad_clip=0.0), **knobs)
     opt = _CaptureGrads(model)
     m = rl_update.update(model, ref_model, opt, batch, adv_B, cfg, DeviceChoice(torch.device("cpu"), torch.float32, "test"),
                          vocab_limit=300)
@@ -385,8 +402,8 @@ def test_a_skipped_update_discards_its_expert_load():
     torch.manual_seed(0)
     model = build_model(tiny(**MICRO))
     batch, adv_B = _rollout(), torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.4])
-    cfg = grpo.Config(init="<test>", variant="dapo", micro_batch=4, max_new_tokens=9, share_prompts="never",
-                      optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=0.0))
+    cfg = rl.Config(init="<test>", variant="dapo", micro_batch=4, max_new_tokens=9, share_prompts="never",
+                    optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=0.0))
     dc = DeviceChoice(torch.device("cpu"), torch.float32, "test")
     opt = build_optimizer(model, cfg.optim)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -424,8 +441,8 @@ def test_second_inner_step_keeps_pi_old(monkeypatch):
     monkeypatch.setattr(rl_update.objectives, "grpo_loss", spy)
     torch.manual_seed(0)
     model = build_model(tiny(**MICRO))
-    cfg = grpo.Config(init="<test>", variant="dapo", micro_batch=6, max_new_tokens=9, inner_updates=2,
-                        optim=OptimConfig(lr=1e-2, grad_clip=0.0))
+    cfg = rl.Config(init="<test>", variant="dapo", micro_batch=6, max_new_tokens=9, inner_updates=2,
+                    optim=OptimConfig(lr=1e-2, grad_clip=0.0))
     rl_update.update(model, None, torch.optim.SGD(model.parameters(), lr=1.0), _rollout(),
                      torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, -0.4]), cfg,
                      DeviceChoice(torch.device("cpu"), torch.float32, "test"), vocab_limit=300)
@@ -437,7 +454,7 @@ def test_step_metrics_agree_with_each_other(weak_policy_dir, tmp_path):
     """With the format reward alone (0 or 1 per sample): reward mean = format rate, reward std =
     the Bessel-corrected Bernoulli std over the 64 samples, kept sequences = the groups with any
     variance x G."""
-    grpo.run(_format_cfg(weak_policy_dir, tmp_path, steps=2))
+    rl.run(_format_cfg(weak_policy_dir, tmp_path, steps=2))
     for r in [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[1:]]:
         p = r["format_rate"]
         assert r["reward_mean"] == pytest.approx(p)
@@ -448,7 +465,7 @@ def test_step_metrics_agree_with_each_other(weak_policy_dir, tmp_path):
 def test_dynamic_sampling_drops_all_equal_groups(policy_dir, tmp_path):
     """An untrained policy earns 0 everywhere: every group has zero variance, nothing is kept and no
     update runs: its update metrics are absent (not 0), and the weights are those it started from."""
-    grpo.run(_cfg(policy_dir, tmp_path, steps=1, dynamic_sampling=True))
+    rl.run(_cfg(policy_dir, tmp_path, steps=1, dynamic_sampling=True))
     rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][1]
     assert rec["reward_std"] == 0.0 and rec["zero_variance_frac"] == 1.0
     assert rec["kept_sequences"] == 0
@@ -465,7 +482,7 @@ def test_health_check_stops_the_run_when_told_to(policy_dir, tmp_path, capsys):
     cfg = _cfg(policy_dir, tmp_path, dynamic_sampling=False,
                health=dict(window=1, min_entropy=1e9, stop_on_pathology=True))
     with pytest.raises(HealthStop, match="stopped by a health check at step 1: truncation"):
-        grpo.run(cfg)
+        rl.run(cfg)
     recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == 1  # stopped after the first step, whose record (and warnings) was written
     assert any(w.startswith("entropy collapse") for w in recs[-1]["warnings"])
@@ -490,7 +507,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(policy_dir, tmp_path):
     from sputnik.train.session import TrainingDiverged
 
     kw = dict(dynamic_sampling=False, checkpoint_every=1, keep_last=5)
-    grpo.run(_cfg(policy_dir, tmp_path / "a", steps=2, poison_steps=[1], **kw))
+    rl.run(_cfg(policy_dir, tmp_path / "a", steps=2, poison_steps=[1], **kw))
     recs = [json.loads(l) for l in (tmp_path / "a" / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("skipped") for r in recs if r["step"] > 0 and "skipped" in r] == [0, 1]
     assert any(r.get("nonfinite") for r in recs)
@@ -503,7 +520,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(policy_dir, tmp_path):
     moments = lambda o: [t for st in o["state"].values() for t in st.values() if torch.is_tensor(t)]  # noqa: E731
     assert moments(opt1) and all(torch.equal(a, b) for a, b in zip(moments(opt1), moments(opt2)))  # Adam's too
     with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
-        grpo.run(_cfg(policy_dir, tmp_path / "b", steps=4, poison_steps=[1, 2], max_nonfinite_steps=2, **kw))
+        rl.run(_cfg(policy_dir, tmp_path / "b", steps=4, poison_steps=[1, 2], max_nonfinite_steps=2, **kw))
     assert (tmp_path / "b" / "rl" / "checkpoints" / "ckpt-000001").is_dir()
     assert not (tmp_path / "b" / "rl" / "checkpoints" / "ckpt-000002").exists()
 
@@ -544,7 +561,7 @@ def test_sample_prompts_follow_the_shares_and_are_deterministic():
 def test_rl_with_learnability_sampling_records_task_accuracy_and_resumes_it(policy_dir, tmp_path):
     cfg = _cfg(policy_dir, tmp_path, tasks=["addition", "subtraction"], prompts_per_step=4,
                task_sampling="learnability", steps=2)
-    grpo.run(cfg)
+    rl.run(cfg)
     recs = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert set(recs[-1]["task_accuracy"]) == {"addition", "subtraction"}
     from sputnik.train import checkpoint as ckpt
@@ -557,7 +574,7 @@ def test_reward_fn_by_import_path_reaches_the_rewards(policy_dir, tmp_path):
     """`--reward_fn module:function` runs isolated and is added to the verifier's reward: an
     untrained policy earns nothing from the verifier, so every reward here is the plug-in's
     (raising_reward: 1.0 for any completion without "boom")."""
-    grpo.run(_cfg(policy_dir, tmp_path, steps=1, reward_fn="reward_fixtures:raising_reward"))
+    rl.run(_cfg(policy_dir, tmp_path, steps=1, reward_fn="reward_fixtures:raising_reward"))
     rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][1]
     assert rec["accuracy"] == 0.0 and rec["format_rate"] == 0.0
     assert rec["reward_mean"] == 1.0 and rec["reward_failures"] == 0

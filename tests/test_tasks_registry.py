@@ -72,7 +72,13 @@ def test_cli_preview(capsys):
     code, out = _run(["tasks", "preview", "addition:max_digits=2", "-n", "2", "--split", "test", "--seed", "3"], capsys)
     assert code == 0 and out.count("=== addition #") == 2
     assert out.count("verdict of the target completion: correct=True well_formatted=True") == 2
-    assert all(len(line.split("+")[0].split()[-1]) <= 2 for line in out.splitlines() if line.startswith("What is"))
+    # the knob reached the task: the examples of addition(max_digits=2), operands of at most 2 digits
+    prompts = [line for line in out.splitlines() if line.startswith("What is")]
+    assert prompts == [e.prompt for e in get_task("addition", max_digits=2).generate(2, split="test", seed=3)]
+    operands = [x for p in prompts for x in p.removeprefix("What is ").rstrip("?").split(" + ")]
+    assert len(operands) == 4 and all(x.isdigit() and len(x) <= 2 for x in operands)
+    with pytest.raises(SystemExit):  # the retired flag
+        _run(["tasks", "preview", "addition", "--knob", "max_digits=2"], capsys)
     with pytest.raises(ValueError, match="max_digits=0: must be >= 1"):
         _run(["tasks", "preview", "addition:max_digits=0"], capsys)
     with pytest.raises(ValueError, match="'novalue' is not knob=value"):
