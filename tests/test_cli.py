@@ -136,7 +136,7 @@ def test_environment_overrides_config_fields_and_flags_win(monkeypatch):
         config_from_args(parser.parse_args(["rl", "--init", "x"]), rl.Config)
 
 
-def test_one_task_spec_syntax():
+def test_one_task_spec_syntax(tmp_path):
     """name[:knob=value...] everywhere, reasoning-gym names included; malformed specs name themselves."""
     from sputnik.tasks import parse_task, parse_tasks
 
@@ -156,6 +156,13 @@ def test_one_task_spec_syntax():
                         ("addition:max_digits=6:", "'' is not knob=value"), ("rg:", "dataset is required")):
         with pytest.raises(ValueError, match=words):
             parse_task(spec)
+    # A value may hold colons (a path): a piece that does not start "knob=" continues the value.
+    data = tmp_path / "run:2" / "svamp.json"
+    data.parent.mkdir()
+    data.write_text('[{"Body": "Ann has 3 apples.", "Question": "How many?", "Answer": 3}]')
+    assert parse_task(f"svamp:path={data}").path == str(data)
+    with pytest.raises(ValueError, match="max_digits"):
+        parse_task("addition:max_digits=6:7")
     pytest.importorskip("reasoning_gym")
     rg = parse_task("rg:chain_sum:min_terms=3:use_rg_scorer=true")  # the dataset name keeps its colon
     assert (rg.name, rg.dataset, rg.config, rg.use_rg_scorer) == ("rg:chain_sum", "chain_sum", {"min_terms": 3}, True)

@@ -197,6 +197,17 @@ def test_torn_trailing_line_is_skipped_then_isolated(tmp_path, capsys):
     assert "corrupt lines skipped: 1" in capsys.readouterr().out
 
 
+def test_non_finite_metrics_are_written_as_strict_json(tmp_path):
+    # A rerun of a finished stage trains zero steps and reports a NaN train loss; bare NaN is not JSON.
+    path = ledger.ledger_path(tmp_path)
+    ledger.append_record(path, {"event": "finished", "run_id": "a", "status": "ok",
+                                "metrics": {"final_train_loss": float("nan"), "peak": [float("inf"), 1.5]}})
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+    rec = json.loads(path.read_text(), parse_constant=refuse)
+    assert rec["metrics"] == {"final_train_loss": "nan", "peak": ["inf", 1.5]}
+
+
 # ---------------------------------------------------------------------------------------------
 def _row(rid, status, money, final=False, parents=(), device_hours=None):
     return dict(run_id=rid, status=status, money_usd=money, device_hours=device_hours or money / 2, flops=money * 1e18,

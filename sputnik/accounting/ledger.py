@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import signal
@@ -58,11 +59,24 @@ def _iso(ts: float) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Low level: append one record, read records
+def _finite_json(obj):
+    """NaN and inf as strings ("nan", "inf"), as metrics.jsonl writes them: bare NaN is not JSON, and
+    a run that trained zero steps (a finished stage rerun) reports a NaN train loss."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
 def append_record(path: str | os.PathLike, record: dict) -> None:
     """Append `record` as one JSON line: flock, repair a torn tail, one os.write, fsync."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")  # no raw newlines inside
+    line = (json.dumps(_finite_json(record), sort_keys=True, default=str, allow_nan=False)
+            + "\n").encode("utf-8")  # no raw newlines inside
     created = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -105,7 +119,7 @@ def _write_json_atomic(path: Path, obj) -> None:
     """Temp file + rename: a killed writer leaves the previous heartbeat. Not fsynced (a heartbeat
     lost to a power cut only loosens the bound); common.atomic_write_json would import torch (2 s)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, default=str))
+    tmp.write_text(json.dumps(_finite_json(obj), default=str, allow_nan=False))
     os.replace(tmp, path)
 
 

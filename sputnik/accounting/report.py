@@ -14,7 +14,7 @@ from pathlib import Path
 from sputnik.accounting import ledger
 from sputnik.common import atomic_write_text
 
-STAGE_ORDER = ["tokenizer", "pretrain", "sft", "rl", "distill", "eval"]
+STAGE_ORDER = ["tokenizer", "pretrain", "sft", "rl", "distill", "distill-sft", "distill-kd", "distill-eval", "eval"]
 
 
 def read_metrics(out_dir: str | None) -> list[dict]:

@@ -18,6 +18,7 @@ countdown.py, word_problems.py, reasoning_gym.py, datasets.py (JSONL, GSM8K, SVA
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 
 from sputnik.config import build
@@ -66,19 +67,26 @@ def get_task(name: str, **knobs) -> Task:
         raise ValueError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
 
 
+_KNOB_START = re.compile(r"[A-Za-z_]\w*=")
+
+
 def parse_task(spec: str) -> Task:
     """A task from a spec "name" or "name:knob=value:knob=value" ("addition:max_digits=6",
-    "rg:chain_sum:min_terms=3", "svamp:path=../shared/data/svamp.json"): every command's syntax."""
+    "rg:chain_sum:min_terms=3", "svamp:path=../shared/data/svamp.json"): every command's syntax.
+    A piece that does not start with "knob=" continues the previous value, so paths may hold colons."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"task spec {spec!r}: expected name[:knob=value...]")
     parts = spec.strip().split(":")
     name_parts = 2 if parts[0] == "rg" and len(parts) > 1 else 1  # reasoning-gym names carry a colon
-    name, knobs = ":".join(parts[:name_parts]), {}
+    name, knobs, key = ":".join(parts[:name_parts]), {}, None
     for pair in parts[name_parts:]:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
+        if _KNOB_START.match(pair):
+            key, _, value = pair.partition("=")
+            knobs[key] = value
+        elif key is not None and pair:  # a value with a colon in it ("path=/data/a:b.json", "path=C:/x")
+            knobs[key] += ":" + pair
+        else:
             raise ValueError(f"task spec {spec!r}: {pair!r} is not knob=value (expected name[:knob=value...])")
-        knobs[key] = value
     return get_task(name, **knobs)
 
 
