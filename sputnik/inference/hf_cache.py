@@ -15,6 +15,7 @@ Shape legend: B rows, T new tokens, S physical cache slots, V vocab.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -55,6 +56,9 @@ class HFCachedModel:
     def __init__(self, hf_model: nn.Module):
         self.hf = hf_model
         self.config = hf_model.config
+        # transformers renamed `past_key_values` to `cache` (the old name warns, then goes away);
+        # models from before the rename, or remote code, take only the old one.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> HFEngineCache:
         """dtype is the model's own (HF allocates K/V lazily in the activation dtype)."""
@@ -78,8 +82,8 @@ class HFCachedModel:
         cache.pos_BS = torch.cat([cache.pos_BS, positions_BT], dim=1)
         cache.live_BS = torch.cat([cache.live_BS, torch.ones_like(positions_BT, dtype=torch.bool)], dim=1)
         out = self.hf(input_ids=input_ids_BT, attention_mask=cache.live_BS.long(), position_ids=positions_BT,
-                      past_key_values=cache.kv, use_cache=True, output_hidden_states=return_hidden)
-        cache.kv = out.past_key_values  # the same object for DynamicCache; kept in case a model swaps it
+                      use_cache=True, output_hidden_states=return_hidden, **{self._cache_kwarg: cache.kv})
+        cache.kv = out[self._cache_kwarg]  # the same object for DynamicCache; kept in case a model swaps it
         logits = out.logits
         if logits_at_B is not None:
             return logits[torch.arange(B, device=logits.device), logits_at_B]
