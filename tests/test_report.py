@@ -58,7 +58,9 @@ def test_report_tables_plots_and_cost_split(project):
     assert "| of which failed | 1 |" in md
 
 
-def test_report_keeps_compare_branches_out_of_the_lineage_curve(project, monkeypatch):
+@pytest.fixture
+def plotted(monkeypatch):
+    """The panels each plot of report.build was drawn from, by file name (the plots are still drawn)."""
     seen = {}
     real = report._plot
 
@@ -67,8 +69,12 @@ def test_report_keeps_compare_branches_out_of_the_lineage_curve(project, monkeyp
         return real(path, panels, xlabel)
 
     monkeypatch.setattr(report, "_plot", spy)
+    return seen
+
+
+def test_report_keeps_compare_branches_out_of_the_lineage_curve(project, plotted):
     report.build(project)
-    (label, xs, ys), = seen["accuracy_vs_flops.png"][0][1]
+    (label, xs, ys), = plotted["accuracy_vs_flops.png"][0][1]
     assert "compare:" not in label
     assert xs == [1.2e12, 1.2e12] and ys == [0.65, 0.6]  # pretrain + rl, then the student (0 FLOPs of its own)
 
@@ -87,19 +93,11 @@ def test_report_refuses_an_empty_project(tmp_path):
         report.build(tmp_path)
 
 
-def test_report_follows_the_distill_chain_and_counts_stopped_runs(tmp_path, monkeypatch):
+def test_report_follows_the_distill_chain_and_counts_stopped_runs(tmp_path, plotted):
     """The distillation's runs ("distill" traces -> "distill-kd" student -> "distill-eval") each
     get a row and add their FLOPs to the accuracy curve, whose student point sits after all of them;
     a health-stopped RL run is spending ("of which stopped"), never the stage's row."""
     p = tmp_path / "proj"
-    seen = {}
-    real = report._plot
-
-    def spy(path, panels, xlabel="step"):
-        seen[path.name] = panels
-        return real(path, panels, xlabel)
-
-    monkeypatch.setattr(report, "_plot", spy)
     pre = _run(p, "pretrain", p / "pretrain", flops=1e12)
     sft = _run(p, "sft", p / "sft", flops=2e11, metrics={"accuracy": 0.5}, parents=[pre])
     _run(p, "rl", p / "rl", flops=3e11, status="stopped", parents=[sft])
@@ -116,6 +114,6 @@ def test_report_follows_the_distill_chain_and_counts_stopped_runs(tmp_path, monk
     assert rows["rl"] == "ok" and "0.700" in next(l for l in md.splitlines() if l.startswith("| rl |"))
     assert "| final model's lineage | 6 |" in md and "| all runs (failed, aborted, killed included) | 7 |" in md
     assert "| of which stopped | 1 |" in md
-    (label, xs, ys), = seen["accuracy_vs_flops.png"][0][1]
+    (label, xs, ys), = plotted["accuracy_vs_flops.png"][0][1]
     assert label == "sft → rl → distill-eval" and ys == [0.5, 0.7, 0.6]
     assert xs == pytest.approx([1.2e12, 1.3e12, 1.39e12])  # the student after its traces and its KD training
