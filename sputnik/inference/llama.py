@@ -1,4 +1,4 @@
-"""Decoding our dense Llama twin (model/llama.py) over a preallocated KV cache: the model's own forward
+"""Decoding the dense Llama family (model/llama.py) over a preallocated KV cache: the model's own forward
 with an attention hook that writes each layer's new keys and values at every row's own positions and
 attends over the row's cache. The engine's cached-model contract (decoders.py) for this architecture.
 
@@ -40,7 +40,7 @@ class KVCache:
 
 
 class LlamaCachedModel:
-    """The cached-model contract over our dense `LlamaModel`: its own forward, a KV cache, no derived weights."""
+    """The cached-model contract over the dense `LlamaModel` (every family): its own forward, a KV cache, no derived weights."""
 
     name = "llama"
 
@@ -53,7 +53,7 @@ class LlamaCachedModel:
         dtype, device = dtype or w.dtype, device or w.device
         if max_len > c.max_position_embeddings:
             raise ValueError(f"max_len={max_len} > max_position_embeddings={c.max_position_embeddings}")
-        shape = (c.num_hidden_layers, batch, c.kv_heads, max_len, c.head_dim)
+        shape = (c.num_hidden_layers, batch, c.kv_heads, max_len, c.attention_head_dim)
         return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @torch.no_grad()
@@ -69,7 +69,11 @@ class LlamaCachedModel:
         S = int(pos_BT[:, -1].max()) + 1  # attend over the used prefix only, not all S_max slots
         if S > cache.max_len:
             raise ValueError(f"cache overflow: a row needs {S} slots, cache holds {cache.max_len}")
-        mask_B1TS = (torch.arange(S, device=dev) <= pos_BT[:, :, None])[:, None]
+        slot_S = torch.arange(S, device=dev)
+        mask_BTS = slot_S <= pos_BT[:, :, None]
+        if window := self.model.config.sliding_window:  # Mistral: the cache keeps every slot, attention the last W
+            mask_BTS &= slot_S > pos_BT[:, :, None] - window
+        mask_B1TS = mask_BTS[:, None]
         rows_B1 = torch.arange(B, device=dev)[:, None]
 
         def attend(attn, q_BHTC, k_BKTC, v_BKTC):

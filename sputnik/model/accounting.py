@@ -37,9 +37,12 @@ def _mla(c: ModelConfig) -> int:
 
 
 def _gqa(c: ModelConfig) -> int:
-    """Llama attention: q_proj [n_h·hd, d], k_proj and v_proj [n_kv·hd, d], o_proj [d, n_h·hd]."""
-    d, hd = c.hidden_size, c.head_dim
-    return 2 * d * c.num_attention_heads * hd + 2 * d * c.kv_heads * hd
+    """Llama-family attention: q_proj [n_h·hd, d], k_proj and v_proj [n_kv·hd, d], o_proj [d, n_h·hd],
+    plus the family's q/k/v biases [(n_h + 2·n_kv)·hd], o_proj bias [d] and q/k norms [hd] each."""
+    d, hd, h, kv = c.hidden_size, c.attention_head_dim, c.num_attention_heads, c.kv_heads
+    weights = 2 * d * h * hd + 2 * d * kv * hd
+    biases = c.qkv_bias * (h + 2 * kv) * hd + c.o_proj_bias * d
+    return weights + biases + c.qk_norm * 2 * hd
 
 
 def _moe(c: ModelConfig) -> tuple[int, int, int, int]:
@@ -122,7 +125,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True, in
     head_matmul = V * d
     n_matmul = p["active"] - p["embedding"] - p["head"] + head_matmul
     if cfg.architecture == "llama":
-        qk, v, n_h = cfg.head_dim, cfg.head_dim, cfg.num_attention_heads
+        qk, v, n_h = cfg.attention_head_dim, cfg.attention_head_dim, cfg.num_attention_heads
     else:
         qk, v, n_h = cfg.qk_head_dim, cfg.v_head_dim, cfg.num_attention_heads
     attn_layer = 2 * n_h * (qk + v) * seq_len / 2

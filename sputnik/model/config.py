@@ -1,7 +1,10 @@
-"""ModelConfig: the DeepSeek-V3 architecture (and a dense Llama twin) with DeepseekV3Config names.
+"""ModelConfig: the DeepSeek-V3 architecture and the dense Llama family (Llama, Mistral, Qwen2, Qwen3)
+with transformers' config names.
 
-Field names equal transformers' `DeepseekV3Config` / `LlamaConfig` so that export to config.json
-is a copy, not a mapping. Sizes are named presets (functions), the way nanochat and torchtitan
+Field names equal transformers' `DeepseekV3Config` / `LlamaConfig` / `Qwen3Config` so that export to
+config.json is a copy, not a mapping. The dense families differ only by switches (q/k/v and output
+biases, q/k norms, head dim, sliding window, RoPE scaling); `family` names the config.json
+`model_type` the model is exported as and is checked against the switches. Sizes are named presets (functions), the way nanochat and torchtitan
 keep them: `tiny()` is the CPU speedrun size, `small()` the single-GPU size, `v3_671b()` the
 published model (used by the cost planner, never instantiated here).
 """
@@ -21,6 +24,13 @@ class ModelConfig:
     num_hidden_layers: int = knob(4, "transformer blocks", min=1)
     num_attention_heads: int = knob(4, "attention heads", min=1)
     num_key_value_heads: int = knob(0, "llama only: KV heads for GQA (0 = num_attention_heads); MLA uses all heads", min=0)
+    # --- dense family switches (architecture llama)
+    family: Literal["llama", "mistral", "qwen2", "qwen3"] = knob("llama", "llama architecture: the HF family (config.json model_type) it is read and exported as")
+    head_dim: int = knob(0, "llama: per-head q/k/v dim (0 = hidden_size / num_attention_heads; Qwen3 sets it)", min=0)
+    qkv_bias: bool = knob(False, "llama: biases on q/k/v projections (Qwen2; Llama/Qwen3 attention_bias)")
+    o_proj_bias: bool = knob(False, "llama: bias on the attention output projection (Llama/Qwen3 attention_bias)")
+    qk_norm: bool = knob(False, "llama: RMSNorm over each head's q and k before RoPE (Qwen3)")
+    sliding_window: int = knob(0, "llama: each token attends to at most this many latest positions (Mistral; 0 = off)", min=0)
     intermediate_size: int = knob(768, "dense SwiGLU width (dense layers of deepseek_v3, every layer of llama)", min=1)
     # --- MLA (deepseek_v3)
     q_lora_rank: int = knob(128, "query latent rank d_c' (0 = no query compression: plain q_proj)", min=0)
@@ -47,9 +57,11 @@ class ModelConfig:
     # --- common
     max_position_embeddings: int = knob(2048, "longest sequence the RoPE tables cover", min=1)
     rope_theta: float = knob(10000.0, "RoPE base", min=1.0)
-    rope_type: Literal["default", "yarn"] = knob("default", "RoPE scaling")
-    rope_factor: float = knob(1.0, "YaRN scaling factor s", min=1.0)
-    original_max_position_embeddings: int = knob(4096, "YaRN: pre-extension context", min=1)
+    rope_type: Literal["default", "yarn", "llama3", "linear"] = knob("default", "RoPE scaling (yarn: deepseek_v3; llama3, linear: llama)")
+    rope_factor: float = knob(1.0, "YaRN / llama3 / linear scaling factor s", min=1.0)
+    original_max_position_embeddings: int = knob(4096, "YaRN / llama3: pre-extension context", min=1)
+    rope_low_freq_factor: float = knob(1.0, "llama3 RoPE: wavelengths above context/this are divided by the factor", min=0.0)
+    rope_high_freq_factor: float = knob(4.0, "llama3 RoPE: wavelengths below context/this are kept", min=0.0)
     beta_fast: float = knob(32.0, "YaRN beta_fast", min=0.0)
     beta_slow: float = knob(1.0, "YaRN beta_slow", min=0.0)
     mscale: float = knob(1.0, "YaRN mscale", min=0.0)
@@ -64,14 +76,10 @@ class ModelConfig:
     def __post_init__(self):
         h = self.num_attention_heads
         if self.architecture == "llama":
-            kv = self.num_key_value_heads or h
-            if self.hidden_size % h:
-                raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_attention_heads={h}")
-            if h % kv:
-                raise ValueError(f"num_attention_heads={h} must be divisible by num_key_value_heads={kv}")
-            if (self.hidden_size // h) % 2:
-                raise ValueError(f"head dim {self.hidden_size // h} must be even for RoPE")
+            self._check_dense()
             return
+        if self.rope_type not in ("default", "yarn"):
+            raise ValueError(f"rope_type={self.rope_type!r}: deepseek_v3 supports default and yarn")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
         if self.n_routed_experts % self.n_group:
@@ -89,14 +97,44 @@ class ModelConfig:
             raise ValueError(f"first_k_dense_replace={self.first_k_dense_replace} must be <= "
                              f"num_hidden_layers={self.num_hidden_layers}")
 
+    def _check_dense(self) -> None:
+        """Shapes, and the switches each family's transformers class hard-wires (so the export loads
+        there as the same model)."""
+        h = self.num_attention_heads
+        kv = self.num_key_value_heads or h
+        if not self.head_dim and self.hidden_size % h:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_attention_heads={h} "
+                             "(or set head_dim)")
+        if h % kv:
+            raise ValueError(f"num_attention_heads={h} must be divisible by num_key_value_heads={kv}")
+        if self.attention_head_dim % 2:
+            raise ValueError(f"head dim {self.attention_head_dim} must be even for RoPE")
+        if self.rope_type == "yarn":
+            raise ValueError("rope_type='yarn' is implemented for deepseek_v3 only (llama: default, llama3, linear)")
+        if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError(f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                             f"rope_low_freq_factor={self.rope_low_freq_factor}")
+        required = {  # family -> switch values its transformers class fixes
+            "llama": dict(qk_norm=False, sliding_window=0),
+            "mistral": dict(qkv_bias=False, o_proj_bias=False, qk_norm=False),
+            "qwen2": dict(qkv_bias=True, o_proj_bias=False, qk_norm=False, sliding_window=0),
+            "qwen3": dict(qk_norm=True, sliding_window=0),
+        }[self.family]
+        for key, value in required.items():
+            if getattr(self, key) != value:
+                raise ValueError(f"family={self.family!r} needs {key}={value!r}, got {getattr(self, key)!r}")
+        if self.family in ("llama", "qwen3") and self.qkv_bias != self.o_proj_bias:
+            raise ValueError(f"family={self.family!r}: attention_bias covers q/k/v and o_proj alike "
+                             f"(qkv_bias={self.qkv_bias}, o_proj_bias={self.o_proj_bias})")
+
     # Derived sizes used across the model
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
-    def head_dim(self) -> int:  # llama
-        return self.hidden_size // self.num_attention_heads
+    def attention_head_dim(self) -> int:  # llama: head_dim, 0 meaning derived from the width
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def kv_heads(self) -> int:  # llama

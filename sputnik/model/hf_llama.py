@@ -1,10 +1,13 @@
-"""Export/import of the dense `LlamaModel` in the Hugging Face `LlamaForCausalLM` layout.
+"""The dense families' Hugging Face checkpoints: Llama (SmolLM2), Mistral, Qwen2/2.5, Qwen3, in and out.
 
 Our module names are HF's, so the state dict is written as is: no rename table. The files are
 `model.safetensors` (metadata format=pt, as `save_pretrained` writes; a tied head is omitted, as HF
-omits it) and `config.json` (LlamaConfig fields; `rope_theta` both inside `rope_parameters`, the
-transformers 5.x form, and at top level for 4.x readers). `load_hf_llama` also reads what
-`LlamaForCausalLM.save_pretrained` writes, sharded (`model.safetensors.index.json`) or not.
+omits it) and `config.json` in the family's own `model_type` and fields (RoPE both as
+`rope_parameters`, the transformers 5.x form, and as top-level `rope_theta`/`rope_scaling` for 4.x
+readers), so the export loads in transformers and the tools that read its layout with no conversion.
+`load_hf_llama` reads what `save_pretrained` writes, sharded (`model.safetensors.index.json`) or not.
+A config that needs what LlamaModel does not implement raises `NotOnFastPath` (train/loading.py then
+wraps the checkpoint through transformers); a malformed one raises ValueError naming the key.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ from sputnik.config import build
 from sputnik.model.config import ModelConfig
 from sputnik.model.llama import LlamaModel
 
-# ModelConfig fields that are LlamaConfig fields of the same name and meaning (copied both ways).
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
+# ModelConfig fields that are config.json fields of the same name and meaning (copied both ways).
 _SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "initializer_range",
                   "bos_token_id", "eos_token_id", "pad_token_id")
@@ -30,18 +35,40 @@ _SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+class NotOnFastPath(ValueError):
+    """A well-formed checkpoint that needs something LlamaModel does not implement."""
+
+
 # ---------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    out = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type in ("linear", "llama3"):
+        out["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                   original_max_position_embeddings=cfg.original_max_position_embeddings)
+    return out
+
+
 def hf_llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The config.json dict `LlamaForCausalLM.from_pretrained` expects for `cfg`."""
+    """The config.json dict `AutoModelForCausalLM.from_pretrained` expects for `cfg` (its family's class)."""
+    rope = _rope_parameters(cfg)
     out = {k: getattr(cfg, k) for k in _SHARED_FIELDS}
     out.update(
-        architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim, hidden_act="silu", attention_bias=False, attention_dropout=0.0, mlp_bias=False,
-        pretraining_tp=1, use_cache=True, rope_theta=cfg.rope_theta,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        architectures=[FAMILIES[cfg.family]], model_type=cfg.family, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.attention_head_dim, hidden_act="silu", attention_dropout=0.0, use_cache=True,
+        rope_theta=cfg.rope_theta, rope_parameters=rope,
+        rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if cfg.rope_type != "default" else None,
         dtype=str(dtype).removeprefix("torch."),
     )
+    L = cfg.num_hidden_layers
+    out.update({
+        "llama": dict(attention_bias=cfg.qkv_bias, mlp_bias=False, pretraining_tp=1),
+        "mistral": dict(sliding_window=cfg.sliding_window or None),
+        "qwen2": dict(use_sliding_window=False, sliding_window=None, max_window_layers=L),
+        "qwen3": dict(attention_bias=cfg.qkv_bias, use_sliding_window=False, sliding_window=None, max_window_layers=L),
+    }[cfg.family])
     return out
 
 
@@ -54,28 +81,66 @@ def _first_id(value, name: str):
     return value
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
-    """config.json dict -> ModelConfig(architecture="llama"); ValueError for what we cannot build."""
-    if hf.get("model_type") != "llama":
-        raise ValueError(f"config.json model_type={hf.get('model_type')!r}: expected 'llama'")
-    unsupported = {"hidden_act": ("silu", None), "attention_bias": (False, None), "mlp_bias": (False, None)}
-    for key, allowed in unsupported.items():
-        if hf.get(key) not in allowed:
-            raise ValueError(f"config.json {key}={hf.get(key)!r}: LlamaModel supports only {allowed[0]!r}")
+def _rope_from_hf(hf: dict) -> dict:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"config.json rope type {rope.get('rope_type', rope.get('type'))!r}: only 'default' RoPE")
-    head_dim = hf.get("head_dim")
-    if head_dim not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
-        raise ValueError(f"config.json head_dim={head_dim}: LlamaModel needs hidden_size/num_attention_heads="
-                         f"{hf['hidden_size'] // hf['num_attention_heads']}")
+    if not isinstance(rope, dict):
+        raise ValueError(f"config.json rope_parameters={rope!r}: expected an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3", "linear"):
+        raise NotOnFastPath(f"RoPE type {rope_type!r} (implemented: default, llama3, linear)")
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise NotOnFastPath("partial_rotary_factor != 1")
+    out = dict(rope_type=rope_type, rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
+    try:
+        if rope_type in ("linear", "llama3"):
+            out["rope_factor"] = float(rope["factor"])
+        if rope_type == "llama3":
+            out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                       rope_high_freq_factor=float(rope["high_freq_factor"]),
+                       original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise ValueError(f"config.json rope_parameters: {rope_type} RoPE needs {e.args[0]!r}") from None
+    return out
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """config.json dict -> ModelConfig(architecture="llama", family=model_type). NotOnFastPath for a
+    family or option LlamaModel does not implement, ValueError for a malformed config."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise NotOnFastPath(f"model_type {family!r} (fast path: {', '.join(FAMILIES)})")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if not isinstance(hf.get(key), int) or hf[key] < 1:
+            raise ValueError(f"config.json {key}={hf.get(key)!r}: expected a positive int")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise NotOnFastPath(f"hidden_act={hf['hidden_act']!r} (implemented: silu)")
+    if hf.get("mlp_bias"):
+        raise NotOnFastPath("mlp_bias=true")
+    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise NotOnFastPath(f"{family} with use_sliding_window=true (per-layer windows)")
+    if family == "mistral" and hf.get("layer_types"):
+        raise NotOnFastPath("mistral with per-layer layer_types")
     values = {k: hf[k] for k in _SHARED_FIELDS if hf.get(k) is not None}
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if k in values and (v := _first_id(values.pop(k), k)) is not None:
             values[k] = v
-    values["num_key_value_heads"] = hf.get("num_key_value_heads") or 0
-    values["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    return build(ModelConfig, dict(values, architecture="llama", num_nextn_predict_layers=0))
+    derived = hf["hidden_size"] // hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or derived
+    bias = bool(hf.get("attention_bias", False))
+    values.update(
+        architecture="llama", family=family, num_nextn_predict_layers=0,
+        num_key_value_heads=hf.get("num_key_value_heads") or 0,
+        head_dim=0 if head_dim == derived and hf["hidden_size"] % hf["num_attention_heads"] == 0 else head_dim,
+        qkv_bias={"qwen2": True, "mistral": False}.get(family, bias),
+        o_proj_bias=False if family in ("qwen2", "mistral") else bias,
+        qk_norm=family == "qwen3",
+        sliding_window=(hf.get("sliding_window") or 0) if family == "mistral" else 0,
+        **_rope_from_hf(hf),
+    )
+    try:
+        return build(ModelConfig, values)
+    except ValueError as e:
+        raise ValueError(f"config.json: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +151,7 @@ def _fsync(path: Path) -> None:
 
 
 def save_hf_llama(model: LlamaModel, path: str | os.PathLike) -> Path:
-    """Write `model` as an HF LlamaForCausalLM checkpoint directory; returns the path.
+    """Write `model` as a checkpoint directory of its HF family (LlamaForCausalLM, ...); returns the path.
 
     Files are written and fsynced in a temp directory beside `path`, then renamed: a new directory
     appears whole or not at all. Into an existing directory each file is renamed over its old
@@ -160,12 +225,21 @@ def load_state_strict(model: LlamaModel, state: dict[str, torch.Tensor]) -> None
 
 
 def load_hf_llama(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LlamaModel:
-    """Build a LlamaModel from an HF Llama checkpoint directory (ours or `save_pretrained`'s).
+    """Build a LlamaModel from an HF checkpoint directory of a dense family (ours or `save_pretrained`'s).
     Weights are cast to `dtype` (fp32 master weights by default, whatever the file holds)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise ValueError(f"{path}: no config.json")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
-    model = LlamaModel(cfg).to(dtype)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'}: not valid JSON: {e}") from None
+    cfg = config_from_hf(hf)
+    with torch.device("meta"):  # no random init of weights about to be overwritten
+        model = LlamaModel(cfg)
+    model.to_empty(device="cpu").to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty() unties
+    model.rotary.reset()
     load_state_strict(model, _read_state(path))
     return model

@@ -1,15 +1,22 @@
-"""Dense Llama-style baseline: RMSNorm, RoPE (rotate_half), grouped-query attention, SwiGLU.
+"""The dense Llama family: RMSNorm, RoPE (rotate_half), grouped-query attention, SwiGLU, with the
+switches that make it Llama 1/2/3.x (llama3 RoPE scaling), Mistral (sliding window), Qwen2/2.5 (q/k/v
+biases), Qwen3 (q/k RMSNorm, explicit head dim) or SmolLM2 (a Llama layout): one model, not one copy
+per family (ModelConfig.family and its checks).
 
-The control arm for the DeepSeek-V3 `Transformer`: same interface (forward with chunked loss,
-`hidden_states`, `lm_head`, an empty expert load and a no-op bias update) so every stage treats both
-alike; inference/llama.py decodes it over a preallocated KV cache through the attention hook. Module names equal transformers' `LlamaForCausalLM`, so `state_dict()` *is* the HF
-checkpoint (`model.layers.{i}.self_attn.q_proj.weight`, ..., `lm_head.weight`); see hf_llama.py.
+Two roles: the users' own checkpoints on Sputnik's fast path (hf_llama.py reads and writes their
+directories), and the dense control arm for the DeepSeek-V3 `Transformer`. Same interface as it
+(forward with chunked loss, `hidden_states`, `lm_head`, an empty expert load and a no-op bias
+update) so every stage treats both alike; inference/llama.py decodes it over a preallocated KV cache
+through the attention hook. Module names equal transformers' (`model.layers.{i}.self_attn.q_proj.weight`,
+`...q_norm.weight`, `lm_head.weight`), so `state_dict()` *is* the HF checkpoint.
 
 Shape legend: B batch, T time (new tokens), S key slots (cache length), D hidden_size,
 H query heads, K key/value heads, C head_dim, F = C/2 rotary frequencies, P RoPE table positions,
 V vocab, N = B·T flattened rows, L layers.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,24 +30,45 @@ from sputnik.model.output import ModelOutput
 
 # ---------------------------------------------------------------------------------------------
 # Rotary position embedding, Llama (GPT-NeoX) convention
+def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
+    """inv_freq_F, f < C/2: θ^(−2f/C), then the config's scaling.
+    linear:  inv_freq / s (positions interpolated s times).
+    llama3 (Llama 3.1+): with context L0, λ_f = 2π / inv_freq_f the wavelength, keep frequencies of
+    λ < L0/high_freq_factor, divide those of λ > L0/low_freq_factor by s, and in between blend
+    (1 − a)·inv_freq/s + a·inv_freq with a = (L0/λ − low) / (high − low)."""
+    C = config.attention_head_dim
+    inv_freq_F = 1.0 / (config.rope_theta ** (torch.arange(0, C, 2, dtype=torch.float32, device=device) / C))
+    s = config.rope_factor
+    if config.rope_type == "linear":
+        return inv_freq_F / s
+    if config.rope_type == "llama3":
+        L0, low, high = config.original_max_position_embeddings, config.rope_low_freq_factor, config.rope_high_freq_factor
+        wavelen_F = 2 * math.pi / inv_freq_F
+        scaled_F = torch.where(wavelen_F > L0 / low, inv_freq_F / s, inv_freq_F)
+        a_F = (L0 / wavelen_F - low) / (high - low)
+        blended_F = (1 - a_F) * scaled_F / s + a_F * scaled_F
+        medium_F = ~(wavelen_F < L0 / high) & ~(wavelen_F > L0 / low)
+        return torch.where(medium_F, blended_F, scaled_F)
+    return inv_freq_F
+
+
 class RotaryTables(nn.Module):
     """cos/sin tables [P, C] in fp32 for every position up to max_position_embeddings.
 
-        inv_freq_f = θ^(−2f/C),  angle_{p,f} = p · inv_freq_f,  cos_PC = [cos angle ; cos angle]
-    Same fp32 products as HF's LlamaRotaryEmbedding, so the angles are bit-equal. Buffers are
+        angle_{p,f} = p · inv_freq_f (rope_inv_freq),  cos_PC = [cos angle ; cos angle]
+    Same fp32 products as HF's rotary embeddings, so the angles are bit-equal. Buffers are
     non-persistent: recomputed from the config, never stored in a checkpoint (as in HF).
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.head_dim, self.theta = config.head_dim, config.rope_theta
+        self.config = config
         cos_PC, sin_PC = self._tables(config.max_position_embeddings)
         self.register_buffer("cos_PC", cos_PC, persistent=False)
         self.register_buffer("sin_PC", sin_PC, persistent=False)
 
     def _tables(self, num_positions: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        C = self.head_dim
-        inv_freq_F = 1.0 / (self.theta ** (torch.arange(0, C, 2, dtype=torch.float32, device=device) / C))
+        inv_freq_F = rope_inv_freq(self.config, device)
         angle_PF = torch.arange(num_positions, dtype=torch.float32, device=device)[:, None] * inv_freq_F[None, :]
         angle_PC = torch.cat([angle_PF, angle_PF], dim=-1)  # frequency f drives dims f and f + C/2
         return angle_PC.cos(), angle_PC.sin()
@@ -66,28 +94,44 @@ def apply_rope(x_BHTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 # ---------------------------------------------------------------------------------------------
 # Blocks
+def sliding_causal_mask(T: int, window: int, device=None) -> torch.Tensor:
+    """[T, T] bool: query t sees keys t − window < s ≤ t (Mistral's sliding window)."""
+    t_T = torch.arange(T, device=device)
+    offset_TT = t_T[:, None] - t_T[None, :]
+    return (offset_TT >= 0) & (offset_TT < window)
+
+
 class LlamaAttention(nn.Module):
     """softmax(q kᵀ / √C + causal) v with K ≤ H key/value heads; query head h reads KV head
-    h // (H/K), the grouping of HF's `repeat_kv`."""
+    h // (H/K), the grouping of HF's `repeat_kv`. Family switches: q/k/v and o biases, a per-head
+    RMSNorm of q and k before RoPE (Qwen3), a sliding window (Mistral)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.layer_idx = layer_idx
-        D, C = config.hidden_size, config.head_dim
+        D, C = config.hidden_size, config.attention_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.kv_heads, C
-        self.q_proj = nn.Linear(D, self.num_heads * C, bias=False)
-        self.k_proj = nn.Linear(D, self.num_kv_heads * C, bias=False)
-        self.v_proj = nn.Linear(D, self.num_kv_heads * C, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * C, D, bias=False)
+        self.sliding_window = config.sliding_window
+        self.q_proj = nn.Linear(D, self.num_heads * C, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * C, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * C, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * C, D, bias=config.o_proj_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(C, config.rms_norm_eps)
+            self.k_norm = RMSNorm(C, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         # SDPA's enable_gqa instead of repeating K/V to H heads: measured on 2 CPU threads it is
         # as fast for training (32 vs 35 ms fwd+bwd, B=8 T=256 H=4 K=2) and 3x faster at decode.
         self.gqa = self.num_kv_heads != self.num_heads
 
     def _qkv(self, x_BTD, cos, sin):
         B, T, _ = x_BTD.shape
-        q_BHTC = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BKTC = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BTHC = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)
+        k_BTKC = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
         v_BKTC = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q_BTHC, k_BTKC = self.q_norm(q_BTHC), self.k_norm(k_BTKC)
+        q_BHTC, k_BKTC = q_BTHC.transpose(1, 2), k_BTKC.transpose(1, 2)
         return apply_rope(q_BHTC, cos, sin), apply_rope(k_BKTC, cos, sin), v_BKTC
 
     def _out(self, o_BHTC: torch.Tensor) -> torch.Tensor:
@@ -101,7 +145,12 @@ class LlamaAttention(nn.Module):
         q_BHTC, k_BKTC, v_BKTC = self._qkv(x_BTD, cos, sin)
         if attend is not None:
             return self._out(attend(self, q_BHTC, k_BKTC, v_BKTC))
-        o_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BKTC, v_BKTC, is_causal=True, enable_gqa=self.gqa)
+        T = q_BHTC.shape[2]
+        if self.sliding_window and T > self.sliding_window:
+            mask_TT = sliding_causal_mask(T, self.sliding_window, q_BHTC.device)
+            o_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BKTC, v_BKTC, attn_mask=mask_TT, enable_gqa=self.gqa)
+        else:
+            o_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BKTC, v_BKTC, is_causal=True, enable_gqa=self.gqa)
         return self._out(o_BHTC)
 
 
@@ -122,14 +171,12 @@ class LlamaDecoderLayer(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 class LlamaModel(nn.Module):
-    """Decoder-only dense LM with HF `LlamaForCausalLM` state-dict keys. See the module docstring."""
+    """Decoder-only dense LM with the HF family's state-dict keys. See the module docstring."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.architecture != "llama":
             raise ValueError(f"architecture={config.architecture!r}: LlamaModel needs 'llama'")
-        if config.rope_type != "default":
-            raise ValueError(f"rope_type={config.rope_type!r}: the llama baseline supports only 'default' RoPE")
         self.config = config
         # An attribute-only container gives the "model." key prefix HF uses (no mapping table).
         self.model = nn.Module()
@@ -143,7 +190,7 @@ class LlamaModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """HF's LlamaPreTrainedModel init: every Linear/Embedding ~ N(0, initializer_range²), norms 1.
+        """HF's LlamaPreTrainedModel init: every Linear/Embedding ~ N(0, initializer_range²), biases 0, norms 1.
         Call again after `to_empty()` when the model was built on the meta device."""
         if self.config.tie_word_embeddings:
             # `to_empty()` materialises each module's parameters separately, silently untying them.
@@ -152,6 +199,8 @@ class LlamaModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
         self.rotary.reset()

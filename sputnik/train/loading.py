@@ -5,6 +5,7 @@ FLOPs a model costs per token.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from sputnik.train import checkpoint as ckpt_lib
 def load_model(init: str, model_cfg: ModelConfig | None = None, impl: str = "auto") -> nn.Module:
     """fp32 model on CPU: fresh from model_cfg when init is '', else from `init`, a model directory
     (config.json) or a sputnik checkpoint (model.safetensors + stage_config.json); the model settings
-    are then ignored, with a warning when they differ from the loaded model's. impl "transformers"
-    loads even our own architectures through AutoModelForCausalLM."""
+    are then ignored, with a warning when they differ from the loaded model's. A model directory of
+    DeepSeek-V3 or a dense family (Llama, Mistral, Qwen2, Qwen3) loads as our own model; any other
+    causal LM through transformers (a notice says so). impl "transformers" loads even our own
+    architectures through AutoModelForCausalLM."""
     if not init:
         from sputnik.model import build_model
 
@@ -52,10 +55,17 @@ def _load_model_dir(path: Path, impl: str) -> nn.Module:
         from sputnik.model.hf import load_hf
 
         return load_hf(path)
-    if impl == "auto" and model_type == "llama" and (path / "stage_config.json").is_file():
-        from sputnik.model.hf_llama import load_hf_llama  # our dense twin, exported by a stage
+    if impl == "auto":
+        from sputnik.model.hf_llama import NotOnFastPath, load_hf_llama
 
-        return load_hf_llama(path)
+        try:
+            return load_hf_llama(path)
+        except NotOnFastPath as e:  # well-formed, but needs what LlamaModel lacks: transformers runs it
+            print(f"notice: {path} is not on Sputnik's fast path ({e}); loading it through transformers, without "
+                  "the static-cache batched decode, compiled/CUDA-graph steps, shared-prompt RL update and fused "
+                  "kernels", file=sys.stderr)
+        except ValueError as e:
+            raise ValueError(f"init={path}: {e}") from None
     from transformers import AutoModelForCausalLM
 
     try:

@@ -1,0 +1,197 @@
+"""Generation with a user's checkpoint: Sputnik's engine on its own Llama-family model vs transformers'
+generate() (default dynamic cache, and its static-cache path) on the same weights, against the floor
+the hardware sets, measured in the same run.
+
+    .venv/bin/python benchmarks/bench_families.py [--shapes smollm2-135m,qwen2.5-0.5b] [--layers 8]
+        [--batches 1,32] [--prompt-len 32] [--new-tokens 32] [--repeats 3] [--threads 2]
+        [--hf-static] [--compile] [--out bench_families.json]
+
+Models: random-init transformers models of the real layouts (config values of the published
+checkpoints) at full width, depth cut to --layers (0 = full) to keep a run short; saved with
+save_pretrained and loaded by `sputnik.train.loading.load_model`, the path `--init DIR` takes. fp32.
+Workload: random prompts, sampling at temperature 1 (HF: do_sample, top_k=0, min_new_tokens =
+max_new_tokens), both sides generate exactly the same number of tokens. Ours and HF alternate inside
+each repeat; medians; ratios come from the same run.
+
+Floors (the fastest the machine could possibly go):
+  batch 1: every decode step reads all weights once (embedding rows aside) at the measured read
+           bandwidth, plus the prefill's FLOPs at the measured GEMM rate;
+  batch B: the FLOPs of prefill + decode (2 · matmul params · tokens, plus attention) at the
+           measured GEMM rate (a large square fp32 matmul), or the batch-1 bytes if larger.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from sputnik.common import atomic_write_text
+from sputnik.inference.engine import Engine
+from sputnik.inference.sampling import SamplingParams
+
+# The published configs (config.json of HuggingFaceTB/SmolLM2-135M and Qwen/Qwen2.5-0.5B).
+SHAPES = {
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
+    "qwen2.5-0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643,
+                                   eos_token_id=151643, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen3-0.6b": ("qwen3", dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                 max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                 bos_token_id=151643, eos_token_id=151645,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+}
+
+
+def build_checkpoint(shape: str, layers: int) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    family, values = SHAPES[shape]
+    values = dict(values, num_hidden_layers=layers or values["num_hidden_layers"])
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **values))
+    path = tempfile.mkdtemp(prefix=f"bench_{shape}_")
+    hf.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine's limits, measured in this run
+def gemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def read_gbs(mib: int = 512, reps: int = 5) -> float:
+    """Read bandwidth: a sum over a large fp32 tensor (reads it once, writes nothing)."""
+    x = torch.empty(mib * 2**20 // 4).normal_()
+    best = min(_timed(lambda: x.sum()) for _ in range(reps))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def floors(model, batch: int, prompt_len: int, new_tokens: int, gflops: float, gbs: float) -> dict:
+    """Seconds: see the module docstring. Matmul parameters exclude the embedding lookup but include
+    the head (tied or not); attention FLOPs 4 · L · H · C per (query, key) pair."""
+    c = model.config
+    embed = model.model.embed_tokens.weight.numel()
+    params = sum(p.numel() for p in model.parameters())
+    head = c.vocab_size * c.hidden_size
+    matmul_params = params - embed + head  # a tied head is counted once in params, as the embedding
+    read_bytes = 4 * matmul_params
+    L, H, C = c.num_hidden_layers, c.num_attention_heads, c.attention_head_dim
+    prefill_flops = batch * (2 * (matmul_params - head) * prompt_len + 2 * head  # logits of the last token only
+                             + 4 * L * H * C * prompt_len * (prompt_len + 1) / 2)
+    decode_flops = batch * sum(2 * matmul_params + 4 * L * H * C * (prompt_len + t) for t in range(1, new_tokens))
+    compute_s = (prefill_flops + decode_flops) / (gflops * 1e9)
+    bytes_s = prefill_flops / (gflops * 1e9) + (new_tokens - 1) * read_bytes / (gbs * 1e9)
+    return {"floor_s": max(compute_s, bytes_s), "compute_floor_s": compute_s, "bytes_floor_s": bytes_s,
+            "matmul_params": matmul_params}
+
+
+# ---------------------------------------------------------------------------------------------
+def run_ours(engine: Engine, prompts_BT: torch.Tensor, new_tokens: int, seed: int) -> float:
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=seed)
+    t0 = time.perf_counter()
+    out = engine.generate(prompts_BT.tolist(), params)
+    dt = time.perf_counter() - t0
+    assert all(len(r[0].token_ids) == new_tokens for r in out)
+    return dt
+
+
+@torch.no_grad()
+def run_hf(hf, prompts_BT: torch.Tensor, new_tokens: int, seed: int, static: bool) -> float:
+    torch.manual_seed(seed)
+    extra = dict(cache_implementation="static") if static else {}
+    t0 = time.perf_counter()
+    out = hf.generate(prompts_BT, attention_mask=torch.ones_like(prompts_BT), do_sample=True, temperature=1.0,
+                      top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                      **extra)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == prompts_BT.shape[1] + new_tokens
+    return dt
+
+
+def bench_shape(shape: str, args, gflops: float, gbs: float) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from sputnik.model.llama import LlamaModel
+    from sputnik.train.loading import load_model
+
+    path = build_checkpoint(shape, args.layers)
+    ours = load_model(path).eval()
+    assert isinstance(ours, LlamaModel), f"{shape} did not load on the fast path"
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = Engine(ours, compile=args.compile)
+    res = {"family": SHAPES[shape][0], "layers": ours.config.num_hidden_layers,
+           "params": sum(p.numel() for p in ours.parameters()), "batches": {}}
+    for batch in args.batches:
+        g = torch.Generator().manual_seed(batch)
+        prompts = torch.randint(3, ours.config.vocab_size, (batch, args.prompt_len), generator=g)
+        run_ours(engine, prompts, 4, 0)  # warm-up (and the compile, with --compile)
+        run_hf(hf, prompts, 4, 0, False)
+        sides = {"ours": [], "hf": []} | ({"hf_static": []} if args.hf_static else {})
+        if args.hf_static:
+            run_hf(hf, prompts, 4, 0, True)
+        for r in range(args.repeats):
+            sides["ours"].append(run_ours(engine, prompts, args.new_tokens, r))
+            sides["hf"].append(run_hf(hf, prompts, args.new_tokens, r, False))
+            if args.hf_static:
+                sides["hf_static"].append(run_hf(hf, prompts, args.new_tokens, r, True))
+        row = {k: statistics.median(v) for k, v in sides.items()}
+        row |= {f"{k}_all": v for k, v in sides.items()}
+        row |= floors(ours, batch, args.prompt_len, args.new_tokens, gflops, gbs)
+        row["hf_over_ours"] = row["hf"] / row["ours"]
+        if args.hf_static:
+            row["hf_static_over_ours"] = row["hf_static"] / row["ours"]
+        row["ours_over_floor"] = row["ours"] / row["floor_s"]
+        row["hf_over_floor"] = row["hf"] / row["floor_s"]
+        res["batches"][batch] = row
+        print(f"{shape} b={batch}: ours {row['ours']:.3f}s hf {row['hf']:.3f}s "
+              + (f"hf-static {row['hf_static']:.3f}s " if args.hf_static else "")
+              + f"floor {row['floor_s']:.3f}s -> ours {row['ours_over_floor']:.2f}x floor, "
+              f"{row['hf_over_ours']:.2f}x faster than transformers", flush=True)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="smollm2-135m,qwen2.5-0.5b", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers kept (0 = the published depth)")
+    ap.add_argument("--batches", default="1,32", help="comma list of batch sizes")
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row")
+    ap.add_argument("--new-tokens", type=int, default=32, help="generated tokens per row")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per measurement (median)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
+    ap.add_argument("--hf-static", action="store_true", help="also transformers' static-cache generate")
+    ap.add_argument("--compile", action="store_true", help="our engine with the compiled decode step")
+    ap.add_argument("--out", default="bench_families.json", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    gflops, gbs = gemm_gflops(), read_gbs()
+    print(f"machine: fp32 GEMM {gflops:.0f} GFLOP/s, read bandwidth {gbs:.1f} GB/s ({args.threads} threads)")
+    out = {"args": vars(args), "gemm_gflops": gflops, "read_gbs": gbs,
+           "shapes": {s: bench_shape(s, args, gflops, gbs) for s in args.shapes.split(",")}}
+    atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
