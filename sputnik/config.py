@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import hashlib
 import json
 import tomllib
@@ -316,6 +316,24 @@ class DeviceConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters instead of full fine-tuning (train/lora.py); rank 0 = off."""
+    rank: int = knob(0, "LoRA rank r (0 = full fine-tuning; else only the adapters train, the base frozen)", min=0)
+    alpha: float = knob(32.0, "LoRA alpha: the update is scaled by alpha / rank", min=0.0)
+    targets: list[str] = knob(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                       "down_proj"],
+                              help="names of the linear layers that get adapters (module name suffixes)")
+    base_dtype: Literal["auto", "float32", "bfloat16"] = knob(
+        "auto", "dtype of the frozen base weights: auto (the run's, fp32) or bfloat16 (halves their memory; GPUs)")
+    save_adapter: bool = knob(True, "at the end also write <out>/adapter in the PEFT format (<out>/model always "
+                                    "holds the merged model in the base's layout, for the next stage's --init)")
+
+    def __post_init__(self):
+        if self.rank and not self.targets:
+            raise ValueError("lora.targets is empty: name the linear layers to adapt (e.g. q_proj,v_proj)")
+
+
+@dataclass
 class RunConfig(DeviceConfig):
     """Every stage run (tokenizer aside): where it writes, what it starts from, how it resumes."""
     out_dir: str = knob("runs/run", "output directory: metrics.jsonl, checkpoints/, model/, config.json")
@@ -323,7 +341,8 @@ class RunConfig(DeviceConfig):
     init: str = knob("", "model to start from: a model directory (a stage's <out>/model, or any local Hugging Face "
                          "causal LM) or a sputnik checkpoint directory ('' = a fresh model)")
     init_impl: Literal["auto", "transformers"] = knob(
-        "auto", "auto: our model code for deepseek_v3 and our llama exports, transformers otherwise; "
+        "auto", "auto: our model code for deepseek_v3 and the dense families (llama, mistral, qwen2, qwen3), "
+                "transformers otherwise; "
                 "transformers: always AutoModelForCausalLM")
     tokenizer: str = knob("", "tokenizer directory or tokenizer.json ('' = the one saved with init)")
     seed: int = knob(0, "seed of the init, the data order, the sampling", min=0)
@@ -332,6 +351,7 @@ class RunConfig(DeviceConfig):
     keep_last: int = knob(2, "checkpoints kept besides the best", min=1)
     max_nonfinite_steps: int = knob(5, "stop after this many consecutive steps with a NaN/inf loss or gradient", min=1)
     poison_steps: list[int] = knob(default_factory=list, help="testing only: make the loss NaN at these steps")
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         if not self.out_dir:

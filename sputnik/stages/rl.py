@@ -290,12 +290,12 @@ def log_step(rl: RL, rec: dict, step: int, acc_history: list, flat, t_start: flo
 
 def finish(rl: RL, run, acc_history: list) -> dict:
     """Export the model (rank 0), fill the ledger entry -> the stage's result."""
-    from sputnik.train.loading import save_model
+    from sputnik.train.session import export_model
 
     s = rl.s
     final_dir = s.out / "model"
     if s.rank0:
-        save_model(s.raw, final_dir, s.tokenizer, rl.cfg)
+        export_model(s.raw, s.out, s.tokenizer, rl.cfg)
     dist_lib.barrier(s.dist)
     run.artifacts.append(str(final_dir))
     run.metrics.update(heldout_accuracy_before=acc_history[0][1], heldout_accuracy=acc_history[-1][1],

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sputnik import distributed as dist_lib
-from sputnik.config import build, save_config
+from sputnik.config import LoRAConfig, build, save_config
 from sputnik.model.config import ModelConfig
 from sputnik.model.hf_wrapper import HFCausalLM
 from sputnik.train import checkpoint as ckpt_lib
@@ -88,10 +88,19 @@ def _load_checkpoint(path: Path) -> nn.Module:
     model_dict = saved.get("model") or saved.get("student")
     model = load_model(saved.get("init", ""), build(ModelConfig, model_dict) if model_dict else None,
                        saved.get("init_impl", "auto"))
+    lora = build(LoRAConfig, saved.get("lora") or {})
+    if lora.rank:  # a LoRA run's checkpoint: its adapters, folded into a plain model
+        from sputnik.train.lora import apply_lora
+
+        apply_lora(model, lora)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if ckpt_lib.tensor_shapes(path / "model.safetensors") != expected:
         raise ValueError(f"init={path}: tensors do not match the model its stage_config.json describes")
     model.load_state_dict(ckpt_lib.load_tensors(path / "model.safetensors"))
+    if lora.rank:
+        from sputnik.train.lora import merged_copy
+
+        return merged_copy(model)
     return model
 
 

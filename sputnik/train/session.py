@@ -187,7 +187,7 @@ class Session:
         model_dir = self.out / "model"
         plain = exportable(self.model, self.raw, self.rank0)  # a collective under FSDP: every rank takes part
         if self.rank0:
-            save_model(plain, model_dir, self.tokenizer, self.cfg)
+            export_model(plain, self.out, self.tokenizer, self.cfg)
         dist_lib.barrier(self.dist)
         summary = {**summary, "model_dir": str(model_dir), "out_dir": str(self.out), "run_ids": [run.run_id]}
         run.metrics.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
@@ -195,6 +195,18 @@ class Session:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float))
         print0(f"{stage} done: {shown} -> {model_dir}")
         return summary
+
+
+def export_model(model: nn.Module, out: Path, tokenizer, cfg: RunConfig) -> Path:
+    """<out>/model in the Hugging Face layout (what the next stage's --init reads); with LoRA the
+    adapters folded in, and with lora.save_adapter also <out>/adapter in the PEFT format."""
+    if not cfg.lora.rank:
+        return save_model(model, out / "model", tokenizer, cfg)
+    from sputnik.train.lora import merged_copy, save_peft_adapter
+
+    if cfg.lora.save_adapter:
+        save_peft_adapter(model, cfg.lora, out / "adapter", base_model=cfg.init)
+    return save_model(merged_copy(model), out / "model", tokenizer, cfg)
 
 
 @contextlib.contextmanager
@@ -239,6 +251,13 @@ def _setup(cfg: RunConfig, choice, dist, model_cfg: ModelConfig | None, optim: O
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.init)
     model = load_model(cfg.init, model_cfg, cfg.init_impl)
     check_vocab(tokenizer, model_config(model).vocab_size)
+    if cfg.lora.rank:  # before resuming: a LoRA run's checkpoints hold the adapters beside the frozen base
+        from sputnik.train.lora import apply_lora
+
+        adapted = apply_lora(model, cfg.lora)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print0(f"LoRA rank {cfg.lora.rank} on {len(adapted)} layers: {trainable:,} trainable parameters of "
+               f"{sum(p.numel() for p in model.parameters()):,}")
     ckpt = None
     if resume_path is not None:
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
