@@ -239,3 +239,57 @@ def test_softmax_rows_infinite_logits_bad_targets_and_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_rows.c: the decode step's linear layers
+needs_linear = pytest.mark.skipif(not cpu_kernels.linear_rows_available(), reason="no C compiler for the CPU kernel")
+
+
+@needs_linear
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_rows_equals_f_linear(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 77, generator=g)  # odd width: the vector loop's tail
+    w, b = torch.randn(130, 77, generator=g), torch.randn(130, generator=g) if bias else None
+    y = cpu_kernels.linear_rows(x, w, b)
+    assert y.shape == (rows, 1, 130)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(cpu_kernels.linear_rows(x, w, b), y)  # one thread sums each output alike
+    finally:
+        torch.set_num_threads(2)
+
+
+@needs_linear
+def test_linear_rows_rejects_bad_input():
+    w = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="9 rows"):
+        cpu_kernels.linear_rows(torch.randn(9, 6), w, None)
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        cpu_kernels.linear_rows(torch.randn(2, 6, dtype=torch.float64), w.double(), None)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_kernels.linear_rows(torch.randn(2, 6), w, torch.randn(5))
+
+
+@needs_linear
+def test_layers_linear_takes_the_kernel_only_for_decode_sized_no_grad_calls(monkeypatch):
+    from sputnik.model import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "linear_rows", lambda x, w, b: calls.append(x.shape) or torch.nn.functional.linear(x, w, b))
+    lin = layers.Linear(6, 4)
+    with torch.no_grad():
+        lin(torch.randn(2, 1, 6))  # decode step: 2 rows
+        lin(torch.randn(3, 4, 6))  # 12 rows: a prefill, ATen's GEMM
+    lin(torch.randn(1, 6))  # autograd on: training keeps F.linear (and its backward)
+    assert calls == [(2, 1, 6)]
+    cpu_kernels.use_cpu_kernels(False)
+    try:
+        with torch.no_grad():
+            lin(torch.randn(1, 6))
+    finally:
+        cpu_kernels.use_cpu_kernels(True)
+    assert calls == [(2, 1, 6)]

@@ -1,12 +1,14 @@
 """Hand-written CPU kernels, built on first use with the machine's C compiler and loaded with ctypes.
 
-Two kernels, one C file (and one library) each, plain C with OpenMP and no torch headers, so each
+Three kernels, one C file (and one library) each, plain C with OpenMP and no torch headers, so each
 builds in about a second with `cc -O3 -march=native` and needs only what torch.compile on CPU needs
 already (a C compiler):
   - routed_ffn.c: the routed experts of a MoE layer for a few tokens (decode steps), which inductor
     and the grouped GEMM both do poorly at a few tokens an expert (see the C file);
   - softmax_rows.c: the row-wise softmax statistics and gradient of the policy's token log-probs
-    (losses.token_logprobs, the GRPO update's LM head), one pass per row instead of 5-7 ATen passes.
+    (losses.token_logprobs, the GRPO update's LM head), one pass per row instead of 5-7 ATen passes;
+  - linear_rows.c: the linear layers of a decode step (a few rows: matrix-vector products), which
+    read each weight once at close to the memory bandwidth, about twice ATen's GEMV here.
 A library is cached under
 $SPUTNIK_KERNEL_CACHE (default ~/.cache/sputnik/kernels), keyed by the source, the compiler, the
 flags and the CPU's feature flags (it is built for this CPU), and written to a temporary file, then
@@ -37,12 +39,14 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("routed_ffn.c")
 SOFTMAX_SOURCE = Path(__file__).with_name("softmax_rows.c")
+LINEAR_SOURCE = Path(__file__).with_name("linear_rows.c")
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # each library's functions: (argument types, return type), set once on load
 _SIGNATURES = {
     SOURCE: {"routed_ffn": ([_P] * 6 + [_I64] * 5 + [_I32], _I32), "routed_ffn_cols": ([], _I32)},
     SOFTMAX_SOURCE: {"softmax_rows_forward": ([_P, _P, _I64, _I64, _P, _P, _P, _I32], _I32),
                      "softmax_rows_backward": ([_P] * 7 + [_I64, _I64, _I32], _I32)},
+    LINEAR_SOURCE: {"linear_rows": ([_P] * 4 + [_I64] * 3 + [_I32], _I32), "linear_rows_max": ([], _I32)},
 }
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -138,6 +142,10 @@ def routed_ffn_available() -> bool:
 
 def softmax_rows_available() -> bool:
     return _enabled and _library(SOFTMAX_SOURCE) is not None
+
+
+def linear_rows_available() -> bool:
+    return _enabled and _library(LINEAR_SOURCE) is not None
 
 
 def _checked_library():
@@ -247,3 +255,36 @@ def softmax_rows_backward(z_NV: torch.Tensor, sub_N: torch.Tensor, targets_N: to
                                  N, V, torch.get_num_threads()) != 0:
         raise ValueError(f"softmax_rows: a target is outside [0, {V})")
     return out_NV
+
+
+# ---------------------------------------------------------------------------------------------
+# Small-batch linear layers (linear_rows.c), for decode steps: model/layers.linear calls it.
+LINEAR_MAX_ROWS = 8
+
+
+def _linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., I] (at most LINEAR_MAX_ROWS rows) times weight [O, I]ᵀ plus bias [O]: F.linear's values
+    up to rounding, fp32 CPU tensors."""
+    lib = _library(LINEAR_SOURCE)
+    if lib is None:
+        raise RuntimeError("the CPU linear kernel is not available on this machine (see the warning above)")
+    O, I = weight.shape
+    x2 = x.reshape(-1, I).contiguous()
+    N = x2.shape[0]
+    if not (x2.is_cpu and weight.is_cpu and x2.dtype == weight.dtype == torch.float32 and x.shape[-1] == I
+            and (bias is None or (bias.dtype == torch.float32 and bias.shape == (O,) and bias.is_cpu))):
+        raise ValueError(f"linear_rows: fp32 CPU x [..., {I}], weight [{O}, {I}], bias [{O}]")
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(N, O, dtype=torch.float32)
+    if lib.linear_rows(x2.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                       N, O, I, torch.get_num_threads()) != 0:
+        raise ValueError(f"linear_rows: {N} rows (1 to {LINEAR_MAX_ROWS})")
+    return y.view(*x.shape[:-1], O)
+
+
+_LIB.define("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIB.impl("linear_rows", _linear_rows, "CPU")
+torch.library.register_fake("sputnik::linear_rows", lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]),
+                            lib=_LIB)
+linear_rows = torch.ops.sputnik.linear_rows

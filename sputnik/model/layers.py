@@ -1,4 +1,5 @@
-"""Building blocks shared by the DeepSeek-V3 model and the dense twin: RMSNorm and SwiGLU MLP.
+"""Building blocks shared by the DeepSeek-V3 model and the dense families: RMSNorm, SwiGLU MLP, and
+the linear layer whose decode-size calls take the C matrix-vector kernel.
 
 Shape legend: B batch, T time, D hidden_size, I intermediate width.
 """
@@ -7,6 +8,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sputnik.kernels.cpu import LINEAR_MAX_ROWS, linear_rows, linear_rows_available
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except a decode step's few rows on a CPU (≤ 8 rows, fp32, no autograd), which go to
+    kernels/linear_rows.c: a matrix-vector product bound by reading the weight, at ~2x ATen's GEMV
+    bandwidth here. Same values up to rounding; the torch path when the kernels are off or unbuilt."""
+    if (not torch.is_grad_enabled() and x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.numel() <= LINEAR_MAX_ROWS * x.shape[-1] and linear_rows_available()):
+        return linear_rows(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +50,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

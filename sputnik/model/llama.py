@@ -24,7 +24,7 @@ from torch import nn
 
 from sputnik.train.losses import linear_cross_entropy
 from sputnik.model.config import ModelConfig
-from sputnik.model.layers import MLP, RMSNorm
+from sputnik.model.layers import MLP, Linear, RMSNorm
 from sputnik.model.output import ModelOutput
 
 
@@ -112,10 +112,10 @@ class LlamaAttention(nn.Module):
         D, C = config.hidden_size, config.attention_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.kv_heads, C
         self.sliding_window = config.sliding_window
-        self.q_proj = nn.Linear(D, self.num_heads * C, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(D, self.num_kv_heads * C, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(D, self.num_kv_heads * C, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * C, D, bias=config.o_proj_bias)
+        self.q_proj = Linear(D, self.num_heads * C, bias=config.qkv_bias)
+        self.k_proj = Linear(D, self.num_kv_heads * C, bias=config.qkv_bias)
+        self.v_proj = Linear(D, self.num_kv_heads * C, bias=config.qkv_bias)
+        self.o_proj = Linear(self.num_heads * C, D, bias=config.o_proj_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(C, config.rms_norm_eps)
             self.k_norm = RMSNorm(C, config.rms_norm_eps)
@@ -184,7 +184,7 @@ class LlamaModel(nn.Module):
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryTables(config)
         self.init_weights()  # also ties lm_head to embed_tokens when configured
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sputnik.config import LoRAConfig
+from sputnik.model.layers import linear
 
 
 class LoRALinear(nn.Linear):
@@ -66,7 +67,7 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not torch.is_grad_enabled():  # decoding, scoring: one matmul with the merged weight
-            return F.linear(x, self.merged_weight().to(x.dtype), bias)
+            return linear(x, self.merged_weight().to(x.dtype), bias)
         self._merged = None  # training: free the merged copy (the step will change A and B anyway)
         y = F.linear(x, self.weight.to(x.dtype), bias)
         return y + self.scaling * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
