@@ -311,7 +311,8 @@ class DeviceConfig:
     compile: bool = knob(False, "torch.compile the training forward and the decode step: for long runs (tens of "
                                 "seconds of compiling per shape first; docs/benchmarks.md)")
     cuda_graphs: bool = knob(True, "on a CUDA device, replay the decode step of our DeepSeek-V3 from CUDA graphs")
-    cpu_kernels: bool = knob(True, "on a CPU, the hand-written C kernels (MoE decode experts, log-prob head); "
+    cpu_kernels: bool = knob(True, "on a CPU, the hand-written C kernels (MoE decode experts, decode-step linear layers, "
+                                   "log-prob head); "
                                    "off: the torch path, same results up to rounding")
 
 

@@ -57,6 +57,7 @@ class Config(RunConfig):
     out_dir: str = knob("runs/distill", "output directory: traces.jsonl, the student's run, model/")
     checkpoint_every: int = knob(1000, "checkpoint the student every N steps (the last step always)", min=1)
     teacher: str = knob("", "teacher model directory (sputnik or local HF causal LM)")
+    teacher_tokenizer: str = knob("", "the teacher's tokenizer directory ('' = the one saved with the teacher)")
     student: ModelConfig = field(default_factory=student_preset)
     mode: Literal["sequence", "logit"] = knob("sequence", "sequence (rejection-sampled traces + SFT) or logit (KD)")
     tasks: list[str] = knob(default_factory=lambda: ["addition", "subtraction"],
@@ -86,7 +87,7 @@ class Config(RunConfig):
     @property
     def student_tokenizer(self) -> str:
         """The student's tokenizer: its own, else its init's, else the teacher's."""
-        return self.tokenizer or ("" if self.init else self.teacher)
+        return self.tokenizer or ("" if self.init else self.teacher_tokenizer or self.teacher)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def teacher_traces(cfg: Config, parents) -> tuple[Path, list[dict], str]:
     sampled_by = [meta["run_id"]] if reuse and not cfg.traces and meta.get("run_id") else []
     with process(cfg) as (choice, _):
         teacher = load_model(cfg.teacher).to(choice.device).eval().requires_grad_(False)
-        t_tok = load_tokenizer("", cfg.teacher)
+        t_tok = load_tokenizer(cfg.teacher_tokenizer, cfg.teacher)
         with record_run(cfg.ledger_dir, "distill", cfg, parents=[*parents, *sampled_by]) as run:
             if reuse:
                 traces = [json.loads(line) for line in traces_path.read_text().splitlines() if line.strip()]
@@ -188,7 +189,7 @@ def student_sft(cfg: Config, traces_path: Path, parents) -> dict:
         data=[str(traces_path)], tasks=[], eval_fraction=0.05, max_len=cfg.max_len, batch_size=cfg.batch_size,
         steps=cfg.steps, eval_every=0, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
         device=cfg.device, num_threads=cfg.num_threads, cpu_kernels=cfg.cpu_kernels, optim=cfg.optim.__dict__,
-        progress=False, project_dir=cfg.ledger_dir, resume="auto"))
+        progress=False, project_dir=cfg.ledger_dir, resume="auto", lora=cfg.lora.__dict__))
     return sft.run(sft_cfg, parents=parents, command="distill-sft")
 
 
@@ -253,7 +254,7 @@ def student_kd(cfg: Config, traces: list[dict], parents) -> dict:
                      resume=cfg.resume or "auto")
     with open_session(kd_cfg, model_cfg=cfg.student, optim=cfg.optim) as s:
         teacher = load_model(cfg.teacher).to(s.device).eval().requires_grad_(False)
-        check_shared_vocab(load_tokenizer("", cfg.teacher), s.tokenizer, teacher, s.raw)
+        check_shared_vocab(load_tokenizer(cfg.teacher_tokenizer, cfg.teacher), s.tokenizer, teacher, s.raw)
         engine = Engine(s.raw, s.tokenizer)
         with s.recording("distill-kd", parents) as run:
             speed, state = Throughput(peak_flops(s.device, 1)), s.new_loop_state()
@@ -313,7 +314,7 @@ def run(cfg: Config, parents=(), final_model: bool = False) -> dict:
     with process(cfg) as (choice, _):
         student = load_model(trained["model_dir"]).to(choice.device)
         teacher = load_model(cfg.teacher).to(choice.device).eval()
-        s_tok, t_tok = load_tokenizer("", trained["model_dir"]), load_tokenizer("", cfg.teacher)
+        s_tok, t_tok = load_tokenizer("", trained["model_dir"]), load_tokenizer(cfg.teacher_tokenizer, cfg.teacher)
         with record_run(cfg.ledger_dir, "distill-eval", cfg, parents=trained["run_ids"], final_model=final_model) as run:
             s_acc, s_tps = greedy_accuracy(Engine(student, s_tok), s_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
             t_acc, t_tps = greedy_accuracy(Engine(teacher, t_tok), t_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
