@@ -109,6 +109,27 @@ def model_config(name: str, vocab_size: int):
     return mc.PRESETS[name](vocab_size=vocab_size, num_nextn_predict_layers=0)
 
 
+def setup_shape(workdir: Path, shape: str, layers: int, seed: int) -> dict:
+    """A user's checkpoint: a random-init transformers model of a published layout (bench_families.SHAPES)
+    at full width, `layers` deep, its vocabulary the in-process tokenizer padded to the published size."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_families import SHAPES
+
+    family, values = SHAPES[shape]
+    tok = build_tokenizer(values["vocab_size"])
+    values = dict(values, vocab_size=tok.vocab_size, num_hidden_layers=layers or values["num_hidden_layers"],
+                  bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **values))
+    hf.save_pretrained(workdir / "model")
+    tok.save(workdir / "model")
+    n = sum(p.numel() for p in hf.parameters())
+    return dict(vocab_size=tok.vocab_size, params_total=n, params_active=n, family=family,
+                layers=values["num_hidden_layers"])
+
+
 def setup(workdir: Path, config: str, seed: int) -> dict:
     from sputnik.model import build_model
     from sputnik.model.config import PRESETS
@@ -223,12 +244,12 @@ def memory_record(device: str) -> dict:
 
 
 def worker_ours(args) -> None:
-    from sputnik.model.hf import load_hf
     from sputnik.tokenizer import Tokenizer
+    from sputnik.train.loading import load_model
 
     torch.manual_seed(args.seed)
     d = Path(args.dir) / "model"
-    model, tok = load_hf(d, dtype=torch.float32), Tokenizer.load(d)
+    model, tok = load_model(str(d)), Tokenizer.load(d)  # as `--init DIR`: our own model for either layout
     st = make_ours(model, tok, args.device, args.tokens, amp=args.amp, micro_batch=args.micro_batch,
                    compile=args.compile, share_prompts=args.share_prompts)
     prompts = json.loads((Path(args.dir) / "prompts.json").read_text())
@@ -245,13 +266,13 @@ def worker_trl(args) -> None:
     import datasets
     import transformers
     import trl
-    from transformers import DeepseekV3ForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(args.seed)
     d = Path(args.dir) / "model"
     tok = PreTrainedTokenizerFast.from_pretrained(str(d))
-    model = DeepseekV3ForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
     prompts = json.loads((Path(args.dir) / "prompts.json").read_text())
     ds = datasets.Dataset.from_list(prompts)
     cuda = torch.device(args.device).type == "cuda"
@@ -365,6 +386,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads in each worker")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     ap.add_argument("--config", default="", help="model preset (default tiny on CPU, small on CUDA)")
+    ap.add_argument("--shape", default="", help="instead of a preset, a user's layout from bench_families.py "
+                                                "(smollm2-135m, qwen2.5-0.5b, qwen3-0.6b), random init")
+    ap.add_argument("--layers", type=int, default=8, help="with --shape: decoder layers kept (0 = published depth)")
     ap.add_argument("--tokens", type=int, default=0, help="completion tokens (default 64 on CPU, 256 on CUDA)")
     ap.add_argument("--sides", default="ours,trl", help="comma list of sides to run")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (default on CUDA; on CPU only to test the path)")
@@ -414,7 +438,10 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory(prefix="bench_grpo_")
     args.dir = tmp.name
     t0 = time.perf_counter()
-    info = setup(Path(args.dir), args.config, args.seed)
+    info = (setup_shape(Path(args.dir), args.shape, args.layers, args.seed) if args.shape
+            else setup(Path(args.dir), args.config, args.seed))
+    if args.shape:
+        args.config = f"{args.shape} ({info['layers']} layers)"
     n_steps = args.warm + args.steps
     prompts = make_prompts(n_steps * PROMPTS_PER_STEP, args.seed)
     if args.prompt_template == "r1_zero":

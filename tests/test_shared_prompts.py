@@ -16,7 +16,13 @@ BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_he
 
 def _model(**kw):
     torch.manual_seed(0)
+    if kw.pop("dense", False):  # the dense families: GQA, and Qwen2's biases / Qwen3's q/k norms as asked
+        return build_model(tiny_dense(**{**DENSE, **kw})).train()
     return build_model(tiny(**{**BASE, **kw})).train()
+
+
+DENSE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=64, max_position_embeddings=64, initializer_range=0.1)
 
 
 def _groups(seed=1, lengths=None):
@@ -41,7 +47,10 @@ def _logprobs_and_grads(model, fn, batch, weights_BT):
     return logp_BT.detach(), ent_BT.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kw", [{}, dict(q_lora_rank=0), dict(first_k_dense_replace=0)])
+@pytest.mark.parametrize("kw", [{}, dict(q_lora_rank=0), dict(first_k_dense_replace=0), dict(dense=True),
+                                dict(dense=True, family="qwen2", qkv_bias=True),
+                                dict(dense=True, family="qwen3", qk_norm=True, head_dim=12)],
+                         ids=["mla-moe", "mla-no-q-lora", "all-moe", "llama-gqa", "qwen2", "qwen3"])
 def test_shared_prompt_logprobs_and_gradients_equal_the_plain_forward(kw):
     model = _model(**kw)
     batch = _groups(lengths=[3, 1, 8, 5, 2, 7, 4, 4, 6])
@@ -51,7 +60,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_plain_forward(kw):
     assert (lp1 != 0).sum() == (batch.targets_BT != -100).sum()
     torch.testing.assert_close(lp2, lp1, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(e2, e1, atol=2e-6, rtol=1e-5)
-    assert set(g1) == set(g2) and len(g1) > 30
+    assert set(g1) == set(g2) and len(g1) > 25
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], atol=1e-5, rtol=1e-4, msg=name)
 
@@ -92,10 +101,15 @@ def test_expert_load_counts_each_prompt_token_once():
 
 
 def test_other_models_take_the_plain_path():
-    torch.manual_seed(0)
-    llama = build_model(tiny_dense(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=64))
-    assert supports_shared_prompts(_model()) and not supports_shared_prompts(llama)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sputnik.model.hf_wrapper import HFCausalLM
+
+    mistral = _model(dense=True, family="mistral", sliding_window=4)  # a window reaching into the prompt
+    hf = HFCausalLM(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=64)))
+    assert supports_shared_prompts(_model()) and supports_shared_prompts(_model(dense=True))
+    assert not supports_shared_prompts(mistral) and not supports_shared_prompts(hf)
 
 
 def test_grpo_update_is_the_same_step_either_way():

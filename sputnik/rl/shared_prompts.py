@@ -14,7 +14,8 @@ load is counted once per prompt token (it is computed once).
 
 All M = P·T + N tokens (prompt rows right-padded to T, then the N completion tokens packed without
 padding) go through the model as one row with their true positions; only attention sees the two parts
-apart, through the model's attention hook (MLA.forward's `attend`), the completions padded to [C, L].
+apart, through the model's attention hook (MLA's or LlamaAttention's `attend`), the completions padded
+to [C, L].
 
 Shape legend: P prompts, T prompt length (padded), C completion rows, L longest completion, N packed
 completion tokens, M = P·T + N, D hidden, H heads, K = qk head dim, V = v head dim.
@@ -44,25 +45,30 @@ class CompletionPack:
 
 
 def prefixed_attention(prompt_lens_P: torch.Tensor, prompt_len: int, pack: CompletionPack):
-    """The attention hook for one packed row (MLA.forward's `attend`): prompt rows attend causally to
-    themselves, each completion to its prompt's real tokens and causally to itself."""
-    def attend(mla, q_1HMK, k_1HMK, v_1HMV):
+    """The attention hook for one packed row (MLA.forward's or LlamaAttention.forward's `attend`):
+    prompt rows attend causally to themselves, each completion to its prompt's real tokens and
+    causally to itself. Keys/values may have fewer heads than the queries (GQA); the scale is the
+    module's own (MLA's, with YaRN's mscale) or SDPA's 1/√K."""
+    def attend(attn, q_1HMK, k_1GMK, v_1GMV):
         P, T, C, L = prompt_lens_P.shape[0], prompt_len, pack.rows, pack.length
+        H, V, scale = q_1HMK.shape[1], v_1GMV.shape[-1], getattr(attn, "scale", None)
+        gqa = k_1GMK.shape[1] != H
         split = lambda t: (t[0, :, : P * T].unflatten(1, (P, T)).transpose(0, 1),  # noqa: E731
                            pack.pad(t[0, :, P * T:].transpose(0, 1)).transpose(1, 2))  # [P, H, T, ·], [C, H, L, ·]
-        (q_p, q_c), (k_p, k_c), (v_p, v_c) = split(q_1HMK), split(k_1HMK), split(v_1HMV)
+        (q_p, q_c), (k_p, k_c), (v_p, v_c) = split(q_1HMK), split(k_1GMK), split(v_1GMV)
         K = q_p.shape[-1]
-        if mla.V < K:  # as MLA.causal_attention: SDPA's fast kernels want V == K; zero columns are exact
-            v_p, v_c = F.pad(v_p, (0, K - mla.V)), F.pad(v_c, (0, K - mla.V))
-        o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, scale=mla.scale)[..., : mla.V]
+        if V < K:  # as MLA.causal_attention: SDPA's fast kernels want V == K; zero columns are exact
+            v_p, v_c = F.pad(v_p, (0, K - V)), F.pad(v_c, (0, K - V))
+        o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, scale=scale, enable_gqa=gqa)[..., :V]
         k_all = torch.cat([k_p.index_select(0, pack.group_C), k_c], dim=2)  # [C, H, T + L, K]
         v_all = torch.cat([v_p.index_select(0, pack.group_C), v_c], dim=2)
         dev = q_1HMK.device
         seen_CT = torch.arange(T, device=dev)[None, :] < prompt_lens_P.index_select(0, pack.group_C)[:, None]
         causal_LL = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
         mask_C1LS = torch.cat([seen_CT[:, None, None, :].expand(C, 1, L, T), causal_LL.expand(C, 1, L, L)], dim=-1)
-        o_c = F.scaled_dot_product_attention(q_c, k_all, v_all, attn_mask=mask_C1LS, scale=mla.scale)[..., : mla.V]
-        o_MHV = torch.cat([o_p.transpose(1, 2).reshape(P * T, mla.H, mla.V), pack.unpad(o_c.transpose(1, 2))])
+        o_c = F.scaled_dot_product_attention(q_c, k_all, v_all, attn_mask=mask_C1LS, scale=scale,
+                                             enable_gqa=gqa)[..., :V]
+        o_MHV = torch.cat([o_p.transpose(1, 2).reshape(P * T, H, V), pack.unpad(o_c.transpose(1, 2))])
         return o_MHV.transpose(0, 1)[None]  # [1, H, M, V]
     return attend
 
@@ -86,7 +92,10 @@ def hidden_states_prefixed(model, prompt_ids_PT, prompt_lens_P, comp_ids_N, pack
 
 
 def supports_shared_prompts(model) -> bool:
-    """Our DeepSeek-V3 Transformer (MLA blocks); other models (HF, the Llama twin) take the plain path."""
+    """Our DeepSeek-V3 Transformer (MLA blocks) and the dense families (GQA blocks) without a sliding
+    window (a completion's window would reach into the shared prompt differently per position);
+    transformers models take the plain path."""
+    from sputnik.model.llama import LlamaModel
     from sputnik.model.transformer import Transformer
 
-    return isinstance(model, Transformer)
+    return isinstance(model, Transformer) or (isinstance(model, LlamaModel) and not model.config.sliding_window)
