@@ -101,9 +101,16 @@ def test_model_configs_from_hf_json_and_our_json(tmp_path):
     assert param_counts(cfg)["total"] == param_counts(v3_671b())["total"] and "deepseek_v3" in source
     (tmp_path / "qwen.json").write_text(json.dumps(QWEN2_05B))
     p = param_counts(cost.load_model_config(str(tmp_path / "qwen.json"))[0])
-    # emb 151936·896 + 24·(attn 2·896² + k, v 2·896·128 + mlp 3·896·4864 + norms 2·896) + final norm 896; the model
-    # card's 0.49B / 0.36B non-embedding, less 24·1152 q/k/v biases we do not model
-    assert p["total"] == 151936 * 896 + 24 * (2 * 896**2 + 2 * 896 * 128 + 3 * 896 * 4864 + 2 * 896) + 896 == 494_005_120
+    # emb 151936·896 + 24·(attn 2·896² + k, v 2·896·128 + q/k/v biases 896 + 2·128 + mlp 3·896·4864 + norms
+    # 2·896) + final norm 896 = transformers' num_parameters() for Qwen2.5-0.5B (the model card's 0.49B)
+    assert p["total"] == 151936 * 896 + 24 * (2 * 896**2 + 2 * 896 * 128 + 1152 + 3 * 896 * 4864 + 2 * 896) + 896 \
+        == 494_032_768
+    # a head dim that is not hidden/heads (Qwen3's) is represented, not refused
+    qwen3 = {**QWEN2_05B, "model_type": "qwen3", "head_dim": 128, "attention_bias": False}
+    (tmp_path / "qwen3.json").write_text(json.dumps(qwen3))
+    c3 = cost.load_model_config(str(tmp_path / "qwen3.json"))[0]
+    assert c3.attention_head_dim == 128 and c3.qk_norm and param_counts(c3)["per_layer"]["attention"] == \
+        2 * 896 * 14 * 128 + 2 * 896 * 2 * 128 + 2 * 128
     save_config(tiny(hidden_size=128), tmp_path / "ours.json")
     assert cost.load_model_config(str(tmp_path / "ours.json"))[0] == tiny(hidden_size=128)
     (tmp_path / "stage.json").write_text(json.dumps({"config_class": "Stage", "steps": 3, "model": {"hidden_size": 64}}))
@@ -113,7 +120,7 @@ def test_model_configs_from_hf_json_and_our_json(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}, "unknown architecture: model_type='mamba'"),
-    ({**QWEN2_05B, "model_type": "llama", "head_dim": 128}, "head_dim=128 != hidden_size/num_attention_heads=64"),
+    ({**QWEN2_05B, "num_key_value_heads": 3}, "num_attention_heads=14 must be divisible by num_key_value_heads=3"),
     ({**V3_HF, "n_group": 7}, "n_routed_experts=256 must be divisible by n_group=7"),
     ("[1, 2]", "expected a JSON object"),
     ("{not json", "not valid JSON"),
@@ -123,6 +130,24 @@ def test_bad_model_configs_fail_clearly(tmp_path, content, message):
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         cost.load_model_config(str(path))
+
+
+def test_lora_plan_counts_adapters_frozen_base_and_four_n_flops(tmp_path):
+    (tmp_path / "qwen.json").write_text(json.dumps(QWEN2_05B))
+    base = dict(model=str(tmp_path / "qwen.json"), device="cpu", tokens=1e6, seq_len=512)
+    full = cost.plan(build(cost.PlanConfig, base))
+    lora = cost.plan(build(cost.PlanConfig, {**base, "lora_rank": 16}))
+    # r·(in + out) over q, k, v, o, gate, up, down of 24 layers (D 896, H·C 896, K·C 128, I 4864)
+    per_layer = (896 + 896) + 2 * (896 + 128) + (896 + 896) + 2 * (896 + 4864) + (4864 + 896)
+    assert lora["params"]["lora"] == 16 * per_layer * 24 == 8_798_208  # = peft's trainable count for this config
+    n = full["params"]["total"]
+    m = lora["memory"]
+    assert m["weights"] == 4 * n + 4 * 8_798_208 and m["grads"] == 4 * 8_798_208 and m["optimizer"] == 8 * 8_798_208
+    assert m["activations_rough"] == full["memory"]["activations_rough"]
+    assert m["total"] == m["weights"] + m["grads"] + m["optimizer"] + m["activations_rough"] < 0.35 * full["memory"]["total"]
+    assert lora["flops"]["matmul"] == pytest.approx(full["flops"]["matmul"] * 4 / 6 + 6 * 8_798_208 * 1e6)
+    with pytest.raises(ValueError, match="dense families"):
+        cost.plan(build(cost.PlanConfig, {"model": "tiny", "lora_rank": 8}))
 
 
 def test_bad_planner_inputs():

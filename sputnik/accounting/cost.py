@@ -48,6 +48,9 @@ class PlanConfig:
     micro_batch: int = knob(1, "sequences per device per micro-step (activation memory)", min=1)
     precision: Literal["fp32", "mixed", "bf16", "v3"] = knob("fp32", "bytes/param recipe for weights, grads, AdamW")
     mtp: bool = knob(True, "count the multi-token-prediction modules (deepseek_v3)")
+    lora_rank: int = knob(0, "LoRA fine-tuning at this rank on every attention and MLP projection (dense "
+                             "families): frozen base, adapters trained (0 = full training)", min=0)
+    lora_base_bytes: int = knob(4, "with LoRA: bytes per frozen base weight (4 fp32, 2 bf16)", min=1, max=4)
     prices: str = knob("", "TOML/JSON file overriding hardware tables (price_usd_per_hour, power_w, peak_flops)")
 
 
@@ -58,29 +61,25 @@ _V3_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_hea
             "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
             "topk_group", "first_k_dense_replace", "num_nextn_predict_layers", "tie_word_embeddings",
             "routed_scaling_factor", "norm_topk_prob", "rms_norm_eps", "max_position_embeddings")
-_DENSE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "intermediate_size", "tie_word_embeddings", "rms_norm_eps", "max_position_embeddings")
-_DENSE_TYPES = ("llama", "qwen2", "mistral")
-
-
 def from_hf_config(d: dict) -> ModelConfig:
-    """Map a transformers config.json (DeepseekV3, Llama, Qwen2, Mistral) to a ModelConfig.
-    Qwen2's q/k/v biases (n_h·hd + 2·n_kv·hd per layer, ~0.006% of params) are not modelled."""
+    """Map a transformers config.json (DeepSeek-V3, or a dense family: Llama, Mistral, Qwen2, Qwen3) to a
+    ModelConfig: the same reader `--init` uses (model/hf_llama.config_from_hf), so biases, q/k norms and
+    explicit head dims are counted."""
     mt = d.get("model_type") or ""
     if mt == "deepseek_v3":
         vals = {k: d[k] for k in _V3_KEYS if d.get(k) is not None}
         vals["q_lora_rank"] = d.get("q_lora_rank") or 0  # null = plain q_proj
         vals["num_nextn_predict_layers"] = d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0))
         return build(ModelConfig, {"architecture": "deepseek_v3", **vals})
-    if mt in _DENSE_TYPES:
-        heads, hidden = d.get("num_attention_heads", 0), d.get("hidden_size", 0)
-        if d.get("head_dim") and heads and d["head_dim"] != hidden // heads:
-            raise ValueError(f"head_dim={d['head_dim']} != hidden_size/num_attention_heads={hidden // heads}: "
-                             "ModelConfig derives the head dim, so this model cannot be represented")
-        vals = {k: d[k] for k in _DENSE_KEYS if d.get(k) is not None}
-        return build(ModelConfig, {"architecture": "llama", "num_nextn_predict_layers": 0, **vals})
+    from sputnik.model.hf_llama import FAMILIES, NotOnFastPath, config_from_hf
+
+    if mt in FAMILIES:
+        try:
+            return config_from_hf(d)
+        except NotOnFastPath as e:
+            raise ValueError(f"model_type={mt!r}: {e} cannot be represented") from None
     raise ValueError(f"unknown architecture: model_type={mt!r}, architectures={d.get('architectures')!r}; "
-                     f"the planner maps deepseek_v3, {', '.join(_DENSE_TYPES)}")
+                     f"the planner maps deepseek_v3, {', '.join(FAMILIES)}")
 
 
 def load_model_config(spec: str) -> tuple[ModelConfig, str]:
@@ -116,6 +115,11 @@ def plan(cfg: PlanConfig, model: ModelConfig | None = None) -> dict:
     mfu = cfg.mfu or (0.45 if dev == "cpu" else 0.35)
     p = param_counts(model)
     f = flops_per_token(model, cfg.seq_len, training=True, include_mtp=cfg.mtp)
+    if cfg.lora_rank:
+        p = dict(p, lora=lora_params(model, cfg.lora_rank))
+        # frozen weights: forward 2N + activation gradients 2N, no weight gradients (train/loading.flops_per_token)
+        f = dict(f, matmul=f["matmul"] * 4 / 6 + 6.0 * p["lora"])
+        f["total"] = f["matmul"] + f["attention"]
     total_flops = f["total"] * cfg.tokens
     n_6nd = p["active"] - p["embedding"]  # non-embedding active params, head included, no MTP
     rate = tables["peak_flops"][dev] * mfu * cfg.count  # FLOP/s the whole job sustains
@@ -136,6 +140,17 @@ def plan(cfg: PlanConfig, model: ModelConfig | None = None) -> dict:
     )
 
 
+def lora_params(model: ModelConfig, rank: int) -> int:
+    """Adapter parameters r·(in + out) of every attention and MLP projection (train/lora.py's default
+    targets) of a dense family model."""
+    if model.architecture != "llama":
+        raise ValueError("lora_rank: LoRA is implemented for the dense families (Llama, Mistral, Qwen2, Qwen3)")
+    D, C, I = model.hidden_size, model.attention_head_dim, model.intermediate_size
+    H, K = model.num_attention_heads, model.kv_heads
+    per_layer = (D + H * C) + 2 * (D + K * C) + (H * C + D) + 2 * (D + I) + (I + D)
+    return rank * per_layer * model.num_hidden_layers
+
+
 def memory_per_device(model: ModelConfig, p: dict, cfg: PlanConfig) -> dict:
     """Bytes per device. Weights, grads and AdamW states at PRECISIONS[cfg.precision] bytes/param over
     all parameters (MTP included if cfg.mtp), fully sharded over `count` GPUs (FSDP / ZeRO-3; a CPU
@@ -146,10 +161,14 @@ def memory_per_device(model: ModelConfig, p: dict, cfg: PlanConfig) -> dict:
     n = p["total_with_mtp"] if cfg.mtp else p["total"]
     shards = 1 if cfg.device.lower() == "cpu" else cfg.count
     w, g, o = (b * n / shards for b in PRECISIONS[cfg.precision])
+    if cfg.lora_rank:  # frozen base at lora_base_bytes; the adapters alone have gradients and AdamW states
+        a = p["lora"]
+        w = (cfg.lora_base_bytes * n + PRECISIONS[cfg.precision][0] * a) / shards
+        g, o = PRECISIONS[cfg.precision][1] * a / shards, PRECISIONS[cfg.precision][2] * a / shards
     layers = model.num_hidden_layers + (model.num_nextn_predict_layers if cfg.mtp and model.architecture == "deepseek_v3" else 0)
     act = 34 * model.hidden_size * cfg.seq_len * cfg.micro_batch * layers * (2 if cfg.device.lower() == "cpu" else 1)
     return dict(weights=w, grads=g, optimizer=o, activations_rough=act, total=w + g + o + act,
-                precision=cfg.precision, sharded_over=shards)
+                precision=cfg.precision, sharded_over=shards, lora_rank=cfg.lora_rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +242,9 @@ def render(r: dict) -> None:
         ("energy", f"{r['energy_j'] / 3.6e9:,.2f} MWh" if r["energy_j"] >= 3.6e9 else f"{r['energy_j'] / 3.6e6:,.2f} kWh", f"{r['power_w']:.0f} W per device at full power, devices only"),
         ("memory / device", f"{m['total'] / GIB:,.1f} GiB",
          f"weights {m['weights'] / GIB:,.1f} + grads {m['grads'] / GIB:,.1f} + AdamW {m['optimizer'] / GIB:,.1f} "
-         f"({m['precision']}, sharded /{m['sharded_over']}) + activations ~{m['activations_rough'] / GIB:,.1f} (rough)"),
+         f"({m['precision']}, sharded /{m['sharded_over']}) + activations ~{m['activations_rough'] / GIB:,.1f} (rough)"
+         + (f"; LoRA rank {m['lora_rank']}: {_count(p['lora'])} trained parameters, the base frozen"
+            if m["lora_rank"] else "")),
         ("yardstick", f"{r['device_hours'] / ref['gpu_hours']:.3g}x DeepSeek-V3",
          f"V3 reported {ref['gpu_hours'] / 1e6:.3f}M H800-hours = {_usd(ref['usd'])} at $2/GPU-hour "
          f"(pre-training {ref['pretrain_gpu_hours'] / 1e6:.3f}M), final run only"),

@@ -167,12 +167,18 @@ def exportable(model: nn.Module, raw: nn.Module, rank0: bool) -> nn.Module | Non
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: closed form for our configs, 6·N (+ attention) for foreign models."""
+    """Training FLOPs per token: closed form for our configs, 6·N (+ attention) for foreign models.
+    With LoRA the frozen weights need no weight gradient: their matmuls cost 4·N (forward 2N, the
+    gradient of the activations 2N), the adapters 6·N_adapters; attention is unchanged."""
     cfg = model_config(model)
     if isinstance(cfg, ModelConfig):
         from sputnik.model.accounting import flops_per_token as fpt
 
-        return fpt(cfg, seq_len, training=True)["total"]
+        f = fpt(cfg, seq_len, training=True)
+        adapters = sum(p.numel() for n, p in dist_lib.unwrap(model).named_parameters() if ".lora_" in n)
+        if adapters:
+            return f["matmul"] * 4 / 6 + f["attention"] + 6.0 * adapters
+        return f["total"]
     n = sum(p.numel() for p in dist_lib.unwrap(model).parameters())
     layers, width = getattr(cfg, "num_hidden_layers", 0), getattr(cfg, "hidden_size", 0)
     return 6.0 * n + 6.0 * layers * width * seq_len  # causal attention: 3 x 2 x 2 x L x d x T/2
