@@ -65,7 +65,7 @@ def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens:
         return 0.0, 0.0
     by_name = {t.name: t for t in tasks}
     outs = engine.generate([render(ex.prompt) for ex in exs], SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=(tokenizer.eot_id,)))
+        max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=tokenizer.stop_ids))
     acc = sum(by_name[ex.task].verify(ex, o[0].text).correct for ex, o in zip(exs, outs)) / len(exs)
     return acc, engine.last_stats.tokens_per_second
 
@@ -139,7 +139,7 @@ def _run(cfg: EvalConfig, task, choice) -> dict:
     engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size * cfg.samples, compile=cfg.compile,
                     cuda_graphs=cfg.cuda_graphs)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, stop_token_ids=(tokenizer.eot_id,), seed=cfg.seed)
+                            top_p=cfg.top_p, stop_token_ids=tokenizer.stop_ids, seed=cfg.seed)
     t0 = time.perf_counter()
     prompts = [tokenizer.render_prompt(cfg.prompt_template.format(prompt=ex.prompt)) for ex in examples]
     completions = engine.generate(prompts, params, num_samples=cfg.samples)

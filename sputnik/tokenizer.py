@@ -23,6 +23,7 @@ stop), 0 on <|user|>, the prompt and <|assistant|>.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -117,6 +118,12 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a completion: the end-of-turn token (and, for an adapted HF tokenizer, every
+        eos id its checkpoint's generation_config.json lists, as Llama 3 and Qwen chat models have)."""
+        return (self.eot_id,)
+
     # -----------------------------------------------------------------------------------------
     # Chat format
     def render_prompt(self, prompt: str) -> list[int]:
@@ -179,6 +186,18 @@ class Tokenizer:
         return HFTokenizer(hf, source=str(path))
 
 
+def _generation_eos_ids(source: str) -> list[int]:
+    """eos_token_id (an int or a list) of generation_config.json beside a tokenizer, if there is one."""
+    path = Path(source)
+    path = path if path.is_dir() else path.parent
+    try:
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    eos = eos if isinstance(eos, list) else [eos]
+    return [i for i in eos if isinstance(i, int)]
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face fast tokenizer behind the sputnik interface.
 
@@ -203,6 +222,12 @@ class HFTokenizer(Tokenizer):
         self.eot_id = hf.eos_token_id
         self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
         self._init_vocab()
+        self._stop_ids = (self.eot_id, *(i for i in _generation_eos_ids(source) if i != self.eot_id and
+                                         0 <= i < self.vocab_size))
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self._stop_ids
 
     def render_prompt(self, prompt: str) -> list[int]:
         if self.hf.chat_template:

@@ -148,3 +148,33 @@ def test_rl_with_the_tokenizer_in_another_directory(users, tmp_path):
         rl.run(build(rl.Config, cfg))
     r = rl.run(build(rl.Config, dict(cfg, tokenizer=str(root / "tok"))))
     assert load_tokenizer("", r["model_dir"]).eot_id == load_tokenizer(str(root / "tok")).eot_id
+
+
+def test_generation_config_eos_ids_stop_generation(users, tmp_path):
+    """Llama 3 / Qwen chat checkpoints list several eos ids in generation_config.json: all of them stop."""
+    import shutil
+
+    root, _, _ = users
+    shutil.copytree(root / "tok", tmp_path / "tok")
+    hf = load_tokenizer(str(tmp_path / "tok")).hf
+    pad = hf.pad_token_id
+    (tmp_path / "tok" / "generation_config.json").write_text(json.dumps({"eos_token_id": [hf.eos_token_id, pad, 10**9]}))
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert tok.stop_ids == (hf.eos_token_id, pad)  # the id outside the vocabulary is dropped
+    assert load_tokenizer(str(root / "tok")).stop_ids == (hf.eos_token_id,)
+
+    from sputnik.inference.engine import Engine
+    from sputnik.inference.sampling import SamplingParams
+
+    # greedy decoding ends at the first token generation_config lists, and the text leaves it out
+    model = load_model(str(users[1])).eval()
+    prompt = tok.render_prompt("What is 2+3?")
+    free = Engine(model, tok).generate([prompt], SamplingParams(max_new_tokens=6, temperature=0))[0][0].token_ids
+    stop = free[2]
+    (tmp_path / "tok" / "generation_config.json").write_text(json.dumps({"eos_token_id": [hf.eos_token_id, stop]}))
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    out = Engine(model, tok).generate([prompt], SamplingParams(max_new_tokens=6, temperature=0,
+                                                               stop_token_ids=tok.stop_ids))[0][0]
+    first = free.index(stop)
+    assert out.finish_reason == "stop" and out.token_ids == free[:first + 1]
+    assert out.text == tok.decode(free[:first])

@@ -238,3 +238,17 @@ def test_lora_sft_sigkill_then_resume_is_bit_exact(user_model, tmp_path):
     for name in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
         a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(out / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_ledger_flops_of_a_lora_step(base):
+    """Frozen weights need no weight gradient: 4·N matmul FLOPs a token, the adapters 6·N_adapters."""
+    from sputnik.model.accounting import flops_per_token as closed_form
+    from sputnik.train.loading import flops_per_token
+
+    model = load_hf_llama(base)
+    full = closed_form(model.config, 64, training=True)
+    assert flops_per_token(model, 64) == full["total"]
+    apply_lora(model, LoRAConfig(rank=4))
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert adapters == 2 * 4 * (64 + 64 + 2 * (64 + 32) + 64 + 64 + 2 * (64 + 96) + 96 + 64)
+    assert flops_per_token(model, 64) == pytest.approx(full["matmul"] * 4 / 6 + full["attention"] + 6 * adapters)

@@ -79,7 +79,7 @@ def run(cfg: ChatConfig, stdin=None, stdout=None, pretty: bool | None = None) ->
     pretty = stdout.isatty() if pretty is None else pretty
     model, tokenizer = load_for_inference(cfg, cfg.model, cfg.tokenizer)
     max_len = model.config.max_position_embeddings
-    stop_ids = tuple(t for t in (tokenizer.eot_id, getattr(tokenizer, "user_id", None)) if t is not None)
+    stop_ids = tuple(t for t in (*tokenizer.stop_ids, getattr(tokenizer, "user_id", None)) if t is not None)
     sched = Scheduler(model, tokenizer, max_batch=1, max_len=max_len, queue_size=1, compile=cfg.compile)
     if interactive:
         print(f"sputnik chat: {cfg.model} (type /exit to quit)", file=sys.stderr)

@@ -189,7 +189,7 @@ class Engine:
     def _completion(self, owner, toks, logps, reason) -> Completion:
         text = ""
         if self.tokenizer is not None:
-            eot = getattr(self.tokenizer, "eot_id", None)
-            body = toks[:-1] if reason == "stop" and toks and toks[-1] == eot else toks
+            stops = getattr(self.tokenizer, "stop_ids", (getattr(self.tokenizer, "eot_id", None),))
+            body = toks[:-1] if reason == "stop" and toks and toks[-1] in stops else toks
             text = self.tokenizer.decode(body)
         return Completion(owner[0], owner[1], list(toks), list(logps), text, reason)

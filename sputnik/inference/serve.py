@@ -181,7 +181,7 @@ class App:
         self.created = int(time.time())
         self.page = resources.files("sputnik.inference").joinpath("serve_page.html").read_bytes()
         # Stop at <|user|> too: a model that starts a new user turn has finished its own.
-        self.stop_ids = tuple(t for t in (tokenizer.eot_id, getattr(tokenizer, "user_id", None)) if t is not None)
+        self.stop_ids = tuple(t for t in (*tokenizer.stop_ids, getattr(tokenizer, "user_id", None)) if t is not None)
 
     def model_card(self) -> dict:
         # max_model_len as vLLM reports it; max_tokens_limit lets the page clamp its setting

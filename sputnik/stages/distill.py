@@ -140,7 +140,7 @@ def sample_traces(teacher, tokenizer, tasks, cfg: "Config", teacher_id: str) -> 
         exs.append(t.generate(1, split="train", seed=rng.randrange(2**31))[0])
     by_name = {t.name: t for t in tasks}
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.teacher_temperature,
-                            stop_token_ids=(tokenizer.eot_id,), seed=cfg.seed)
+                            stop_token_ids=tokenizer.stop_ids, seed=cfg.seed)
     outs = Engine(teacher, tokenizer).generate([tokenizer.render_prompt(ex.prompt) for ex in exs], params,
                                                  num_samples=cfg.samples_per_prompt)
     kept = []
@@ -239,7 +239,7 @@ def kd_batch(cfg: Config, step: int, traces: list[dict], tokenizer, engine: Engi
     if on_policy:
         outs = engine.generate([tokenizer.render_prompt(r["prompt"]) for r in rows],
                                SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                                              stop_token_ids=(tokenizer.eot_id,), seed=cfg.seed + step))
+                                              stop_token_ids=tokenizer.stop_ids, seed=cfg.seed + step))
         pairs = [(r["prompt"], o[0].text) for r, o in zip(rows, outs)]
     else:
         pairs = [(r["prompt"], r["completion"]) for r in rows]

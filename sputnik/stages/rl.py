@@ -204,7 +204,7 @@ def prepare(cfg: Config, s) -> RL:
     s.raw.train()
     engine = Engine(s.raw, s.tokenizer, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            stop_token_ids=(s.tokenizer.eot_id,))
+                            stop_token_ids=s.tokenizer.stop_ids)
     custom = IsolatedReward(cfg.reward_fn, cfg.reward_timeout_s) if cfg.reward_fn else None
     return RL(cfg, s, ref_model, engine, params, tasks, custom, HealthMonitor(cfg.health))
 

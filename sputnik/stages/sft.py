@@ -89,10 +89,10 @@ def accuracy(s, cfg: Config, examples: list, step: int) -> dict:
     tok = s.tokenizer
     prompts = [tok.render_prompt(ex.prompt) for ex in mine]
     max_len = getattr(s.raw.config, "max_position_embeddings", None)
-    outs = greedy_generate(s.model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids={tok.eot_id},
+    outs = greedy_generate(s.model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids=set(tok.stop_ids),
                            pad_id=tok.pad_id, device=s.device, amp=s.amp, batch_size=cfg.eval_batch_size,
                            dist=s.dist, max_len=max_len)
-    texts = [tok.decode([t for t in ids if t != tok.eot_id and t < tok.vocab_size]) for ids in outs]
+    texts = [tok.decode([t for t in ids if t not in tok.stop_ids and t < tok.vocab_size]) for ids in outs]
     verdicts = [verify(ex, text) for ex, text in zip(mine, texts)]
     if s.rank0:
         for ex, text, v in list(zip(mine, texts, verdicts))[:4]:
