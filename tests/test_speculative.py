@@ -1,5 +1,6 @@
 """Self-speculative decoding with the MTP head: greedy output == plain greedy decoding, and
 speculative sampling leaves the main model's distribution unchanged."""
+import pytest
 import torch
 
 from sputnik.inference.engine import Engine
@@ -92,3 +93,77 @@ def test_end_to_end_sampling_matches_plain_distribution():
     chi2 = float(((obs - exp) ** 2 / exp).sum())
     assert int(big.sum()) == 5  # 6 bins: the threshold below is for df = 5
     assert chi2 < 20.5  # p = 0.001; an "always accept" rule scores in the hundreds
+
+
+# ---------------------------------------------------------------------------------------------
+# A separate draft model (a small model of the same vocabulary)
+def dense_model(vocab, seed, init=0.3, layers=2, width=32):
+    from sputnik.model.config import tiny_dense
+
+    torch.manual_seed(seed)
+    return build_model(tiny_dense(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, initializer_range=init)).eval()
+
+
+def noisy_copy(model, scale, seed):
+    """A draft that agrees with the target often but not always: its weights plus noise."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
+
+
+def test_draft_model_greedy_equals_plain_greedy():
+    from sputnik.inference.engine import Engine
+    from sputnik.inference.speculative import draft_speculative_generate
+
+    accepted = drafted = 0
+    for seed, vocab, k in [(0, 8, 4), (1, 8, 1), (2, 64, 3), (3, 64, 2)]:
+        target = dense_model(vocab, seed, init=0.1)
+        # a smaller draft of the same vocabulary (seed 3), or a near copy that is often right
+        draft = dense_model(vocab, seed + 10, init=0.1, layers=1, width=16) if seed == 3 else noisy_copy(target, 0.05, seed)
+        params = SamplingParams(max_new_tokens=12, temperature=0)
+        for prompt in ([1], [2, 3, 4, 5], [7, 6, 5, 4, 3, 2, 1]):
+            plain = Engine(target).generate([prompt], params)[0][0]
+            spec, st = draft_speculative_generate(target, draft, prompt, params, num_draft=k)
+            assert spec.token_ids == plain.token_ids and len(spec.token_ids) == 12
+            torch.testing.assert_close(torch.tensor(spec.logprobs), torch.tensor(plain.logprobs), atol=1e-5, rtol=0)
+            drafted, accepted = drafted + st.drafted, accepted + st.accepted
+    assert 0 < accepted < drafted  # both paths taken: accepted drafts and rejections
+    # the target as its own draft: every draft accepted, K + 1 tokens a target forward
+    target = dense_model(8, 0, init=0.1)
+    spec, st = draft_speculative_generate(target, target, [1, 2], SamplingParams(max_new_tokens=11, temperature=0),
+                                          num_draft=4)
+    assert st.accepted == st.drafted and st.target_forwards == 2
+
+
+def test_draft_model_sampling_matches_plain_distribution():
+    """As the MTP test: the joint of (tokens[1], tokens[2]) against plain sampling's, chi-square."""
+    from sputnik.inference.speculative import draft_speculative_generate
+
+    V, N, prompt = 3, 200, [1, 2, 0]
+    target = dense_model(V, 4, init=0.3)
+    draft = noisy_copy(target, 0.3, 5)  # p and q differ: a wrong accept rule shows in the statistics
+    expected_YZ = exact_pair_distribution(target, prompt, V) * N
+    counts_YZ = torch.zeros(V, V)
+    for seed in range(N):
+        c, _ = draft_speculative_generate(target, draft, prompt, SamplingParams(max_new_tokens=3, temperature=1.0,
+                                                                                seed=seed), num_draft=2)
+        counts_YZ[c.token_ids[1], c.token_ids[2]] += 1
+    big = expected_YZ >= 5
+    obs = torch.cat([counts_YZ[big], counts_YZ[~big].sum()[None]])
+    exp = torch.cat([expected_YZ[big], expected_YZ[~big].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    df = int(big.sum())  # bins - 1
+    assert df >= 4 and chi2 < {4: 18.5, 5: 20.5, 6: 22.5, 7: 24.3, 8: 26.1}[df]  # p = 0.001
+
+
+def test_draft_model_must_share_the_vocabulary():
+    from sputnik.inference.speculative import draft_speculative_generate
+
+    with pytest.raises(ValueError, match="draft's vocabulary \\(16\\) differs from the target's \\(8\\)"):
+        draft_speculative_generate(dense_model(8, 0), dense_model(16, 1), [1], SamplingParams(max_new_tokens=2))

@@ -154,3 +154,97 @@ def _generate(model, prompt, params):
     stats.generated_tokens, stats.seconds = len(out), time.perf_counter() - t0
     reason = "stop" if out[-1] in stops else "length"
     return Completion(0, 0, out, logps, "", reason), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# A separate draft model
+@torch.no_grad()
+def draft_speculative_generate(target, draft, prompt: list[int], params: SamplingParams,
+                               num_draft: int = 4) -> tuple[Completion, SpecStats]:
+    """Batch-1 speculative decoding with a smaller `draft` model of the same vocabulary (e.g. a small
+    Qwen or Llama for a larger one of the same tokenizer): each step the draft proposes `num_draft`
+    tokens autoregressively, the target scores them all in one forward and accept_drafts keeps a
+    prefix (plus one corrected or bonus token). Same output distribution as plain sampling from the
+    target; exactly plain greedy decoding at temperature 0.
+
+    Both caches roll back for free (cache_seqlens advance over accepted tokens only). The target has
+    cached every emitted token but the last; the draft may lag (after a fully accepted step it never
+    saw its own last draft), so each draft call first feeds the tokens it has not cached."""
+    from sputnik.inference.deepseek import DeepSeekCachedModel
+    from sputnik.inference.llama import LlamaCachedModel
+
+    tcm, dcm = cached_model(target), cached_model(draft)
+    for cm, who in ((tcm, "target"), (dcm, "draft")):
+        if not isinstance(cm, (LlamaCachedModel, DeepSeekCachedModel)):
+            raise ValueError(f"draft speculative decoding: the {who} must be one of Sputnik's own models "
+                             f"(its cache rolls back by length), not {type(cm).__name__}")
+    tv, dv = target.lm_head.weight.shape[0], draft.lm_head.weight.shape[0]
+    if tv != dv:
+        raise ValueError(f"the draft's vocabulary ({dv}) differs from the target's ({tv}): a draft must share the "
+                         "target's tokenizer")
+    if not prompt:
+        raise ValueError("empty prompt: speculative decoding needs at least one token")
+    if num_draft < 1:
+        raise ValueError(f"num_draft={num_draft}: at least one draft token a step")
+    modes = (target.training, draft.training)
+    target.eval(), draft.eval()
+    try:
+        return _generate_with_draft(tcm, dcm, target.lm_head.weight.device, prompt, params, num_draft)
+    finally:
+        target.train(modes[0]), draft.train(modes[1])
+
+
+def _generate_with_draft(tcm, dcm, dev, prompt, params, K):
+    t0, stats = time.perf_counter(), SpecStats()
+    gen = torch.Generator(device=dev).manual_seed(params.seed)
+    stops, greedy = set(params.stop_token_ids), params.temperature == 0
+    one = lambda v: torch.tensor([v], device=dev)  # noqa: E731
+    max_len = len(prompt) + params.max_new_tokens + K + 2
+    t_cache, d_cache = tcm.new_cache(1, max_len, None, dev), dcm.new_cache(1, max_len, None, dev)
+    logits_1TV = tcm.forward_cached(torch.tensor([prompt], device=dev), t_cache, one(0))
+    tok = sample_from_probs(sampling_probs(logits_1TV[:, -1], params), gen)
+    seq, out = list(prompt), [int(tok)]
+    logps = policy_logprobs(logits_1TV[:, -1], tok, params).tolist()
+    seq.append(out[0])
+    n, d_len = len(prompt), 0  # target cached positions < n (seq[n] = x_n is not); draft cached < d_len
+
+    while len(out) < params.max_new_tokens and out[-1] not in stops:
+        # --- draft K tokens: first catch up on seq[d_len .. n], then one token at a time
+        drafts, q_rows = [], []
+        feed = torch.tensor([seq[d_len: n + 1]], device=dev)
+        for j in range(K):
+            logits_V = dcm.forward_cached(feed, d_cache, one(d_len))[0, -1]
+            d_len += feed.shape[1]
+            if greedy:
+                d = logits_V.argmax(-1, keepdim=True)
+            else:
+                q_rows.append(sampling_probs(logits_V[None], params)[0])
+                d = sample_from_probs(q_rows[-1][None], gen)
+            drafts.append(int(d))
+            feed = d[None].reshape(1, 1)
+        # the last draft was never fed: the draft has cached seq[..n] and drafts[:K-1]
+        # --- verify [x_n, d_1 .. d_K] at positions n .. n + K
+        ids_1J = torch.tensor([[seq[n], *drafts]], device=dev)
+        logits_JV = tcm.forward_cached(ids_1J, t_cache, one(n))[0]
+        if greedy:
+            top = logits_JV.argmax(-1).tolist()
+            a = next((j for j in range(K) if drafts[j] != top[j]), K)
+            new = drafts[:a] + [top[a]]
+        else:
+            p_JV = sampling_probs(logits_JV, params)
+            a_1, next_1 = accept_drafts(p_JV[None], torch.stack(q_rows)[None], torch.tensor([drafts], device=dev), gen)
+            a = int(a_1)
+            new = drafts[:a] + [int(next_1)]
+        new_logps = policy_logprobs(logits_JV[: a + 1], torch.tensor(new, device=dev), params).tolist()
+        stats.drafted, stats.accepted, stats.target_forwards = stats.drafted + K, stats.accepted + a, stats.target_forwards + 1
+        for t, lp in zip(new, new_logps):
+            if len(out) < params.max_new_tokens and out[-1] not in stops:
+                out.append(t)
+                logps.append(lp)
+        seq += new
+        n += a + 1  # x_n and the accepted drafts are cached in the target now
+        d_len = min(d_len, n)  # the draft's cache is valid up to the first rejected draft
+
+    stats.generated_tokens, stats.seconds = len(out), time.perf_counter() - t0
+    reason = "stop" if out[-1] in stops else "length"
+    return Completion(0, 0, out, logps, "", reason), stats
