@@ -247,12 +247,12 @@ needs_linear = pytest.mark.skipif(not cpu_kernels.linear_rows_available(), reaso
 
 
 @needs_linear
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 33, 64])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_rows_equals_f_linear(rows, bias):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 1, 77, generator=g)  # odd width: the vector loop's tail
-    w, b = torch.randn(130, 77, generator=g), torch.randn(130, generator=g) if bias else None
+    w, b = torch.randn(130, 77, generator=g), torch.randn(130, generator=g) if bias else None  # 130 = 4·32 + 2
     y = cpu_kernels.linear_rows(x, w, b)
     assert y.shape == (rows, 1, 130)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
@@ -266,8 +266,8 @@ def test_linear_rows_equals_f_linear(rows, bias):
 @needs_linear
 def test_linear_rows_rejects_bad_input():
     w = torch.randn(4, 6)
-    with pytest.raises(ValueError, match="9 rows"):
-        cpu_kernels.linear_rows(torch.randn(9, 6), w, None)
+    with pytest.raises(ValueError, match="65 rows"):
+        cpu_kernels.linear_rows(torch.randn(65, 6), w, None)
     with pytest.raises(ValueError, match="fp32 CPU"):
         cpu_kernels.linear_rows(torch.randn(2, 6, dtype=torch.float64), w.double(), None)
     with pytest.raises(ValueError, match="bias"):
@@ -283,7 +283,7 @@ def test_layers_linear_takes_the_kernel_only_for_decode_sized_no_grad_calls(monk
     lin = layers.Linear(6, 4)
     with torch.no_grad():
         lin(torch.randn(2, 1, 6))  # decode step: 2 rows
-        lin(torch.randn(3, 4, 6))  # 12 rows: a prefill, ATen's GEMM
+        lin(torch.randn(5, 13, 6))  # 65 rows: a longer prefill, ATen's GEMM
     lin(torch.randn(1, 6))  # autograd on: training keeps F.linear (and its backward)
     assert calls == [(2, 1, 6)]
     cpu_kernels.use_cpu_kernels(False)

@@ -7,8 +7,9 @@ already (a C compiler):
     and the grouped GEMM both do poorly at a few tokens an expert (see the C file);
   - softmax_rows.c: the row-wise softmax statistics and gradient of the policy's token log-probs
     (losses.token_logprobs, the GRPO update's LM head), one pass per row instead of 5-7 ATen passes;
-  - linear_rows.c: the linear layers of a decode step (a few rows: matrix-vector products), which
-    read each weight once at close to the memory bandwidth, about twice ATen's GEMV here.
+  - linear_rows.c: linear layers over a few rows (decode steps, short prefills: up to 64), which
+    read each weight once at close to the memory bandwidth (one row) or run 1.2-2x MKL's small-M
+    GEMM (16-64 rows).
 A library is cached under
 $SPUTNIK_KERNEL_CACHE (default ~/.cache/sputnik/kernels), keyed by the source, the compiler, the
 flags and the CPU's feature flags (it is built for this CPU), and written to a temporary file, then
@@ -258,8 +259,8 @@ def softmax_rows_backward(z_NV: torch.Tensor, sub_N: torch.Tensor, targets_N: to
 
 
 # ---------------------------------------------------------------------------------------------
-# Small-batch linear layers (linear_rows.c), for decode steps: model/layers.linear calls it.
-LINEAR_MAX_ROWS = 8
+# Few-row linear layers (linear_rows.c), for decode steps and short prefills: model/layers.linear calls it.
+LINEAR_MAX_ROWS = 64
 
 
 def _linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

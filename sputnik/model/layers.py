@@ -13,9 +13,10 @@ from sputnik.kernels.cpu import LINEAR_MAX_ROWS, linear_rows, linear_rows_availa
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except a decode step's few rows on a CPU (≤ 8 rows, fp32, no autograd), which go to
-    kernels/linear_rows.c: a matrix-vector product bound by reading the weight, at ~2x ATen's GEMV
-    bandwidth here. Same values up to rounding; the torch path when the kernels are off or unbuilt."""
+    """F.linear, except a few rows on a CPU without autograd (≤ 64 rows, fp32: decode steps, short
+    prefills), which go to kernels/linear_rows.c: ~2x ATen's GEMV bandwidth at one row, 1.2-2x MKL's
+    small-M GEMM at 16-64 rows. Same values up to rounding; the torch path when the kernels are off
+    or unbuilt, and for training (autograd)."""
     if (not torch.is_grad_enabled() and x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.numel() <= LINEAR_MAX_ROWS * x.shape[-1] and linear_rows_available()):
         return linear_rows(x, weight, bias)
