@@ -141,10 +141,14 @@ def routed_ffn_available() -> bool:
     return _enabled and _library() is not None
 
 
+# A constant to torch.compile (traced once, not re-checked): the build check stats files, which dynamo
+# cannot trace and would break the graph at every call site. So set use_cpu_kernels before compiling.
+@torch.compiler.assume_constant_result
 def softmax_rows_available() -> bool:
     return _enabled and _library(SOFTMAX_SOURCE) is not None
 
 
+@torch.compiler.assume_constant_result
 def linear_rows_available() -> bool:
     return _enabled and _library(LINEAR_SOURCE) is not None
 
