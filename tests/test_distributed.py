@@ -135,3 +135,42 @@ def test_partial_torchrun_env_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ValueError, match="MASTER_ADDR is not set"):
         dist_lib.init_distributed(torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    """A user's checkpoint (Qwen2 layout: GQA, q/k/v biases, tied head) of the tokenizer's vocabulary."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("qwen2") / "model"
+    AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("parallel, lora", [("fsdp", 0), ("ddp", 4)], ids=["fsdp-full", "ddp-lora"])
+def test_users_checkpoint_under_torchrun_matches_one_process(ws, qwen2_dir, tmp_path, parallel, lora):
+    """Slower (~15-25 s each): a Qwen2-layout --init on our own model, 2 gloo ranks == 1 process,
+    fully fine-tuned under FSDP2 and with LoRA adapters under DDP."""
+    extra = {"init": str(qwen2_dir), "model": {}, "lora": {"rank": lora, "alpha": 8.0}}
+    pretrain.run(build(pretrain.Config, {**COMMON, "out_dir": str(tmp_path / "single"), "tokenizer": str(ws / "tok"),
+                                         "texts": [str(ws / "texts")], "batch_size": 4, **extra}))
+    out = tmp_path / parallel
+    args = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 1000),
+            "-m", "sputnik", "pretrain", "--out_dir", str(out), "--tokenizer", str(ws / "tok"),
+            "--texts", str(ws / "texts"), "--tasks=", "--batch_size", "2", "--parallel", parallel,
+            "--init", str(qwen2_dir), "--lora.rank", str(lora), "--lora.alpha", "8"]
+    for k, v in COMMON.items():
+        if k not in ("tasks", "optim"):
+            args += [f"--{k}", str(v)]
+    args += ["--optim.lr", "3e-3", "--optim.warmup_steps", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_close_trajectories(trajectory(out), trajectory(tmp_path / "single"))
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.model_type == "qwen2"
+    assert (out / "adapter" / "adapter_config.json").exists() == bool(lora)
