@@ -8,7 +8,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
+                          Qwen3MoeConfig)
 
 from sputnik.inference.decoders import cached_model
 from sputnik.model.accounting import param_counts
@@ -31,6 +32,9 @@ FAMILY_CONFIGS = {
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=8, head_dim=32),
     "qwen2": lambda: Qwen2Config(**COMMON, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=True),
+    # a MoE layer (8 experts, top-2, renormalised) and a dense one (mlp_only_layers)
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                                        moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1]),
 }
 FAMILIES = sorted(FAMILY_CONFIGS)
 
@@ -61,9 +65,11 @@ def test_config_switches_per_family(family_pair):
     c = ours.config
     assert c.family == family and c.architecture == "llama"
     expect = {"llama": (False, False, False, 0, "llama3"), "mistral": (False, False, False, 8, "default"),
-              "qwen2": (True, False, False, 0, "default"), "qwen3": (False, False, True, 0, "default")}[family]
+              "qwen2": (True, False, False, 0, "default"), "qwen3": (False, False, True, 0, "default"),
+              "qwen3_moe": (False, False, True, 0, "default")}[family]
     assert (c.qkv_bias, c.o_proj_bias, c.qk_norm, c.sliding_window, c.rope_type) == expect
-    assert c.attention_head_dim == (32 if family in ("mistral", "qwen3") else 16)
+    assert c.attention_head_dim == (32 if family in ("mistral", "qwen3", "qwen3_moe") else 16)
+    assert [c.is_moe_layer(i) for i in range(2)] == ([True, False] if family == "qwen3_moe" else [False, False])
     n_hf = sum(p.numel() for p in hf.parameters())
     assert sum(p.numel() for p in ours.parameters()) == n_hf == param_counts(c)["total"]
 
@@ -216,3 +222,31 @@ def test_sliding_window_limits_attention():
         a, b = model(ids).logits, model(changed).logits
     assert torch.equal(a[0, 6:], b[0, 6:])  # position 2 is outside every window from 6 on (one layer)
     assert (a[0, 2:6] - b[0, 2:6]).abs().max() > 1e-3
+
+
+def test_qwen3_moe_loss_balance_loss_gradients_and_load_match_transformers(tmp_path):
+    """Training parity on the MoE family: CE + router_aux_loss_coef · Switch balance loss (with
+    output_router_logits, as transformers trains it), gradients, and the expert load we report."""
+    hf = hf_model("qwen3_moe", output_router_logits=True, router_aux_loss_coef=0.02).train()
+    hf.save_pretrained(tmp_path / "moe")
+    ours = load_hf_llama(tmp_path / "moe").train()
+    assert ours.config.router_aux_loss_coef == 0.02
+    ids, labels = torch.randint(0, V, (2, 16)), torch.randint(0, V, (2, 16))
+    out_hf = hf(ids, labels=labels)
+    out = ours(ids, torch.cat([labels[:, 1:], torch.full((2, 1), -100)], 1))  # ours takes shifted targets
+    assert abs(out.loss.item() - out_hf.loss.item()) < 1e-5 and out.aux_loss.item() > 0
+    assert abs(out.aux_loss.item() - 0.02 * out_hf.aux_loss.item()) < 1e-6
+    out.loss.backward()
+    out_hf.loss.backward()
+    g_ours = ours.model.layers[0].mlp.experts.gate_up_proj.grad
+    g_hf = hf.model.layers[0].mlp.experts.gate_up_proj.grad
+    assert (g_ours - g_hf).abs().max() < 1e-5 and g_hf.abs().max() > 0
+    assert (ours.model.layers[0].mlp.gate.weight.grad - hf.model.layers[0].mlp.gate.weight.grad).abs().max() < 1e-5
+    # expert load: top-2 slots of the 32 tokens in the one MoE layer; padding is not load
+    assert list(out.expert_load) == ["model.layers.0.mlp"] and int(out.expert_load["model.layers.0.mlp"].sum()) == 64
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[1, 10:] = False
+    with torch.no_grad():
+        load = ours(ids, valid_BT=valid).expert_load["model.layers.0.mlp"]
+    assert int(load.sum()) == 2 * 26
+    assert param_counts(ours.config)["active"] < param_counts(ours.config)["total"]

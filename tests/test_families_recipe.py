@@ -178,3 +178,33 @@ def test_generation_config_eos_ids_stop_generation(users, tmp_path):
     first = free.index(stop)
     assert out.finish_reason == "stop" and out.token_ids == free[:first + 1]
     assert out.text == tok.decode(free[:first])
+
+
+def test_qwen3_moe_checkpoint_through_sft_and_rl(users, tmp_path):
+    """A real MoE of a user's (the Qwen3-MoE layout): SFT and GRPO on our own model, its expert load
+    logged, exported as qwen3_moe with per-expert keys as on the hub."""
+    from transformers import Qwen3MoeConfig
+
+    root, _, _ = users
+    tok = load_tokenizer(str(root / "tok")).hf
+    moe = save_model(Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                                    num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                                    max_position_embeddings=256, tie_word_embeddings=True,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), tmp_path / "moe", tok)
+    common = dict(num_threads=1, project_dir=str(tmp_path))
+    s = sft.run(build(sft.Config, dict(out_dir=str(tmp_path / "sft"), init=str(moe), tasks=["addition"],
+                                       num_examples=16, eval_examples=2, max_new_tokens=6, batch_size=4, steps=2,
+                                       eval_every=0, eval_batches=1, log_every=1, progress=False, **common)))
+    lines = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("moe_max_over_mean", 0) >= 1.0 for r in lines)  # the load of its 4 experts, logged
+    r = rl.run(build(rl.Config, dict(out_dir=str(tmp_path / "rl"), init=s["model_dir"], tasks=["addition"], steps=1,
+                                     prompts_per_step=2, group_size=2, max_new_tokens=6, eval_every=0,
+                                     eval_examples=2, dynamic_sampling=False, **common)))
+    cfg = json.loads((Path(r["model_dir"]) / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3_moe" and cfg["num_experts"] == 4
+    from safetensors import safe_open
+
+    with safe_open(str(Path(r["model_dir"]) / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.3.down_proj.weight" in set(f.keys())
+    assert AutoModelForCausalLM.from_pretrained(r["model_dir"]).config.model_type == "qwen3_moe"

@@ -141,14 +141,15 @@ def plan(cfg: PlanConfig, model: ModelConfig | None = None) -> dict:
 
 
 def lora_params(model: ModelConfig, rank: int) -> int:
-    """Adapter parameters r·(in + out) of every attention and MLP projection (train/lora.py's default
-    targets) of a dense family model."""
+    """Adapter parameters r·(in + out) of every attention and dense-MLP projection (train/lora.py's
+    default targets) of a dense family model; a MoE layer's experts are fused tensors, not adapted."""
     if model.architecture != "llama":
         raise ValueError("lora_rank: LoRA is implemented for the dense families (Llama, Mistral, Qwen2, Qwen3)")
     D, C, I = model.hidden_size, model.attention_head_dim, model.intermediate_size
     H, K = model.num_attention_heads, model.kv_heads
-    per_layer = (D + H * C) + 2 * (D + K * C) + (H * C + D) + 2 * (D + I) + (I + D)
-    return rank * per_layer * model.num_hidden_layers
+    attention, mlp = (D + H * C) + 2 * (D + K * C) + (H * C + D), 2 * (D + I) + (I + D)
+    dense = sum(not model.is_moe_layer(i) for i in range(model.num_hidden_layers))
+    return rank * (attention * model.num_hidden_layers + mlp * dense)
 
 
 def memory_per_device(model: ModelConfig, p: dict, cfg: PlanConfig) -> dict:

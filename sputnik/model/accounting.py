@@ -77,11 +77,16 @@ def param_counts(cfg: ModelConfig) -> dict:
     norms = 2 * d  # input_layernorm + post_attention_layernorm
     if cfg.architecture == "llama":
         attn, dense = _gqa(cfg), _swiglu(d, cfg.intermediate_size)
+        n_moe = sum(cfg.is_moe_layer(i) for i in range(L))  # Qwen3-MoE: softmax router, no shared expert
+        n_dense = L - n_moe
+        expert, router = _swiglu(d, cfg.moe_intermediate_size), cfg.n_routed_experts * d
+        moe_total, moe_active = (router + cfg.n_routed_experts * expert, router + cfg.num_experts_per_tok * expert) \
+            if n_moe else (0, 0)
         layer = norms + attn + dense
-        body = L * layer
+        body = L * (norms + attn) + n_dense * dense + n_moe * moe_total
         per_layer = dict(attention=attn, dense_mlp=dense, norms=norms, layer=layer)
-        n_dense, n_moe = L, 0
-        moe_total = moe_active = 0
+        if n_moe:
+            per_layer.update(moe=moe_total, moe_active=moe_active, expert=expert, router=router)
         mtp = mtp_active = 0
     else:
         attn, dense = _mla(cfg), _swiglu(d, cfg.intermediate_size)

@@ -25,12 +25,17 @@ class ModelConfig:
     num_attention_heads: int = knob(4, "attention heads", min=1)
     num_key_value_heads: int = knob(0, "llama only: KV heads for GQA (0 = num_attention_heads); MLA uses all heads", min=0)
     # --- dense family switches (architecture llama)
-    family: Literal["llama", "mistral", "qwen2", "qwen3"] = knob("llama", "llama architecture: the HF family (config.json model_type) it is read and exported as")
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe"] = knob(
+        "llama", "llama architecture: the HF family (config.json model_type) it is read and exported as")
     head_dim: int = knob(0, "llama: per-head q/k/v dim (0 = hidden_size / num_attention_heads; Qwen3 sets it)", min=0)
     qkv_bias: bool = knob(False, "llama: biases on q/k/v projections (Qwen2; Llama/Qwen3 attention_bias)")
     o_proj_bias: bool = knob(False, "llama: bias on the attention output projection (Llama/Qwen3 attention_bias)")
     qk_norm: bool = knob(False, "llama: RMSNorm over each head's q and k before RoPE (Qwen3)")
     sliding_window: int = knob(0, "llama: each token attends to at most this many latest positions (Mistral; 0 = off)", min=0)
+    decoder_sparse_step: int = knob(1, "qwen3_moe: every k-th layer is a MoE (the rest dense MLPs)", min=1)
+    mlp_only_layers: list[int] = knob(default_factory=list, help="qwen3_moe: layers that keep a dense MLP")
+    router_aux_loss_coef: float = knob(0.0, "qwen3_moe: weight of the Switch load-balancing loss in training "
+                                            "(0 = off, as transformers without output_router_logits)", min=0.0)
     intermediate_size: int = knob(768, "dense SwiGLU width (dense layers of deepseek_v3, every layer of llama)", min=1)
     # --- MLA (deepseek_v3)
     q_lora_rank: int = knob(128, "query latent rank d_c' (0 = no query compression: plain q_proj)", min=0)
@@ -119,11 +124,15 @@ class ModelConfig:
             "mistral": dict(qkv_bias=False, o_proj_bias=False, qk_norm=False),
             "qwen2": dict(qkv_bias=True, o_proj_bias=False, qk_norm=False, sliding_window=0),
             "qwen3": dict(qk_norm=True, sliding_window=0),
+            "qwen3_moe": dict(qk_norm=True, sliding_window=0),
         }[self.family]
         for key, value in required.items():
             if getattr(self, key) != value:
                 raise ValueError(f"family={self.family!r} needs {key}={value!r}, got {getattr(self, key)!r}")
-        if self.family in ("llama", "qwen3") and self.qkv_bias != self.o_proj_bias:
+        if self.family == "qwen3_moe" and self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be <= "
+                             f"n_routed_experts={self.n_routed_experts}")
+        if self.family in ("llama", "qwen3", "qwen3_moe") and self.qkv_bias != self.o_proj_bias:
             raise ValueError(f"family={self.family!r}: attention_bias covers q/k/v and o_proj alike "
                              f"(qkv_bias={self.qkv_bias}, o_proj_bias={self.o_proj_bias})")
 
@@ -141,7 +150,10 @@ class ModelConfig:
         return self.num_key_value_heads or self.num_attention_heads
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        return self.architecture == "deepseek_v3" and layer_idx >= self.first_k_dense_replace
+        if self.architecture == "llama":  # Qwen3-MoE's rule (transformers' Qwen3MoeDecoderLayer)
+            return (self.family == "qwen3_moe" and layer_idx not in self.mlp_only_layers
+                    and (layer_idx + 1) % self.decoder_sparse_step == 0)
+        return layer_idx >= self.first_k_dense_replace
 
 
 def _with(base: dict, overrides: dict) -> dict:

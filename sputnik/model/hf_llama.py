@@ -26,7 +26,7 @@ from sputnik.model.config import ModelConfig
 from sputnik.model.llama import LlamaModel
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # ModelConfig fields that are config.json fields of the same name and meaning (copied both ways).
 _SHARED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "initializer_range",
@@ -68,8 +68,18 @@ def hf_llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         "mistral": dict(sliding_window=cfg.sliding_window or None),
         "qwen2": dict(use_sliding_window=False, sliding_window=None, max_window_layers=L),
         "qwen3": dict(attention_bias=cfg.qkv_bias, use_sliding_window=False, sliding_window=None, max_window_layers=L),
+        "qwen3_moe": dict(attention_bias=cfg.qkv_bias, use_sliding_window=False, sliding_window=None,
+                          max_window_layers=L, num_experts=cfg.n_routed_experts,
+                          num_experts_per_tok=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,
+                          norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.decoder_sparse_step,
+                          mlp_only_layers=list(cfg.mlp_only_layers), router_aux_loss_coef=cfg.router_aux_loss_coef,
+                          output_router_logits=cfg.router_aux_loss_coef > 0),
     }[cfg.family])
     return out
+
+
+def _has_experts(cfg: ModelConfig) -> bool:
+    return any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
 
 
 def _first_id(value, name: str):
@@ -133,10 +143,24 @@ def config_from_hf(hf: dict) -> ModelConfig:
         head_dim=0 if head_dim == derived and hf["hidden_size"] % hf["num_attention_heads"] == 0 else head_dim,
         qkv_bias={"qwen2": True, "mistral": False}.get(family, bias),
         o_proj_bias=False if family in ("qwen2", "mistral") else bias,
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         sliding_window=(hf.get("sliding_window") or 0) if family == "mistral" else 0,
         **_rope_from_hf(hf),
     )
+    if family == "qwen3_moe":
+        if "num_experts" not in hf and "num_local_experts" in hf:  # transformers 5's name for it
+            hf = {**hf, "num_experts": hf["num_local_experts"]}
+        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            if not isinstance(hf.get(key), int) or hf[key] < 1:
+                raise ValueError(f"config.json {key}={hf.get(key)!r}: expected a positive int")
+        values.update(n_routed_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+                      moe_intermediate_size=hf["moe_intermediate_size"],
+                      norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                      decoder_sparse_step=hf.get("decoder_sparse_step") or 1,
+                      mlp_only_layers=list(hf.get("mlp_only_layers") or []),
+                      # transformers adds the balance loss only with output_router_logits
+                      router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0)
+                      if hf.get("output_router_logits") else 0.0)
     try:
         return build(ModelConfig, values)
     except ValueError as e:
@@ -161,9 +185,14 @@ def save_hf_llama(model: LlamaModel, path: str | os.PathLike) -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")  # one tensor, stored once under its embedding name (as HF does)
+    if _has_experts(model.config):  # experts per expert on disk, as on the hub (hf.py's mapping)
+        from sputnik.model.hf import to_hf_state_dict
+
+        state = to_hf_state_dict(model)
+    else:
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")  # one tensor, stored once under its embedding name (as HF does)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     dtype = model.model.embed_tokens.weight.dtype
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -241,5 +270,10 @@ def load_hf_llama(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # to_empty() unties
     model.rotary.reset()
-    load_state_strict(model, _read_state(path))
+    state = _read_state(path)
+    if _has_experts(cfg):  # per-expert hub keys (or transformers 5's fused ones) -> our fused tensors
+        from sputnik.model.hf import from_hf_state_dict
+
+        state = from_hf_state_dict(state, cfg)
+    load_state_strict(model, state)
     return model

@@ -25,6 +25,7 @@ from torch import nn
 from sputnik.train.losses import linear_cross_entropy
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import MLP, Linear, RMSNorm
+from sputnik.model.moe import Experts
 from sputnik.model.output import ModelOutput
 
 
@@ -154,19 +155,56 @@ class LlamaAttention(nn.Module):
         return self._out(o_BHTC)
 
 
+class SoftmaxMoE(nn.Module):
+    """Qwen3-MoE's sparse block: softmax top-k routing over E experts, no shared expert.
+
+        p = softmax(W_g x),  S = top-k(p),  w_e = p_e (/ Σ_S p if norm_topk_prob),  y = Σ_{e∈S} w_e FFN_e(x)
+    The experts are moe.Experts (HF 5.x fused tensors, the grouped-GEMM path of our DeepSeekMoE).
+    Returns the routing statistics of the valid tokens too: tokens per expert (counts_E, the expert
+    load the trainer logs) and Σ_tokens p (probs_E), from which the model forms the Switch
+    load-balancing loss over all its MoE layers, as transformers' load_balancing_loss_func does."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Linear(config.hidden_size, config.n_routed_experts, bias=False)
+        self.experts = Experts(config)
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None):
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        probs_NE = F.softmax(self.gate(x_ND), dim=-1, dtype=torch.float)
+        weight_NK, idx_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True)
+        E = probs_NE.shape[1]
+        counts_E = torch.bincount(idx_NK.flatten(), minlength=E)  # all slots: what the kernels process
+        y_ND = self.experts(x_ND, idx_NK, weight_NK.to(x_ND.dtype), counts_E)
+        valid_N1 = None if valid_BT is None else valid_BT.reshape(-1, 1).to(probs_NE.dtype)
+        load_E = counts_E if valid_N1 is None else torch.zeros(E, dtype=torch.long, device=x_ND.device).scatter_add_(
+            0, idx_NK.flatten(), valid_N1.long().expand(-1, self.top_k).flatten())
+        probs_E = probs_NE.sum(0) if valid_N1 is None else (probs_NE * valid_N1).sum(0)
+        return y_ND.view(B, T, D), load_E, probs_E
+
+
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x))."""
+    """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x)), the MLP a SoftmaxMoE in Qwen3-MoE's sparse
+    layers. Returns (x, routing statistics or None)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = SoftmaxMoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size,
+                                                                                 config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x_BTD, cos, sin, attend=None):
+    def forward(self, x_BTD, cos, sin, attend=None, valid_BT=None):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, attend)
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        if isinstance(self.mlp, SoftmaxMoE):
+            y_BTD, load_E, probs_E = self.mlp(self.post_attention_layernorm(x_BTD), valid_BT)
+            return x_BTD + y_BTD, (load_E, probs_E)
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,11 +241,16 @@ class LlamaModel(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+            elif isinstance(m, Experts):
+                nn.init.normal_(m.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(m.down_proj, mean=0.0, std=std)
         self.rotary.reset()
 
     # --- training / scoring path
-    def _trunk(self, input_ids_BT: torch.Tensor, positions: torch.Tensor | None, attend) -> torch.Tensor:
-        """Embedding, layers, final norm -> h_BTD. positions [B, T] default to 0..T−1."""
+    def _trunk(self, input_ids_BT: torch.Tensor, positions: torch.Tensor | None, attend,
+               valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Embedding, layers, final norm -> (h_BTD, {MoE layer prefix: (tokens per expert, Σ probs)}).
+        positions [B, T] default to 0..T−1; valid_BT: the real tokens (routing statistics count them)."""
         T = input_ids_BT.shape[1]
         if positions is None and T > self.rotary.cos_PC.shape[0]:
             raise ValueError(f"sequence length {T} > max_position_embeddings={self.rotary.cos_PC.shape[0]}")
@@ -218,31 +261,54 @@ class LlamaModel(nn.Module):
         else:
             cos, sin = self.rotary.cos_PC[positions][:, None], self.rotary.sin_PC[positions][:, None]  # [B, 1, T, C]
         cos, sin = cos.to(x_BTD.dtype), sin.to(x_BTD.dtype)
-        for layer in self.model.layers:
-            x_BTD = layer(x_BTD, cos, sin, attend)
-        return self.model.norm(x_BTD)
+        if valid_BT is not None and valid_BT.shape != input_ids_BT.shape:
+            raise ValueError(f"valid_BT {tuple(valid_BT.shape)} must match input_ids {tuple(input_ids_BT.shape)}")
+        routing = {}
+        for i, layer in enumerate(self.model.layers):
+            x_BTD, stats = layer(x_BTD, cos, sin, attend, valid_BT)
+            if stats is not None:
+                routing[f"model.layers.{i}.mlp"] = stats
+        return self.model.norm(x_BTD), routing
+
+    def balance_loss(self, routing: dict, num_tokens) -> torch.Tensor:
+        """Switch load balancing as transformers' load_balancing_loss_func: with f_e the fraction of the
+        top-k slots and P_e the mean router probability of expert e, both pooled over every MoE layer's
+        valid tokens, aux = E · Σ_e f_e · P_e; weighted by router_aux_loss_coef."""
+        loads, probs = zip(*routing.values())
+        rows = len(routing) * num_tokens
+        f_E = torch.stack(loads).sum(0).float() / rows  # top-k slots per token: Σ_e f_e = k
+        P_E = torch.stack(probs).sum(0) / rows
+        return self.config.router_aux_loss_coef * self.config.n_routed_experts * (f_E * P_E).sum()
 
     def hidden_states(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, *,
                       positions: torch.Tensor | None = None, attend=None) -> ModelOutput:
-        """`hidden`: h_BTD after the final RMSNorm (what the head multiplies); no expert load.
-        valid_BT is accepted for the common signature (a dense model has no load to mask)."""
-        return ModelOutput(hidden=self._trunk(input_ids_BT, positions, attend))
+        """`hidden`: h_BTD after the final RMSNorm (what the head multiplies); the expert load of the
+        valid tokens in Qwen3-MoE layers (empty for the dense families)."""
+        h_BTD, routing = self._trunk(input_ids_BT, positions, attend, valid_BT)
+        return ModelOutput(hidden=h_BTD, expert_load={k: v[0] for k, v in routing.items()})
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
                 valid_BT: torch.Tensor | None = None) -> ModelOutput:
         """Without targets: logits [B, T, V]. With (already shifted, −100 = ignore) targets:
         ce = Σ_n CE(W h_n, t_n) / #valid through the chunked head (no [B, T, V] tensor);
-        loss = ce (no MTP, no balance loss: both reported as 0 so loops log both models alike)."""
-        h_BTD = self._trunk(input_ids_BT, None, None)
+        loss = ce + router_aux_loss_coef · balance loss (Qwen3-MoE; 0 for the dense families) and no MTP
+        (reported as 0 so loops log both architectures alike)."""
+        h_BTD, routing = self._trunk(input_ids_BT, None, None, valid_BT)
+        load = {k: v[0] for k, v in routing.items()}
         if targets_BT is None:
-            return ModelOutput(logits=self.lm_head(h_BTD))
+            return ModelOutput(logits=self.lm_head(h_BTD), expert_load=load)
         if targets_BT.shape != input_ids_BT.shape:
             raise ValueError(f"targets {tuple(targets_BT.shape)} must match input_ids {tuple(input_ids_BT.shape)}")
         loss_sum, num_valid = linear_cross_entropy(h_BTD.flatten(0, 1), self.lm_head.weight, targets_BT.flatten())
         ce = loss_sum / num_valid.clamp(min=1)  # an all-ignored batch gives 0, not NaN
         zero = ce.new_zeros(())
+        aux = zero
+        if routing and self.config.router_aux_loss_coef:
+            tokens = input_ids_BT.numel() if valid_BT is None else valid_BT.sum()
+            aux = self.balance_loss(routing, tokens)
         # ce_loss detached, as the Transformer reports its loss parts: for logging, not for backward.
-        return ModelOutput(loss=ce, ce_loss=ce.detach(), mtp_loss=zero, aux_loss=zero, num_tokens=num_valid)
+        return ModelOutput(loss=ce + aux, ce_loss=ce.detach(), mtp_loss=zero, aux_loss=aux.detach(),
+                           num_tokens=num_valid, expert_load=load)
 
     def update_expert_bias(self, load: dict[str, torch.Tensor]) -> None:
         """A dense model has no experts: nothing to balance (uniform loops for both architectures)."""
