@@ -4,7 +4,11 @@ the hardware sets, measured in the same run.
 
     .venv/bin/python benchmarks/bench_families.py [--shapes smollm2-135m,qwen2.5-0.5b] [--layers 8]
         [--batches 1,32] [--prompt-len 32] [--new-tokens 32] [--repeats 3] [--threads 2]
-        [--hf-static] [--compile] [--out bench_families.json]
+        [--hf-static] [--compile] [--device cpu|cuda] [--out bench_families.json]
+
+On CUDA (--device cuda): bf16 weights on both sides, our engine with CUDA graphs (captured once per
+batch bucket on a kept Engine), batches 1, 32 and 64 by default; the floors use the device's measured
+bf16 GEMM rate and copy bandwidth.
 
 Models: random-init transformers models of the real layouts (config values of the published
 checkpoints) at full width, depth cut to --layers (0 = full) to keep a run short; saved with
@@ -66,23 +70,31 @@ def build_checkpoint(shape: str, layers: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The machine's limits, measured in this run
-def gemm_gflops(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_gflops(device="cpu", dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
+    n = n if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    best = min(_timed(lambda: a @ b, device) for _ in range(reps))
     return 2 * n**3 / best / 1e9
 
 
-def read_gbs(mib: int = 512, reps: int = 5) -> float:
+def read_gbs(device="cpu", mib: int = 512, reps: int = 5) -> float:
     """Read bandwidth: a sum over a large fp32 tensor (reads it once, writes nothing)."""
-    x = torch.empty(mib * 2**20 // 4).normal_()
-    best = min(_timed(lambda: x.sum()) for _ in range(reps))
+    x = torch.empty(mib * 2**20 // 4, device=device).normal_()
+    best = min(_timed(lambda: x.sum(), device) for _ in range(reps))
     return x.numel() * 4 / best / 1e9
 
 
-def _timed(fn) -> float:
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device="cpu") -> float:
+    _sync(device)
     t0 = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -90,11 +102,12 @@ def floors(model, batch: int, prompt_len: int, new_tokens: int, gflops: float, g
     """Seconds: see the module docstring. Matmul parameters exclude the embedding lookup but include
     the head (tied or not); attention FLOPs 4 · L · H · C per (query, key) pair."""
     c = model.config
+    elt = model.lm_head.weight.element_size()
     embed = model.model.embed_tokens.weight.numel()
     params = sum(p.numel() for p in model.parameters())
     head = c.vocab_size * c.hidden_size
     matmul_params = params - embed + head  # a tied head is counted once in params, as the embedding
-    read_bytes = 4 * matmul_params
+    read_bytes = elt * matmul_params
     L, H, C = c.num_hidden_layers, c.num_attention_heads, c.attention_head_dim
     prefill_flops = batch * (2 * (matmul_params - head) * prompt_len + 2 * head  # logits of the last token only
                              + 4 * L * H * C * prompt_len * (prompt_len + 1) / 2)
@@ -108,8 +121,10 @@ def floors(model, batch: int, prompt_len: int, new_tokens: int, gflops: float, g
 # ---------------------------------------------------------------------------------------------
 def run_ours(engine: Engine, prompts_BT: torch.Tensor, new_tokens: int, seed: int) -> float:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=seed)
+    _sync(prompts_BT.device)
     t0 = time.perf_counter()
     out = engine.generate(prompts_BT.tolist(), params)
+    _sync(prompts_BT.device)
     dt = time.perf_counter() - t0
     assert all(len(r[0].token_ids) == new_tokens for r in out)
     return dt
@@ -119,10 +134,12 @@ def run_ours(engine: Engine, prompts_BT: torch.Tensor, new_tokens: int, seed: in
 def run_hf(hf, prompts_BT: torch.Tensor, new_tokens: int, seed: int, static: bool) -> float:
     torch.manual_seed(seed)
     extra = dict(cache_implementation="static") if static else {}
+    _sync(prompts_BT.device)
     t0 = time.perf_counter()
     out = hf.generate(prompts_BT, attention_mask=torch.ones_like(prompts_BT), do_sample=True, temperature=1.0,
                       top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
                       **extra)
+    _sync(prompts_BT.device)
     dt = time.perf_counter() - t0
     assert out.shape[1] == prompts_BT.shape[1] + new_tokens
     return dt
@@ -135,15 +152,17 @@ def bench_shape(shape: str, args, gflops: float, gbs: float) -> dict:
     from sputnik.train.loading import load_model
 
     path = build_checkpoint(shape, args.layers)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     ours = load_model(path).eval()
     assert isinstance(ours, LlamaModel), f"{shape} did not load on the fast path"
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = ours.to(args.device, dtype)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     engine = Engine(ours, compile=args.compile)
     res = {"family": SHAPES[shape][0], "layers": ours.config.num_hidden_layers,
            "params": sum(p.numel() for p in ours.parameters()), "batches": {}}
     for batch in args.batches:
         g = torch.Generator().manual_seed(batch)
-        prompts = torch.randint(3, ours.config.vocab_size, (batch, args.prompt_len), generator=g)
+        prompts = torch.randint(3, ours.config.vocab_size, (batch, args.prompt_len), generator=g).to(args.device)
         run_ours(engine, prompts, 4, 0)  # warm-up (and the compile, with --compile)
         run_hf(hf, prompts, 4, 0, False)
         sides = {"ours": [], "hf": []} | ({"hf_static": []} if args.hf_static else {})
@@ -174,18 +193,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="smollm2-135m,qwen2.5-0.5b", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--layers", type=int, default=8, help="decoder layers kept (0 = the published depth)")
-    ap.add_argument("--batches", default="1,32", help="comma list of batch sizes")
+    ap.add_argument("--batches", default="", help="comma list of batch sizes (default 1,32; 1,32,64 on CUDA)")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row")
     ap.add_argument("--new-tokens", type=int, default=32, help="generated tokens per row")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per measurement (median)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
     ap.add_argument("--hf-static", action="store_true", help="also transformers' static-cache generate")
     ap.add_argument("--compile", action="store_true", help="our engine with the compiled decode step")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run")
     ap.add_argument("--out", default="bench_families.json", help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.batches = [int(b) for b in args.batches.split(",")]
-    gflops, gbs = gemm_gflops(), read_gbs()
+    args.batches = [int(b) for b in (args.batches or ("1,32,64" if args.device == "cuda" else "1,32")).split(",")]
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    gflops, gbs = gemm_gflops(args.device, dtype), read_gbs(args.device)
     print(f"machine: fp32 GEMM {gflops:.0f} GFLOP/s, read bandwidth {gbs:.1f} GB/s ({args.threads} threads)")
     out = {"args": vars(args), "gemm_gflops": gflops, "read_gbs": gbs,
            "shapes": {s: bench_shape(s, args, gflops, gbs) for s in args.shapes.split(",")}}

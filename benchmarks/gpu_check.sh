@@ -7,9 +7,10 @@
 #
 # Each step has its own time limit and writes its log (and JSON) under $OUT (runs/gpu_check when
 # run by hand), so a step that fails or runs long costs only itself. Order = what the issues need
-# most: the GPU tests (CUDA-graph decode, bf16 grouped GEMM), generation vs transformers (inference
-# issue), the GRPO step vs TRL (RL issue), the training step vs transformers, eager (model issue).
-# At most 8 files come back from $OUT: summary.txt and one log (+ JSON) per step.
+# most: the GPU tests (CUDA-graph decode of our DeepSeek-V3 and the dense layout, bf16 grouped GEMM),
+# generation vs transformers (inference issue), the GRPO step vs TRL (RL issue), the training step vs
+# transformers, eager (model issue), generation on a user's layout (own-model issue).
+# At most 8 files come back from $OUT: summary.txt, steps.log (every step's output) and one JSON per step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
@@ -30,16 +31,21 @@ fi
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, note the outcome
     local name=$1 limit=$2 t0=$SECONDS
     shift 2
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "=== $name" >> "$OUT/steps.log"
+    timeout "$limit" "$@" > "$OUT/$name.tmp" 2>&1
     local rc=$?
     echo "$name: rc=$rc in $((SECONDS - t0)) s" >> "$OUT/summary.txt"
-    tail -n 30 "$OUT/$name.log"
+    cat "$OUT/$name.tmp" >> "$OUT/steps.log"
+    tail -n 30 "$OUT/$name.tmp"
+    rm -f "$OUT/$name.tmp"
 }
 
 step gpu_tests 120 python3 -m pytest -p no:cacheprovider -m gpu -q tests/test_graphs.py tests/test_moe.py tests/test_shared_prompts.py
-step generate 200 python3 benchmarks/bench_generate.py --device "$DEVICE" --repeats 3 --out "$OUT/generate.json"
+step generate 180 python3 benchmarks/bench_generate.py --device "$DEVICE" --repeats 3 --out "$OUT/generate.json"
 sides=ours
 python3 -c "import trl" 2>/dev/null && sides=ours,trl
-step grpo 170 python3 benchmarks/bench_grpo_step.py --device "$DEVICE" --sides "$sides" --warm 2 --steps 4 --out "$OUT/grpo.json"
-step train 90 python3 benchmarks/bench_train.py --device "$DEVICE" --repeats 3 --out "$OUT/train.json"
+step grpo 150 python3 benchmarks/bench_grpo_step.py --device "$DEVICE" --sides "$sides" --warm 2 --steps 4 --out "$OUT/grpo.json"
+step train 80 python3 benchmarks/bench_train.py --device "$DEVICE" --repeats 3 --out "$OUT/train.json"
+step families 60 python3 benchmarks/bench_families.py --device "$DEVICE" --shapes smollm2-135m --layers 8 \
+    --repeats 2 --hf-static --out "$OUT/families.json"
 cat "$OUT/summary.txt"

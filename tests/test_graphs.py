@@ -200,7 +200,7 @@ def test_a_compile_that_fails_falls_back_to_eager_decoding(monkeypatch, caplog):
     def no_compiler(*a):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
-    def compiled_step(kind):
+    def compiled_step(kind, arch="deepseek_v3"):
         kinds.append(kind)
         return no_compiler
 
@@ -243,7 +243,7 @@ def test_graphs_need_cuda_to_capture():
 
 def test_the_engine_chooses_its_decoder_once():
     """Eager on a CPU by default; the static-shape compiled step with compile on a CPU (the graph
-    decoder without capture); our dense twin and transformers models decode eagerly whatever is asked."""
+    decoder without capture), for DeepSeek-V3 and the dense families alike."""
     from sputnik.model import build_model
     from sputnik.model.config import tiny_dense
 
@@ -271,19 +271,26 @@ def test_the_engine_chooses_its_decoder_once():
     assert isinstance(plain, EagerDecoder) and plain.step_fn is None
     dense = build_model(tiny_dense(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=64))
-    for device in ("cpu", "cuda"):
-        d = choose_decoder(dense, dtype=torch.float32, device=torch.device(device), compile=True, cuda_graphs=True)
-        assert isinstance(d, EagerDecoder) and d.name == "eager (llama)" and d.step_fn is None
+    assert choose_decoder(dense, dtype=torch.float32, device=torch.device("cpu")).name == "eager (llama)"
+    d = choose_decoder(dense, dtype=torch.float32, device=torch.device("cpu"), compile=True)
+    assert isinstance(d, GraphDecoder) and d.fn is compiled_step("static", "llama")
+    assert d.name == "compiled static-shape step (llama)"
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        choose_decoder(dense, dtype=torch.float32, device=cuda, compile=False, cuda_graphs=True)
+    d = choose_decoder(dense, dtype=torch.float32, device=cuda, compile=True, cuda_graphs=False)
+    assert isinstance(d, EagerDecoder) and d.step_fn is compiled_step("dynamic", "llama")
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_equal_eager_decode_bf16():
-    """On a GPU: captured decode (bf16 autocast, MoE through torch._grouped_mm) == eager decode."""
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
+def test_cuda_graphs_equal_eager_decode_bf16(preset):
+    """On a GPU: captured decode (bf16 autocast; our DeepSeek-V3 with its MoE through torch._grouped_mm,
+    and the dense Llama layout) == eager decode."""
     from sputnik.model import build_model
-    from sputnik.model.config import tiny
+    from sputnik.model.config import PRESETS
 
     torch.manual_seed(0)
-    model = build_model(tiny()).cuda().eval()
+    model = build_model(PRESETS[preset]()).cuda().eval()
     prompts = _prompts([32] * 4, vocab=4096)
     params = SamplingParams(max_new_tokens=64, temperature=0.0, stop_token_ids=())
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -320,3 +327,45 @@ def test_decode_weights_are_cast_once_under_autocast(monkeypatch):
     for m in model.modules():  # drop the derived copies: rebuild everything without the cast variant
         weights._TABLE.pop(m, None)
     torch.testing.assert_close(cast, logits(), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dense families (Llama / Qwen layouts) through the same decoder
+def _dense(**kw):
+    from sputnik.model import build_model
+    from sputnik.model.config import tiny_dense
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64, max_position_embeddings=256, initializer_range=0.1)
+    return build_model(tiny_dense(**{**cfg, **kw})).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(family="qwen3", qk_norm=True, head_dim=12),
+                                dict(family="mistral", sliding_window=6)], ids=["llama-gqa", "qwen3", "mistral-window"])
+def test_dense_families_through_the_graph_decoder_equal_eager(kw):
+    """The static GQA cache, buckets, padding rows and compaction of the graph decoder (what a GPU
+    captures) give the eager engine's tokens and log-probs; llama.static_step reads the whole buffer
+    under a mask (the sliding window included)."""
+    model = _dense(**kw)
+    prompts = _prompts([5, 9, 3, 7])
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=5, stop_token_ids=(3, 4, 5, 6))
+    eager = Engine(model).generate(prompts, params, num_samples=3)
+    eng, dec = graph_engine(model)
+    graphed = eng.generate(prompts, params, num_samples=3)
+    _same(eager, graphed)
+    assert dec.failed is None and dec.stats["captures"] >= 2 and dec.stats["replays"] > 0
+    lengths = sorted(len(c.token_ids) for row in graphed for c in row)
+    assert lengths[0] < lengths[-1], lengths
+
+
+def test_dense_compiled_static_step_with_sampling_equals_eager():
+    """Engine(compile=True) on a CPU for a dense model: the compiled static-shape step with the sampling
+    inside, one graph per bucket, checked against the eager step; same samples as the eager engine."""
+    model = _dense()
+    prompts = _prompts([4, 6])
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    eager = Engine(model).generate(prompts, params, num_samples=2)
+    eng = Engine(model, compile=True)
+    _same(eager, eng.generate(prompts, params, num_samples=2))
+    assert isinstance(eng.decoder, GraphDecoder) and eng.decoder.failed is None

@@ -19,7 +19,7 @@ A decoder (one per mode) owns the cache of the wave in flight:
     d.failed -> str | None; d.fallback() -> Decoder        after a failed capture or check: the engine
                                                            swaps in the fallback, with a warning
 Modes: EagerDecoder (any cached model; optionally a compiled dynamic-shape step) and
-graphs.GraphDecoder (our DeepSeek-V3: CUDA graphs on a GPU, the static-shape compiled step on CPU).
+graphs.GraphDecoder (our own models: CUDA graphs on a GPU, the static-shape compiled step on CPU).
 """
 from __future__ import annotations
 
@@ -37,18 +37,20 @@ def compile_static_shapes(fn):
     return torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
 
 
-def compiled_step(kind: str):
-    """The DeepSeek-V3 one-token step compiled once per process (dynamo guards specialise it per model):
-    "dynamic" (one graph for every batch and cache length), "static" (one per shape, graphs.py on CPU),
-    "static_sampled" (the static step followed by the sampling, one graph)."""
-    if kind not in _compiled:
-        from sputnik.inference.deepseek import static_step
-        from sputnik.inference.graphs import step_and_sample
+def compiled_step(kind: str, arch: str = "deepseek_v3"):
+    """The one-token step of an architecture ("deepseek_v3" or "llama", a cached model's name) compiled
+    once per process (dynamo guards specialise it per model): "dynamic" (one graph for every batch
+    and cache length), "static" (one per shape, graphs.py on CPU), "static_sampled" (the static step
+    followed by the sampling, one graph)."""
+    if (kind, arch) not in _compiled:
+        from sputnik.inference import deepseek, graphs, llama
 
-        fn = {"dynamic": static_step, "static": static_step, "static_sampled": step_and_sample}[kind]
-        _compiled[kind] = (torch.compile(fn, dynamic=True, fullgraph=True) if kind == "dynamic"
-                           else compile_static_shapes(fn))
-    return _compiled[kind]
+        step, sampled = {"deepseek_v3": (deepseek.static_step, graphs.step_and_sample),
+                         "llama": (llama.static_step, graphs.llama_step_and_sample)}[arch]
+        fn = {"dynamic": step, "static": step, "static_sampled": sampled}[kind]
+        _compiled[(kind, arch)] = (torch.compile(fn, dynamic=True, fullgraph=True) if kind == "dynamic"
+                                   else compile_static_shapes(fn))
+    return _compiled[(kind, arch)]
 
 
 def cached_model(model):
@@ -117,19 +119,21 @@ def prefill(cm, ids_PT: torch.Tensor, lens_P: torch.Tensor, rows_B: torch.Tensor
 
 def choose_decoder(model, *, dtype: torch.dtype, device: torch.device, compile: bool = False,
                    cuda_graphs: bool = True):
-    """The decoder for `model` on `device`. Our DeepSeek-V3 replays CUDA graphs on a GPU (cuda_graphs)
-    and, with compile on a CPU, runs the static-shape compiled step with the sampling inside; compile
-    elsewhere compiles one dynamic-shape step. Everything else decodes eagerly. compile costs 10-60 s
-    on 2 CPU cores per batch bucket, so it pays only over many generate() calls (bench_generate.py)."""
+    """The decoder for `model` on `device`. Our own models (DeepSeek-V3 and the dense families) replay
+    CUDA graphs on a GPU (cuda_graphs) and, with compile on a CPU, run the static-shape compiled step
+    with the sampling inside; compile elsewhere compiles one dynamic-shape step. transformers models
+    decode eagerly. compile costs 10-60 s on 2 CPU cores per batch bucket, so it pays only over many
+    generate() calls (bench_generate.py)."""
     from sputnik.inference.deepseek import DeepSeekCachedModel
     from sputnik.inference.graphs import GraphDecoder
+    from sputnik.inference.llama import LlamaCachedModel
 
     cm = cached_model(model)
-    if isinstance(cm, DeepSeekCachedModel):
+    if isinstance(cm, (DeepSeekCachedModel, LlamaCachedModel)):
         if device.type == "cuda" and cuda_graphs:
             return GraphDecoder(cm, dtype, compiled=compile, capture=True)
         if compile and device.type == "cpu":
             return GraphDecoder(cm, dtype, compiled=True, capture=False)
         if compile:
-            return EagerDecoder(cm, dtype, device, step_fn=compiled_step("dynamic"), name="compiled")
+            return EagerDecoder(cm, dtype, device, step_fn=compiled_step("dynamic", cm.name), name="compiled")
     return EagerDecoder(cm, dtype, device)

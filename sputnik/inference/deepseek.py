@@ -60,6 +60,7 @@ class DeepSeekCachedModel:
     """The cached-model contract over a `Transformer` (module docstring)."""
 
     name = "deepseek_v3"
+    static_step = staticmethod(static_step)  # the capturable step (graphs.GraphDecoder)
 
     def __init__(self, model: Transformer):
         self.model = model

@@ -1,10 +1,11 @@
-"""Decoding our DeepSeek-V3 from one compiled or captured graph per batch bucket: CUDA graphs on a GPU,
-the static-shape compiled step on a CPU.
+"""Decoding our own models (DeepSeek-V3, the dense families) from one compiled or captured graph per batch
+bucket: CUDA graphs on a GPU, the static-shape compiled step on a CPU.
 
 A decode step of a small model on a GPU launches a few hundred short kernels; at batch 1 the host
 spends longer launching them than the GPU spends running them. Captured once into a CUDA graph, the
 whole step is one launch. Capture needs fixed addresses and shapes, so the decoder owns:
-  - a static MLA cache [rows, max_len] that waves are copied into (after the prefill and the fork),
+  - a static cache [rows, max_len] (MLA latents or GQA keys/values: the cache's zeros_like,
+    write_front, keep_front, first_rows) that waves are copied into (after the prefill and the fork),
     compacted in place as rows finish;
   - static inputs (token and cached length per row) and, per bucket b, the logits [b, V] the graph
     writes. A live batch of B rows replays the smallest captured bucket b >= B; rows B..b-1 are
@@ -14,8 +15,9 @@ whole step is one launch. Capture needs fixed addresses and shapes, so the decod
     update between rollouts is seen by the graphs. A parameter or derived tensor that moved (`.to()`,
     `load_state_dict` with a new layout) drops every graph and they are captured again.
 
-The step is deepseek.static_step (whole-buffer attention under a −inf bias, MoE through the grouped
-GEMM with offsets on the device): no host sync, so it can be captured. The first replay of each new
+The step is the cached model's static_step (deepseek.static_step: whole-buffer attention under a −inf
+bias, MoE through the grouped GEMM with offsets on the device; llama.static_step: whole-buffer SDPA
+under a mask): no host sync, so it can be captured. The first replay of each new
 graph is checked against the eager step on the same inputs; a mismatch or any capture error sets
 `failed`, and the engine swaps in an eager decoder on this one's cache (a logged, bounded fallback:
 eager decoding is correct, only slower).
@@ -34,8 +36,8 @@ import math
 import torch
 
 from sputnik.inference.decoders import EagerDecoder, compiled_step, prefill
-from sputnik.inference.deepseek import DeepSeekCachedModel, static_step
-from sputnik.inference.mla_decode import MLACache
+from sputnik.inference.deepseek import static_step
+from sputnik.inference.llama import static_step as llama_static_step
 from sputnik.inference.sampling import mask_vocab, sample_plain
 from sputnik.inference.weights import tensors
 
@@ -57,16 +59,25 @@ def bucket_for(rows: int) -> int:
 
 def step_and_sample(model, tok_B, cache, cache_seqlens_B, weights, u_B1, temperature: float,
                     vocab_limit: int | None):
-    """static_step, then sampling.sample_plain on its logits (sampling.mask_vocab first, as the engine's
-    eager path) -> (logits_BV, tokens_B, logprobs_B); one function, so one compiled graph."""
+    """deepseek.static_step, then sampling.sample_plain on its logits (sampling.mask_vocab first, as the
+    engine's eager path) -> (logits_BV, tokens_B, logprobs_B); one function, so one compiled graph."""
     logits_BV = static_step(model, tok_B, cache, cache_seqlens_B, weights)
     tokens_B, logprobs_B = sample_plain(mask_vocab(logits_BV, vocab_limit), u_B1, temperature)
     return logits_BV, tokens_B, logprobs_B
 
 
+def llama_step_and_sample(model, tok_B, cache, cache_seqlens_B, weights, u_B1, temperature: float,
+                          vocab_limit: int | None):
+    """step_and_sample for the dense families (llama.static_step)."""
+    logits_BV = llama_static_step(model, tok_B, cache, cache_seqlens_B, weights)
+    tokens_B, logprobs_B = sample_plain(mask_vocab(logits_BV, vocab_limit), u_B1, temperature)
+    return logits_BV, tokens_B, logprobs_B
+
+
 class GraphDecoder:
-    def __init__(self, cm: DeepSeekCachedModel, dtype: torch.dtype, compiled: bool = False, capture: bool | None = None):
-        """compiled: capture (or, without capture, run) the torch.compile'd step. capture: None = on CUDA."""
+    def __init__(self, cm, dtype: torch.dtype, compiled: bool = False, capture: bool | None = None):
+        """cm: one of our cached models (deepseek.DeepSeekCachedModel, llama.LlamaCachedModel). compiled:
+        capture (or, without capture, run) the torch.compile'd step. capture: None = on CUDA."""
         self.cm, self.model, self.dtype = cm, cm.model, dtype
         dev = self.model.lm_head.weight.device
         self.device = dev
@@ -74,13 +85,14 @@ class GraphDecoder:
         if self.capture and dev.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         # What is captured (or called), and what each new graph is checked against.
-        self.fn = (compiled_step("static" if not self.capture else "dynamic") if compiled else static_step)
+        self.eager_fn, arch = type(cm).static_step, cm.name
+        self.fn = compiled_step("static" if not self.capture else "dynamic", arch) if compiled else self.eager_fn
         self.len_align = LEN_ALIGN if self.capture else LEN_ALIGN_NO_CAPTURE
         # Sampling inside the step: compiled steps without capture (CPU). Buckets checked so far.
-        self.sampled_fn = compiled_step("static_sampled") if compiled and not self.capture else None
+        self.sampled_fn = compiled_step("static_sampled", arch) if compiled and not self.capture else None
         self.name = ("CUDA graphs" if self.capture else "compiled static-shape step") + f" ({cm.name})"
         self.failed: str | None = None
-        self.cache: MLACache | None = None
+        self.cache = None
         self.rows = 0  # live rows at the front of the static cache
         self.graphs: dict[int, object] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -96,32 +108,27 @@ class GraphDecoder:
         self.adopt(cache)
         return logits_BV
 
-    def adopt(self, cache: MLACache) -> None:
+    def adopt(self, cache) -> None:
         """Copy a wave's cache (after prefill and fork) into the static cache's first rows."""
-        B, L = cache.kv_BSX[0].shape[:2]
-        buf = self.cache.kv_BSX[0] if self.cache is not None else None
+        B, L = cache.rows_and_length
+        have_rows, have_len = self.cache.rows_and_length if self.cache is not None else (0, 0)
         max_pos = self.model.config.max_position_embeddings
         length = max(L, min(int(math.ceil(L / self.len_align) * self.len_align), max_pos))  # aligned, within the RoPE tables
-        if (buf is None or len(self.cache.kv_BSX) != len(cache.kv_BSX) or buf.shape[0] < bucket_for(B)
-                or buf.shape[1] < L or buf.dtype != cache.kv_BSX[0].dtype or buf.device != cache.kv_BSX[0].device):
-            rows = max(bucket_for(B), buf.shape[0] if buf is not None else 0)
-            length = max(length, buf.shape[1] if buf is not None else 0)
+        if self.cache is None or not self.cache.compatible(cache) or have_rows < bucket_for(B) or have_len < L:
+            rows = max(bucket_for(B), have_rows)
+            length = max(length, have_len)
             self.graphs, self.logits, self.pool, self.sampled_checked = {}, {}, None, set()
-            src = cache.kv_BSX[0]
-            self.cache = MLACache(len(cache.kv_BSX), rows, length, cache.kv_lora_rank,
-                                  src.shape[-1] - cache.kv_lora_rank, src.dtype, src.device)
-            self.tok = torch.zeros(rows, dtype=torch.long, device=src.device)
-            self.seqlens = torch.zeros(rows, dtype=torch.long, device=src.device)
-        for dst, src in zip(self.cache.kv_BSX, cache.kv_BSX):
-            dst[:B, :L].copy_(src)
+            self.cache = cache.zeros_like(rows, length)
+            self.tok = torch.zeros(rows, dtype=torch.long, device=self.device)
+            self.seqlens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.cache.write_front(cache)
         self.rows = B
         # Weights cannot change inside a wave (generation runs under no_grad): check them once per wave.
         self._current_weights()
 
     def keep(self, rows_R: torch.Tensor) -> None:
         """Rows rows_R (indices into the live rows) move to the front, in order."""
-        for buf in self.cache.kv_BSX:
-            buf[: rows_R.shape[0]] = buf.index_select(0, rows_R)
+        self.cache.keep_front(rows_R)
         self.rows = rows_R.shape[0]
 
     # --- one step --------------------------------------------------------------------------
@@ -183,8 +190,8 @@ class GraphDecoder:
         if B != self.rows:
             raise ValueError(f"GraphDecoder: {B} tokens for {self.rows} live rows")
         b = bucket_for(B)
-        if b > self.cache.kv_BSX[0].shape[0]:
-            raise ValueError(f"GraphDecoder: bucket {b} > static rows {self.cache.kv_BSX[0].shape[0]}")
+        if b > self.cache.rows_and_length[0]:
+            raise ValueError(f"GraphDecoder: bucket {b} > static rows {self.cache.rows_and_length[0]}")
         self.tok[:B].copy_(tok_B)
         self.tok[B:b].zero_()
         self.seqlens[:B].copy_(seqlens_B)
@@ -193,7 +200,7 @@ class GraphDecoder:
 
     def _eager(self, b: int) -> torch.Tensor:
         """The eager step on the staged inputs of bucket b (it writes the same cache positions)."""
-        return static_step(self.model, self.tok[:b], self.cache.first_rows(b), self.seqlens[:b], self._weights)
+        return self.eager_fn(self.model, self.tok[:b], self.cache.first_rows(b), self.seqlens[:b], self._weights)
 
     def _check(self, got_bV: torch.Tensor, b: int, what: str) -> torch.Tensor:
         """The eager step on the same inputs (run last, so the cache ends up holding its writes either

@@ -30,6 +30,35 @@ class KVCache:
     def max_len(self) -> int:
         return self.k_LBKSC.shape[3]
 
+    # --- what a static cache needs (graphs.GraphDecoder): shape, a zeroed twin, in-place row moves
+    @property
+    def rows_and_length(self) -> tuple[int, int]:
+        return self.k_LBKSC.shape[1], self.k_LBKSC.shape[3]
+
+    def compatible(self, other: "KVCache") -> bool:
+        a, b = self.k_LBKSC, other.k_LBKSC
+        return a.shape[0] == b.shape[0] and a.shape[2] == b.shape[2] and a.shape[4] == b.shape[4] and \
+            a.dtype == b.dtype and a.device == b.device
+
+    def zeros_like(self, rows: int, length: int) -> "KVCache":
+        L, _, K, _, C = self.k_LBKSC.shape
+        z = lambda: torch.zeros(L, rows, K, length, C, dtype=self.k_LBKSC.dtype, device=self.k_LBKSC.device)  # noqa: E731
+        return KVCache(z(), z())
+
+    def write_front(self, other: "KVCache") -> None:
+        B, S = other.rows_and_length
+        self.k_LBKSC[:, :B, :, :S].copy_(other.k_LBKSC)
+        self.v_LBKSC[:, :B, :, :S].copy_(other.v_LBKSC)
+
+    def keep_front(self, rows_R: torch.Tensor) -> None:
+        R = rows_R.shape[0]
+        self.k_LBKSC[:, :R] = self.k_LBKSC.index_select(1, rows_R)
+        self.v_LBKSC[:, :R] = self.v_LBKSC.index_select(1, rows_R)
+
+    def first_rows(self, rows: int, copy: bool = False) -> "KVCache":
+        k, v = self.k_LBKSC[:, :rows], self.v_LBKSC[:, :rows]
+        return KVCache(k.clone(), v.clone()) if copy else KVCache(k, v)
+
     @staticmethod
     def concat(caches: list["KVCache"]) -> "KVCache":
         """Stack the rows of several caches (same layers, heads and max_len) into one: the server's
@@ -39,10 +68,39 @@ class KVCache:
         return KVCache(torch.cat([c.k_LBKSC for c in caches], dim=1), torch.cat([c.v_LBKSC for c in caches], dim=1))
 
 
+def static_step(model: LlamaModel, tok_B: torch.Tensor, cache: KVCache, cache_seqlens_B: torch.Tensor,
+                weights=None) -> torch.Tensor:
+    """logits_BV of one new token per row at position cache_seqlens_B[b], attending over the whole
+    buffer under a mask (slots past the row's position hidden): shapes depend only on (B, cache length)
+    and nothing syncs with the host, so the step can be compiled for static shapes or captured into a
+    CUDA graph (graphs.GraphDecoder). The same math as forward_cached, which reads only the written
+    prefix. Padding rows (length 0) write only their own slot 0."""
+    B, S = tok_B.shape[0], cache.max_len
+    dev = tok_B.device
+    pos_B1 = cache_seqlens_B.to(dev, torch.long)[:, None]
+    slot_S = torch.arange(S, device=dev)
+    visible_BS = slot_S <= pos_B1
+    if window := model.config.sliding_window:
+        visible_BS = visible_BS & (slot_S > pos_B1 - window)
+    mask_B11S = visible_BS[:, None, None]
+    rows_B = torch.arange(B, device=dev)
+
+    def attend(attn, q_BH1C, k_BK1C, v_BK1C):
+        k_BKSC, v_BKSC = cache.k_LBKSC[attn.layer_idx], cache.v_LBKSC[attn.layer_idx]
+        k_BKSC[rows_B, :, pos_B1[:, 0]] = k_BK1C[:, :, 0].to(k_BKSC.dtype)
+        v_BKSC[rows_B, :, pos_B1[:, 0]] = v_BK1C[:, :, 0].to(v_BKSC.dtype)
+        return F.scaled_dot_product_attention(q_BH1C, k_BKSC.to(q_BH1C.dtype), v_BKSC.to(q_BH1C.dtype),
+                                              attn_mask=mask_B11S, enable_gqa=attn.gqa)
+
+    h_B1D = model.hidden_states(tok_B[:, None], positions=pos_B1, attend=attend).hidden
+    return model.lm_head(h_B1D[:, 0])
+
+
 class LlamaCachedModel:
     """The cached-model contract over the dense `LlamaModel` (every family): its own forward, a KV cache, no derived weights."""
 
     name = "llama"
+    static_step = staticmethod(static_step)  # the capturable step (graphs.GraphDecoder)
 
     def __init__(self, model: LlamaModel):
         self.model = model
@@ -94,4 +152,11 @@ class LlamaCachedModel:
 
     def step(self, tok_B: torch.Tensor, cache: KVCache, cache_seqlens_B: torch.Tensor, weights=None,
              step_fn=None) -> torch.Tensor:
+        """Eagerly, forward_cached over the written prefix; `step_fn`, a compiled static_step, reads the
+        whole buffer."""
+        if step_fn is not None:
+            if int(cache_seqlens_B.max()) >= cache.max_len:
+                raise ValueError(f"cache overflow: a row needs {int(cache_seqlens_B.max()) + 1} slots, "
+                                 f"cache holds {cache.max_len}")
+            return step_fn(self.model, tok_B, cache, cache_seqlens_B, weights)
         return self.forward_cached(tok_B[:, None], cache, cache_seqlens_B)[:, -1]

@@ -91,6 +91,33 @@ class MLACache:
         new.kv_BSX = [buf[:rows].clone() if copy else buf[:rows] for buf in self.kv_BSX]
         return new
 
+    # --- what a static cache needs (graphs.GraphDecoder): shape, a zeroed twin, in-place row moves
+    @property
+    def rows_and_length(self) -> tuple[int, int]:
+        return tuple(self.kv_BSX[0].shape[:2])
+
+    def compatible(self, other: "MLACache") -> bool:
+        """Whether `other`'s rows can be copied into this (larger) buffer."""
+        a, b = self.kv_BSX[0], other.kv_BSX[0]
+        return (len(self.kv_BSX) == len(other.kv_BSX) and a.shape[2] == b.shape[2] and a.dtype == b.dtype
+                and a.device == b.device)
+
+    def zeros_like(self, rows: int, length: int) -> "MLACache":
+        src = self.kv_BSX[0]
+        return MLACache(len(self.kv_BSX), rows, length, self.kv_lora_rank, src.shape[-1] - self.kv_lora_rank,
+                        src.dtype, src.device)
+
+    def write_front(self, other: "MLACache") -> None:
+        """Copy `other` (B rows, L positions) into this cache's first rows and positions."""
+        B, L = other.rows_and_length
+        for dst, src in zip(self.kv_BSX, other.kv_BSX):
+            dst[:B, :L].copy_(src)
+
+    def keep_front(self, rows_R: torch.Tensor) -> None:
+        """Rows rows_R move to the front, in order, in place."""
+        for buf in self.kv_BSX:
+            buf[: rows_R.shape[0]] = buf.index_select(0, rows_R)
+
     def c_kv(self, layer_idx: int) -> torch.Tensor:
         return self.kv_BSX[layer_idx][..., : self.kv_lora_rank]
 
