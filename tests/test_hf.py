@@ -173,3 +173,52 @@ def test_native_transformers_model_loads_into_ours(tmp_path):
     with torch.no_grad():
         theirs.config._attn_implementation = "eager"
         torch.testing.assert_close(ours(ids_BT).logits, theirs(ids_BT).logits, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-V2 / V2-Lite checkpoints: the same MLA + DeepSeekMoE with softmax routing
+@pytest.mark.parametrize("method, n_group, topk_group, q_lora", [("greedy", None, None, None),
+                                                                 ("group_limited_greedy", 4, 2, 24)],
+                         ids=["v2-lite-greedy", "v2-group-limited"])
+def test_deepseek_v2_checkpoint_matches_transformers(tmp_path, method, n_group, topk_group, q_lora):
+    """A DeepseekV2ForCausalLM directory loads as our Transformer (softmax router, no bias, the shared
+    experts, q_lora_rank None as in V2-Lite): logits equal, prefill and cached decode steps (the
+    few-token MoE path) equal, exported back as deepseek_v2 with the same logits."""
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    from sputnik.inference.decoders import cached_model
+    from sputnik.model.transformer import Transformer
+    from sputnik.train.loading import load_model
+
+    hc = DeepseekV2Config(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                          n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
+                          q_lora_rank=q_lora, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                          topk_method=method, n_group=n_group, topk_group=topk_group, routed_scaling_factor=1.5,
+                          max_position_embeddings=128, initializer_range=0.1)
+    hc._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(hc).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "v2")
+    ours = load_model(str(tmp_path / "v2")).eval()
+    assert isinstance(ours, Transformer) and ours.config.topk_method == method
+    assert not any("e_score_correction_bias" in k for k in ours.state_dict())
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert (ours(ids).logits - want).abs().max() <= 1e-4 and want.std() > 0.1
+        cm = cached_model(ours)
+        cache = cm.new_cache(2, 30)
+        assert (cm.forward_cached(ids[:, :12], cache, torch.zeros(2, dtype=torch.long)) - want[:, :12]).abs().max() <= 1e-4
+        for t in range(12, 20):
+            assert (cm.step(ids[:, t], cache, torch.full((2,), t)) - want[:, t]).abs().max() <= 1e-4
+    save_hf(ours, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "deepseek_v2"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (back(ids).logits - want).abs().max() <= 1e-4
+    ours.update_expert_bias({name: torch.ones(8) for name in ours.moe_layers()})  # no bias to move: a no-op

@@ -62,10 +62,15 @@ _V3_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_hea
             "topk_group", "first_k_dense_replace", "num_nextn_predict_layers", "tie_word_embeddings",
             "routed_scaling_factor", "norm_topk_prob", "rms_norm_eps", "max_position_embeddings")
 def from_hf_config(d: dict) -> ModelConfig:
-    """Map a transformers config.json (DeepSeek-V3, or a dense family: Llama, Mistral, Qwen2, Qwen3) to a
+    """Map a transformers config.json (DeepSeek-V3/V2, or a family of model/llama.py: Llama, Mistral, Qwen2,
+    Qwen3, Qwen3-MoE) to a
     ModelConfig: the same reader `--init` uses (model/hf_llama.config_from_hf), so biases, q/k norms and
     explicit head dims are counted."""
     mt = d.get("model_type") or ""
+    if mt == "deepseek_v2":  # the reader --init uses (softmax routing, no MTP)
+        from sputnik.model.hf import config_from_hf as deepseek_config
+
+        return deepseek_config(d)
     if mt == "deepseek_v3":
         vals = {k: d[k] for k in _V3_KEYS if d.get(k) is not None}
         vals["q_lora_rank"] = d.get("q_lora_rank") or 0  # null = plain q_proj
@@ -79,7 +84,7 @@ def from_hf_config(d: dict) -> ModelConfig:
         except NotOnFastPath as e:
             raise ValueError(f"model_type={mt!r}: {e} cannot be represented") from None
     raise ValueError(f"unknown architecture: model_type={mt!r}, architectures={d.get('architectures')!r}; "
-                     f"the planner maps deepseek_v3, {', '.join(FAMILIES)}")
+                     f"the planner maps deepseek_v3, deepseek_v2, {', '.join(FAMILIES)}")
 
 
 def load_model_config(spec: str) -> tuple[ModelConfig, str]:

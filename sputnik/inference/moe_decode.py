@@ -73,16 +73,9 @@ def moe_few_tokens(moe: MoE, x_ND: torch.Tensor, w: dict | None = None) -> torch
         logits_NE = F.linear(x_ND.float(), gate.weight.float())
         y_ND = (mlp_rows(shared, x_ND).to(acc_dtype) if shared is not None
                 else torch.zeros(x_ND.shape, dtype=acc_dtype, device=x_ND.device))
-    # --- Router.forward's rule: select by s + b (group-limited), gate by the unbiased s
-    scores_NE = logits_NE.sigmoid()
-    choice_NE = scores_NE + gate.e_score_correction_bias
-    if gate.n_group > 1:
-        choice_NE = gate._limit_groups(choice_NE)
-    topk_idx_NK = torch.topk(choice_NE, k=gate.top_k, dim=-1, sorted=False).indices
-    weight_NK = scores_NE.gather(1, topk_idx_NK)
-    if gate.norm_topk_prob:
-        weight_NK = weight_NK / (weight_NK.sum(-1, keepdim=True) + 1e-20)
-    weight_NK = (weight_NK * gate.routed_scaling_factor).to(x_ND.dtype)
+    # --- Router.forward's rule (V3's biased sigmoid selection or V2's softmax), on these logits
+    topk_idx_NK, weight_NK, _ = gate.route(logits_NE.float())
+    weight_NK = weight_NK.to(x_ND.dtype)
     compiling, kernel = torch.compiler.is_compiling(), "gate_up_packed" in w
     gather_max = GATHER_MAX_TOKENS_KERNEL if kernel else GATHER_MAX_TOKENS
     if compiling and x_ND.device.type == "cpu" and x_ND.shape[0] <= gather_max:

@@ -52,6 +52,9 @@ class ModelConfig:
     topk_group: int = knob(1, "groups kept per token", min=1)
     routed_scaling_factor: float = knob(1.0, "multiplier on the normalised routed gates (2.5 in V3)", min=0.0)
     norm_topk_prob: bool = knob(True, "normalise gates over the selected experts")
+    topk_method: Literal["noaux_tc", "greedy", "group_limited_greedy"] = knob(
+        "noaux_tc", "routing: noaux_tc (V3: sigmoid scores, bias-steered selection, top-2 group scores), "
+                    "greedy / group_limited_greedy (V2: softmax scores, groups scored by their best expert)")
     first_k_dense_replace: int = knob(1, "the first k layers use a dense SwiGLU instead of MoE", min=0)
     bias_update_speed: float = knob(0.001, "gamma of auxiliary-loss-free balancing (0 = frozen bias)", min=0.0)
     seq_aux_loss_alpha: float = knob(0.0001, "alpha of the complementary sequence-wise balance loss (0 = off)", min=0.0)
@@ -85,12 +88,15 @@ class ModelConfig:
             return
         if self.rope_type not in ("default", "yarn"):
             raise ValueError(f"rope_type={self.rope_type!r}: deepseek_v3 supports default and yarn")
+        if (self.topk_method == "group_limited_greedy") != (self.n_group > 1) and self.topk_method != "noaux_tc":
+            raise ValueError(f"topk_method={self.topk_method!r} with n_group={self.n_group}: group_limited_greedy "
+                             "needs n_group > 1, greedy needs n_group = 1")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
         if self.n_routed_experts % self.n_group:
             raise ValueError(f"n_routed_experts={self.n_routed_experts} must be divisible by n_group={self.n_group}")
         per_group = self.n_routed_experts // self.n_group
-        if self.n_group > 1 and per_group < 2:
+        if self.n_group > 1 and per_group < 2 and self.topk_method == "noaux_tc":
             raise ValueError(f"n_group={self.n_group}: group-limited routing needs >= 2 experts per group "
                              f"(scores a group by its top-2), got {per_group}")
         if self.topk_group > self.n_group:

@@ -1,4 +1,6 @@
-"""DeepSeek-V3 checkpoints in the Hugging Face layout: export (`save_hf`) and import (`load_hf`).
+"""DeepSeek-V3 (and DeepSeek-V2 / V2-Lite) checkpoints in the Hugging Face layout: export (`save_hf`) and
+import (`load_hf`). V2 is the same MLA + DeepSeekMoE model with softmax routing (ModelConfig.topk_method
+"greedy" / "group_limited_greedy", no router bias, no MTP) and its own model_type.
 
 Output loads with `DeepseekV3ForCausalLM.from_pretrained(dir)` (transformers 4.x and 5.x), vLLM and
 SGLang; input is our own export or any HF DeepSeek-V3 checkpoint (per-expert keys as on the hub, or
@@ -40,8 +42,9 @@ _SPUTNIK_ONLY = ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight", "
 # ---------------------------------------------------------------------------------------------
 # config.json
 def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, tokenizer_ids: dict | None = None) -> dict:
-    """config.json for DeepseekV3ForCausalLM: every field explicit (small configs differ from the
-    defaults in almost all), legacy rope_theta/rope_scaling for 4.x plus rope_parameters for 5.x."""
+    """config.json for DeepseekV3ForCausalLM (DeepseekV2ForCausalLM for V2 routing): every field explicit
+    (small configs differ from the defaults in almost all), legacy rope_theta/rope_scaling for 4.x plus
+    rope_parameters for 5.x."""
     if cfg.rope_type == "yarn":
         yarn = dict(factor=cfg.rope_factor, original_max_position_embeddings=cfg.original_max_position_embeddings,
                     beta_fast=cfg.beta_fast, beta_slow=cfg.beta_slow, mscale=cfg.mscale,
@@ -71,14 +74,17 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, tokenizer_id
         dtype=dtype_name, torch_dtype=dtype_name,
         sputnik={k: getattr(cfg, k) for k in _SPUTNIK_ONLY},
     )
+    if cfg.topk_method != "noaux_tc":  # DeepSeek-V2: softmax routing, its own class
+        out.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", topk_method=cfg.topk_method)
+        del out["scoring_func"]
     out.update(tokenizer_ids or {})
     return out
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    """ModelConfig from a DeepSeek-V3 config.json (4.x legacy rope fields or 5.x rope_parameters)."""
-    if d.get("model_type") != "deepseek_v3":
-        raise ValueError(f"model_type={d.get('model_type')!r}: load_hf reads deepseek_v3 checkpoints only")
+    """ModelConfig from a DeepSeek-V3 or -V2 config.json (4.x legacy rope fields or 5.x rope_parameters)."""
+    if d.get("model_type") not in ("deepseek_v3", "deepseek_v2"):
+        raise ValueError(f"model_type={d.get('model_type')!r}: load_hf reads deepseek_v3 and deepseek_v2 checkpoints")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("rope_interleave", True)):
         if d.get(key, ok) != ok:
             raise ValueError(f"{key}={d[key]!r} is not supported (this model implements {key}={ok!r})")
@@ -108,7 +114,8 @@ def config_from_hf(d: dict) -> ModelConfig:
             "norm_topk_prob", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings")
     f.update({k: d[k] for k in copy if d.get(k) is not None})
     f.update(q_lora_rank=d.get("q_lora_rank") or 0, n_group=d.get("n_group") or 1, topk_group=d.get("topk_group") or 1,
-             num_nextn_predict_layers=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)),
+             num_nextn_predict_layers=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0,
+             topk_method=("noaux_tc" if d["model_type"] == "deepseek_v3" else d.get("topk_method") or "greedy"),
              bos_token_id=d.get("bos_token_id") or 0, eos_token_id=(eos[0] if isinstance(eos, list) else eos) or 0,
              pad_token_id=d.get("pad_token_id") or 0)  # pad None (HF default): ours is export-only anyway
     f.update({k: v for k, v in (d.get("sputnik") or {}).items() if k in _SPUTNIK_ONLY})

@@ -57,23 +57,31 @@ def seq_balance_loss(scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha
 # ---------------------------------------------------------------------------------------------
 # Router
 class Router(nn.Module):
-    """s = sigmoid(x Wᵀ) in fp32; select K experts by s + b under group limits; gate from unbiased s:
+    """V3 (topk_method "noaux_tc"): s = sigmoid(x Wᵀ) in fp32; select K experts by s + b under group
+    limits; gate from unbiased s:
         z = s + b;  group score_g = sum of the top-2 z in group g;  keep the topk_group best groups,
         z = −inf elsewhere;  idx = topk(z, K);  w = s[idx] / (Σ s[idx] + 1e-20) · routed_scaling_factor.
-    The bias b (`e_score_correction_bias`) only steers selection, never the gate values (V3 eq. 16)."""
+    The bias b (`e_score_correction_bias`) only steers selection, never the gate values (V3 eq. 16).
+    V2 ("greedy", "group_limited_greedy"; DeepSeek-V2 / V2-Lite checkpoints): s = softmax(x Wᵀ) in fp32,
+    group score_g = max s in group g, s = 0 outside the topk_group best groups, idx = topk(s, K),
+    w = s[idx] · routed_scaling_factor (not renormalised, as transformers' DeepseekV2TopkRouter); no bias."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.n_group, self.topk_group = config.n_group, config.topk_group
         self.norm_topk_prob, self.routed_scaling_factor = config.norm_topk_prob, config.routed_scaling_factor
+        self.softmax = config.topk_method != "noaux_tc"
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         nn.init.normal_(self.weight, std=config.initializer_range)
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts), persistent=True)
+        if not self.softmax:
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts), persistent=True)
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) would round the bias to 8 mantissa bits, which swallows γ = 0.001 steps once
         # |b| > 0.25; HF pins it with _keep_in_fp32_modules_strict, we pin it here (device still follows fn).
+        if self.softmax:
+            return super()._apply(fn, recurse)
         bias_E = self.e_score_correction_bias
         super()._apply(fn, recurse)
         moved_E = self.e_score_correction_bias
@@ -83,9 +91,25 @@ class Router(nn.Module):
         return self
 
     def forward(self, x_ND: torch.Tensor):
-        """Returns topk_idx_NK (int64), topk_weight_NK (fp32, differentiable) and scores_NE (fp32 sigmoid
-        scores, differentiable; the balance loss needs them)."""
-        scores_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        """Returns topk_idx_NK (int64), topk_weight_NK (fp32, differentiable) and scores_NE (fp32 sigmoid or
+        softmax scores, differentiable; the balance loss needs them)."""
+        return self.route(F.linear(x_ND.float(), self.weight.float()))
+
+    def route(self, logits_NE: torch.Tensor):
+        """The rule of the class docstring from the router logits (fp32) -> (topk_idx_NK, topk_weight_NK,
+        scores_NE); the decode path (moe_decode.moe_few_tokens) computes the logits its own way."""
+        if self.softmax:
+            scores_NE = logits_NE.softmax(dim=-1)
+            choice_NE = scores_NE.detach()
+            if self.n_group > 1:
+                N, G = choice_NE.shape[0], self.n_group
+                group_NG = choice_NE.view(N, G, -1).max(dim=-1).values
+                keep_idx = group_NG.topk(self.topk_group, dim=-1, sorted=False).indices
+                keep_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(1, keep_idx, True)
+                choice_NE = choice_NE.view(N, G, -1).masked_fill(~keep_NG.unsqueeze(-1), 0.0).view(N, -1)
+            topk_idx_NK = torch.topk(choice_NE, k=self.top_k, dim=-1, sorted=False).indices
+            return topk_idx_NK, scores_NE.gather(1, topk_idx_NK) * self.routed_scaling_factor, scores_NE
+        scores_NE = logits_NE.sigmoid()
         # Selection is a discrete choice: detach so no graph is kept for it.
         choice_NE = scores_NE.detach() + self.e_score_correction_bias
         if self.n_group > 1:  # with one group the limit is a no-op; skip its three extra kernels
@@ -337,5 +361,7 @@ class MoE(nn.Module):
     def update_bias(self, load_E: torch.Tensor, gamma: float) -> None:
         """b ← b + γ·sign(mean(c) − c), c = load_E: the tokens each expert received over a whole
         optimizer step (its micro-batches and ranks, summed by the trainer). Not a gradient."""
+        if self.gate.softmax:  # V2 routing has no selection bias: nothing to move
+            return
         bias_E = self.gate.e_score_correction_bias
         bias_E += expert_bias_delta(load_E.to(device=bias_E.device, dtype=torch.float32), gamma)

@@ -42,8 +42,8 @@ class ExpertLoad:
         layers = model.moe_layers() if hasattr(model, "moe_layers") else {}
         if not stepped or not layers:
             return
-        flat = torch.stack([load[n].to(m.gate.e_score_correction_bias.device) if n in load
-                            else torch.zeros(m.num_experts, device=m.gate.e_score_correction_bias.device)
+        flat = torch.stack([load[n].to(m.gate.weight.device) if n in load
+                            else torch.zeros(m.num_experts, device=m.gate.weight.device)
                             for n, m in layers.items()])
         dist_lib.all_reduce_tensor(flat, info)
         model.update_expert_bias(dict(zip(layers, flat.unbind(0))))

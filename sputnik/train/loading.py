@@ -51,7 +51,7 @@ def _load_model_dir(path: Path, impl: str) -> nn.Module:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except json.JSONDecodeError as e:
         raise ValueError(f"init={path}: config.json is not valid JSON: {e}") from None
-    if impl == "auto" and model_type == "deepseek_v3":
+    if impl == "auto" and model_type in ("deepseek_v3", "deepseek_v2"):
         from sputnik.model.hf import load_hf
 
         return load_hf(path)
