@@ -1,7 +1,8 @@
-"""The dense Llama family: RMSNorm, RoPE (rotate_half), grouped-query attention, SwiGLU, with the
-switches that make it Llama 1/2/3.x (llama3 RoPE scaling), Mistral (sliding window), Qwen2/2.5 (q/k/v
-biases), Qwen3 (q/k RMSNorm, explicit head dim) or SmolLM2 (a Llama layout): one model, not one copy
-per family (ModelConfig.family and its checks).
+"""The Llama family: RMSNorm, RoPE (rotate_half), grouped-query attention, SwiGLU, with the switches
+that make it Llama 1/2/3.x (llama3 RoPE scaling), Mistral (sliding window), Qwen2/2.5 (q/k/v biases),
+Qwen3 (q/k RMSNorm, explicit head dim), Qwen3-MoE (Qwen3 with softmax-routed experts in its sparse
+layers) or SmolLM2 (a Llama layout): one model, not one copy per family (ModelConfig.family and its
+checks).
 
 Two roles: the users' own checkpoints on Sputnik's fast path (hf_llama.py reads and writes their
 directories), and the dense control arm for the DeepSeek-V3 `Transformer`. Same interface as it
