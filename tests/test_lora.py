@@ -21,7 +21,7 @@ from sputnik.inference.engine import Engine
 from sputnik.inference.sampling import SamplingParams
 from sputnik.model.hf_llama import load_hf_llama
 from sputnik.train import checkpoint as ck
-from sputnik.train.lora import (LoRALinear, apply_lora, load_peft_adapter, lora_modules, merged_copy,
+from sputnik.train.lora import (apply_lora, load_peft_adapter, lora_modules, merged_copy,
                                 save_peft_adapter)
 
 ROOT = Path(__file__).resolve().parent.parent

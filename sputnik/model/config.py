@@ -82,7 +82,6 @@ class ModelConfig:
     pad_token_id: int = knob(0, "padding id (export only)", min=0)
 
     def __post_init__(self):
-        h = self.num_attention_heads
         if self.architecture == "llama":
             self._check_dense()
             return
