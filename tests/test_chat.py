@@ -65,3 +65,39 @@ def test_command_in_a_subprocess(model_dir):
                          input="hi\n", capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == completion_of("hi") + "\n"
+
+
+def test_speculative_chat_with_a_draft_gives_the_same_replies(model_dir, tmp_path, monkeypatch):
+    """--draft: replies through draft-model speculative decoding, streamed; greedy, exactly the plain
+    replies (here the draft is a perturbed copy of the model: it agrees often, not always)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    draft_dir = tmp_path / "draft"
+    shutil.copytree(model_dir, draft_dir)
+    state = load_file(str(draft_dir / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(draft_dir / "model.safetensors"), metadata={"format": "pt"})
+    from sputnik.inference import speculative
+
+    stats, real = [], speculative.draft_speculative_generate
+
+    def spy(*a, **kw):
+        completion, st = real(*a, **kw)
+        stats.append(st)
+        return completion, st
+
+    monkeypatch.setattr(speculative, "draft_speculative_generate", spy)
+    outs = []
+    for extra in ([], ["--draft", str(draft_dir), "--num_draft", "3"]):
+        out = RecordingOut()
+        monkeypatch.setattr(sys, "stdin", io.StringIO("what is 2+2?\nhi\n"))
+        monkeypatch.setattr(sys, "stdout", out)
+        assert main(["chat", "--model", str(model_dir), "--temperature", "0", "--num_threads", "1", *extra]) == 0
+        outs.append(out)
+    assert outs[1].getvalue() == outs[0].getvalue() == completion_of("what is 2+2?") + "\n" + completion_of("hi") + "\n"
+    assert len([w for w in outs[1].writes if w]) >= 4  # streamed in pieces, not one write per reply
+    assert len(stats) == 2 and 0 < sum(s.accepted for s in stats) < sum(s.drafted for s in stats)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from sputnik.config import DeviceConfig, add_config_args, config_from_args, knob
 from sputnik.inference.sampling import SamplingParams
-from sputnik.inference.scheduler import Delta, Scheduler
+from sputnik.inference.scheduler import Delta, Result, Scheduler
 from sputnik.inference.serve import ThinkSplitter, load_for_inference
 
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -33,6 +33,9 @@ class ChatConfig(DeviceConfig):
     top_k: int = knob(0, "sample among the k most likely tokens (0 = off)", min=0)
     max_tokens: int = knob(512, "longest reply in tokens", min=1)
     seed: int = knob(0, "seed of turn i is seed + i (replies are reproducible)", min=0)
+    draft: str = knob("", "a smaller model of the same tokenizer as a speculative-decoding draft ('' = none): "
+                          "the same replies (exactly, greedy), fewer target forwards when the draft agrees")
+    num_draft: int = knob(4, "with --draft: tokens the draft proposes a step", min=1)
 
     def __post_init__(self):
         if not self.model:
@@ -80,6 +83,13 @@ def run(cfg: ChatConfig, stdin=None, stdout=None, pretty: bool | None = None) ->
     model, tokenizer = load_for_inference(cfg, cfg.model, cfg.tokenizer)
     max_len = model.config.max_position_embeddings
     stop_ids = tuple(t for t in (*tokenizer.stop_ids, getattr(tokenizer, "user_id", None)) if t is not None)
+    draft = None
+    if cfg.draft:
+        draft, _ = load_for_inference(cfg, cfg.draft, cfg.tokenizer or cfg.model)
+        if draft.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"draft={cfg.draft}: vocabulary {draft.config.vocab_size} differs from the model's "
+                             f"{model.config.vocab_size}; a draft must share the model's tokenizer")
+        max_len -= cfg.num_draft + 2  # a verify step writes up to num_draft + 1 slots past the reply
     sched = Scheduler(model, tokenizer, max_batch=1, max_len=max_len, queue_size=1, compile=cfg.compile)
     if interactive:
         print(f"sputnik chat: {cfg.model} (type /exit to quit)", file=sys.stderr)
@@ -99,12 +109,16 @@ def run(cfg: ChatConfig, stdin=None, stdout=None, pretty: bool | None = None) ->
                 continue
             params = SamplingParams(max_new_tokens=min(cfg.max_tokens, room), temperature=cfg.temperature,
                                     top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=stop_ids, seed=cfg.seed + turn)
-            req = sched.submit(prompt, params, on_token=Printer(stdout, pretty))
-            try:
-                result = req.wait()
-            except KeyboardInterrupt:  # stop this reply, keep the conversation going
-                req.cancel()
-                result = req.done.wait(5) and req.result
+            if draft is not None:
+                result = _speculative_turn(model, draft, tokenizer, prompt, params, cfg.num_draft,
+                                           Printer(stdout, pretty))
+            else:
+                req = sched.submit(prompt, params, on_token=Printer(stdout, pretty))
+                try:
+                    result = req.wait()
+                except KeyboardInterrupt:  # stop this reply, keep the conversation going
+                    req.cancel()
+                    result = req.done.wait(5) and req.result
             stdout.write("\n")
             stdout.flush()
             if result and result.finish_reason in ("length", "cancelled"):
@@ -114,6 +128,30 @@ def run(cfg: ChatConfig, stdin=None, stdout=None, pretty: bool | None = None) ->
     finally:
         sched.close()
     return 0
+
+
+def _speculative_turn(model, draft, tokenizer, prompt, params, num_draft, printer) -> Result:
+    """One reply through draft-model speculative decoding, streamed as text deltas (the reply's text so
+    far, less what was printed; a trailing stop token is not text)."""
+    from sputnik.inference.speculative import draft_speculative_generate
+
+    shown = [""]
+    stops = set(params.stop_token_ids)
+
+    def text_of(ids):
+        return tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids)
+
+    def on_tokens(ids):
+        text = text_of(ids)
+        if text.endswith("\ufffd"):  # a character's bytes not all decoded yet: hold them back
+            return
+        printer(Delta(text[len(shown[0]):], []))
+        shown[0] = text
+
+    completion, _ = draft_speculative_generate(model, draft, prompt, params, num_draft, on_tokens)
+    text = text_of(completion.token_ids)
+    printer(Delta(text[len(shown[0]):], [], completion.finish_reason))
+    return Result(text, completion.token_ids, completion.finish_reason, len(prompt))
 
 
 def register(sub) -> None:

@@ -160,7 +160,7 @@ def _generate(model, prompt, params):
 # A separate draft model
 @torch.no_grad()
 def draft_speculative_generate(target, draft, prompt: list[int], params: SamplingParams,
-                               num_draft: int = 4) -> tuple[Completion, SpecStats]:
+                               num_draft: int = 4, on_tokens=None) -> tuple[Completion, SpecStats]:
     """Batch-1 speculative decoding with a smaller `draft` model of the same vocabulary (e.g. a small
     Qwen or Llama for a larger one of the same tokenizer): each step the draft proposes `num_draft`
     tokens autoregressively, the target scores them all in one forward and accept_drafts keeps a
@@ -169,7 +169,8 @@ def draft_speculative_generate(target, draft, prompt: list[int], params: Samplin
 
     Both caches roll back for free (cache_seqlens advance over accepted tokens only). The target has
     cached every emitted token but the last; the draft may lag (after a fully accepted step it never
-    saw its own last draft), so each draft call first feeds the tokens it has not cached."""
+    saw its own last draft), so each draft call first feeds the tokens it has not cached.
+    on_tokens(all_ids_so_far), if given, is called after each step's accepted tokens (streaming)."""
     from sputnik.inference.deepseek import DeepSeekCachedModel
     from sputnik.inference.llama import LlamaCachedModel
 
@@ -189,12 +190,12 @@ def draft_speculative_generate(target, draft, prompt: list[int], params: Samplin
     modes = (target.training, draft.training)
     target.eval(), draft.eval()
     try:
-        return _generate_with_draft(tcm, dcm, target.lm_head.weight.device, prompt, params, num_draft)
+        return _generate_with_draft(tcm, dcm, target.lm_head.weight.device, prompt, params, num_draft, on_tokens)
     finally:
         target.train(modes[0]), draft.train(modes[1])
 
 
-def _generate_with_draft(tcm, dcm, dev, prompt, params, K):
+def _generate_with_draft(tcm, dcm, dev, prompt, params, K, on_tokens=None):
     t0, stats = time.perf_counter(), SpecStats()
     gen = torch.Generator(device=dev).manual_seed(params.seed)
     stops, greedy = set(params.stop_token_ids), params.temperature == 0
@@ -207,6 +208,8 @@ def _generate_with_draft(tcm, dcm, dev, prompt, params, K):
     logps = policy_logprobs(logits_1TV[:, -1], tok, params).tolist()
     seq.append(out[0])
     n, d_len = len(prompt), 0  # target cached positions < n (seq[n] = x_n is not); draft cached < d_len
+    if on_tokens is not None:
+        on_tokens(list(out))
 
     while len(out) < params.max_new_tokens and out[-1] not in stops:
         # --- draft K tokens: first catch up on seq[d_len .. n], then one token at a time
@@ -242,6 +245,8 @@ def _generate_with_draft(tcm, dcm, dev, prompt, params, K):
                 out.append(t)
                 logps.append(lp)
         seq += new
+        if on_tokens is not None:
+            on_tokens(list(out))
         n += a + 1  # x_n and the accepted drafts are cached in the target now
         d_len = min(d_len, n)  # the draft's cache is valid up to the first rejected draft
 
