@@ -252,3 +252,33 @@ def test_ledger_flops_of_a_lora_step(base):
     adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert adapters == 2 * 4 * (64 + 64 + 2 * (64 + 32) + 64 + 64 + 2 * (64 + 96) + 96 + 64)
     assert flops_per_token(model, 64) == pytest.approx(full["matmul"] * 4 / 6 + full["attention"] + 6 * adapters)
+
+
+def test_rl_and_logit_distillation_with_lora(user_model, tmp_path, monkeypatch):
+    """GRPO and logit-level KD train adapters only: rollouts decode through the merged weights, the update
+    moves A and B, the frozen base stays bit-identical, and both export the merged model and the adapter."""
+    from sputnik.stages import distill, rl
+    from sputnik.tasks.arithmetic import Addition
+    from sputnik.tasks.base import Verdict
+
+    # a random-init policy is never right: a verifier on the text's parity gives every group a spread
+    monkeypatch.setattr(Addition, "verify", lambda self, ex, text: Verdict(len(text) % 2 == 0, False, text, "test"))
+
+    base = load_file(str(user_model / "model.safetensors"))
+    common = dict(num_threads=1, project_dir=str(tmp_path), lora={"rank": 4, "alpha": 8.0})
+    r = rl.run(build(rl.Config, dict(out_dir=str(tmp_path / "rl"), init=str(user_model), tasks=["addition"], steps=2,
+                                     prompts_per_step=2, group_size=4, max_new_tokens=8, eval_every=0, eval_examples=2,
+                                     dynamic_sampling=False, beta=0.04, optim={"lr": 1e-2}, **common)))
+    ckpt = load_file(str(tmp_path / "rl" / "checkpoints" / "ckpt-000002" / "model.safetensors"))
+    assert all(torch.equal(ckpt[k], v) for k, v in base.items())
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in ckpt.items())
+    assert (tmp_path / "rl" / "adapter" / "adapter_model.safetensors").exists()
+    merged = load_file(str(Path(r["model_dir"]) / "model.safetensors"))
+    assert set(merged) == set(base) and any(not torch.equal(merged[k], base[k]) for k in base)
+    d = distill.run(build(distill.Config, dict(out_dir=str(tmp_path / "kd"), teacher=r["model_dir"], init=str(user_model),
+                                               mode="logit", tasks=["addition"], num_prompts=4, samples_per_prompt=1,
+                                               max_new_tokens=8, teacher_temperature=1.0, steps=2, batch_size=2,
+                                               eval_examples=2, progress=False, **common)))
+    assert (tmp_path / "kd" / "student_kd" / "adapter" / "adapter_config.json").exists()
+    student = load_file(str(Path(d["student_dir"]) / "model.safetensors"))
+    assert set(student) == set(base)
