@@ -34,9 +34,9 @@ import time
 
 import torch
 
+from bench_generate import run_hf, run_ours, sync  # the same timed generate() calls, both sides
 from sputnik.common import atomic_write_text
 from sputnik.inference.engine import Engine
-from sputnik.inference.sampling import SamplingParams
 
 # The published configs (config.json of HuggingFaceTB/SmolLM2-135M and Qwen/Qwen2.5-0.5B).
 SHAPES = {
@@ -56,14 +56,16 @@ SHAPES = {
 }
 
 
-def build_checkpoint(shape: str, layers: int) -> str:
+def build_checkpoint(shape: str, layers: int, path: str = "", seed: int = 0, **overrides) -> str:
+    """A random-init checkpoint of SHAPES[shape] (config values replaced by `overrides`) saved in `path`
+    (a new temporary directory by default); returns the directory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     family, values = SHAPES[shape]
-    values = dict(values, num_hidden_layers=layers or values["num_hidden_layers"])
-    torch.manual_seed(0)
+    values = dict(values, num_hidden_layers=layers or values["num_hidden_layers"], **overrides)
+    torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **values))
-    path = tempfile.mkdtemp(prefix=f"bench_{shape}_")
+    path = path or tempfile.mkdtemp(prefix=f"bench_{shape}_")
     hf.save_pretrained(path)
     return path
 
@@ -85,16 +87,11 @@ def read_gbs(device="cpu", mib: int = 512, reps: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def _sync(device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _timed(fn, device="cpu") -> float:
-    _sync(device)
+    sync(torch.device(device))
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(torch.device(device))
     return time.perf_counter() - t0
 
 
@@ -119,32 +116,6 @@ def floors(model, batch: int, prompt_len: int, new_tokens: int, gflops: float, g
 
 
 # ---------------------------------------------------------------------------------------------
-def run_ours(engine: Engine, prompts_BT: torch.Tensor, new_tokens: int, seed: int) -> float:
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=seed)
-    _sync(prompts_BT.device)
-    t0 = time.perf_counter()
-    out = engine.generate(prompts_BT.tolist(), params)
-    _sync(prompts_BT.device)
-    dt = time.perf_counter() - t0
-    assert all(len(r[0].token_ids) == new_tokens for r in out)
-    return dt
-
-
-@torch.no_grad()
-def run_hf(hf, prompts_BT: torch.Tensor, new_tokens: int, seed: int, static: bool) -> float:
-    torch.manual_seed(seed)
-    extra = dict(cache_implementation="static") if static else {}
-    _sync(prompts_BT.device)
-    t0 = time.perf_counter()
-    out = hf.generate(prompts_BT, attention_mask=torch.ones_like(prompts_BT), do_sample=True, temperature=1.0,
-                      top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
-                      **extra)
-    _sync(prompts_BT.device)
-    dt = time.perf_counter() - t0
-    assert out.shape[1] == prompts_BT.shape[1] + new_tokens
-    return dt
-
-
 def bench_shape(shape: str, args, gflops: float, gbs: float) -> dict:
     from transformers import AutoModelForCausalLM
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -112,22 +113,20 @@ def model_config(name: str, vocab_size: int):
 def setup_shape(workdir: Path, shape: str, layers: int, seed: int) -> dict:
     """A user's checkpoint: a random-init transformers model of a published layout (bench_families.SHAPES)
     at full width, `layers` deep, its vocabulary the in-process tokenizer padded to the published size."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from safetensors import safe_open
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_families import SHAPES
+    from bench_families import SHAPES, build_checkpoint
 
     family, values = SHAPES[shape]
     tok = build_tokenizer(values["vocab_size"])
-    values = dict(values, vocab_size=tok.vocab_size, num_hidden_layers=layers or values["num_hidden_layers"],
-                  bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
-    torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **values))
-    hf.save_pretrained(workdir / "model")
+    build_checkpoint(shape, layers, str(workdir / "model"), seed, vocab_size=tok.vocab_size, bos_token_id=tok.eot_id,
+                     eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
     tok.save(workdir / "model")
-    n = sum(p.numel() for p in hf.parameters())
+    with safe_open(str(workdir / "model" / "model.safetensors"), "pt") as f:  # a tied head is stored once
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return dict(vocab_size=tok.vocab_size, params_total=n, params_active=n, family=family,
-                layers=values["num_hidden_layers"])
+                layers=layers or values["num_hidden_layers"])
 
 
 def setup(workdir: Path, config: str, seed: int) -> dict:
