@@ -5,10 +5,8 @@ SFT with --lora.rank end to end, resumed after a real SIGKILL bit for bit."""
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,9 +18,9 @@ from sputnik.config import LoRAConfig, build
 from sputnik.inference.engine import Engine
 from sputnik.inference.sampling import SamplingParams
 from sputnik.model.hf_llama import load_hf_llama
-from sputnik.train import checkpoint as ck
 from sputnik.train.lora import (apply_lora, load_peft_adapter, lora_modules, merged_copy,
                                 save_peft_adapter)
+from test_stages import sigkill_after_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 300
@@ -220,15 +218,7 @@ def test_lora_sft_sigkill_then_resume_is_bit_exact(user_model, tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sputnik", "sft", *sft_args(out, user_model, steps)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 200
-    while time.time() < deadline and proc.poll() is None:
-        latest = ck.latest_checkpoint(out / "checkpoints")
-        if latest is not None and latest.name >= "ckpt-000010":
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    sigkill_after_checkpoint(cmd, env, out / "checkpoints", "ckpt-000010", timeout=200)
     res = subprocess.run(cmd + ["--resume", "latest"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     last = f"ckpt-{steps:06d}"

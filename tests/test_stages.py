@@ -368,6 +368,20 @@ def test_sft_resume_keeps_counting_tokens(pretrained, tmp_path):
     assert again["parents"] == full["run_ids"]
 
 
+def sigkill_after_checkpoint(cmd, env, checkpoints_dir, name, timeout=120) -> None:
+    """Run `cmd` and SIGKILL it as soon as checkpoint `name` (or a later one) exists in checkpoints_dir;
+    asserts it really died by the signal."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        latest = ck.latest_checkpoint(checkpoints_dir)
+        if latest is not None and latest.name >= name:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+
+
 def test_sigkill_mid_training_then_resume_matches_uninterrupted(ws, tmp_path):
     """Slower (~15-25 s): a real `python -m` process SIGKILLed mid-run, resumed in another."""
     steps = 60
@@ -380,15 +394,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(ws, tmp_path):
            f"--checkpoint_every 10 --log_every 2 --num_threads 1 --progress false --optim.lr 3e-3 "
            f"--optim.warmup_steps 2 " + " ".join(model)).split()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        latest = ck.latest_checkpoint(out / "checkpoints")
-        if latest is not None and latest.name >= "ckpt-000020":
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    sigkill_after_checkpoint(cmd, env, out / "checkpoints", "ckpt-000020")
     assert not (out / "model").exists()  # it really died mid-training
     killed_at = ck.latest_checkpoint(out / "checkpoints").name
     res = subprocess.run(cmd + ["--resume", "latest"], env=env, capture_output=True, text=True, timeout=120)
