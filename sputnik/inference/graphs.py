@@ -57,21 +57,19 @@ def bucket_for(rows: int) -> int:
     return int(math.ceil(rows / 256) * 256)
 
 
-def step_and_sample(model, tok_B, cache, cache_seqlens_B, weights, u_B1, temperature: float,
-                    vocab_limit: int | None):
-    """deepseek.static_step, then sampling.sample_plain on its logits (sampling.mask_vocab first, as the
+def then_sample(step):
+    """`step` (a static_step), then sampling.sample_plain on its logits (sampling.mask_vocab first, as the
     engine's eager path) -> (logits_BV, tokens_B, logprobs_B); one function, so one compiled graph."""
-    logits_BV = static_step(model, tok_B, cache, cache_seqlens_B, weights)
-    tokens_B, logprobs_B = sample_plain(mask_vocab(logits_BV, vocab_limit), u_B1, temperature)
-    return logits_BV, tokens_B, logprobs_B
+    def step_and_sample(model, tok_B, cache, cache_seqlens_B, weights, u_B1, temperature: float,
+                        vocab_limit: int | None):
+        logits_BV = step(model, tok_B, cache, cache_seqlens_B, weights)
+        tokens_B, logprobs_B = sample_plain(mask_vocab(logits_BV, vocab_limit), u_B1, temperature)
+        return logits_BV, tokens_B, logprobs_B
+    return step_and_sample
 
 
-def llama_step_and_sample(model, tok_B, cache, cache_seqlens_B, weights, u_B1, temperature: float,
-                          vocab_limit: int | None):
-    """step_and_sample for the dense families (llama.static_step)."""
-    logits_BV = llama_static_step(model, tok_B, cache, cache_seqlens_B, weights)
-    tokens_B, logprobs_B = sample_plain(mask_vocab(logits_BV, vocab_limit), u_B1, temperature)
-    return logits_BV, tokens_B, logprobs_B
+step_and_sample = then_sample(static_step)  # our DeepSeek-V3
+llama_step_and_sample = then_sample(llama_static_step)  # the dense families
 
 
 class GraphDecoder:

@@ -14,6 +14,17 @@ import torch.nn.functional as F
 from sputnik.model.llama import LlamaModel
 
 
+def visible_slots(pos_BT: torch.Tensor, num_slots: int, window: int) -> torch.Tensor:
+    """[B, T, S] bool: which cache slots the new token at pos_BT[b, t] attends to, slot ≤ its position
+    and, with a sliding window (Mistral), slot > position − window. Slots past a row's own length
+    (padding, stale forks, a static buffer's tail) are never visible."""
+    slot_S = torch.arange(num_slots, device=pos_BT.device)
+    visible_BTS = slot_S <= pos_BT[:, :, None]
+    if window:
+        visible_BTS &= slot_S > pos_BT[:, :, None] - window
+    return visible_BTS
+
+
 @dataclass
 class KVCache:
     """Preallocated keys/values of all layers, [L, B, K, S_max, C]; layer l's view is [B, K, S_max, C].
@@ -75,14 +86,9 @@ def static_step(model: LlamaModel, tok_B: torch.Tensor, cache: KVCache, cache_se
     and nothing syncs with the host, so the step can be compiled for static shapes or captured into a
     CUDA graph (graphs.GraphDecoder). The same math as forward_cached, which reads only the written
     prefix. Padding rows (length 0) write only their own slot 0."""
-    B, S = tok_B.shape[0], cache.max_len
-    dev = tok_B.device
+    B, dev = tok_B.shape[0], tok_B.device
     pos_B1 = cache_seqlens_B.to(dev, torch.long)[:, None]
-    slot_S = torch.arange(S, device=dev)
-    visible_BS = slot_S <= pos_B1
-    if window := model.config.sliding_window:
-        visible_BS = visible_BS & (slot_S > pos_B1 - window)
-    mask_B11S = visible_BS[:, None, None]
+    mask_B11S = visible_slots(pos_B1, cache.max_len, model.config.sliding_window)[:, None]
     rows_B = torch.arange(B, device=dev)
 
     def attend(attn, q_BH1C, k_BK1C, v_BK1C):
@@ -127,11 +133,8 @@ class LlamaCachedModel:
         S = int(pos_BT[:, -1].max()) + 1  # attend over the used prefix only, not all S_max slots
         if S > cache.max_len:
             raise ValueError(f"cache overflow: a row needs {S} slots, cache holds {cache.max_len}")
-        slot_S = torch.arange(S, device=dev)
-        mask_BTS = slot_S <= pos_BT[:, :, None]
-        if window := self.model.config.sliding_window:  # Mistral: the cache keeps every slot, attention the last W
-            mask_BTS &= slot_S > pos_BT[:, :, None] - window
-        mask_B1TS = mask_BTS[:, None]
+        # Mistral's window: the cache keeps every slot, attention reads the last W
+        mask_B1TS = visible_slots(pos_BT, S, self.model.config.sliding_window)[:, None]
         rows_B1 = torch.arange(B, device=dev)[:, None]
 
         def attend(attn, q_BHTC, k_BKTC, v_BKTC):

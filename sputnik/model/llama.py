@@ -178,12 +178,13 @@ class SoftmaxMoE(nn.Module):
         weight_NK, idx_NK = torch.topk(probs_NE, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True)
-        E = probs_NE.shape[1]
-        counts_E = torch.bincount(idx_NK.flatten(), minlength=E)  # all slots: what the kernels process
+        E, flat_S = probs_NE.shape[1], idx_NK.flatten()
+        # scatter_add_, not bincount (which sizes its output from max() and syncs: no CUDA-graph capture)
+        counts_E = torch.zeros(E, dtype=torch.long, device=x_ND.device).scatter_add_(0, flat_S, torch.ones_like(flat_S))
         y_ND = self.experts(x_ND, idx_NK, weight_NK.to(x_ND.dtype), counts_E)
         valid_N1 = None if valid_BT is None else valid_BT.reshape(-1, 1).to(probs_NE.dtype)
         load_E = counts_E if valid_N1 is None else torch.zeros(E, dtype=torch.long, device=x_ND.device).scatter_add_(
-            0, idx_NK.flatten(), valid_N1.long().expand(-1, self.top_k).flatten())
+            0, flat_S, valid_N1.long().expand(-1, self.top_k).flatten())
         probs_E = probs_NE.sum(0) if valid_N1 is None else (probs_NE * valid_N1).sum(0)
         return y_ND.view(B, T, D), load_E, probs_E
 
