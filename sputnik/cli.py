@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "sputnik.inference.serve",       # serve
     "sputnik.pipeline",              # speedrun
     "sputnik.accounting.compare",    # compare
+    "sputnik.studies",               # study cold_start | ...
     "sputnik.accounting.ledger",     # ledger
     "sputnik.accounting.cost",       # cost
     "sputnik.accounting.report",     # report

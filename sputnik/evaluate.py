@@ -89,6 +89,11 @@ def score(examples, completions, verify, k: int) -> dict:
             maj.append(any(v.correct and v.extracted == winner for v in vs) if winner is not None else False)
         out[f"maj@{k}"] = sum(maj) / n_prob
         out[f"maj@{k}_ci"] = wilson_interval(sum(maj), n_prob)
+    # strict: right AND in the exact <think>..</think><answer>..</answer> format; pass@1 above is
+    # lenient (any answer the task's parser accepts: untagged last number, 1,000, \frac{1}{2}, ...)
+    strict = [sum(v.correct and v.well_formatted for v in vs) / k for vs in correct]
+    out["pass@1_strict"] = sum(strict) / n_prob
+    out["pass@1_strict_ci"] = wilson_interval(sum(strict), n_prob) if k == 1 else bootstrap_interval(strict)
     fmt = [sum(v.well_formatted for v in vs) / k for vs in correct]
     out["format_rate"] = sum(fmt) / n_prob
     out["format_rate_ci"] = bootstrap_interval(fmt)
@@ -100,8 +105,9 @@ def score(examples, completions, verify, k: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    rows = [("pass@1", "pass@1")] + [(k, k) for k in res if (k.startswith("pass@") or k.startswith("maj@"))
-                                     and not k.endswith("_ci") and k != "pass@1"]
+    rows = [("pass@1 (lenient parsing)", "pass@1"), ("pass@1 (strict: exact format)", "pass@1_strict")]
+    rows += [(k, k) for k in res if (k.startswith("pass@") or k.startswith("maj@"))
+             and not k.endswith("_ci") and k not in ("pass@1", "pass@1_strict")]
     rows += [("format compliance", "format_rate"), ("mean length (tokens)", "mean_length")]
     lines = [f"## {res['task']} — {res['model']}", "", "| metric | value | 95% interval |", "|---|---|---|"]
     for label, key in rows:

@@ -142,7 +142,9 @@ def set_aside(project: Path, stage: str, why: str) -> Path | None:
     return dst
 
 
-def run(cfg: SpeedrunConfig) -> dict:
+def run(cfg: SpeedrunConfig, until: str = "report") -> dict:
+    """The stages in order up to and including `until` (the studies stop at "pretrain": they share
+    the speedrun's tokenizer and base model)."""
     from sputnik.accounting import report
     from sputnik.stages import distill, pretrain, rl, sft, tokenizer
 
@@ -172,7 +174,11 @@ def run(cfg: SpeedrunConfig) -> dict:
     for name in rerun:  # from scratch: never resume the old run's checkpoints
         set_aside(project, name, why=f"speedrun --force {','.join(sorted(force))}")
     results, t0, parents = {}, time.time(), []
+    if until not in STAGES:
+        raise ValueError(f"until={until!r}: allowed {', '.join(STAGES)}")
     for name, (_, fn) in stages.items():
+        if STAGES.index(name) > STAGES.index(until):
+            break
         done = _done_path(project, name)
         if done.is_file() and name not in rerun:
             results[name] = json.loads(done.read_text())
@@ -186,6 +192,8 @@ def run(cfg: SpeedrunConfig) -> dict:
             if is_rank0():
                 atomic_write_json(done, results[name])
         parents = results[name].get("run_ids", [])
+    if until != "report":
+        return results
     path = report.build(project) if is_rank0() else None
     summary = dict(report=str(path), wall_s=time.time() - t0, **{k: v for k, v in results.items()})
     print0(f"\nspeedrun done in {summary['wall_s']:.0f}s; report card: {path}")

@@ -32,6 +32,7 @@ def test_pass_and_majority_on_hand_made_counts():
              [_comp("1|1"), _comp("|0", reason="length"), _comp("1|1"), _comp("9|1")]]  # 1/4; vote -> 1 (wrong)
     res, _ = score(examples, comps, verify, 4)
     assert res["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert res["pass@1_strict"] == pytest.approx((2 / 4 + 1 / 4) / 2)  # every right answer here is well formatted
     assert res["pass@4"] == pytest.approx(1.0)
     assert res["maj@4"] == pytest.approx(0.5)
     assert res["format_rate"] == pytest.approx((3 / 4 + 3 / 4) / 2)
@@ -47,7 +48,15 @@ def test_markdown_has_every_metric():
     res, _ = score(["4"], [[_comp("4|1")]], verify, 1)
     res.update(task="addition", model="m", tokens_per_s=12.0, sampling={"temperature": 0})
     md = markdown(res)
-    assert "| pass@1 | 1 |" in md and "format compliance" in md and "tokens/s" in md
+    assert "| pass@1 (lenient parsing) | 1 |" in md and "| pass@1 (strict: exact format) | 1 |" in md
+    assert "format compliance" in md and "tokens/s" in md
+
+
+def test_strict_counts_only_well_formatted_right_answers():
+    """Lenient parsing accepts a right answer in any form the task allows; strict also needs the format."""
+    res, _ = score(["4", "9"], [[_comp("4|0"), _comp("4|1")], [_comp("9|0"), _comp("3|1")]], verify, 2)
+    assert res["pass@1"] == pytest.approx((2 / 2 + 1 / 2) / 2)
+    assert res["pass@1_strict"] == pytest.approx((1 / 2 + 0) / 2)
 
 
 def test_config_guards():

@@ -2,7 +2,7 @@
 import pytest
 
 from sputnik.tasks import format_completion, get_task
-from sputnik.tasks.arithmetic import addition_trace, multiplication_trace, subtraction_trace
+from sputnik.tasks.arithmetic import addition_trace, long_multiplication_trace, multiplication_trace, subtraction_trace
 
 
 def test_addition_trace_by_hand():
@@ -40,7 +40,23 @@ def test_multiplication_trace_by_hand():
     assert multiplication_trace(12, 0) == ["12*0=0"]
 
 
+def test_long_multiplication_trace_by_hand():
+    """Every line is a one-digit product or sum plus a carry; zero digits of b are skipped."""
+    assert long_multiplication_trace(47, 36) == [
+        "47*36:",
+        "7*6=42, write 2 carry 4", "4*6+4=28, write 28", "47*6=282",
+        "7*3=21, write 1 carry 2", "4*3+2=14, write 14", "47*30=1410",
+        "2+0=2, write 2", "8+1=9, write 9", "2+4=6, write 6", "0+1=1, write 1", "282+1410=1692",
+        "47*36=1692",
+    ]
+    # one partial product is the answer: not written twice
+    assert long_multiplication_trace(25, 40) == ["25*40:", "5*4=20, write 0 carry 2", "2*4+2=10, write 10", "25*40=1000"]
+    assert long_multiplication_trace(12, 0) == ["12*0=0"]
+    assert long_multiplication_trace(3, 3) == ["3*3:", "3*3=9, write 9", "3*3=9"]
+
+
 @pytest.mark.parametrize("name, knobs", [
+    ("multiplication", {"max_digits_a": 4, "max_digits_b": 3, "trace": "digits"}),
     ("addition", {"min_digits": 1, "max_digits": 8}),
     ("subtraction", {"min_digits": 1, "max_digits": 8}),
     ("multiplication", {"max_digits_a": 5, "max_digits_b": 4}),
@@ -68,3 +84,10 @@ def test_digit_knobs_are_respected():
     for ex in get_task("multiplication", max_digits_a=2, max_digits_b=1).generate(200):
         a, b = map(int, ex.meta["key"].split("*"))
         assert a < 100 and b < 10
+    for ex in get_task("multiplication", min_digits_a=2, max_digits_a=3, min_digits_b=2, max_digits_b=2).generate(200):
+        a, b = map(int, ex.meta["key"].split("*"))
+        assert 10 <= a < 1000 and 10 <= b < 100
+    with pytest.raises(ValueError, match="min_digits_b=3 > max_digits_b=2"):
+        get_task("multiplication", min_digits_b=3)
+    with pytest.raises(ValueError, match="trace"):
+        get_task("multiplication", trace="columns")

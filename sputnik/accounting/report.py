@@ -96,10 +96,11 @@ def _accuracy(r: dict) -> float | None:
 
 
 def stage_rows(rows: list[dict]) -> list[dict]:
-    """The latest ok run of each command, in pipeline order, plus any later commands."""
+    """The latest ok run of each command, in pipeline order, plus any later commands (a study's
+    many runs are summarised in its own section instead)."""
     latest: dict[str, dict] = {}
     for r in rows:
-        if r.get("status") == "ok":
+        if r.get("status") == "ok" and not r["command"].startswith("study:"):
             latest[r["command"]] = r
     order = [c for c in STAGE_ORDER if c in latest] + [c for c in latest if c not in STAGE_ORDER]
     return [latest[c] for c in order]
@@ -119,10 +120,27 @@ def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         body = cmp_md.read_text(encoding="utf-8").splitlines()[1:]
         lines += ["", "## Recipes at equal compute (`sputnik compare`)",
                   *[line.replace("](compare.png)", "](../compare/compare.png)") for line in body]]
+    lines += studies_section(project, out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def studies_section(project: Path, out: Path) -> list[str]:
+    """One line per finished `sputnik study` of the project: its headline (with its interval) and a
+    link to its table."""
+    found = sorted((project / "studies").glob("*/study.json"))
+    lines = []
+    for path in found:
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue  # a study being written; the next report picks it up
+        name = summary.get("study", path.parent.name)
+        rel = Path("..") / path.parent.relative_to(project) / "study.md" if out == project / "report" else path.with_name("study.md")
+        lines.append(f"- **{name}**: {summary.get('headline') or 'no headline (incomplete study)'} ([table]({rel}))")
+    return ["", "## Studies (`sputnik study`)", "", *lines] if lines else []
 
 
 def figures(out: Path, stages: list[dict]) -> list[str]:

@@ -5,6 +5,7 @@ rewards whatever reasoning the rollouts produce.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 R1_ZERO_TEMPLATE = (
@@ -25,7 +26,9 @@ def sample_prompts(tasks, step: int, n: int, seed: int, shares: list[float] | No
         counts = _allocate(n, shares)
         queues = [[t] * c for t, c in zip(tasks, counts)]
         order = [q[i] for i in range(max(counts)) for q in queues if i < len(q)]
-    return [task.generate(1, split="train", seed=rng.randrange(2**31))[0] for task in order]
+    # The trace is dropped here, not merely unused: nothing downstream of RL's prompts can see one.
+    return [dataclasses.replace(task.generate(1, split="train", seed=rng.randrange(2**31))[0], solution="")
+            for task in order]
 
 
 def _allocate(n: int, shares: list[float]) -> list[int]:

@@ -282,8 +282,11 @@ def student_kd(cfg: Config, traces: list[dict], parents) -> dict:
                 load.apply(s.raw, s.dist, stepped)
                 step += 1
                 tokens = int(ids_BT.numel())  # student fwd+bwd, teacher fwd (1/3 of a training token)
-                fpt = flops_per_token(s.raw, ids_BT.shape[1]) + flops_per_token(teacher, ids_BT.shape[1]) / 3
+                teacher_fpt = flops_per_token(teacher, ids_BT.shape[1]) / 3
+                fpt = flops_per_token(s.raw, ids_BT.shape[1]) + teacher_fpt
                 s.count_step(state, {"step_tokens": tokens, "step_flops": fpt * tokens}, run, speed)
+                # the teacher's share, so that a comparison at equal *student* compute can take it out
+                state["teacher_forward_flops"] = state.get("teacher_forward_flops", 0.0) + teacher_fpt * tokens
                 if s.nonfinite_guard(state, stepped, step, loss, grad_norm, "distill-kd") and \
                         every(step, cfg.log_every, 0, step == cfg.steps):
                     s.log(dict(step=step, loss=loss, lr=lr, on_policy=on_policy, grad_norm=grad_norm,
@@ -291,6 +294,7 @@ def student_kd(cfg: Config, traces: list[dict], parents) -> dict:
                 progress.update(step, loss)
             progress.close()
             return s.finish(run, {"final_train_loss": loss, "steps": cfg.steps, "tokens": state["tokens"],
+                                  "teacher_forward_flops": float(state.get("teacher_forward_flops", 0.0)),
                                   "wall_s": time.time() - t_start, "nonfinite_steps": state["nonfinite_total"]},
                             "distill-kd")
 

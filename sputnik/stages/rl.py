@@ -209,16 +209,17 @@ def prepare(cfg: Config, s) -> RL:
     return RL(cfg, s, ref_model, engine, params, tasks, custom, HealthMonitor(cfg.health))
 
 
-def run(cfg: Config, parents=()) -> dict:
+def run(cfg: Config, parents=(), command: str = "rl") -> dict:
     """RL from cfg.init; returns the accuracy before and after, the curve, the model directory and
-    this run's id. `parents`: the ledger runs that produced init."""
+    this run's id. `parents`: the ledger runs that produced init; `command`: the run's name in the
+    ledger (a study's arms name theirs)."""
     with open_session(cfg, model_cfg=None, optim=cfg.optim, compile_blocks=True) as s:
         rl = prepare(cfg, s)
         dist_lib.check_replicas(s.raw, s.dist, "rl start")
         state = {**s.new_loop_state(), "acc_history": [], "task_accuracy": {}, **s.loop_state}
         acc_history, task_acc = state["acc_history"], state["task_accuracy"]
         try:
-            with s.recording("rl", parents) as run:
+            with s.recording(command, parents) as run:
                 t_start = time.perf_counter()
                 if not acc_history:
                     acc_history.append((0, heldout_accuracy(rl)))

@@ -13,7 +13,23 @@ full equation, e.g. for 4821 + 397:
 Missing digits of the shorter operand are written as 0 so every column line has the same shape.
 Subtraction always has a >= b (no negative results) and borrows are written "12-9-1=2, write 2
 borrow 1" (the 1 in front of the top digit is the borrowed ten). Multiplication writes one
-partial product per non-zero digit of the second factor, shifted, then adds them up.
+partial product per non-zero digit of the second factor, shifted, then adds them up; with
+trace="digits" every partial product and every sum is itself worked digit by digit, in the same
+line shapes as addition, so that no line needs more than a one-digit product plus a carry:
+
+    47*36:
+    7*6=42, write 2 carry 4
+    4*6+4=28, write 28
+    47*6=282
+    7*3=21, write 1 carry 2
+    4*3+2=14, write 14
+    47*30=1410
+    2+0=2, write 2
+    8+1=9, write 9
+    2+4=6, write 6
+    0+1=1, write 1
+    282+1410=1692
+    47*36=1692
 """
 from __future__ import annotations
 
@@ -84,6 +100,40 @@ def multiplication_trace(a: int, b: int) -> list[str]:
     return lines + [f"{a}*{b}={a * b}"]
 
 
+def digit_product_trace(a: int, digit: int, place: int) -> list[str]:
+    """a * digit column by column (least significant first), then the shifted partial product."""
+    lines, carry = [], 0
+    digits = [int(d) for d in str(a)[::-1]]
+    for i, x in enumerate(digits):
+        total = x * digit + carry
+        lhs = f"{x}*{digit}" + (f"+{carry}" if carry else "")
+        if i == len(digits) - 1:  # the last column writes its whole value
+            lines.append(f"{lhs}={total}, write {total}")
+        else:
+            carry = total // 10
+            lines.append(f"{lhs}={total}, write {total % 10}" + (f" carry {carry}" if carry else ""))
+    return lines + [f"{a}*{digit * 10 ** place}={a * digit * 10 ** place}"]
+
+
+def long_multiplication_trace(a: int, b: int) -> list[str]:
+    """multiplication_trace with every partial product and running sum worked digit by digit."""
+    lines, partials = [f"{a}*{b}:"], []
+    for place, digit in enumerate(int(d) for d in str(b)[::-1]):
+        if digit == 0:
+            continue
+        lines += digit_product_trace(a, digit, place)
+        partials.append(a * digit * 10 ** place)
+    if not partials:
+        return [f"{a}*{b}=0"]
+    running = partials[0]
+    for p in partials[1:]:
+        lines += addition_trace(running, p)
+        running += p
+    if len(partials) > 1 or lines[-1] != f"{a}*{b}={a * b}":
+        lines.append(f"{a}*{b}={a * b}")
+    return lines
+
+
 def _digits_knob(default: int, what: str):
     return knob(default, f"{what} (digits)", min=1, max=30)
 
@@ -135,12 +185,26 @@ class Multiplication(Task):
     description: ClassVar[str] = "long multiplication: partial products, then their sum"
     max_digits_a: int = knob(3, "largest first factor (digits; the smallest has 1)", min=1, max=12)
     max_digits_b: int = knob(2, "largest second factor (digits; the smallest has 1)", min=1, max=12)
+    min_digits_a: int = knob(1, "smallest first factor (digits)", min=1, max=12)
+    min_digits_b: int = knob(1, "smallest second factor (digits)", min=1, max=12)
+    trace: str = knob("partials", "partials: one line per shifted partial product, then their sums; digits: "
+                      "every product and sum worked digit by digit (a chain of thought a small model can "
+                      "follow)", choices=("partials", "digits"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for x in ("a", "b"):
+            lo, hi = getattr(self, f"min_digits_{x}"), getattr(self, f"max_digits_{x}")
+            if lo > hi:
+                raise ValueError(f"{self.name}: min_digits_{x}={lo} > max_digits_{x}={hi}")
 
     def sample_problem(self, rng):
-        a, b = sample_int(rng, 1, self.max_digits_a), sample_int(rng, 1, self.max_digits_b)
+        a = sample_int(rng, self.min_digits_a, self.max_digits_a)
+        b = sample_int(rng, self.min_digits_b, self.max_digits_b)
         return f"{a}*{b}", (a, b)
 
     def build_example(self, key, problem, split):
         a, b = problem
-        return Example(self.name, f"What is {a} * {b}?", str(a * b), "\n".join(multiplication_trace(a, b)),
+        trace = long_multiplication_trace(a, b) if self.trace == "digits" else multiplication_trace(a, b)
+        return Example(self.name, f"What is {a} * {b}?", str(a * b), "\n".join(trace),
                        {"key": key, "split": split})

@@ -1,0 +1,23 @@
+"""`sputnik study NAME`: named, reproducible experiments whose arms are normal pipeline runs under
+the ledger, each writing <project>/studies/<name>/{study.md, study.json, <name>.png}.
+
+    cold_start   R1's recipe: K gold traces, then GRPO on answers only, against SFT alone at equal FLOPs
+    beyond_the_data  SFT on short additions, GRPO on longer ones (answers only): length generalisation
+
+The machinery every study shares (runs, equal-compute checks, evaluation, statistics, plots) is in
+studies/runner.py; each study is one file that reads top to bottom.
+"""
+from __future__ import annotations
+
+import importlib
+
+STUDIES = ["cold_start", "beyond_the_data"]
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("study", help="named experiments: arms at equal compute, three seeds, intervals, plots",
+                            description=__doc__.split("\n\n")[0])
+    studies = parser.add_subparsers(dest="study", metavar="{" + ",".join(STUDIES) + "}")
+    for name in STUDIES:
+        importlib.import_module(f"sputnik.studies.{name}").register(studies)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)

@@ -1,0 +1,96 @@
+"""Studies: the statistics and equal-compute checks they rest on, answer-only RL prompts, and (slow)
+a small cold_start study end to end."""
+import json
+import math
+
+import pytest
+
+from sputnik.studies import runner as R
+from sputnik.tasks import get_task
+
+
+def test_rl_prompts_carry_answers_only():
+    from sputnik.rl.prompts import sample_prompts
+
+    task = get_task("multiplication", trace="digits")
+    assert all(ex.solution for ex in task.generate(8))  # the task has traces to leak
+    examples = sample_prompts([task, get_task("addition")], step=3, n=16, seed=1)
+    assert len(examples) == 16 and all(ex.solution == "" for ex in examples)
+    assert all(ex.answer and ex.prompt for ex in examples)
+
+
+def test_mean_interval_is_the_student_t_interval():
+    m, lo, hi = R.mean_interval([0.4, 0.5, 0.6])
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert m == pytest.approx(0.5) and lo == pytest.approx(0.5 - half) and hi == pytest.approx(0.5 + half)
+    m, lo, hi = R.mean_interval([0.7])
+    assert m == 0.7 and math.isnan(lo) and math.isnan(hi)
+
+
+def test_equal_compute_is_asserted():
+    assert R.assert_equal_compute("x", 1.04e12, 1e12) == pytest.approx(1.04)
+    with pytest.raises(ValueError, match="not at equal compute"):
+        R.assert_equal_compute("x", 1.06e12, 1e12)
+    with pytest.raises(ValueError, match="recorded no FLOPs"):
+        R.assert_equal_compute("x", 1e12, 0.0)
+
+
+def test_aggregate_and_cells():
+    rows = [dict(arm="a", traces=64, seed=s, greedy=g, flops=10.0, wall_s=2.0) for s, g in [(0, 0.2), (1, 0.4), (2, 0.3)]]
+    rows += [dict(arm="b", traces=64, seed=0, greedy=0.9, flops=20.0, wall_s=1.0)]
+    table = R.aggregate(rows, ("traces", "arm"), ("greedy",))
+    assert [(e["arm"], e["n"], e["seeds"]) for e in table] == [("a", 3, [0, 1, 2]), ("b", 1, [0])]
+    assert table[0]["greedy"]["mean"] == pytest.approx(0.3) and table[0]["greedy"]["per_seed"] == [0.2, 0.4, 0.3]
+    assert R.cell(table[0]["greedy"]) == "0.30 [0.05, 0.55] (0.20/0.40/0.30)"
+    assert R.cell(table[1]["greedy"]) == "0.90 (0.90)" and R.cell(None) == "—"
+
+
+def test_spent_sums_every_ledger_run_into_a_directory(tmp_path):
+    from sputnik.accounting.ledger import record_run
+
+    arm = tmp_path / "studies" / "s" / "K64" / "grpo"
+    for flops in (3e9, 5e9):  # a killed-and-resumed stage: two runs into one directory
+        with record_run(tmp_path, "study:s:rl", dict(out_dir=str(arm)), energy_method="table") as run:
+            run.add(flops=flops)
+    with record_run(tmp_path, "study:s:sft", dict(out_dir=str(tmp_path / "other")), energy_method="table") as run:
+        run.add(flops=7e9)
+    runner = R.Runner(tmp_path, "s", device=None)
+    flops, wall = runner.spent(arm)
+    assert flops == pytest.approx(8e9) and wall >= 0
+
+
+def test_force_matches_run_names_and_prefixes(tmp_path):
+    r = R.Runner(tmp_path, "s", device=None, force={"K256/seed1"})
+    assert r._forced("K256/seed1/grpo") and r._forced("K256/seed1")
+    assert not r._forced("K256/seed10/grpo") and not r._forced("K64/seed1/grpo")
+    assert R.Runner(tmp_path, "s", device=None, force={"all"})._forced("anything")
+
+
+@pytest.mark.slow
+def test_cold_start_study_end_to_end(tmp_path):
+    """A tiny cold_start study (smoke-scale base and arms, two seeds): every arm runs under the
+    ledger, SFT alone is at the GRPO arm's FLOPs, the table has every cell, a rerun reuses it."""
+    from sputnik.studies import cold_start
+
+    cfg = cold_start.Config(project=str(tmp_path), seeds=[0, 1], scale=0.02, traces=[16], rl_steps=100,
+                            rl_prompts_per_step=4, rl_group_size=2, eval_problems=8, sampled_problems=4, samples=2,
+                            max_new_tokens=48, min_cold_start_steps=200, num_threads=1)
+    summary = cold_start.run(cfg)
+    table = {(e["traces"], e["arm"]): e for e in summary["table"]}
+    assert set(table) == {(16, arm) for arm in cold_start.ARMS}
+    for e in table.values():
+        assert e["seeds"] == [0, 1] and 0 <= e["greedy"]["mean"] <= 1 and "pass@2" in e and "maj@2" in e
+    rows = json.loads((tmp_path / "studies" / "cold_start" / "study.json").read_text())["rows"]
+    for seed in (0, 1):
+        by = {r["arm"]: r for r in rows if r["seed"] == seed}
+        assert by["SFT alone"]["flops"] == pytest.approx(by["cold start + GRPO"]["flops"], rel=R.EQUAL_COMPUTE_TOLERANCE)
+        assert by["cold start + GRPO"]["flops"] > by["cold start"]["flops"] > 0
+    assert (tmp_path / "studies" / "cold_start" / "cold_start.png").is_file()
+    md = (tmp_path / "studies" / "cold_start" / "study.md").read_text()
+    assert "| 16 | cold start + GRPO |" in md and "8 test-split problems" in md
+    from sputnik.accounting import ledger
+
+    commands = [r["command"] for r in ledger.load(tmp_path)]
+    assert commands.count("study:cold_start:rl") == 2 and commands.count("study:cold_start:eval") == 6
+    again = cold_start.run(cfg)  # everything reused: same table, no new runs
+    assert again["table"] == summary["table"] and len(ledger.load(tmp_path)) == len(commands)
