@@ -117,3 +117,18 @@ def test_report_follows_the_distill_chain_and_counts_stopped_runs(tmp_path, plot
     (label, xs, ys), = plotted["accuracy_vs_flops.png"][0][1]
     assert label == "sft → rl → distill-eval" and ys == [0.5, 0.7, 0.6]
     assert xs == pytest.approx([1.2e12, 1.3e12, 1.39e12])  # the student after its traces and its KD training
+
+
+def test_report_states_each_study_headline_or_how_to_run_it(project):
+    """A study's many runs stay out of the stage table; its headline (with its interval) and a link
+    to its table are in the studies section, and a study not run names its command."""
+    _run(project, "study:cold_start:rl", project / "studies" / "cold_start" / "K64" / "grpo", flops=3e12,
+         metrics={"heldout_accuracy": 0.9})
+    (project / "studies" / "cold_start").mkdir(parents=True, exist_ok=True)
+    (project / "studies" / "cold_start" / "study.json").write_text(json.dumps(
+        {"study": "cold_start", "headline": "cold_start (K = 256): +3.0 points [-1.0, +7.0]"}))
+    md = report.build(project).read_text()
+    rows = {line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")}
+    assert not any(r.startswith("study:") for r in rows)
+    assert "- **cold_start**: cold_start (K = 256): +3.0 points [-1.0, +7.0] ([table](../studies/cold_start/study.md))" in md
+    assert f"- **distill_vs_rl**: not run in this project (`sputnik study distill_vs_rl --project {project}`)" in md

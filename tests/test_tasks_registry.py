@@ -92,3 +92,20 @@ def test_cli_flags_have_help():
     for sub in tasks._subparsers._group_actions[0].choices.values():
         for action in sub._actions:
             assert action.help, (sub.prog, action.dest)
+
+
+def test_presets_expand_and_every_target_completion_verifies_strictly():
+    """Every preset's tasks generate in both splits, and their gold completions pass the verifier
+    in the strict format too (a preset a model cannot be rewarded on would be a defect)."""
+    from sputnik.tasks import PRESETS, expand_presets, parse_tasks
+
+    assert expand_presets(["addition", "@countdown"]) == ["addition", *PRESETS["countdown"]]
+    assert set(PRESETS["headroom"]) >= set(PRESETS["long_multiplication"]) | set(PRESETS["reasoning_gym"])
+    with pytest.raises(ValueError, match="unknown task preset '@nope'"):
+        parse_tasks(["@nope"])
+    for name in PRESETS:
+        for task in parse_tasks([f"@{name}"]):
+            for split in ("train", "test"):
+                for ex in task.generate(5, split=split, seed=1):
+                    v = task.verify(ex, format_completion(ex))
+                    assert v.correct and v.well_formatted, (name, ex, v)

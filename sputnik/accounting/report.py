@@ -128,19 +128,21 @@ def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
 
 
 def studies_section(project: Path, out: Path) -> list[str]:
-    """One line per finished `sputnik study` of the project: its headline (with its interval) and a
-    link to its table."""
-    found = sorted((project / "studies").glob("*/study.json"))
+    """One line per study: the headline (with its interval) of each finished `sputnik study` of the
+    project with a link to its table, and the command of each one not run here."""
+    from sputnik.studies import STUDIES
+
     lines = []
-    for path in found:
+    for name in STUDIES:
+        path = project / "studies" / name / "study.json"
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue  # a study being written; the next report picks it up
-        name = summary.get("study", path.parent.name)
+        except (OSError, json.JSONDecodeError):  # not run (or being written: the next report picks it up)
+            lines.append(f"- **{name}**: not run in this project (`sputnik study {name} --project {project}`)")
+            continue
         rel = Path("..") / path.parent.relative_to(project) / "study.md" if out == project / "report" else path.with_name("study.md")
         lines.append(f"- **{name}**: {summary.get('headline') or 'no headline (incomplete study)'} ([table]({rel}))")
-    return ["", "## Studies (`sputnik study`)", "", *lines] if lines else []
+    return ["", "## Studies (`sputnik study`)", "", *lines]
 
 
 def figures(out: Path, stages: list[dict]) -> list[str]:

@@ -1,21 +1,23 @@
 """Study `beyond_the_data`: reasoning the traces never showed (length generalisation by RL).
 
-From the speedrun's pretrained base (which read 1-4 digit additions and subtractions), for each seed:
+A task family with a length knob (`family`: additions of n digits, or word problems of n steps). From
+the speedrun's pretrained base (which read 1-4 digit additions and subtractions), for each seed:
 
-    SFT            SFT on `sft_examples` gold traces of additions of at most `trained_digits` digits
-    + GRPO         the SFT model, then GRPO on longer additions (`rl_digits`, answers only: no trace of
+    SFT            SFT on `sft_examples` gold traces of lengths 1..`trained_length`
+    + GRPO         the SFT model, then GRPO on longer problems (`rl_lengths`, answers only: no trace of
                    that length exists anywhere in training), prompts split over the lengths by
                    learnability (most prompts where the group's samples disagree)
     SFT alone      SFT on the same short traces for as many steps as SFT and GRPO together cost
                    (FLOPs from the ledger, asserted equal within 5%)
 
-Each model is evaluated greedily on held-out additions of exactly d digits for every d in
-`eval_digits` (test split: hash-disjoint from every training split, the longer lengths included).
+Each model is evaluated greedily on held-out problems of exactly n for every n in `eval_lengths`
+(test split: hash-disjoint from every training split, the longer lengths included).
 Public anchors: self-improvement by filtered self-generated data takes transformers from 10- to
 100-digit addition (Lee et al., 2025); Abacus embeddings reach 99% on 100-digit addition after
 training on 20 (McLeish et al., 2024). Here the model has plain RoPE and writes its digits
 least-significant first in the trace, so each trace line needs the operands' i-th digits: the
-position lookup it never did past `trained_digits` is exactly what has to generalise.
+position lookup it never did past `trained_length` is exactly what has to generalise. A word
+problem's steps are sentences, found by their content rather than their position.
 
     sputnik study beyond_the_data
     sputnik study beyond_the_data --scale 0.1 --seeds 0   # a smoke run
@@ -29,14 +31,19 @@ from sputnik.config import add_config_args, config_from_args, knob, save_config
 from sputnik.studies import runner as R
 
 ARMS = ("SFT", "SFT + GRPO", "SFT alone")
+# a task spec with the length n in it, and what n counts
+FAMILIES = {"addition": ("addition:min_digits={n}:max_digits={n}", "digits"),
+            "word_problems": ("word_problems:steps={n}", "steps")}
 
 
 @dataclass
 class Config(R.StudyConfig):
-    trained_digits: int = knob(4, "SFT traces: additions of 1..N digits", min=1, max=20)
-    rl_digits: list[int] = knob(default_factory=lambda: [5, 6], help="GRPO prompt lengths (digits, answers only)")
-    eval_digits: list[int] = knob(default_factory=lambda: [4, 5, 6, 7], help="held-out lengths evaluated (digits)")
-    sft_examples: int = knob(4000, "SFT traces (1..trained_digits digits)", min=1)
+    family: str = knob("addition", "the task family: addition (n digits) or word_problems (n steps)",
+                       choices=tuple(FAMILIES))
+    trained_length: int = knob(4, "SFT traces: lengths 1..N", min=1, max=20)
+    rl_lengths: list[int] = knob(default_factory=lambda: [5, 6], help="GRPO prompt lengths (answers only)")
+    eval_lengths: list[int] = knob(default_factory=lambda: [4, 5, 6, 7], help="held-out lengths evaluated")
+    sft_examples: int = knob(4000, "SFT traces (lengths 1..trained_length, equally many of each)", min=1)
     sft_steps: int = knob(500, "SFT steps (16 examples each)", min=1)
     rl_steps: int = knob(150, "GRPO steps", min=1)
     rl_prompts_per_step: int = knob(32, "GRPO prompts per step", min=1)
@@ -46,15 +53,14 @@ class Config(R.StudyConfig):
     max_new_tokens: int = knob(160, "completion budget (a 7-digit addition trace is ~110 tokens)", min=1)
 
     def __post_init__(self):
-        if not self.rl_digits or not self.eval_digits:
-            raise ValueError("rl_digits and eval_digits need at least one length each")
-        if min(self.rl_digits) <= self.trained_digits:
-            raise ValueError(f"rl_digits={self.rl_digits}: GRPO's lengths must exceed trained_digits={self.trained_digits} "
+        if not self.rl_lengths or not self.eval_lengths:
+            raise ValueError("rl_lengths and eval_lengths need at least one length each")
+        if min(self.rl_lengths) <= self.trained_length:
+            raise ValueError(f"rl_lengths={self.rl_lengths}: GRPO's lengths must exceed trained_length={self.trained_length} "
                              "(the study is about lengths no trace showed)")
 
-
-def length_task(digits: int) -> str:
-    return f"addition:min_digits={digits}:max_digits={digits}"
+    def task(self, n: int) -> str:
+        return FAMILIES[self.family][0].format(n=n)
 
 
 def run(cfg: Config) -> dict:
@@ -62,10 +68,10 @@ def run(cfg: Config) -> dict:
     speedrun, base_ids = cfg.base()
     save_config(cfg, r.out / "study_config.json")
     base = speedrun["sft"]["init"]
-    sft = dict(R.own_settings(speedrun["sft"]), init=base, tasks=[f"addition:max_digits={cfg.trained_digits}"],
+    sft = dict(R.own_settings(speedrun["sft"]), init=base, tasks=[cfg.task(n) for n in range(1, cfg.trained_length + 1)],
                num_examples=cfg.sft_examples, max_len=256, max_new_tokens=cfg.max_new_tokens, eval_examples=0, eval_every=0)
     sft.pop("model", None)
-    rl = dict(R.own_settings(speedrun["rl"]), tasks=[length_task(d) for d in cfg.rl_digits], task_sampling="learnability",
+    rl = dict(R.own_settings(speedrun["rl"]), tasks=[cfg.task(n) for n in cfg.rl_lengths], task_sampling="learnability",
               prompts_per_step=cfg.rl_prompts_per_step, group_size=cfg.rl_group_size, temperature=cfg.rl_temperature,
               max_new_tokens=cfg.max_new_tokens, steps=max(1, round(cfg.rl_steps * cfg.scale)), eval_every=0,
               eval_examples=50, optim=dict(speedrun["rl"]["optim"], lr=cfg.rl_lr), health=dict(stop_on_pathology=False))
@@ -82,42 +88,42 @@ def run(cfg: Config) -> dict:
                                       ("SFT + GRPO", grpo, budget, short.wall_s + grpo.wall_s),
                                       ("SFT alone", alone, alone.flops, alone.wall_s)):
             row = dict(arm=arm, seed=seed, flops=flops, wall_s=wall, compute_ratio=ratio if arm == "SFT alone" else 1.0)
-            for d in cfg.eval_digits:
-                ev = r.evaluate(run, length_task(d), problems=cfg.sampled_problems, samples=1, temperature=cfg.temperature,
+            for n in cfg.eval_lengths:
+                ev = r.evaluate(run, cfg.task(n), problems=cfg.sampled_problems, samples=1, temperature=cfg.temperature,
                                 max_new_tokens=cfg.max_new_tokens, greedy_problems=cfg.eval_problems)
-                row[f"digits_{d}"] = ev["greedy"]
+                row[f"length_{n}"] = ev["greedy"]
             r.add(**row)
     return summarize(cfg, r)
 
 
 def summarize(cfg: Config, r: R.Runner) -> dict:
-    metrics = tuple(f"digits_{d}" for d in cfg.eval_digits)
+    metrics = tuple(f"length_{n}" for n in cfg.eval_lengths)
     table = R.aggregate(r.rows, ("arm",), metrics)
     by = {e["arm"]: e for e in table}
-    n = cfg.eval_problems
+    n, unit = cfg.eval_problems, FAMILIES[cfg.family][1]
     lines = ["# Study: beyond_the_data", "",
-             f"SFT traces: additions of 1–{cfg.trained_digits} digits; GRPO prompts: {cfg.rl_digits} digits, answers only. "
-             f"Held-out: {n} test-split additions of exactly d digits for each d (greedy exact match). Seeds {cfg.seeds}. "
+             f"Family `{cfg.task('n')}`. SFT traces: 1–{cfg.trained_length} {unit}; GRPO prompts: {cfg.rl_lengths} {unit}, "
+             f"answers only. Held-out: {n} test-split problems of exactly each length (greedy exact match). Seeds {cfg.seeds}. "
              f"Each cell: mean over seeds [95% t-interval over seeds] (each seed). FLOPs and wall-clock: training only, "
              f"from the ledger (the shared pretrained base excluded).", "",
-             "| arm | " + " | ".join(f"{d} digits" for d in cfg.eval_digits) + " | training FLOPs | wall-clock (s) |",
+             "| arm | " + " | ".join(f"{x} {unit}" for x in cfg.eval_lengths) + " | training FLOPs | wall-clock (s) |",
              "|---|" + "---|" * len(metrics) + "---|---|"]
     for e in table:
         lines.append(f"| {e['arm']} | " + " | ".join(R.cell(e.get(m)) for m in metrics)
                      + f" | {e['flops']['mean']:.3g} | {e['wall_s']['mean']:.0f} |")
-    target = 6 if 6 in cfg.eval_digits else max(cfg.eval_digits)
+    target = 6 if 6 in cfg.eval_lengths else max(cfg.eval_lengths)
     headline = None
     if "SFT + GRPO" in by and "SFT alone" in by:
-        g, a = by["SFT + GRPO"][f"digits_{target}"], by["SFT alone"][f"digits_{target}"]
+        g, a = by["SFT + GRPO"][f"length_{target}"], by["SFT alone"][f"length_{target}"]
         interval = "" if g["low"] != g["low"] else f" [{g['low']:.2f}, {g['high']:.2f}]"
-        headline = (f"beyond_the_data ({len(cfg.seeds)} seeds, {n} held-out): after SFT on ≤ {cfg.trained_digits}-digit "
-                    f"additions, GRPO without traces reaches {g['mean']:.2f}{interval} on {target}-digit ones; "
+        headline = (f"beyond_the_data ({cfg.family}, {len(cfg.seeds)} seeds, {n} held-out): after SFT on ≤ "
+                    f"{cfg.trained_length} {unit}, GRPO without traces reaches {g['mean']:.2f}{interval} at {target} {unit}; "
                     f"SFT alone at equal FLOPs {a['mean']:.2f}")
         lines[1:1] = ["", f"**{headline}**"]
     lines += ["", "![accuracy against compute](beyond_the_data.png)"]
-    R.plot(r.out / "beyond_the_data.png", [(arm, [by[arm]]) for arm in ARMS if arm in by], f"digits_{target}",
-           f"held-out accuracy, {target} digits (greedy)")
-    summary = dict(study="beyond_the_data", heldout_problems=n, table=table, headline=headline)
+    R.plot(r.out / "beyond_the_data.png", [(arm, [by[arm]]) for arm in ARMS if arm in by], f"length_{target}",
+           f"held-out accuracy, {target} {unit} (greedy)")
+    summary = dict(study="beyond_the_data", family=cfg.family, heldout_problems=n, table=table, headline=headline)
     path = R.write(r, summary, "\n".join(lines) + "\n")
     print0("\n".join(lines))
     print0(f"study beyond_the_data: {path}")

@@ -5,6 +5,7 @@
     get_task("gsm8k", path=".../gsm8k_test.jsonl")      evaluation file (split="test" only)
     parse_task("addition:max_digits=6")                  the same from a task spec, the one syntax of every
                                                          command: name[:knob=value[:knob=value...]]
+    parse_tasks(["@headroom"])                           a named preset expands to its task specs (PRESETS)
     task.generate(n, split="train", seed=0)              deterministic; train/test never overlap
     task.verify(example, completion) -> Verdict          total, bounded, never eval()s
     verify(example, completion)                          the same, dispatched on example.task
@@ -30,13 +31,32 @@ from sputnik.tasks.reasoning_gym import ReasoningGymTask
 from sputnik.tasks.word_problems import WordProblems
 
 __all__ = ["Example", "Verdict", "Task", "split_of", "format_completion", "get_task", "parse_task", "parse_tasks",
-           "list_tasks", "describe_task",
+           "list_tasks", "describe_task", "PRESETS", "expand_presets",
            "verify", "mixture", "heldout_examples", "corpus_text", "example_text", "gsm8k", "svamp", "JsonlTask", "load_jsonl",
            "load_gsm8k", "load_svamp", "REGISTRY"]
 
 REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (
     Addition, Subtraction, Multiplication, Countdown, WordProblems, JsonlTask, GSM8K, SVAMP)}
 FILE_TASKS = {"jsonl", "gsm8k", "svamp"}
+
+# Named task lists, usable wherever a list of task specs is (`--tasks @headroom`). "Headroom": tasks
+# a speedrun-sized model is far from solving after a small cold start while its samples still find
+# answers (pass@k well above pass@1), where RL from a verifier has something to do (the speedrun's
+# 1-4 digit addition is solved by SFT alone: 0.95).
+PRESETS: dict[str, list[str]] = {
+    # a 2-3 digit number times a digit, worked digit by digit (studies/cold_start.py)
+    "long_multiplication": ["multiplication:trace=digits:min_digits_a=2:max_digits_a=3:max_digits_b=1"],
+    # two-digit second factors: partial products and their column sum
+    "long_multiplication_2x2": ["multiplication:trace=digits:min_digits_a=2:max_digits_a=3:min_digits_b=2:max_digits_b=2"],
+    # search: three numbers to a target up to 100
+    "countdown": ["countdown:num_count=3:max_number=20:max_target=100"],
+    # three-step stories
+    "word_problems": ["word_problems:steps=3"],
+    # reasoning-gym datasets whose answers our verifiers judge exactly (no partial credit)
+    "reasoning_gym": ["rg:chain_sum", "rg:products", "rg:basic_arithmetic"],
+}
+PRESETS["headroom"] = [spec for name in ("long_multiplication", "countdown", "word_problems", "reasoning_gym")
+                       for spec in PRESETS[name]]
 _RG_OWN_KNOBS = {"use_rg_scorer", "allow_test_derived"}
 
 
@@ -90,11 +110,24 @@ def parse_task(spec: str) -> Task:
     return get_task(name, **knobs)
 
 
+def expand_presets(specs: list[str]) -> list[str]:
+    """Task specs with each "@name" replaced by PRESETS[name]'s specs."""
+    out = []
+    for spec in specs:
+        if isinstance(spec, str) and spec.startswith("@"):
+            if spec[1:] not in PRESETS:
+                raise ValueError(f"unknown task preset {spec!r}; known: {', '.join('@' + p for p in PRESETS)}")
+            out += PRESETS[spec[1:]]
+        else:
+            out.append(spec)
+    return out
+
+
 def parse_tasks(specs: list[str]) -> list[Task]:
-    """parse_task of each spec; at least one."""
+    """parse_task of each spec (presets expanded); at least one."""
     if not specs:
         raise ValueError("no tasks: give at least one task spec (sputnik tasks list)")
-    return [parse_task(s) for s in specs]
+    return [parse_task(s) for s in expand_presets(specs)]
 
 
 def list_tasks() -> list[str]:

@@ -3,7 +3,7 @@ model will be trained on and judged by (prompt, trace, answer, and the verdict o
 completion, which must always be correct)."""
 from __future__ import annotations
 
-from sputnik.tasks import describe_task, format_completion, list_tasks, parse_task
+from sputnik.tasks import PRESETS, describe_task, format_completion, list_tasks, parse_task
 
 
 def register(subparsers) -> None:
@@ -28,6 +28,9 @@ def run_list(args) -> int:
         print(f"{name:<15} {description}")
         for knob, default, help_text in knobs:
             print(f"{'':<15}   {knob}={default!r}: {help_text}")
+    print("\npresets (--tasks @NAME):")
+    for name, specs in PRESETS.items():
+        print(f"@{name:<26} {', '.join(specs)}")
     return 0
 
 
