@@ -578,3 +578,23 @@ def test_reward_fn_by_import_path_reaches_the_rewards(policy_dir, tmp_path):
     rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][1]
     assert rec["accuracy"] == 0.0 and rec["format_rate"] == 0.0
     assert rec["reward_mean"] == 1.0 and rec["reward_failures"] == 0
+
+
+def test_rollouts_count_in_the_ledger_even_when_every_group_is_dropped(policy_dir, tmp_path):
+    """Sampling is spent whether or not dynamic sampling keeps a group: an untrained policy's groups
+    all score 0 and are dropped (no update), yet the run's FLOPs are its rollouts' exactly."""
+    from sputnik.rl.update import rollout_flops
+    from sputnik.train.loading import flops_per_token, load_model
+
+    res = rl.run(_cfg(policy_dir, tmp_path, dynamic_sampling=True, steps=1, format_weight=0.0))
+    rec = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()][-1]
+    row = [r for r in ledger.load(tmp_path) if r["command"] == "rl"][-1]
+    assert rec["kept_sequences"] == 0 and "loss" not in rec  # nothing kept, no update
+    assert row["flops"] > 0 and res["run_ids"] == [row["run_id"]]
+
+    class C:
+        def __init__(self, n):
+            self.token_ids = list(range(n))
+
+    model = load_model(str(policy_dir))
+    assert rollout_flops(model, [[1, 2, 3]], [C(4), C(5)]) == pytest.approx(12 * flops_per_token(model, 8) / 3)

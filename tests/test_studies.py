@@ -45,18 +45,26 @@ def test_aggregate_and_cells():
     assert R.cell(table[1]["greedy"]) == "0.90 (0.90)" and R.cell(None) == "—"
 
 
-def test_spent_sums_every_ledger_run_into_a_directory(tmp_path):
+def test_spent_follows_the_lineage_of_a_directory(tmp_path):
+    """A killed-and-resumed stage: both runs count (the resumed one names the first as its parent);
+    a discarded earlier attempt into the same directory, and other directories, do not."""
     from sputnik.accounting.ledger import record_run
 
     arm = tmp_path / "studies" / "s" / "K64" / "grpo"
-    for flops in (3e9, 5e9):  # a killed-and-resumed stage: two runs into one directory
-        with record_run(tmp_path, "study:s:rl", dict(out_dir=str(arm)), energy_method="table") as run:
+    ids = []
+    for flops, parents in ((2e9, []), (3e9, []), (5e9, "previous")):  # discarded, first part, resumed part
+        with record_run(tmp_path, "study:s:rl", dict(out_dir=str(arm)), energy_method="table",
+                        parents=ids[-1:] if parents else []) as run:
             run.add(flops=flops)
-    with record_run(tmp_path, "study:s:sft", dict(out_dir=str(tmp_path / "other")), energy_method="table") as run:
+        ids.append(run.run_id)
+    with record_run(tmp_path, "study:s:sft", dict(out_dir=str(tmp_path / "other")), energy_method="table",
+                    parents=ids[-1:]) as run:
         run.add(flops=7e9)
     runner = R.Runner(tmp_path, "s", device=None)
-    flops, wall = runner.spent(arm)
+    flops, wall = runner.spent(arm, [ids[-1]])
     assert flops == pytest.approx(8e9) and wall >= 0
+    assert runner.spent(arm, [run.run_id])[0] == pytest.approx(8e9)  # reached through a child in another directory
+    assert runner.spent(tmp_path / "other", [run.run_id])[0] == pytest.approx(7e9)
 
 
 def test_force_matches_run_names_and_prefixes(tmp_path):
@@ -126,10 +134,11 @@ def test_distill_vs_rl_study_end_to_end(tmp_path):
     RL student's FLOPs (teacher forwards taken out of the KD arms and shown as the teacher's)."""
     from sputnik.studies import distill_vs_rl
 
-    cfg = distill_vs_rl.Config(project=str(tmp_path), seeds=[0], scale=0.02, cold_start_steps=300, rl_steps=100,
-                               student_pretrain_steps=600, distill_prompts=8, teacher_samples=1, traces=16,
-                               eval_problems=6, sampled_problems=3, samples=2, max_new_tokens=40, num_threads=1,
-                               teacher_temperature=1.0)
+    # a teacher that gets some one-digit sums right (300 SFT steps) so that it has verified traces to give
+    cfg = distill_vs_rl.Config(project=str(tmp_path), seeds=[0], scale=0.02, task="addition:max_digits=1",
+                               cold_start_steps=15000, rl_steps=100, student_pretrain_steps=600, distill_prompts=32,
+                               teacher_samples=2, traces=64, eval_problems=6, sampled_problems=3, samples=2,
+                               max_new_tokens=40, num_threads=1)
     summary = distill_vs_rl.run(cfg)
     table = {e["arm"]: e for e in summary["table"]}
     assert set(table) == set(distill_vs_rl.ARMS)

@@ -103,12 +103,19 @@ def micro_batch_loss(ref_model, mb, adv_B, logp_BT, old_logp_BT, cfg, aggregate,
                                 is_weights_BT=is_w)
 
 
-def step_flops(model, batch, cfg) -> float:
-    """FLOPs of one RL step: rollout forward (prefill + decode, 1/3 of a training token's cost per
-    token), μ training passes over the kept sequences, and the reference forward when β > 0."""
+def rollout_flops(model, prompts: list[list[int]], completions) -> float:
+    """FLOPs of sampling a step's rollouts: one prefill per prompt (its samples fork the cache) plus
+    every generated token, each a forward (1/3 of a training token's cost). Every sample counts,
+    kept or dropped: dynamic sampling saves a dropped group's update, not its sampling."""
+    tokens = sum(len(p) for p in prompts) + sum(len(c.token_ids) for c in completions)
+    longest = max([len(p) for p in prompts] + [0]) + max([len(c.token_ids) for c in completions] + [0])
+    return tokens * flops_per_token(model, max(1, longest)) / 3
+
+
+def update_flops(model, batch, cfg) -> float:
+    """FLOPs of a step's update: μ training passes over the kept sequences (padded batch) and the
+    reference forward when β > 0."""
     B, T = batch.input_ids_BT.shape
     train_per_token = flops_per_token(model, T)
-    rollout = (B * T) * train_per_token / 3
-    update_flops = cfg.inner_updates * (B * T) * train_per_token
     ref = (B * T) * train_per_token / 3 if cfg.beta > 0 else 0.0
-    return rollout + update_flops + ref
+    return cfg.inner_updates * (B * T) * train_per_token + ref

@@ -34,7 +34,7 @@ from sputnik.rl.health import HealthConfig, HealthMonitor, HealthStop, prompt_pr
 from sputnik.rl.prompts import learnability_shares, render, rollout_seed, sample_prompts, update_task_accuracy
 from sputnik.rl.rewards import IsolatedReward, score
 from sputnik.rl.rollout import build_rollout_batch
-from sputnik.rl.update import VARIANTS, step_flops, update
+from sputnik.rl.update import VARIANTS, rollout_flops, update, update_flops
 from sputnik.train.loading import load_model
 from sputnik.train.optim import OptimConfig, lr_multiplier, set_lr
 from sputnik.train.session import open_session
@@ -142,7 +142,7 @@ def policy_update(rl: RL, step: int, prompts, completions, adv_B, keep, kept_glo
     set_lr(s.optimizer, lr_multiplier(step, cfg.steps, cfg.optim))
     m = update(s.raw, rl.ref_model, s.optimizer, batch, adv_B[keep].to(s.device), cfg, s.choice,
                vocab_limit=rl.engine.vocab_limit, info=rl.info, poison=step in cfg.poison_steps)
-    flops, tokens = (0.0, 0) if batch is None else (step_flops(s.raw, batch, cfg), batch.input_ids_BT.numel())
+    flops, tokens = (0.0, 0) if batch is None else (update_flops(s.raw, batch, cfg), batch.input_ids_BT.numel())
     flops, tokens = dist_lib.all_reduce_sum([flops, tokens], rl.info, s.device)
     run.add(flops=flops, tokens=int(tokens))
     return m
@@ -230,6 +230,8 @@ def run(cfg: Config, parents=(), command: str = "rl") -> dict:
                     t0 = time.perf_counter()
                     examples, prompts, flat = rollout(rl, step, task_acc)
                     t_roll = time.perf_counter() - t0
+                    sampled, = dist_lib.all_reduce_sum([rollout_flops(s.raw, prompts, flat)], rl.info, s.device)
+                    run.add(flops=sampled)
                     flat_ex = [ex for ex in examples for _ in range(cfg.group_size)]
                     # --- reward ------------------------------------------------------------------
                     t1 = time.perf_counter()

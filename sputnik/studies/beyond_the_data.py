@@ -116,7 +116,7 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     if "SFT + GRPO" in by and "SFT alone" in by:
         g, a = by["SFT + GRPO"][f"length_{target}"], by["SFT alone"][f"length_{target}"]
         interval = "" if g["low"] != g["low"] else f" [{g['low']:.2f}, {g['high']:.2f}]"
-        headline = (f"beyond_the_data ({cfg.family}, {len(cfg.seeds)} seeds, {n} held-out): after SFT on ≤ "
+        headline = (f"beyond_the_data ({cfg.family}, {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}, {n} held-out): after SFT on ≤ "
                     f"{cfg.trained_length} {unit}, GRPO without traces reaches {g['mean']:.2f}{interval} at {target} {unit}; "
                     f"SFT alone at equal FLOPs {a['mean']:.2f}")
         lines[1:1] = ["", f"**{headline}**"]

@@ -117,7 +117,7 @@ def student_flops(r: R.Runner, run: R.StageRun) -> float:
     teacher forwards a KD run counts in them."""
     from pathlib import Path
 
-    flops, _ = r.spent(Path(_student_dir(run)))
+    flops, _ = r.spent(Path(_student_dir(run)), run.run_ids)
     return flops - _teacher_forward(r, run)
 
 
@@ -125,24 +125,23 @@ def teacher_flops(r: R.Runner, run: R.StageRun) -> float:
     """The teacher's share: sampling the traces (the distill run itself) plus KD's teacher forwards."""
     from pathlib import Path
 
-    sampled, _ = r.spent(Path(run.out_dir))
+    sampled, _ = r.spent(Path(run.out_dir), run.run_ids)
     return sampled + _teacher_forward(r, run)
 
 
 def student_wall(r: R.Runner, run: R.StageRun) -> float:
     from pathlib import Path
 
-    return r.spent(Path(_student_dir(run)))[1]
+    return r.spent(Path(_student_dir(run)), run.run_ids)[1]
 
 
 def _teacher_forward(r: R.Runner, run: R.StageRun) -> float:
+    """KD's teacher forwards: cumulative over a resumed KD run, so the latest run's figure."""
     from pathlib import Path
 
-    from sputnik.accounting import ledger
-
-    want = str(Path(_student_dir(run)).resolve())
-    return sum((row.get("metrics") or {}).get("teacher_forward_flops") or 0.0 for row in ledger.load(r.project)
-               if row.get("status") == "ok" and str(Path((row.get("config") or {}).get("out_dir") or "/").resolve()) == want)
+    rows = r.lineage(Path(_student_dir(run)), run.run_ids)
+    latest = max(rows, key=lambda row: row.get("start_ts") or 0, default={})
+    return (latest.get("metrics") or {}).get("teacher_forward_flops") or 0.0
 
 
 def summarize(cfg: Config, r: R.Runner, teacher: dict) -> dict:
@@ -167,7 +166,7 @@ def summarize(cfg: Config, r: R.Runner, teacher: dict) -> dict:
     headline = None
     if "distill (sequence)" in by and "student RL" in by:
         d, a = by["distill (sequence)"]["greedy"], by["student RL"]["greedy"]
-        headline = (f"distill_vs_rl ({len(cfg.seeds)} seeds, {n} held-out): at equal student FLOPs, sequence distillation "
+        headline = (f"distill_vs_rl ({len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}, {n} held-out): at equal student FLOPs, sequence distillation "
                     f"from the RL teacher {d['mean']:.2f} vs the RL recipe on the student {a['mean']:.2f} "
                     f"(teacher {teacher['greedy']:.2f})")
         lines[1:1] = ["", f"**{headline}**"]

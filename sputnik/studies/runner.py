@@ -86,8 +86,9 @@ class Runner:
             extra = dict(command=self.command(stage)) if stage != "distill" else {}
             result = fn(cfg, parents=list(parents), **extra)
             atomic_write_json(done, result)
-        flops, wall = self.spent(out_dir)
-        return StageRun(name, str(out_dir), result, list(result.get("run_ids", [])), flops, wall)
+        run_ids = list(result.get("run_ids", []))
+        flops, wall = self.spent(out_dir, run_ids)
+        return StageRun(name, str(out_dir), result, run_ids, flops, wall)
 
     def stage_at_flops(self, name: str, stage: str, settings: dict, target: float, per_step: float, parents=(),
                        steps_key: str = "steps", own_flops=lambda run: run.flops) -> tuple[StageRun, float]:
@@ -111,19 +112,32 @@ class Runner:
     def _forced(self, name: str) -> bool:
         return "all" in self.force or any(name == f or name.startswith(f.rstrip("/") + "/") for f in self.force)
 
-    def spent(self, out_dir: Path) -> tuple[float, float]:
-        """(FLOPs, wall-clock seconds) the ledger records for every run into out_dir: the runs of a
-        resumed stage add up, killed attempts included (their compute was spent too)."""
+    def lineage(self, out_dir: Path, run_ids) -> list[dict]:
+        """The ledger rows of the runs into `out_dir` that produced the output named by `run_ids`:
+        those runs and, through their parents, the earlier runs of a resumed stage (each resumed
+        run names the runs that wrote its checkpoints). An attempt whose output was discarded (a
+        study run redone from scratch) is not in the lineage, though it stays in the ledger."""
         from sputnik.accounting import ledger
 
         want = str(Path(out_dir).resolve())
-        flops = wall = 0.0
-        for r in ledger.load(self.project):
-            where = (r.get("config") or {}).get("out_dir")
+        by_id = {r["run_id"]: r for r in ledger.load(self.project)}
+        todo, seen, rows = list(run_ids), set(), []
+        while todo:
+            rid = todo.pop()
+            if rid in seen or rid not in by_id:
+                continue
+            seen.add(rid)
+            row = by_id[rid]
+            todo.extend(row.get("parents") or [])
+            where = (row.get("config") or {}).get("out_dir")
             if where and str(Path(where).resolve()) == want:
-                flops += r.get("flops") or 0.0
-                wall += r.get("wall_s") or 0.0
-        return flops, wall
+                rows.append(row)
+        return rows
+
+    def spent(self, out_dir: Path, run_ids) -> tuple[float, float]:
+        """(FLOPs, wall-clock seconds) the ledger records for the lineage of `run_ids` in out_dir."""
+        rows = self.lineage(out_dir, run_ids)
+        return sum(r.get("flops") or 0.0 for r in rows), sum(r.get("wall_s") or 0.0 for r in rows)
 
     # --- evaluation -----------------------------------------------------------------------------
     def evaluate(self, run: StageRun, task: str, *, problems: int, samples: int, temperature: float,
