@@ -150,3 +150,17 @@ def test_distill_vs_rl_study_end_to_end(tmp_path):
         assert by[arm]["teacher_flops"] > 0  # its traces (and KD's forwards) cost the teacher
     assert by["distill (logit)"]["teacher_flops"] > by["distill (sequence)"]["teacher_flops"]  # + KD forwards
     assert "teacher" in summary and 0 <= summary["teacher"]["greedy"] <= 1
+
+
+def test_heldout_problems_are_disjoint_from_every_training_split():
+    """The problems a study evaluates (test split, every length) never occur in what its SFT and
+    GRPO runs draw (train split), the longer lengths included: the hash split decides, per problem."""
+    from sputnik.studies import beyond_the_data, cold_start
+    from sputnik.tasks import parse_task, split_of
+
+    cfg = beyond_the_data.Config(trained_length=2, rl_lengths=[3], eval_lengths=[2, 3, 4])
+    train = {ex.meta["key"] for spec in [cfg.task(n) for n in (1, 2, 3)] + [cold_start.TASK]
+             for ex in parse_task(spec).generate(3000, split="train", seed=0)}
+    for spec in [cfg.task(n) for n in cfg.eval_lengths] + [cold_start.TASK]:
+        held = [ex.meta["key"] for ex in parse_task(spec).generate(200, split="test", seed=0)]
+        assert held and all(split_of(k) == "test" for k in held) and not set(held) & train

@@ -34,6 +34,7 @@ from sputnik.config import RunConfig, add_config_args, build, config_from_args, 
 from sputnik.inference.engine import Engine
 from sputnik.inference.sampling import SamplingParams
 from sputnik.model.config import ModelConfig
+from sputnik.rl.update import rollout_flops
 from sputnik.train import losses
 from sputnik.train.balance import ExpertLoad
 from sputnik.train.loading import flops_per_token, load_model, load_tokenizer, model_config, peak_flops
@@ -116,11 +117,10 @@ def teacher_traces(cfg: Config, parents) -> tuple[Path, list[dict], str]:
             if reuse:
                 traces = [json.loads(line) for line in traces_path.read_text().splitlines() if line.strip()]
             else:
-                traces = sample_traces(teacher, t_tok, parse_tasks(cfg.tasks), cfg, teacher_id=settings["teacher"])
+                traces = sample_traces(teacher, t_tok, parse_tasks(cfg.tasks), cfg, teacher_id=settings["teacher"],
+                                       count_flops=lambda f: run.add(flops=f))
                 write_traces(traces_path, traces)
                 atomic_write_text(meta_path, json.dumps({"settings": settings, "run_id": run.run_id}))
-                run.add(flops=cfg.num_prompts * cfg.samples_per_prompt * cfg.max_new_tokens
-                        * flops_per_token(teacher, cfg.max_len) / 3)
             if not traces:
                 raise ValueError("the teacher produced no verified trace: nothing to distil (check the teacher's accuracy)")
             print0(f"distill: {len(traces)} verified traces from {cfg.num_prompts} prompts x {cfg.samples_per_prompt} samples")
@@ -131,7 +131,7 @@ def teacher_traces(cfg: Config, parents) -> tuple[Path, list[dict], str]:
 
 # ---------------------------------------------------------------------------------------------
 # Sequence level: rejection sampling
-def sample_traces(teacher, tokenizer, tasks, cfg: "Config", teacher_id: str) -> list[dict]:
+def sample_traces(teacher, tokenizer, tasks, cfg: "Config", teacher_id: str, count_flops=lambda flops: None) -> list[dict]:
     """k samples per prompt; keep those the verifier marks correct (deduplicated per prompt)."""
     rng = random.Random(cfg.seed)
     exs = []
@@ -141,8 +141,10 @@ def sample_traces(teacher, tokenizer, tasks, cfg: "Config", teacher_id: str) -> 
     by_name = {t.name: t for t in tasks}
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.teacher_temperature,
                             stop_token_ids=tokenizer.stop_ids, seed=cfg.seed)
-    outs = Engine(teacher, tokenizer).generate([tokenizer.render_prompt(ex.prompt) for ex in exs], params,
-                                                 num_samples=cfg.samples_per_prompt)
+    prompts = [tokenizer.render_prompt(ex.prompt) for ex in exs]
+    outs = Engine(teacher, tokenizer).generate(prompts, params, num_samples=cfg.samples_per_prompt)
+    # every sample was paid for, verified or not (the same count as RL's rollouts)
+    count_flops(rollout_flops(teacher, prompts, [c for samples in outs for c in samples]))
     kept = []
     sampling = dict(temperature=cfg.teacher_temperature, k=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
                     seed=cfg.seed)

@@ -37,10 +37,11 @@ ARMS = ("student RL", "distill (sequence)", "distill (logit)", "distill (on-poli
 @dataclass
 class Config(R.StudyConfig):
     task: str = knob(cold_start.TASK, "the study task (a task spec with a worked trace and a verifier)")
+    # the teacher is cold_start's recipe at K = 1024 (its defaults: 1000 cold-start steps, 80 GRPO steps)
     traces: int = knob(1024, "gold traces of the teacher's and the RL student's cold start", min=1)
-    cold_start_steps: int = knob(400, "cold-start SFT steps (16 examples each), teacher and RL student", min=1)
-    rl_steps: int = knob(120, "GRPO steps, teacher and RL student", min=1)
-    rl_lr: float = knob(1e-3, "GRPO learning rate (constant)", min=0.0)
+    cold_start_steps: int = knob(1000, "cold-start SFT steps (16 examples each), teacher and RL student", min=1)
+    rl_steps: int = knob(80, "GRPO steps, teacher and RL student", min=1)
+    rl_lr: float = knob(2e-4, "GRPO learning rate (constant; cold_start's)", min=0.0)
     rl_temperature: float = knob(1.0, "GRPO rollout temperature", min=0.01)
     student_pretrain_steps: int = knob(1200, "pretraining steps of the student's base (the teacher base's count)", min=1)
     distill_prompts: int = knob(2000, "training prompts the teacher answers for sequence and logit distillation", min=1)
