@@ -75,6 +75,7 @@ def test_force_matches_run_names_and_prefixes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_cold_start_study_end_to_end(tmp_path):
     """A tiny cold_start study (smoke-scale base and arms, two seeds): every arm runs under the
     ledger, SFT alone is at the GRPO arm's FLOPs, the table has every cell, a rerun reuses it."""
@@ -105,6 +106,7 @@ def test_cold_start_study_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_beyond_the_data_study_end_to_end(tmp_path):
     """Smoke scale: every length is evaluated for every arm on held-out problems; GRPO's prompts are
     longer than any trace; SFT alone is at the GRPO arm's FLOPs."""
@@ -129,6 +131,7 @@ def test_beyond_the_data_study_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_distill_vs_rl_study_end_to_end(tmp_path):
     """Smoke scale: one teacher, one student base, the RL student and three distillation arms at the
     RL student's FLOPs (teacher forwards taken out of the KD arms and shown as the teacher's)."""

@@ -94,9 +94,10 @@ class Runner:
                        steps_key: str = "steps", own_flops=lambda run: run.flops) -> tuple[StageRun, float]:
         """A run given `target` FLOPs: its step count from `per_step` (an estimate: FLOPs per step
         depend on the lengths of the sequences drawn), then checked against the ledger; a run off
-        by more than the tolerance is set aside and redone once with the count corrected by the
-        measured rate into `<name>_redo` (the first attempt stays, in the ledger and on disk: it was
-        spent). Returns the run and its FLOPs / target ratio, asserted within EQUAL_COMPUTE_TOLERANCE."""
+        by more than the tolerance is redone once, as `<name>_redo`, with the count corrected by the
+        measured rate (the first attempt stays, in the ledger and on disk: it was spent). Returns
+        the run and its FLOPs / target ratio, asserted within EQUAL_COMPUTE_TOLERANCE (or one step,
+        for budgets of a few steps)."""
         steps = max(1, round(target / per_step))
         run = self.stage(name, stage, _with_steps(settings, steps_key, steps), parents)
         flops = own_flops(run)
@@ -245,6 +246,9 @@ def plot(path: Path, series: list[tuple[str, list[dict]]], metric: str, ylabel: 
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, x, xlabel in ((axes[0], "flops", "training FLOPs (ledger)"), (axes[1], "wall_s", "training wall-clock (s, ledger)")):
+        spread = [p[x]["mean"] for _, points in series for p in points if p.get(x) and p[x]["mean"] > 0]
+        if spread and max(spread) > 10 * min(spread):  # a log axis only where it spans decades
+            ax.set_xscale("log")
         for label, points in series:
             pts = [p for p in points if p.get(metric) and p.get(x)]
             if not pts:
@@ -254,7 +258,6 @@ def plot(path: Path, series: list[tuple[str, list[dict]]], metric: str, ylabel: 
             err = [[max(0.0, p[metric]["mean"] - p[metric]["low"]) if not math.isnan(p[metric]["low"]) else 0.0 for p in pts],
                    [max(0.0, p[metric]["high"] - p[metric]["mean"]) if not math.isnan(p[metric]["high"]) else 0.0 for p in pts]]
             ax.errorbar(xs, ys, yerr=err, marker="o", markersize=4, capsize=3, label=label)
-        ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
