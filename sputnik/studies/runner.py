@@ -240,6 +240,7 @@ def plot(path: Path, series: list[tuple[str, list[dict]]], metric: str, ylabel: 
     """Two panels: `metric` against FLOPs and against wall-clock; each series a line through its
     aggregated points (mean over seeds, error bars the t-interval)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -249,6 +250,7 @@ def plot(path: Path, series: list[tuple[str, list[dict]]], metric: str, ylabel: 
         spread = [p[x]["mean"] for _, points in series for p in points if p.get(x) and p[x]["mean"] > 0]
         if spread and max(spread) > 10 * min(spread):  # a log axis only where it spans decades
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         for label, points in series:
             pts = [p for p in points if p.get(metric) and p.get(x)]
             if not pts:
