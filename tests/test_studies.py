@@ -167,3 +167,29 @@ def test_heldout_problems_are_disjoint_from_every_training_split():
     for spec in [cfg.task(n) for n in cfg.eval_lengths] + [cold_start.TASK]:
         held = [ex.meta["key"] for ex in parse_task(spec).generate(200, split="test", seed=0)]
         assert held and all(split_of(k) == "test" for k in held) and not set(held) & train
+
+
+def test_a_finished_run_is_reused_only_with_the_same_recipe(tmp_path, monkeypatch):
+    """Same settings: the finished run is reused (threads may differ); other settings: the old
+    output is set aside and the run made anew; an unfinished run of the same settings resumes in place."""
+    from sputnik.config import DeviceConfig
+    from sputnik.stages import sft
+
+    calls = []
+
+    def fake_run(cfg, parents=(), command="sft"):
+        calls.append(cfg.steps)
+        return {"run_ids": [], "steps": cfg.steps}
+
+    monkeypatch.setattr(sft, "run", fake_run)
+    settings = dict(init=str(tmp_path / "base"), tasks=["addition"], steps=2)
+    r = R.Runner(tmp_path, "s", device=DeviceConfig(num_threads=1))
+    assert r.stage("a", "sft", settings).result["steps"] == 2 and calls == [2]
+    r.device = DeviceConfig(num_threads=2)
+    r.stage("a", "sft", settings)
+    assert calls == [2]  # reused
+    assert r.stage("a", "sft", dict(settings, steps=3)).result["steps"] == 3 and calls == [2, 3]
+    assert (tmp_path / "studies" / "s" / "a.superseded-1" / "DONE.json").is_file()
+    (tmp_path / "studies" / "s" / "a" / "DONE.json").unlink()  # killed before it finished
+    r.stage("a", "sft", dict(settings, steps=3))
+    assert calls == [2, 3, 3] and not (tmp_path / "studies" / "s" / "a.superseded-2").exists()

@@ -74,15 +74,22 @@ class Runner:
         settings = dict(settings, out_dir=str(out_dir), project_dir=str(self.project), resume="auto",
                         **{f.name: getattr(self.device, f.name) for f in fields(DeviceConfig)})
         cfg = build(cls, settings)
-        done = out_dir / "DONE.json"
-        if done.is_file() and not self._forced(name):
+        done, marker = out_dir / "DONE.json", out_dir / "study_run.json"
+        from sputnik.config import to_dict
+
+        recipe = _recipe(to_dict(cfg))
+        recorded = _recorded_recipe(out_dir) if out_dir.exists() else None
+        stale = recorded is not None and recorded != recipe  # made with other settings: never reused or resumed
+        if done.is_file() and not self._forced(name) and not stale:
             result = json.loads(done.read_text())
         else:
-            if done.is_file():
+            if out_dir.exists() and (self._forced(name) or stale):
                 from sputnik import pipeline
 
-                pipeline.set_aside(out_dir.parent, out_dir.name, why=f"study --force {name}")
+                why = f"study --force {name}" if self._forced(name) else "its settings changed"
+                pipeline.set_aside(out_dir.parent, out_dir.name, why=f"study {self.study}: {why}")
             print0(f"\n=== study {self.study}: {name} ({stage}) ===")
+            atomic_write_json(marker, {"recipe": recipe, "stage": stage})
             extra = dict(command=self.command(stage)) if stage != "distill" else {}
             result = fn(cfg, parents=list(parents), **extra)
             atomic_write_json(done, result)
@@ -174,6 +181,27 @@ class Runner:
     # --- the table ------------------------------------------------------------------------------
     def add(self, **row) -> None:
         self.rows.append(row)
+
+
+_WHERE = {"out_dir", "project_dir", "resume", "config_class", *(f.name for f in fields(DeviceConfig))}
+
+
+def _recipe(config: dict) -> str:
+    """What a run computes: its resolved config without where it runs (device, threads, kernels)
+    and where it writes."""
+    import hashlib
+
+    blob = json.dumps({k: v for k, v in config.items() if k not in _WHERE}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _recorded_recipe(out_dir: Path) -> str | None:
+    """The recipe of the run in out_dir: its study marker, else the stage config it saved (runs made
+    before the marker existed); None when neither exists (nothing to compare: trusted)."""
+    marker, saved = out_dir / "study_run.json", out_dir / "stage_config.json"
+    if marker.is_file():
+        return json.loads(marker.read_text()).get("recipe")
+    return _recipe(json.loads(saved.read_text())) if saved.is_file() else None
 
 
 def _with_steps(settings: dict, key: str, steps: int) -> dict:
