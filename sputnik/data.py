@@ -161,11 +161,13 @@ def train_eval_tokens(docs: Sequence[str], tokenizer, eval_fraction: float = 0.0
 class PackedDataset(_Loader):
     """Window i of the stream is tokens[i*T : i*T + T + 1] (consecutive windows share one token, so
     every token but the first is a target exactly once per epoch). Yields
-    (inputs [B, T], targets [B, T]) int64 = (w[:, :-1], w[:, 1:]) for windows w [B, T+1]."""
+    (inputs [B, T], targets [B, T]) int64 = (w[:, :-1], w[:, 1:]) for windows w [B, T+1].
+    `tokens`: an in-memory stream (tensor or list), or memory-mapped shards (sputnik.corpus.shards.
+    TokenShards), from which only the batch's windows are read."""
 
     def __init__(self, tokens, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, seed: int = 0, num_epochs: int | None = None, name: str = "pretraining data"):
-        self.tokens = torch.as_tensor(tokens).reshape(-1)
+        self.tokens = tokens if hasattr(tokens, "read") else torch.as_tensor(tokens).reshape(-1)
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len}: must be >= 1")
         if len(self.tokens) == 0:
@@ -180,7 +182,10 @@ class PackedDataset(_Loader):
 
     def _batch(self, global_idx):
         starts = torch.as_tensor(self.sampler.rank_slice(global_idx)) * self.seq_len  # [B]
-        w = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)].long()  # [B, T+1]
+        if isinstance(self.tokens, torch.Tensor):
+            w = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)].long()  # [B, T+1]
+        else:
+            w = torch.from_numpy(np.stack([self.tokens.read(s, s + self.seq_len + 1) for s in starts.tolist()]))
         return w[:, :-1], w[:, 1:]
 
 

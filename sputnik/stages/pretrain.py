@@ -2,12 +2,15 @@
 
 Documents (text files, one per file, and/or the built-in task corpora) are split train/held-out
 by document hash, tokenized into one stream with <|endoftext|> after each document and cut into
-windows of seq_len + 1 tokens (sputnik.data.PackedDataset). Each step is one global batch of
+windows of seq_len + 1 tokens (sputnik.data.PackedDataset). A corpus too large for memory is
+tokenized once into shards (`sputnik data tokenize`) and read here by memory map (`--data DIR`):
+the same stream, split and windows, with no corpus held in memory. Each step is one global batch of
 batch_size x grad_accum x world_size windows; the loss is the token mean over it (CE + λ·MTP +
 balance loss, see model/transformer.py), after which the MoE router biases take their
 aux-loss-free step (DeepSeek-V3 §2.1.2). A NaN/inf loss or gradient skips the step.
 
     sputnik pretrain --out_dir runs/pretrain --tokenizer runs/tok --tasks addition,subtraction --steps 300
+    sputnik pretrain --out_dir runs/pretrain --tokenizer runs/tok --data runs/corpus --steps 300
     torchrun --nproc_per_node 2 -m sputnik pretrain ...   # same command, data sharded per rank
 """
 from __future__ import annotations
@@ -28,7 +31,9 @@ from sputnik.train.step import train_step
 @dataclass
 class Config(TrainConfig):
     out_dir: str = knob("runs/pretrain", "output directory: metrics.jsonl, checkpoints/, model/, stage_config.json")
-    texts: list[str] = knob(default_factory=list, help="UTF-8 text files or directories of *.txt (one document per file)")
+    data: str = knob("", "token shards from `sputnik data tokenize` (memory-mapped, any size; replaces --texts and --tasks)")
+    texts: list[str] = knob(default_factory=list, help="UTF-8 text files or directories of *.txt (one document per file), "
+                                                       "read into memory: for a small corpus")
     tasks: list[str] = knob(default_factory=lambda: ["addition", "subtraction", "multiplication"],
                             help="built-in task corpora mixed in: task specs name[:knob=value...] (comma-separated; '' for none)")
     task_docs: int = knob(20000, "worked problems drawn from the task corpora", min=0)
@@ -37,7 +42,9 @@ class Config(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.texts and (not self.tasks or self.task_docs == 0):
+        if self.data and self.texts:
+            raise ValueError("data and texts: give one (--data DIR reads token shards; --texts reads files into memory)")
+        if not self.data and not self.texts and (not self.tasks or self.task_docs == 0):
             raise ValueError("no pretraining data: give --texts FILES and/or --tasks NAMES with --task_docs > 0")
 
 
@@ -67,12 +74,29 @@ def load_data(cfg: Config, tokenizer, dist):
     """(train loader, fixed held-out batches, train tokens) for this rank; ValueError on empty or tiny data."""
     from sputnik.data import PackedDataset, train_eval_tokens
 
-    train_ids, eval_ids = train_eval_tokens(read_documents(cfg), tokenizer, cfg.eval_fraction)
+    if cfg.data:
+        train_ids, eval_ids = open_shards(cfg.data, tokenizer)
+    else:
+        train_ids, eval_ids = train_eval_tokens(read_documents(cfg), tokenizer, cfg.eval_fraction)
     train = PackedDataset(train_ids, cfg.batch_size, cfg.seq_len, rank=dist.rank, world_size=dist.world_size,
                           seed=cfg.seed, name="pretraining data (train split)")
     held = PackedDataset(eval_ids, cfg.batch_size, cfg.seq_len, rank=dist.rank, world_size=dist.world_size,
                          shuffle=False, num_epochs=1, name="pretraining data (held-out split)")
     return train, [b for _, b in zip(range(cfg.eval_batches), held)], len(train_ids)
+
+
+def open_shards(directory: str, tokenizer):
+    """(train, held-out) token streams of a shard directory, memory-mapped; the shards must come
+    from this very tokenizer (its fingerprint is in the manifest), else ids would mean other text."""
+    from sputnik.corpus.shards import TokenShards, read_manifest, tokenizer_fingerprint
+
+    manifest = read_manifest(Path(directory))
+    if manifest["tokenizer"]["sha256"] != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"{directory}: its shards were tokenized with another tokenizer "
+                         f"({manifest.get('tokenizer_path', '?')}, vocab {manifest['tokenizer']['vocab_size']}) than this run's "
+                         f"({tokenizer.source}, vocab {tokenizer.vocab_size}): tokenize again or pass that --tokenizer")
+    return (TokenShards(directory, "train", tokenizer.vocab_size),
+            TokenShards(directory, "heldout", tokenizer.vocab_size))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
     sputnik tokenizer train --out_dir runs/tok --vocab_size 4096 --text_files a.txt,b.txt
 
 Corpus = rendered chats of the configured tasks (sputnik.tasks.corpus_text) + one document per
-user text file. A hash-chosen 10% of the documents is held out (never trained on) to measure
+user text file + a sample of a large corpus (`--corpus`, spread evenly over its units so a corpus
+of any size is never read whole). A hash-chosen 10% of the documents is held out (never trained on) to measure
 compression, bytes per token, on text the merges were not fitted to.
 """
 from __future__ import annotations
@@ -33,6 +34,10 @@ class Config:
                                  "(comma separated; empty for none)")
     num_examples: int = knob(2000, "examples generated per task", min=0)
     text_files: list[str] = knob(default_factory=list, help="your UTF-8 text files, one document each (comma separated)")
+    corpus: list[str] = knob(default_factory=list, help="corpus sources of any size, as `sputnik data tokenize` reads them "
+                                                        "(txt directories, .jsonl, .parquet, saved datasets): a sample is read")
+    corpus_sample_mb: int = knob(64, "MB of text sampled from --corpus, spread evenly over it", min=1)
+    text_field: str = knob("text", "the text field of --corpus JSONL records and columns")
     seed: int = knob(0, "seed of the task generators", min=0)
     project_dir: str = knob("", "directory of the cost ledger ledger.jsonl ('' = the parent of out_dir)")
 
@@ -40,8 +45,8 @@ class Config:
         missing = [p for p in self.text_files if not Path(p).is_file()]
         if missing:
             raise ValueError(f"text_files: {missing[0]} does not exist")
-        if not self.text_files and (not self.tasks or self.num_examples == 0):
-            raise ValueError("empty corpus: give text_files, or tasks with num_examples >= 1")
+        if not self.text_files and not self.corpus and (not self.tasks or self.num_examples == 0):
+            raise ValueError("empty corpus: give text_files or corpus, or tasks with num_examples >= 1")
 
 
 def build_corpus(config: Config) -> list[str]:
@@ -51,6 +56,10 @@ def build_corpus(config: Config) -> list[str]:
 
         docs += corpus_text(parse_tasks(config.tasks), config.num_examples, config.seed)
     docs += read_text_files(config.text_files)
+    if config.corpus:
+        from sputnik.corpus.sources import sample_documents
+
+        docs += sample_documents(config.corpus, config.corpus_sample_mb << 20, config.text_field)
     return docs
 
 
