@@ -13,7 +13,7 @@ import sys
 
 COMMAND_MODULES = [
     "sputnik.tasks.cli",             # tasks list | preview
-    "sputnik.corpus.tokenize",       # data tokenize
+    "sputnik.corpus.cli",            # data generate | tokenize
     "sputnik.stages.tokenizer",      # tokenizer train
     "sputnik.stages.pretrain",       # pretrain
     "sputnik.stages.sft",            # sft

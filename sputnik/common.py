@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+# torch is imported inside the functions that use it: the tokenizer and the corpus workers import
+# this module and need no torch (its import costs ~265 MB of RSS in every worker process).
 
 # ---------------------------------------------------------------------------------------------
 # Device and dtype
@@ -33,6 +33,8 @@ def pick_device(requested: str = "auto") -> DeviceChoice:
     (avx512_bf16: bf16 GEMMs ~2.5x faster at training shapes) gained little on a whole autocast
     training step and lost 2x on batch-1 decode GEMVs (LOG.md, 2026-12-02), so CPU stays fp32: the
     same numbers on every CPU."""
+    import torch
+
     if requested not in ("auto", "cpu", "cuda", "mps"):
         raise ValueError(f"device={requested!r}: allowed auto, cpu, cuda, mps")
     if requested in ("auto", "cuda") and torch.cuda.is_available():
@@ -51,6 +53,8 @@ def pick_device(requested: str = "auto") -> DeviceChoice:
 
 def autocast(choice: DeviceChoice):
     """bf16 autocast on GPU, a no-op context on fp32 devices."""
+    import torch
+
     if choice.dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=choice.device.type, dtype=choice.dtype)
@@ -61,6 +65,8 @@ def set_threads(num_threads: int = 0) -> int:
     Two OpenMP threads on two shared vCPUs collapse when oversubscribed, so never exceed that."""
     avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = avail if num_threads <= 0 else min(num_threads, avail)
+    import torch
+
     torch.set_num_threads(n)
     return n
 
@@ -90,6 +96,8 @@ def keep_freed_memory() -> bool:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -165,13 +173,17 @@ class Timer:
     """`with Timer() as t: ...; t.seconds` — wall clock, synchronising CUDA if it is in use."""
 
     def __enter__(self):
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
+        _sync_cuda()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
+        _sync_cuda()
         self.seconds = time.perf_counter() - self.start
         return False
+
+
+def _sync_cuda() -> None:
+    torch = sys.modules.get("torch")  # no torch imported: nothing can be running on a GPU
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

@@ -87,6 +87,20 @@ def test_txt_directory_is_one_document_per_file_in_path_order(corpus):
     assert len(sources.list_units([str(root / "txt")], 3000)) > 3
 
 
+def test_a_directory_of_mixed_files_reads_each_by_its_kind(corpus, tmp_path):
+    root, docs = corpus
+    mixed = tmp_path / "mixed"
+    (mixed / "b").mkdir(parents=True)
+    (mixed / "a.txt").write_text("one text document")
+    os.link(root / "docs.jsonl", mixed / "b" / "part-0.jsonl")
+    os.link(root / "docs.parquet", mixed / "b" / "part-1.parquet")
+    (mixed / "notes.md").write_text("not a corpus file: skipped")
+    assert all_docs([mixed]) == ["one text document"] + docs + docs
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no .txt, .jsonl or .parquet files"):
+        sources.list_units([str(tmp_path / "empty")])
+
+
 def test_jsonl_units_cut_at_line_starts(corpus):
     root, docs = corpus
     units = sources.list_units([str(root / "docs.jsonl")], 1500)
@@ -314,3 +328,56 @@ def test_cli_tokenize_then_tokenizer_sample(corpus, tmp_path):
     result = tok_stage.run(build(tok_stage.Config, dict(out_dir=str(tmp_path / "tok2"), vocab_size=300, tasks=[],
                                                         corpus=[str(root / "docs.parquet")], corpus_sample_mb=1)))
     assert result["num_train_docs"] > 200 and result["vocab_size"] <= 300
+
+
+# ---------------------------------------------------------------------------------------------
+# The diverse corpus generator
+def generate(out, **over):
+    from sputnik.corpus import generate as G
+
+    return G.run(build(G.Config, {**dict(out_dir=str(out), mb=1, file_mb=1, workers=1,
+                                         tasks=["addition", "rg:chain_sum", "word_problems"]), **over}))
+
+
+def test_generated_corpus_is_deterministic_and_train_split_only(tmp_path):
+    from sputnik.tasks.base import split_of
+
+    generate(tmp_path / "a", mb=2)
+    generate(tmp_path / "b", mb=2, workers=2)
+    names = sorted(p.name for p in (tmp_path / "a").glob("part-*.jsonl"))
+    assert names == ["part-00000.jsonl", "part-00001.jsonl"]
+    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
+    records = [json.loads(x) for n in names for x in (tmp_path / "a" / n).read_text().splitlines()]
+    assert {r["source"] for r in records} == {"addition", "rg:chain_sum", "word_problems"}
+    assert 1_900_000 < sum(len(r["text"].encode()) for r in records) < 2_100_000
+    questions = [ex.split("\nAnswer: ")[0] for r in records if r["source"] == "rg:chain_sum" for ex in r["text"].split("\n\n")]
+    assert len(questions) > 1000 and all(split_of(q) == "train" for q in questions)  # held-out problems never written
+    # another seed is another corpus
+    generate(tmp_path / "c", mb=1, seed=1)
+    assert (tmp_path / "c" / names[0]).read_bytes() != (tmp_path / "a" / names[0]).read_bytes()
+
+
+def test_generate_resumes_and_refuses_other_settings(tmp_path):
+    generate(tmp_path / "a", mb=2)
+    first = (tmp_path / "a" / "part-00000.jsonl").stat().st_mtime_ns
+    (tmp_path / "a" / "part-00001.jsonl").unlink()  # as if killed before the second file was renamed
+    generate(tmp_path / "a", mb=2)
+    assert (tmp_path / "a" / "part-00000.jsonl").stat().st_mtime_ns == first
+    assert (tmp_path / "a" / "part-00001.jsonl").is_file()
+    with pytest.raises(ValueError, match="generated with other settings .*seed"):
+        generate(tmp_path / "a", mb=2, seed=5)
+    with pytest.raises(ValueError, match="nosuchtask"):
+        generate(tmp_path / "b", tasks=["nosuchtask"])
+
+
+def test_the_diverse_preset_generates_and_tokenizes(tmp_path):
+    from sputnik.tasks import PRESETS
+
+    assert len(PRESETS["diverse"]) >= 60
+    generate(tmp_path / "c", tasks=["@diverse"], examples_per_doc=2)
+    records = [json.loads(x) for x in (tmp_path / "c" / "part-00000.jsonl").read_text().splitlines()]
+    assert len({r["source"] for r in records}) == len(PRESETS["diverse"])  # every source is used
+    train_tokenizer([r["text"] for r in records[:200]], 400).save(tmp_path / "tok")
+    out = T.run(build(T.Config, dict(sources=[str(tmp_path / "c")], tokenizer=str(tmp_path / "tok"),
+                                     out_dir=str(tmp_path / "s"), workers=1)))
+    assert out["documents"] == len(records)

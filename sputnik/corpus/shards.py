@@ -125,6 +125,20 @@ def write_unit(out_dir: Path, index: int, batches, tokenizer, eval_fraction: flo
     return marker
 
 
+_TOKENIZERS: dict = {}  # a worker process's tokenizer, loaded on its first unit
+
+
+def tokenize_unit(out_dir: str, index: int, unit, tokenizer_path: str, text_field: str, eval_fraction: float) -> dict:
+    """A worker's task: read one unit of a source and write its shards (imports no torch)."""
+    from sputnik.corpus.sources import read_unit
+    from sputnik.tokenizer import Tokenizer
+
+    if tokenizer_path not in _TOKENIZERS:
+        _TOKENIZERS[tokenizer_path] = Tokenizer.load_any(tokenizer_path)
+    return write_unit(Path(out_dir), index, read_unit(unit, text_field), _TOKENIZERS[tokenizer_path], eval_fraction,
+                      unit.describe())
+
+
 def read_marker(out_dir: Path, index: int) -> dict | None:
     path = marker_path(out_dir, index)
     if not path.is_file():

@@ -2,7 +2,8 @@
 
 A source is a path:
 
-    DIR of *.txt    every file one document (sorted by path, recursively)
+    DIR             every .txt, .jsonl(.gz) and .parquet file in it (recursively, in path order),
+                    each as below
     FILE.txt        one document
     FILE.jsonl      one document per line: the record's `text_field` (JSON Lines; .jsonl.gz too)
     FILE.parquet    one document per row: the column `text_field` (pyarrow)
@@ -65,20 +66,32 @@ def list_units(sources: list[str], unit_bytes: int = 64 << 20, text_field: str =
         if _is_saved_dataset(path):
             units += _arrow_units(path, unit_bytes, text_field)
         elif path.is_dir():
-            files = sorted(p for p in path.glob("**/*.txt") if p.is_file())
+            files = sorted(p for p in path.glob("**/*") if p.is_file() and _kind(p))
             if not files:
-                raise ValueError(f"corpus directory {path} holds no *.txt files (nor is it a saved `datasets` directory)")
-            units += _txt_units(files, unit_bytes)
-        elif path.suffix == ".txt":
-            units += _txt_units([path], unit_bytes)
-        elif path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
-            units += _jsonl_units(path, unit_bytes)
-        elif path.suffix == ".parquet":
-            units += _parquet_units(path, unit_bytes, text_field)
+                raise ValueError(f"corpus directory {path} holds no .txt, .jsonl or .parquet files "
+                                 "(nor is it a directory saved by datasets' save_to_disk)")
+            texts = [f for f in files if _kind(f) == "txt"]  # small files: grouped into units
+            units += _txt_units(texts, unit_bytes) if texts else []
+            for f in files:
+                units += _file_units(f, unit_bytes, text_field) if _kind(f) != "txt" else []
+        elif _kind(path):
+            units += _txt_units([path], unit_bytes) if _kind(path) == "txt" else _file_units(path, unit_bytes, text_field)
         else:
-            raise ValueError(f"corpus source {path}: unsupported (give .txt files or directories, .jsonl, .parquet, "
-                             "or a directory written by datasets' save_to_disk)")
+            raise ValueError(f"corpus source {path}: unsupported (give .txt, .jsonl(.gz), .parquet files, directories "
+                             "of them, or a directory written by datasets' save_to_disk)")
     return units
+
+
+def _kind(path: Path) -> str | None:
+    if path.suffix == ".txt":
+        return "txt"
+    if path.name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
+        return "jsonl"
+    return "parquet" if path.suffix == ".parquet" else None
+
+
+def _file_units(path: Path, unit_bytes: int, text_field: str) -> list[Unit]:
+    return _jsonl_units(path, unit_bytes) if _kind(path) == "jsonl" else _parquet_units(path, unit_bytes, text_field)
 
 
 def _txt_units(files: list[Path], unit_bytes: int) -> list[Unit]:

@@ -21,10 +21,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from sputnik.common import atomic_write_json, print0
-from sputnik.config import add_config_args, config_from_args, knob, save_config
+from sputnik.config import knob, save_config
 from sputnik.corpus import shards as S
-from sputnik.corpus.sources import Unit, list_units, read_unit
-from sputnik.train.loading import load_tokenizer  # ours, or any Hugging Face fast tokenizer
+from sputnik.corpus.sources import Unit, list_units
+from sputnik.tokenizer import Tokenizer
 
 
 @dataclass
@@ -61,22 +61,10 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-# ---------------------------------------------------------------------------------------------
-# Workers: one tokenizer per process, loaded on its first unit
-_TOKENIZER: dict = {}
-
-
 def _worker_init() -> None:
     # one process per core: the tokenizer's own thread pool would oversubscribe the cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
-
-
-def tokenize_unit(out_dir: str, index: int, unit: Unit, tokenizer_path: str, text_field: str, eval_fraction: float) -> dict:
-    if tokenizer_path not in _TOKENIZER:
-        _TOKENIZER[tokenizer_path] = load_tokenizer(tokenizer_path)
-    return S.write_unit(Path(out_dir), index, read_unit(unit, text_field), _TOKENIZER[tokenizer_path], eval_fraction,
-                        unit.describe())
 
 
 def run(cfg: Config, parents=()) -> dict:
@@ -84,7 +72,7 @@ def run(cfg: Config, parents=()) -> dict:
     from sputnik.accounting.ledger import record_run
 
     out = Path(cfg.out_dir)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = Tokenizer.load_any(cfg.tokenizer)
     units = list_units(cfg.sources, cfg.unit_mb << 20, cfg.text_field)
     manifest = manifest_for(cfg, tokenizer, units)
     if (out / "manifest.json").is_file():
@@ -108,10 +96,10 @@ def run(cfg: Config, parents=()) -> dict:
         tail = (cfg.tokenizer, cfg.text_field, cfg.eval_fraction)
         if workers == 1:  # in this process, with the tokenizer's own threads
             for n, i in enumerate(pending, 1):
-                _report(tokenize_unit(*args, i, units[i], *tail), n, len(pending), t0)
+                _report(S.tokenize_unit(*args, i, units[i], *tail), n, len(pending), t0)
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-                futures = {pool.submit(tokenize_unit, *args, i, units[i], *tail): i for i in pending}
+                futures = {pool.submit(S.tokenize_unit, *args, i, units[i], *tail): i for i in pending}
                 done_count = 0
                 while futures:
                     done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -146,13 +134,3 @@ def summarize(out: Path, num_units: int) -> dict:
             totals[f"{split}_tokens"] += m[split]["tokens"]
             totals["documents"] += m[split]["documents"]
     return totals
-
-
-def register(sub) -> None:
-    parser = sub.add_parser("data", help="corpora -> token shards for pretraining")
-    actions = parser.add_subparsers(dest="data_action", metavar="ACTION")
-    p = actions.add_parser("tokenize", help="tokenize corpora of any size into memory-mappable shards (parallel, resumable)",
-                           description=__doc__.split("\n\n")[0])
-    add_config_args(p, Config)
-    p.set_defaults(func=lambda args: run(config_from_args(args, Config)) and 0)
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)

@@ -57,6 +57,29 @@ PRESETS: dict[str, list[str]] = {
 }
 PRESETS["headroom"] = [spec for name in ("long_multiplication", "countdown", "word_problems", "reasoning_gym")
                        for spec in PRESETS[name]]
+# Pretraining text with many kinds of content (`sputnik data generate`): the built-in tasks with
+# their worked traces, and every reasoning-gym 0.1.25 dataset that draws a training item in under
+# ~2 ms (measured; not gsm_symbolic, which is built from GSM8K test questions). Text only: many of
+# these answers (lists, grids, moves) are beyond our exact verifiers, so it is no RL preset.
+DIVERSE_RG = [
+    "aiw", "arc_1d", "base_conversion", "basic_arithmetic", "bf", "binary_alternation", "binary_matrix",
+    "bitwise_arithmetic", "boxnet", "caesar_cipher", "calendar_arithmetic", "chain_sum", "circuit_logic",
+    "coin_flip", "color_cube_rotation", "complex_arithmetic", "count_bits", "count_primes",
+    "course_schedule", "cryptarithm", "decimal_arithmetic", "decimal_chain_sum", "dice", "emoji_mystery",
+    "family_relationships", "fraction_simplification", "gcd", "graph_color", "isomorphic_strings",
+    "kakurasu", "knights_knaves", "largest_island", "lcm", "leg_counting", "letter_counting",
+    "letter_jumble", "list_functions", "manipulate_matrix", "maze", "mini_sudoku", "modulo_grid", "n_queens",
+    "needle_haystack", "number_filtering", "number_format", "number_sequence", "number_sorting",
+    "palindrome_generation", "palindrome_partitioning", "path_star", "pool_matrix", "power_function",
+    "prime_factorization", "products", "propositional_logic", "ransom_note", "rotate_matrix", "rush_hour",
+    "self_reference", "sentence_reordering", "shortest_path", "simple_equations", "simple_geometry",
+    "spiral_matrix", "string_insertion", "string_manipulation", "string_splitting", "string_synthesis",
+    "survo", "syllogism", "time_intervals", "tower_of_hanoi", "tsumego", "word_sequence_reversal",
+    "word_sorting"
+]
+PRESETS["diverse"] = ["addition:max_digits=6", "subtraction:max_digits=6", "multiplication:trace=digits:max_digits_a=4:max_digits_b=2",
+                      "countdown:num_count=4:max_number=50:max_target=200", "word_problems:steps=4",
+                      *(f"rg:{name}" for name in DIVERSE_RG)]
 _RG_OWN_KNOBS = {"use_rg_scorer", "allow_test_derived"}
 
 

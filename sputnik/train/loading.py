@@ -117,12 +117,7 @@ def load_tokenizer(path: str, init: str = ""):
             source = saved.get("tokenizer") or saved.get("init", "")
     if not source:
         raise ValueError("no tokenizer: pass --tokenizer DIR (from `sputnik tokenizer train`) or --init DIR")
-    try:
-        return Tokenizer.load(source)
-    except ValueError as e:
-        if "not a sputnik tokenizer" in str(e):
-            return Tokenizer.from_pretrained_hf(source)
-        raise
+    return Tokenizer.load_any(source)
 
 
 def model_config(model: nn.Module):
