@@ -9,6 +9,7 @@ Shape legend: B rows being decoded, P prompts, T time, V vocab.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ class Completion:
     logprobs: list[float]  # log p(token) under softmax(logits / temperature), unfiltered
     text: str = ""
     finish_reason: str = "length"  # "stop" | "length"
+    # with record_routing: the experts of every token the model read, prompt and completion up to
+    # its last token ([len(prompt) + len(token_ids) - 1, routed layers, K] int16; routing_replay.py)
+    routing: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,6 +57,9 @@ class _Wave:
     tokens: list[list[int]]
     logps: list[list[float]]
     live: list[int]  # row slot -> index into the lists above
+    # with record_routing: the prompts' experts [P, T, L, K] and, per decode step, (live row slots, [B, L, K])
+    prompt_routing: torch.Tensor | None = None
+    step_routing: list = field(default_factory=list)
 
 
 class Engine:
@@ -75,9 +82,12 @@ class Engine:
         self.vocab_limit = getattr(tokenizer, "vocab_size", None)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, num_samples: int = 1) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, num_samples: int = 1,
+                 record_routing: bool = False) -> list[list[Completion]]:
         """Sample `num_samples` completions for each prompt (token id lists). Returns one list per
-        prompt. Prompts are processed in waves of at most max_batch_size rows."""
+        prompt. Prompts are processed in waves of at most max_batch_size rows. record_routing (MoE
+        models): each Completion carries the experts its tokens were routed to (for routing replay
+        in RL); decoding is then eager, since a compiled or captured step cannot record."""
         if num_samples < 1:
             raise ValueError(f"num_samples={num_samples}: must be >= 1")
         if any(len(p) == 0 for p in prompts):
@@ -89,20 +99,31 @@ class Engine:
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
         out: list[list[Completion]] = [[] for _ in prompts]
         per_wave = max(1, self.max_batch_size // num_samples)
+        decoder, tape = self.decoder, contextlib.nullcontext()
+        if record_routing:
+            from sputnik.inference.decoders import EagerDecoder, cached_model
+            from sputnik.model.routing_replay import recording
+
+            if not (isinstance(decoder, EagerDecoder) and decoder.step_fn is None):
+                self.decoder = EagerDecoder(cached_model(self.model), self.dtype, self.device)
+            tape = recording(self.model)
         try:
-            for start in range(0, len(prompts), per_wave):
-                idx = list(range(start, min(start + per_wave, len(prompts))))
-                for c in self._generate_wave([prompts[i] for i in idx], idx, params, num_samples, gen, stats):
-                    out[c.prompt_index].append(c)
+            with tape as recorder:
+                for start in range(0, len(prompts), per_wave):
+                    idx = list(range(start, min(start + per_wave, len(prompts))))
+                    for c in self._generate_wave([prompts[i] for i in idx], idx, params, num_samples, gen, stats,
+                                                 recorder):
+                        out[c.prompt_index].append(c)
         finally:
             self.model.train(was_training)
+            self.decoder = decoder
         for row in out:
             row.sort(key=lambda c: c.sample_index)
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return out
 
-    def _generate_wave(self, prompts, prompt_ids, params, n, gen, stats) -> list[Completion]:
+    def _generate_wave(self, prompts, prompt_ids, params, n, gen, stats, recorder=None) -> list[Completion]:
         P, dev = len(prompts), self.device
         lens_P = torch.tensor([len(p) for p in prompts], device=dev)
         # Each prompt may generate up to max_new_tokens, and never past the model's context (it then
@@ -120,6 +141,8 @@ class Engine:
         wave = _Wave(owner=[(prompt_ids[r // n], r % n) for r in range(P * n)],
                      budget=[budget_P[r // n] for r in range(P * n)], tokens=[[] for _ in range(P * n)],
                      logps=[[] for _ in range(P * n)], live=list(range(P * n)))
+        if recorder is not None:  # the prefill routed the P prompts' tokens, [P·T, L, K] in row-major order
+            wave.prompt_routing = recorder.take().view(P, ids_PT.shape[1], recorder.num_layers, -1)
         stop_ids = torch.tensor(params.stop_token_ids or [-1], device=dev)
         picked, done = None, []
         for _ in range(max(budget_P)):
@@ -141,12 +164,32 @@ class Engine:
                 picked = self.decoder.sample_step(tok_B, seqlens_B, u_B1, params.temperature, self.vocab_limit)
             else:
                 logits_BV = self.decoder.step(tok_B, seqlens_B)
+            if recorder is not None:  # this step routed the token each live row was fed
+                wave.step_routing.append((list(wave.live), recorder.take()))
             if self.decoder.failed:
                 self._fall_back()
             seqlens_B = seqlens_B + 1
             stats.decode_steps += 1
             stats.forward_rows += len(wave.live)
+        if recorder is not None:
+            self._attach_routing(wave, done, n, [len(p) for p in prompts])
         return done
+
+    @staticmethod
+    def _attach_routing(wave: _Wave, done: list[Completion], n: int, prompt_lens: list[int]) -> None:
+        """Each completion's routing: its prompt's (prefill) then, in order, the decode steps that fed
+        it a token (all but its last token, which no step reads)."""
+        fed: dict[int, list[torch.Tensor]] = {}
+        for live, routing_BLK in wave.step_routing:
+            for b, k in enumerate(live):
+                fed.setdefault(k, []).append(routing_BLK[b])
+        slot = {owner: k for k, owner in enumerate(wave.owner)}
+        for c in done:
+            k = slot[(c.prompt_index, c.sample_index)]
+            p = k // n
+            parts = [wave.prompt_routing[p, :prompt_lens[p]]] + ([torch.stack(fed[k])] if k in fed else [])
+            c.routing = torch.cat(parts)
+            assert c.routing.shape[0] == prompt_lens[p] + len(c.token_ids) - 1, "routing does not cover the sequence"
 
     def _append(self, wave: _Wave, tok_B, logp_B, stop_ids, params, done: list) -> list[int]:
         """Append each live row's token; finished rows become Completions in `done`. -> the row slots

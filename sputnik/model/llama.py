@@ -26,6 +26,7 @@ from torch import nn
 from sputnik.train.losses import linear_cross_entropy
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import MLP, Linear, RMSNorm
+from sputnik.model import routing_replay
 from sputnik.model.moe import Experts
 from sputnik.model.output import ModelOutput
 
@@ -175,7 +176,8 @@ class SoftmaxMoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         probs_NE = F.softmax(self.gate(x_ND), dim=-1, dtype=torch.float)
-        weight_NK, idx_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+        idx_NK = routing_replay.choose(self, torch.topk(probs_NE, self.top_k, dim=-1).indices)  # RL may replay
+        weight_NK = probs_NE.gather(1, idx_NK)
         if self.norm_topk_prob:
             weight_NK = weight_NK / weight_NK.sum(dim=-1, keepdim=True)
         E, flat_S = probs_NE.shape[1], idx_NK.flatten()

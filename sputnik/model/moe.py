@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sputnik.model import routing_replay
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import MLP
 
@@ -107,7 +108,7 @@ class Router(nn.Module):
                 keep_idx = group_NG.topk(self.topk_group, dim=-1, sorted=False).indices
                 keep_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(1, keep_idx, True)
                 choice_NE = choice_NE.view(N, G, -1).masked_fill(~keep_NG.unsqueeze(-1), 0.0).view(N, -1)
-            topk_idx_NK = torch.topk(choice_NE, k=self.top_k, dim=-1, sorted=False).indices
+            topk_idx_NK = routing_replay.choose(self, torch.topk(choice_NE, k=self.top_k, dim=-1, sorted=False).indices)
             return topk_idx_NK, scores_NE.gather(1, topk_idx_NK) * self.routed_scaling_factor, scores_NE
         scores_NE = logits_NE.sigmoid()
         # Selection is a discrete choice: detach so no graph is kept for it.
@@ -116,6 +117,8 @@ class Router(nn.Module):
             choice_NE = self._limit_groups(choice_NE)
         # sorted=False as in HF: only the set matters, and the same call gives HF's slot order.
         topk_idx_NK = torch.topk(choice_NE, k=self.top_k, dim=-1, sorted=False).indices
+        # RL's routing replay may substitute the sampler's choice; the gates still come from these scores
+        topk_idx_NK = routing_replay.choose(self, topk_idx_NK)
         topk_weight_NK = scores_NE.gather(1, topk_idx_NK)
         if self.norm_topk_prob:  # sigmoid scores do not sum to 1, so V3 renormalises over the chosen K
             topk_weight_NK = topk_weight_NK / (topk_weight_NK.sum(-1, keepdim=True) + 1e-20)

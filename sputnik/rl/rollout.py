@@ -19,14 +19,19 @@ class RolloutBatch:
     targets_BT: torch.Tensor  # next token at completion positions, -100 elsewhere
     completion_mask_BT: torch.Tensor  # float 1.0 where targets_BT is a completion token
     sampler_logp_BT: torch.Tensor  # the engine's log-probs at those positions (0 elsewhere)
+    # the experts the sampler routed each input position to, [B, T, L, K] int16 (−1: padding), when
+    # the rollouts recorded them (routing replay, model/routing_replay.py)
+    routing_BTLK: torch.Tensor | None = None
+
+    def _map(self, fn) -> "RolloutBatch":
+        return RolloutBatch(*(None if t is None else fn(t) for t in (
+            self.input_ids_BT, self.targets_BT, self.completion_mask_BT, self.sampler_logp_BT, self.routing_BTLK)))
 
     def to(self, device):
-        return RolloutBatch(*(t.to(device) for t in (self.input_ids_BT, self.targets_BT,
-                                                        self.completion_mask_BT, self.sampler_logp_BT)))
+        return self._map(lambda t: t.to(device))
 
     def select(self, rows):
-        return RolloutBatch(self.input_ids_BT[rows], self.targets_BT[rows], self.completion_mask_BT[rows],
-                            self.sampler_logp_BT[rows])
+        return self._map(lambda t: t[rows])
 
     def prompt_groups(self) -> list[tuple[list[int], int]]:
         """[(rows, prompt length)] per distinct prompt, in order of first appearance, over the rows
@@ -62,14 +67,14 @@ class RolloutBatch:
         T = int(has_target_T.nonzero().max()) + 1 if has_target_T.any() else 1
         if T == self.input_ids_BT.shape[1]:
             return self
-        return RolloutBatch(*(t[:, :T] for t in (self.input_ids_BT, self.targets_BT, self.completion_mask_BT,
-                                                 self.sampler_logp_BT)))
+        return self._map(lambda t: t[:, :T])
 
 
 def build_rollout_batch(prompts: list[list[int]], completions: list[list[int]], logprobs: list[list[float]],
-                        pad_id: int) -> RolloutBatch:
+                        pad_id: int, routing: list[torch.Tensor] | None = None) -> RolloutBatch:
     """Position p-1+j of row b predicts completion token j (p = prompt length): the hidden state
-    at the last prompt token produces the first sampled token."""
+    at the last prompt token produces the first sampled token. routing: each row's recorded experts
+    ([p + len(c) − 1, L, K], engine.Completion.routing), kept for routing replay."""
     if not (len(prompts) == len(completions) == len(logprobs)):
         raise ValueError("prompts, completions and logprobs must have the same length")
     B = len(prompts)
@@ -84,7 +89,13 @@ def build_rollout_batch(prompts: list[list[int]], completions: list[list[int]], 
             start = len(p) - 1
             tgt[b, start: start + len(c)] = torch.tensor(c)
             slp[b, start: start + len(c)] = torch.tensor(lp, dtype=torch.float32)
-    return RolloutBatch(ids, tgt, (tgt != -100).float(), slp)
+    routing_BTLK = None
+    if routing is not None:
+        L, K = routing[0].shape[1:]
+        routing_BTLK = torch.full((B, T, L, K), -1, dtype=torch.int16)
+        for b, r in enumerate(routing):
+            routing_BTLK[b, : r.shape[0]] = r[:T]
+    return RolloutBatch(ids, tgt, (tgt != -100).float(), slp, routing_BTLK)
 
 
 def policy_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, chunk_size: int = 1024,
@@ -223,6 +234,23 @@ def prompt_token_saving(batch: RolloutBatch) -> float:
     groups = batch.prompt_groups()
     end_B = batch.completion_end_B()
     return sum((len(rows) - 1) * p for rows, p in groups) / max(int(end_B.sum()), 1)
+
+
+def replay_layout(batch: RolloutBatch, shared: bool) -> torch.Tensor:
+    """The recorded routing in the token order of the forward that computes `batch`'s log-probs,
+    [N, L, K]: the plain forward's B·T positions, or the shared-prompt forward's prompt rows (P·T,
+    −1 past each prompt) then its packed completion tokens (shared_prompt_rows)."""
+    r_BTLK = batch.routing_BTLK
+    if not shared:
+        return r_BTLK.reshape(-1, *r_BTLK.shape[2:])
+    prompt_ids_PT, prompt_lens_P, _, pack, rows_C = shared_prompt_rows(batch)
+    P, T = prompt_ids_PT.shape
+    first_row_P = torch.tensor([rows[0] for rows, _ in batch.prompt_groups()], dtype=torch.long, device=r_BTLK.device)
+    prompt_PTLK = r_BTLK[first_row_P, :T].clone()
+    prompt_PTLK[torch.arange(T, device=r_BTLK.device)[None, :] >= prompt_lens_P[:, None]] = -1
+    first_N = (prompt_lens_P[pack.group_C] - 1)[pack.row_N]
+    comp_NLK = r_BTLK[rows_C[pack.row_N], first_N + 1 + pack.pos_N]
+    return torch.cat([prompt_PTLK.reshape(P * T, *r_BTLK.shape[2:]), comp_NLK])
 
 
 def logprobs(model, mb: RolloutBatch, temperature: float = 1.0, vocab_limit: int | None = None,

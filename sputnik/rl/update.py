@@ -4,7 +4,9 @@ micro-batches, gradients summed over ranks), the expert-bias update, and the FLO
 Where we depart from the papers, on purpose: π_old is the first inner update's own forward, so ratios
 start at exactly 1 with no extra forward pass; the engine's log-probs are compared against it every
 step and the mismatch (sampler vs trainer) is reported; with `tis_cap` > 0 the loss is re-weighted by
-the truncated importance ratio π_train/π_sampler (TIS), as needed when sampling in bf16.
+the truncated importance ratio π_train/π_sampler (TIS), as needed when sampling in bf16. With
+`routing_replay` on, an MoE's update forward routes every token to the experts the sampler chose
+(R3, model/routing_replay.py), so π_train and π_sampler are the same network.
 
 Shape legend: B sequences (completions) of a micro-batch, T padded length.
 """
@@ -16,7 +18,8 @@ from sputnik import distributed as dist_lib
 from sputnik.common import autocast
 from sputnik.distributed import DistInfo
 from sputnik.rl import objectives
-from sputnik.rl.rollout import logprobs, micro_batches, shares_prompts
+from sputnik.model.routing_replay import replaying
+from sputnik.rl.rollout import logprobs, micro_batches, replay_layout, shares_prompts
 from sputnik.rl.shared_prompts import supports_shared_prompts
 from sputnik.train.balance import ExpertLoad
 from sputnik.train.loading import flops_per_token
@@ -55,12 +58,30 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, vocab_limit: int 
     shared = batch is not None and shares_prompts(model, batch, cfg.share_prompts)
     parts = [] if batch is None else micro_batches(batch, adv_B, cfg.micro_batch, keep_prompts_together=shared)
     old_logps, metrics = [None] * len(parts), {}
+    replay = getattr(cfg, "routing_replay", "off")
     for inner in range(cfg.inner_updates):
         tot, load = dict(loss=0.0, clip_frac=0.0, kl=0.0, entropy=0.0, mismatch=0.0), ExpertLoad()
+        routed = dict(compared=0.0, differed=0.0, mismatch_free=0.0)
         for i, (mb, mb_adv_B) in enumerate(parts):
             mask_BT = mb.completion_mask_BT
             with autocast(dc):
-                logp_BT, ent_BT, expert_load = logprobs(model, mb, cfg.temperature, vocab_limit, shared)
+                if replay != "off" and inner == 0 and mb.routing_BTLK is not None:
+                    # How far the trainer's own routing and log-probs are from the sampler's: every
+                    # step, on the first inner update (the sampler's weights). With replay on, the
+                    # free-routing log-probs take one extra no-grad forward.
+                    with replaying(model, replay_layout(mb, shared), apply=replay == "on") as tape:
+                        logp_BT, ent_BT, expert_load = logprobs(model, mb, cfg.temperature, vocab_limit, shared)
+                    routed["compared"] += tape.compared
+                    routed["differed"] += tape.differed
+                    if replay == "on":
+                        with torch.no_grad():
+                            free_BT, _, _ = logprobs(model, mb, cfg.temperature, vocab_limit, shared)
+                        routed["mismatch_free"] += float(((free_BT - mb.sampler_logp_BT).abs() * mask_BT).sum())
+                elif replay == "on" and mb.routing_BTLK is not None:
+                    with replaying(model, replay_layout(mb, shared)):
+                        logp_BT, ent_BT, expert_load = logprobs(model, mb, cfg.temperature, vocab_limit, shared)
+                else:
+                    logp_BT, ent_BT, expert_load = logprobs(model, mb, cfg.temperature, vocab_limit, shared)
                 # π_old: the first inner step's own forward (ratios start at exactly 1, no extra pass)
                 old = logp_BT.detach() if old_logps[i] is None else old_logps[i]
                 loss, m = micro_batch_loss(ref_model, mb, mb_adv_B, logp_BT, old, cfg, aggregate, shared, vocab_limit)
@@ -82,6 +103,11 @@ def update(model, ref_model, optimizer, batch, adv_B, cfg, dc, vocab_limit: int 
         tot = dict(zip(tot, dist_lib.all_reduce_sum(list(tot.values()), info, dc.device)))
         if inner == 0:
             metrics["logp_mismatch"] = tot["mismatch"] / max(num_tokens, 1.0)
+            if replay != "off":  # routing_mismatch: share of (token, layer) whose own experts differ from the sampler's
+                compared, differed, free = dist_lib.all_reduce_sum(list(routed.values()), info, dc.device)
+                metrics["routing_mismatch"] = differed / max(compared, 1.0)
+                if replay == "on":  # logp_mismatch is then with replay; this one without
+                    metrics["logp_mismatch_free_routing"] = free / max(num_tokens, 1.0)
         grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
         stepped = guarded_step(optimizer, tot["loss"], grad_norm)
         load.apply(model, info, stepped)  # every rank takes the same decision

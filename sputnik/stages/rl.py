@@ -70,6 +70,10 @@ class Config(RunConfig):
     dynamic_sampling: bool = knob(True, "DAPO: drop groups whose rewards are all equal (they carry no gradient)")
     overlong_cache: int = knob(0, "DAPO soft overlong punishment window in tokens (0 = off)", min=0)
     tis_cap: float = knob(0.0, "truncated importance sampling cap for sampler/trainer mismatch (0 = off)", min=0.0)
+    routing_replay: Literal["off", "measure", "on"] = knob(
+        "off", "MoE models: record the experts each rollout token was routed to (eager decoding) and report how "
+        "often the update's own routing differs (measure), or replay them in the update's forward (on: R3, "
+        "Rollout Routing Replay; also reports the log-prob mismatch without replay, one extra no-grad forward)")
     accuracy_weight: float = knob(1.0, "reward for a correct answer", min=0.0)
     format_weight: float = knob(0.1, "reward for the <think>…</think><answer>…</answer> format", min=0.0)
     reward_fn: str = knob("", "extra reward 'package.module:function(prompt, completion, answer)', run isolated")
@@ -115,7 +119,8 @@ def rollout(rl: RL, step: int, task_acc: dict):
     examples = examples[rl.info.rank * per_rank: (rl.info.rank + 1) * per_rank]
     prompts = [render(tok, ex.prompt, cfg.recipe) for ex in examples]
     rl.params.seed = rollout_seed(cfg.seed, step, rl.info.rank)
-    groups = rl.engine.generate(prompts, rl.params, num_samples=cfg.group_size)
+    groups = rl.engine.generate(prompts, rl.params, num_samples=cfg.group_size,
+                                record_routing=cfg.routing_replay != "off")
     return examples, prompts, [c for g in groups for c in g]
 
 
@@ -137,8 +142,9 @@ def policy_update(rl: RL, step: int, prompts, completions, adv_B, keep, kept_glo
     batch = None
     if keep.any():
         rows = keep.nonzero()[:, 0].tolist()
+        routing = [completions[i].routing for i in rows] if cfg.routing_replay != "off" else None
         batch = build_rollout_batch([prompts[i // cfg.group_size] for i in rows], [completions[i].token_ids for i in rows],
-                                    [completions[i].logprobs for i in rows], s.tokenizer.pad_id).to(s.device)
+                                    [completions[i].logprobs for i in rows], s.tokenizer.pad_id, routing).to(s.device)
     set_lr(s.optimizer, lr_multiplier(step, cfg.steps, cfg.optim))
     m = update(s.raw, rl.ref_model, s.optimizer, batch, adv_B[keep].to(s.device), cfg, s.choice,
                vocab_limit=rl.engine.vocab_limit, info=rl.info, poison=step in cfg.poison_steps)
@@ -198,6 +204,12 @@ def prepare(cfg: Config, s) -> RL:
     bad = prompt_prefills_format(s.tokenizer.decode(render(s.tokenizer, "2+2", cfg.recipe)))
     if bad:
         raise ValueError(f"the prompt template pre-fills {bad!r}: the policy would get format reward for free")
+    if cfg.routing_replay != "off":
+        from sputnik.model.routing_replay import routed_layers
+
+        if not routed_layers(s.raw):
+            raise ValueError(f"routing_replay={cfg.routing_replay}: the model ({type(s.raw).__name__}) has no routed "
+                             "MoE layers (DeepSeek-V3/V2 or Qwen3-MoE); set --routing_replay off")
     ref_model = None
     if cfg.beta > 0:  # β = 0 drops the reference model and its memory
         ref_model = load_model(cfg.init, None, cfg.init_impl).to(s.device).eval().requires_grad_(False)
