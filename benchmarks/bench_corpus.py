@@ -12,11 +12,12 @@ Tokenizer: --tokenizer, else a byte-level BPE of --vocab tokens fitted by `sputn
 
 Rows (each in its own process; sides alternate when --repeats > 1):
   encode_batch   the tokenizers library on the same documents, read from the same files, in batches
-                 of 4 MB with --workers Rayon threads: its rate counts encode_batch calls only (the
-                 floor for any pipeline built on it); reading is timed apart
+                 of 4 MB with --workers Rayon threads: its rate counts encode_batch calls only;
+                 reading is timed apart. encode_batch_fast (no character offsets, what our pipeline
+                 calls) on the same batches, alternating which goes first: the floor for ours
   ours           `sputnik data tokenize --workers W` end to end (read, encode, write shards + index)
                  from a fresh output directory; peak RSS = the largest sum over its process tree
-                 (sampled every 50 ms)
+                 (sampled every 0.2 s)
   pretrain RSS   `sputnik pretrain --data` for --pretrain_steps steps of a small model on the 10 MB
                  and on the full corpus's shards: peak RSS of each process (ru_maxrss)
 """
@@ -97,7 +98,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     def sample():
         while not stop.is_set():
             peak[0] = max(peak[0], tree_rss_mb(proc.pid))
-            time.sleep(0.05)
+            time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
     t0 = time.perf_counter()
@@ -120,9 +121,9 @@ def baseline(args) -> None:
     from sputnik.tokenizer import Tokenizer
 
     backend = Tokenizer.load(args.tokenizer).backend
-    read_s = encode_s = 0.0
-    tokens = num_bytes = 0
-    t = time.perf_counter()
+    calls = {"encode_batch": backend.encode_batch, "encode_batch_fast": backend.encode_batch_fast}
+    seconds = dict.fromkeys(calls, 0.0)
+    read_s, tokens, num_bytes, n = 0.0, 0, 0, 0
     for unit in list_units([args.corpus]):
         batches = read_unit(unit)
         while True:
@@ -131,12 +132,16 @@ def baseline(args) -> None:
             read_s += time.perf_counter() - t
             if batch is None:
                 break
-            t = time.perf_counter()
-            encodings = backend.encode_batch(batch, add_special_tokens=False)
-            encode_s += time.perf_counter() - t
+            order = list(calls) if n % 2 == 0 else list(calls)[::-1]  # alternate: neither always runs first
+            for name in order:
+                t = time.perf_counter()
+                encodings = calls[name](batch, add_special_tokens=False)
+                seconds[name] += time.perf_counter() - t
+            n += 1
             tokens += sum(len(e) for e in encodings)
             num_bytes += sum(len(d.encode()) for d in batch)
-    print(json.dumps({"encode_s": encode_s, "read_s": read_s, "tokens": tokens, "bytes": num_bytes}))
+    print(json.dumps({"encode_s": seconds["encode_batch"], "encode_fast_s": seconds["encode_batch_fast"],
+                      "read_s": read_s, "tokens": tokens, "bytes": num_bytes}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,12 +178,15 @@ def main() -> None:
     lib.update(json.loads(lib.pop("output").strip().splitlines()[-1]))
     results["encode_batch"] = lib
     print(f"encode_batch ({args.workers} threads): {lib['tokens'] / lib['encode_s'] / 1e6:.2f}M tokens/s "
-          f"({lib['bytes'] / lib['encode_s'] / 1e6:.1f} MB/s), reading {lib['read_s']:.0f} s apart", flush=True)
+          f"({lib['bytes'] / lib['encode_s'] / 1e6:.1f} MB/s); encode_batch_fast {lib['tokens'] / lib['encode_fast_s'] / 1e6:.2f}M "
+          f"tokens/s; reading {lib['read_s']:.0f} s apart", flush=True)
 
     shards = root / "shards"
     subprocess.run(["rm", "-rf", str(shards), str(root / "shards_10mb")], check=True)
+    # the same thread budget as the baseline: one worker runs in-process on the tokenizer's own
+    # (Rayon) threads, W workers one thread each
     ours = run_measured(SPUTNIK + ["data", "tokenize", "--sources", str(big), "--tokenizer", tok, "--out_dir", str(shards),
-                                   "--workers", str(args.workers), "--project_dir", str(root)])
+                                   "--workers", str(args.workers), "--project_dir", str(root)], threads)
     ours.pop("output")
     from sputnik.corpus.tokenize import summarize
 
@@ -189,9 +197,11 @@ def main() -> None:
     results["ours"] = ours
     rate = lambda r, s: r["tokens"] / r[s] / 1e6  # noqa: E731
     results["ratio_vs_encode_batch"] = rate(ours, "wall_s") / rate(lib, "encode_s")
+    results["ratio_vs_encode_batch_fast"] = rate(ours, "wall_s") / rate(lib, "encode_fast_s")
     assert ours["tokens"] == lib["tokens"] + totals["documents"], "token counts differ (one <|endoftext|> per document)"
     print(f"ours ({args.workers} workers): {rate(ours, 'wall_s'):.2f}M tokens/s end to end "
-          f"({ours['bytes'] / ours['wall_s'] / 1e6:.1f} MB/s), {results['ratio_vs_encode_batch']:.2f}x encode_batch; "
+          f"({ours['bytes'] / ours['wall_s'] / 1e6:.1f} MB/s), {results['ratio_vs_encode_batch']:.2f}x encode_batch, "
+          f"{results['ratio_vs_encode_batch_fast']:.2f}x encode_batch_fast; "
           f"peak RSS {ours['peak_tree_rss_mb']:.0f} MB (process tree)", flush=True)
 
     # pretraining memory at two corpus sizes: the same small model, the same steps

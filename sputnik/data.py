@@ -162,7 +162,7 @@ class PackedDataset(_Loader):
     """Window i of the stream is tokens[i*T : i*T + T + 1] (consecutive windows share one token, so
     every token but the first is a target exactly once per epoch). Yields
     (inputs [B, T], targets [B, T]) int64 = (w[:, :-1], w[:, 1:]) for windows w [B, T+1].
-    `tokens`: an in-memory stream (tensor or list), or memory-mapped shards (sputnik.corpus.shards.
+    `tokens`: an in-memory stream (tensor or list), or token shards on disk (sputnik.corpus.shards.
     TokenShards), from which only the batch's windows are read."""
 
     def __init__(self, tokens, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,

@@ -173,7 +173,7 @@ def test_reads_across_shard_boundaries(corpus, tmp_path):
     manifest = T.manifest_for(cfg, tok, units)
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
     stream = S.TokenShards(tmp_path / "s", "train", tok.vocab_size)
-    assert len(stream.maps) == len(units) > 10
+    assert len(stream.files) == len(units) > 10
     whole = tokenize_documents(docs, tok).long().numpy()
     rng = np.random.default_rng(0)
     for a in rng.integers(0, len(whole) - 300, 50):

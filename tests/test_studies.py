@@ -155,6 +155,77 @@ def test_distill_vs_rl_study_end_to_end(tmp_path):
     assert "teacher" in summary and 0 <= summary["teacher"]["greedy"] <= 1
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_moe_vs_dense_study_end_to_end(tmp_path):
+    """Smoke scale: a generated corpus, its tokenizer and shards; two sizes x two budgets of MoE and
+    dense twin at equal FLOPs, the granularity arms, the crossover table and both plots."""
+    from sputnik.studies import moe_vs_dense
+
+    cfg = moe_vs_dense.Config(project=str(tmp_path), seeds=[0], scale=0.02, sizes=["32x2", "48x2"], tokens=[2e6, 4e6],
+                              granularity_size="32x2", corpus_mb=4, vocab_size=400, seq_len=64, batch_size=8,
+                              eval_tasks=["addition:max_digits=2", "rg:chain_sum"], eval_per_task=4, evals=4,
+                              num_threads=1)
+    summary = moe_vs_dense.run(cfg)
+    arms = {(e["size"], e["budget"], e["arch"]) for e in summary["table"]}
+    assert {(s, b, a) for s in cfg.sizes for b in cfg.tokens for a in moe_vs_dense.ARCHS} <= arms
+    assert {a for (s, b, a) in arms if s == "32x2" and b == 4e6} == {
+        "moe", "dense", "moe 8 experts", "moe 32 experts", "moe no shared expert"}
+    rows = json.loads((tmp_path / "studies" / "moe_vs_dense" / "study.json").read_text())["rows"]
+    for r in rows:
+        assert r["compute_ratio"] == pytest.approx(1.0, abs=0.34)  # equal FLOPs to a step at this scale
+        assert 0 < r["heldout_loss"] < 10 and 0 <= r["downstream"] <= 1 and r["active"] <= r["params"]
+    moe = [r for r in rows if r["arch"] == "moe"]
+    assert all(r["active"] < r["params"] for r in moe)
+    points = summary["crossover"]["points"]
+    assert [p["size"] for p in points] == cfg.sizes
+    assert all(p["flops_ratio"] or p["flops_ratio_at_least"] for p in points)
+    out = tmp_path / "studies" / "moe_vs_dense"
+    assert (out / "moe_vs_dense.png").is_file() and (out / "moe_vs_dense_crossover.png").is_file()
+    assert summary["headline"].startswith("moe_vs_dense:")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_mtp_study_end_to_end(tmp_path):
+    """Smoke scale: depths 0/1/2 at depth 0's FLOPs (deeper arms take fewer steps), downstream accuracy,
+    and the depth-1 module as a draft that gives plain greedy's output exactly."""
+    from sputnik.studies import mtp
+
+    cfg = mtp.Config(project=str(tmp_path), seeds=[0], scale=0.02, size="32x2", tokens=4e6, corpus_mb=4, vocab_size=400,
+                     seq_len=64, batch_size=8, eval_tasks=["addition:max_digits=2"], eval_per_task=4, evals=4,
+                     spec_prompts=3, num_threads=1)
+    summary = mtp.run(cfg)
+    rows = json.loads((tmp_path / "studies" / "mtp" / "study.json").read_text())["rows"]
+    by = {r["depth"]: r for r in rows}
+    assert set(by) == {0, 1, 2}
+    assert by[0]["steps"] > by[1]["steps"] > by[2]["steps"]  # an MTP module costs FLOPs: fewer steps
+    for d in (1, 2):
+        assert by[d]["flops"] == pytest.approx(by[0]["flops"], rel=0.34)
+        assert by[d]["same_output"] == 1.0 and 0 <= by[d]["acceptance"] <= 1 and by[d]["tokens_per_forward"] >= 1
+    assert "acceptance" not in by[0]
+    assert summary["headline"].startswith("mtp (32x2, equal FLOPs, 1 seed)")
+
+
+def test_flops_to_reach_interpolates_the_curve():
+    from sputnik.studies.moe_vs_dense import crossover, flops_to_reach
+
+    curve = [(1e9, 5.0), (2e9, 4.0), (4e9, 3.0)]
+    assert flops_to_reach(curve, 5.5) == 1e9
+    assert flops_to_reach(curve, 3.5) == pytest.approx(math.sqrt(2e9 * 4e9))  # halfway in log FLOPs
+    assert flops_to_reach(curve, 2.0) is None
+    # a crossover fit through two sizes: ratio 1.0 at 1M active, 0.5 at 4M -> 0.7 at 4^(log(0.7)/log(0.5)) M
+    rows = []
+    for size, active, ratio in (("a", 1e6, 1.0), ("b", 4e6, 0.5)):
+        rows.append(dict(size=size, budget=1.0, arch="dense", heldout_loss=3.0, flops=1e10, wall_s=10.0, active=active))
+        rows.append(dict(size=size, budget=1.0, arch="moe", heldout_loss=2.9, flops=1e10, wall_s=10.0, active=active,
+                         curve=[(ratio * 1e10, 3.0), (1e10, 2.9)]))
+    cfg = type("C", (), dict(tokens=[1.0], sizes=["a", "b"]))
+    cross = crossover(cfg, rows)
+    assert [p["flops_ratio"] for p in cross["points"]] == pytest.approx([1.0, 0.5])
+    assert cross["fit"]["crossover_active"] == pytest.approx(1e6 * 4 ** (math.log(0.7) / math.log(0.5)))
+
+
 def test_heldout_problems_are_disjoint_from_every_training_split():
     """The problems a study evaluates (test split, every length) never occur in what its SFT and
     GRPO runs draw (train split), the longer lengths included: the hash split decides, per problem."""

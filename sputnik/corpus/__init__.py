@@ -1,2 +1,2 @@
 """Pretraining corpora of any size: sources (txt, JSONL, parquet, saved datasets) -> token shards on
-disk (`sputnik data tokenize`) -> memory-mapped packed windows (`sputnik pretrain --data DIR`)."""
+disk (`sputnik data tokenize`) -> packed windows read from disk (`sputnik pretrain --data DIR`)."""

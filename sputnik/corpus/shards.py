@@ -1,4 +1,4 @@
-"""Token shards on disk: written one unit at a time, read by memory map.
+"""Token shards on disk: written one unit at a time, read window by window.
 
 A shard directory (`sputnik data tokenize --out_dir D`):
 
@@ -153,19 +153,32 @@ def read_marker(out_dir: Path, index: int) -> dict | None:
 # Reading
 class TokenShards:
     """One split of a shard directory as a single token stream (the shards concatenated in unit
-    order), memory-mapped: `read(a, b)` copies tokens [a, b) out, across shard boundaries. Opening
-    checks that every unit is complete, every file has the size its record says and every recorded
-    largest id fits the vocabulary; `read` checks the ids it returns (a corrupt byte is caught
-    when it is read, without touching the whole corpus at open). Each failure names the file."""
+    order): `read(a, b)` copies tokens [a, b) out, across shard boundaries, by positioned reads
+    (pread). Not a memory map: random windows through a map fault in the kernel's readahead around
+    each one (~0.4 MB a window here) and the mapped pages count as the process's memory, so RSS grew
+    with the corpus (+120 MB after 40 batches of a 1 GB corpus); pread leaves those pages in the
+    page cache, the kernel's to evict.
+
+    Opening checks that every unit is complete, every file has the size its record says and every
+    recorded largest id fits the vocabulary; `read` checks the ids it returns (a corrupt byte is
+    caught when read, without touching the whole corpus at open). Each failure names the file."""
 
     def __init__(self, directory: str | Path, split: str = "train", vocab_size: int | None = None):
+        self.files: list[int] = []  # open descriptors, one per shard with tokens
+        try:
+            self._open_all(directory, split, vocab_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_all(self, directory, split: str, vocab_size: int | None) -> None:
         if split not in SPLITS:
             raise ValueError(f"split {split!r}: one of {SPLITS}")
         self.dir, self.split = Path(directory), split
         self.manifest = read_manifest(self.dir)
         self.dtype = np.dtype(self.manifest["dtype"])
         self.vocab_size = vocab_size
-        self.maps, self.paths, self.doc_ends, starts = [], [], [], [0]
+        self.paths, self.doc_ends, starts = [], [], [0]
         for index in range(self.manifest["units"]):
             marker = read_marker(self.dir, index)
             if marker is None:
@@ -178,22 +191,30 @@ class TokenShards:
             if vocab_size is not None and info["max_id"] >= vocab_size:
                 raise ValueError(f"{path}: token id {info['max_id']} >= the tokenizer's vocabulary ({vocab_size}): "
                                  "the shards come from another tokenizer")
-            self.maps.append(self._map(path, info["tokens"]))
+            self.files.append(self._open(path, info["tokens"]))
             self.paths.append(path)
             self.doc_ends.append(self._ends(shard_path(self.dir, index, split, "idx"), info) + starts[-1])
             starts.append(starts[-1] + info["tokens"])
-        self.starts = np.asarray(starts, dtype=np.int64)  # stream offset of each mapped shard, then the total
-        if not self.maps:
+        self.starts = np.asarray(starts, dtype=np.int64)  # stream offset of each shard, then the total
+        if not self.files:
             raise ValueError(f"{self.dir}: the {split} split holds no tokens"
                              + (" (tokenize with --eval_fraction > 0 for a held-out split)" if split == "heldout" else ""))
 
-    def _map(self, path: Path, expected: int) -> np.memmap:
+    def _open(self, path: Path, expected: int) -> int:
         size = path.stat().st_size if path.is_file() else -1
         if size != expected * self.dtype.itemsize:
             what = "is missing" if size < 0 else f"has {size} bytes, expected {expected * self.dtype.itemsize}"
             raise ValueError(f"{path} {what} ({expected} {self.dtype.name} tokens): truncated or corrupt shard; "
                              "delete it and its .json and run `sputnik data tokenize` again")
-        return np.memmap(path, dtype=self.dtype, mode="r")
+        return os.open(path, os.O_RDONLY)
+
+    def close(self) -> None:
+        for fd in self.files:
+            os.close(fd)
+        self.files = []
+
+    def __del__(self):
+        self.close()
 
     @staticmethod
     def _ends(path: Path, info: dict) -> np.ndarray:
@@ -224,7 +245,11 @@ class TokenShards:
             begin, end = int(self.starts[shard]), int(self.starts[shard + 1])
             take = min(stop, end) - pos
             piece = out[pos - start:pos - start + take]
-            piece[:] = self.maps[shard][pos - begin:pos - begin + take]
+            size = self.dtype.itemsize
+            data = os.pread(self.files[shard], take * size, (pos - begin) * size)
+            if len(data) != take * size:
+                raise ValueError(f"{self.paths[shard]}: short read at token {pos - begin} (the file shrank while open?)")
+            piece[:] = np.frombuffer(data, dtype=self.dtype)
             if self.vocab_size is not None and take and int(piece.max()) >= self.vocab_size:
                 raise ValueError(f"{self.paths[shard]}: token id {int(piece.max())} >= the vocabulary ({self.vocab_size}) "
                                  f"near token {pos - begin}: corrupt shard; delete it and its .json and tokenize again")

@@ -2,7 +2,7 @@
 
     sputnik data tokenize --sources corpus/,more.jsonl,web.parquet --tokenizer runs/speedrun/tokenizer \\
         --out_dir runs/corpus --workers 2
-    sputnik pretrain --data runs/corpus ...          # memory-maps the shards
+    sputnik pretrain --data runs/corpus ...          # reads the shards window by window
 
 The sources are cut into units (sources.py), each unit tokenized by one worker process into one
 shard (shards.py). Units are listed in a fixed order and a unit's shard depends only on its

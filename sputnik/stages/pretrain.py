@@ -3,7 +3,7 @@
 Documents (text files, one per file, and/or the built-in task corpora) are split train/held-out
 by document hash, tokenized into one stream with <|endoftext|> after each document and cut into
 windows of seq_len + 1 tokens (sputnik.data.PackedDataset). A corpus too large for memory is
-tokenized once into shards (`sputnik data tokenize`) and read here by memory map (`--data DIR`):
+tokenized once into shards (`sputnik data tokenize`) and read here window by window (`--data DIR`):
 the same stream, split and windows, with no corpus held in memory. Each step is one global batch of
 batch_size x grad_accum x world_size windows; the loss is the token mean over it (CE + λ·MTP +
 balance loss, see model/transformer.py), after which the MoE router biases take their
@@ -31,7 +31,7 @@ from sputnik.train.step import train_step
 @dataclass
 class Config(TrainConfig):
     out_dir: str = knob("runs/pretrain", "output directory: metrics.jsonl, checkpoints/, model/, stage_config.json")
-    data: str = knob("", "token shards from `sputnik data tokenize` (memory-mapped, any size; replaces --texts and --tasks)")
+    data: str = knob("", "token shards from `sputnik data tokenize` (read window by window, any size; replaces --texts and --tasks)")
     texts: list[str] = knob(default_factory=list, help="UTF-8 text files or directories of *.txt (one document per file), "
                                                        "read into memory: for a small corpus")
     tasks: list[str] = knob(default_factory=lambda: ["addition", "subtraction", "multiplication"],
@@ -86,7 +86,7 @@ def load_data(cfg: Config, tokenizer, dist):
 
 
 def open_shards(directory: str, tokenizer):
-    """(train, held-out) token streams of a shard directory, memory-mapped; the shards must come
+    """(train, held-out) token streams of a shard directory, read from disk; the shards must come
     from this very tokenizer (its fingerprint is in the manifest), else ids would mean other text."""
     from sputnik.corpus.shards import TokenShards, read_manifest, tokenizer_fingerprint
 

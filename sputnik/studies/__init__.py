@@ -4,6 +4,8 @@ the ledger, each writing <project>/studies/<name>/{study.md, study.json, <name>.
     cold_start   R1's recipe: K gold traces, then GRPO on answers only, against SFT alone at equal FLOPs
     beyond_the_data  SFT on short additions, GRPO on longer ones (answers only): length generalisation
     distill_vs_rl  a small student: the RL recipe itself vs distillation from the RL teacher, equal student FLOPs
+    moe_vs_dense   DeepSeekMoE vs a dense twin of equal active parameters: sizes x token budgets, iso-FLOP, crossover
+    mtp            MTP depth 0 vs 1 vs 2 at equal FLOPs: loss, downstream accuracy, speculative speed-up
 
 The machinery every study shares (runs, equal-compute checks, evaluation, statistics, plots) is in
 studies/runner.py; each study is one file that reads top to bottom.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-STUDIES = ["cold_start", "beyond_the_data", "distill_vs_rl"]
+STUDIES = ["cold_start", "beyond_the_data", "distill_vs_rl", "moe_vs_dense", "mtp"]
 
 
 def register(sub) -> None:
