@@ -99,13 +99,13 @@ class Engine:
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
         out: list[list[Completion]] = [[] for _ in prompts]
         per_wave = max(1, self.max_batch_size // num_samples)
-        decoder, tape = self.decoder, contextlib.nullcontext()
+        own_decoder, tape = None, contextlib.nullcontext()
         if record_routing:
             from sputnik.inference.decoders import EagerDecoder, cached_model
             from sputnik.model.routing_replay import recording
 
-            if not (isinstance(decoder, EagerDecoder) and decoder.step_fn is None):
-                self.decoder = EagerDecoder(cached_model(self.model), self.dtype, self.device)
+            if not (isinstance(self.decoder, EagerDecoder) and self.decoder.step_fn is None):
+                own_decoder, self.decoder = self.decoder, EagerDecoder(cached_model(self.model), self.dtype, self.device)
             tape = recording(self.model)
         try:
             with tape as recorder:
@@ -116,7 +116,8 @@ class Engine:
                         out[c.prompt_index].append(c)
         finally:
             self.model.train(was_training)
-            self.decoder = decoder
+            if own_decoder is not None:  # the engine's own decoder again (a fallback it took stays)
+                self.decoder = own_decoder
         for row in out:
             row.sort(key=lambda c: c.sample_index)
         stats.seconds = time.perf_counter() - t0
