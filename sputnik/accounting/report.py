@@ -58,12 +58,7 @@ def _plot(path: Path, panels: list[tuple[str, list[tuple[str, list, list]]]], xl
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return path.name
 
 
@@ -222,3 +217,15 @@ def register(sub) -> None:
     p.add_argument("--project", default="runs/speedrun", metavar="DIR", help="project directory holding ledger.jsonl")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default PROJECT/report)")
     p.set_defaults(func=lambda a: print(build(a.project, a.out)) or 0)
+
+
+def save_figure(fig, path: Path) -> None:
+    """fig as a PNG at path (tight layout, 110 dpi), written to a temp file and renamed, then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

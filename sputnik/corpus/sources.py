@@ -235,7 +235,12 @@ def _read_columnar(unit: Unit, text_field: str) -> Iterator[list[str]]:
     else:
         rows = _open_arrow(Path(unit.path)).column(text_field).slice(unit.start, unit.stop - unit.start)
         chunks = (rows.slice(offset, 1024) for offset in range(0, len(rows), 1024))
-    batch, size, row = [], 0, unit.start
+    yield from _batched(_column_texts(chunks, unit, text_field))
+
+
+def _column_texts(chunks, unit: Unit, text_field: str) -> Iterator[str]:
+    """The column's strings, nulls skipped; a non-text value raises naming its row."""
+    row = unit.start
     for chunk in chunks:
         for text in chunk.to_pylist():
             row += 1
@@ -243,13 +248,7 @@ def _read_columnar(unit: Unit, text_field: str) -> Iterator[list[str]]:
                 continue
             if not isinstance(text, str):
                 raise ValueError(f"{unit.path} row {row - 1}: column {text_field!r} is not text")
-            batch.append(text)
-            size += len(text)
-            if size >= BATCH_BYTES:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+            yield text
 
 
 def _batched(docs) -> Iterator[list[str]]:

@@ -178,7 +178,7 @@ def downstream_accuracy(r: R.Runner, run_: R.StageRun, cfg, tokenizer: str) -> d
     from sputnik.common import set_threads
     from sputnik.inference.engine import Engine
     from sputnik.inference.sampling import SamplingParams
-    from sputnik.tasks import example_text, parse_task
+    from sputnik.tasks import example_text
     from sputnik.train.loading import load_model, load_tokenizer
 
     set_threads(cfg.num_threads)
@@ -188,10 +188,7 @@ def downstream_accuracy(r: R.Runner, run_: R.StageRun, cfg, tokenizer: str) -> d
     per_task = {}
     with record_run(r.project, r.command("eval"), dict(model=run_.model, tasks=cfg.eval_tasks), parents=run_.run_ids) as led:
         for spec in cfg.eval_tasks:
-            task = parse_task(spec)
-            problems = task.generate(cfg.eval_per_task, split="test", seed=1)
-            shots = "\n\n".join(example_text(e) for e in task.generate(2, split="train", seed=2)) + "\n\n"
-            prompts = [tok.encode(shots + e.prompt + "\n") for e in problems]
+            task, problems, prompts = fewshot_prompts(spec, cfg.eval_per_task, tok)
             budget = max(len(tok.encode(example_text(e))) for e in problems) + 16
             params = SamplingParams(max_new_tokens=budget, temperature=0.0, stop_token_ids=[tok.eot_id],
                                     stop_strings=("\n\n",))
@@ -205,6 +202,17 @@ def downstream_accuracy(r: R.Runner, run_: R.StageRun, cfg, tokenizer: str) -> d
         led.metrics.update(downstream_accuracy=res["mean"])
     atomic_write_json(out, res)
     return res
+
+
+def fewshot_prompts(spec: str, n: int, tok):
+    """(task, its first n held-out problems, their prompts): two solved training problems of the task
+    in the corpus's text format, then the problem and a newline, tokenized."""
+    from sputnik.tasks import example_text, parse_task
+
+    task = parse_task(spec)
+    problems = task.generate(n, split="test", seed=1)
+    shots = "\n\n".join(example_text(e) for e in task.generate(2, split="train", seed=2)) + "\n\n"
+    return task, problems, [tok.encode(shots + e.prompt + "\n") for e in problems]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,12 +341,9 @@ def plot_crossover(path: Path, cross: dict) -> None:
     ax.set_ylabel("MoE FLOPs to the dense loss / dense FLOPs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    from sputnik.accounting.report import save_figure
+
+    save_figure(fig, path)
 
 
 def register(sub) -> None:

@@ -91,18 +91,13 @@ def speculative_speedup(r: R.Runner, run_: R.StageRun, cfg: Config, tokenizer: s
     from sputnik.inference.engine import Engine
     from sputnik.inference.sampling import SamplingParams
     from sputnik.inference.speculative import speculative_generate
-    from sputnik.tasks import example_text, parse_task
     from sputnik.train.loading import load_model, load_tokenizer
 
     set_threads(cfg.num_threads)
     tok = load_tokenizer(tokenizer)
     model = load_model(run_.model).eval()
     engine = Engine(model, tok)
-    prompts = []
-    for spec in cfg.eval_tasks:
-        task = parse_task(spec)
-        shots = "\n\n".join(example_text(e) for e in task.generate(2, split="train", seed=2)) + "\n\n"
-        prompts += [tok.encode(shots + e.prompt + "\n") for e in task.generate(cfg.eval_per_task, split="test", seed=1)]
+    prompts = [p for spec in cfg.eval_tasks for p in MVD.fewshot_prompts(spec, cfg.eval_per_task, tok)[2]]
     prompts = prompts[:: max(1, len(prompts) // cfg.spec_prompts)][: cfg.spec_prompts]
     params = SamplingParams(max_new_tokens=64, temperature=0.0, stop_token_ids=[tok.eot_id])
     plain_s = spec_s = 0.0

@@ -292,12 +292,9 @@ def plot(path: Path, series: list[tuple[str, list[dict]]], metric: str, ylabel: 
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    from sputnik.accounting.report import save_figure
+
+    save_figure(fig, path)
 
 
 def write(runner: Runner, summary: dict, markdown: str) -> Path:
