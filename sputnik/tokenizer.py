@@ -121,6 +121,16 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    def digit_ids(self) -> list[int]:
+        """Token ids of 0-9, for Abacus positions: each digit must be one token wherever it appears
+        (checked on a long number, where a merging tokenizer would show its chunks)."""
+        ids = [self.encode(str(d)) for d in range(10)]
+        probe = "31415926535897932384"
+        if any(len(i) != 1 for i in ids) or self.encode(probe) != [ids[int(c)][0] for c in probe]:
+            raise ValueError(f"{self.source}: the tokenizer does not write each digit as one token, as Abacus positions "
+                             "need (`sputnik tokenizer train` splits digits)")
+        return [i[0] for i in ids]
+
     @property
     def stop_ids(self) -> tuple[int, ...]:
         """Tokens that end a completion: the end-of-turn token (and, for an adapted HF tokenizer, every

@@ -14,6 +14,10 @@ CONFIGS = {
     "deepseek_v3": lambda: tiny(**SMALL, moe_intermediate_size=16, n_routed_experts=4, q_lora_rank=16,
                                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
     "llama": lambda: tiny_dense(**SMALL),
+    # Abacus places (ids 2-11 as digits: the prompts hold runs), cached per position by the decode
+    "deepseek_v3_abacus": lambda: tiny(**SMALL, moe_intermediate_size=16, n_routed_experts=4, q_lora_rank=16,
+                                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                                       abacus_max_index=12, abacus_train_offset=4, abacus_digit_ids=list(range(2, 12))),
 }
 PROMPTS = [[1], [2, 3, 4, 5, 6, 7], [8, 9, 10]]
 

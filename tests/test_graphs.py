@@ -43,10 +43,12 @@ def test_buckets():
     assert bucket_for(BUCKETS[-1] + 1) == 768
 
 
-def test_graph_runner_equals_eager_generation_with_compaction():
+@pytest.mark.parametrize("abacus", [False, True], ids=["rope", "abacus"])
+def test_graph_runner_equals_eager_generation_with_compaction(abacus):
     """Rows stopping at different steps cross several buckets (compaction in the static cache, padding
-    rows in each bucket); tokens and log-probs equal the eager engine's."""
-    model = _v3()
+    rows in each bucket); tokens and log-probs equal the eager engine's. With Abacus positions the
+    static cache moves each row's cached places with its latent rows."""
+    model = _v3(**(dict(abacus_max_index=40, abacus_digit_ids=list(range(7, 17))) if abacus else {}))
     prompts = _prompts([5, 9, 3, 7])
     params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=5, stop_token_ids=(3, 4, 5, 6))
     eager = Engine(model, cuda_graphs=False).generate(prompts, params, num_samples=5)

@@ -49,8 +49,9 @@ def _logprobs_and_grads(model, fn, batch, weights_BT):
 
 @pytest.mark.parametrize("kw", [{}, dict(q_lora_rank=0), dict(first_k_dense_replace=0), dict(dense=True),
                                 dict(dense=True, family="qwen2", qkv_bias=True),
-                                dict(dense=True, family="qwen3", qk_norm=True, head_dim=12)],
-                         ids=["mla-moe", "mla-no-q-lora", "all-moe", "llama-gqa", "qwen2", "qwen3"])
+                                dict(dense=True, family="qwen3", qk_norm=True, head_dim=12),
+                                dict(abacus_max_index=16, abacus_train_offset=4, abacus_digit_ids=list(range(1, 11)))],
+                         ids=["mla-moe", "mla-no-q-lora", "all-moe", "llama-gqa", "qwen2", "qwen3", "abacus"])
 def test_shared_prompt_logprobs_and_gradients_equal_the_plain_forward(kw):
     model = _model(**kw)
     batch = _groups(lengths=[3, 1, 8, 5, 2, 7, 4, 4, 6])

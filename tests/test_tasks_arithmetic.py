@@ -91,3 +91,27 @@ def test_digit_knobs_are_respected():
         get_task("multiplication", min_digits_b=3)
     with pytest.raises(ValueError, match="trace"):
         get_task("multiplication", trace="columns")
+
+
+def test_least_significant_first_writes_every_number_reversed_and_checks_digits_exactly():
+    from sputnik.tasks import parse_task
+    from sputnik.tasks.base import format_completion
+
+    msb = parse_task("addition:min_digits=4:max_digits=4").generate(5, seed=2)
+    lsb = parse_task("addition:min_digits=4:max_digits=4:digit_order=lsb").generate(5, seed=2)
+    bare = parse_task("addition:min_digits=4:max_digits=4:digit_order=lsb:trace=none")
+    for m, r in zip(msb, lsb):
+        a, b = m.meta["key"].split("+")
+        assert r.meta == m.meta  # same problems, same split: the format does not move a problem's hash
+        assert r.prompt == f"What is {a[::-1]} + {b[::-1]}? (digits least significant first)"
+        assert r.answer == m.answer[::-1]
+        assert r.solution.splitlines()[-1] == f"{a[::-1]}+{b[::-1]}={m.answer[::-1]}"
+        assert bare.verify(r, format_completion(r)).correct
+    task = parse_task("addition:min_digits=3:max_digits=3:digit_order=lsb:trace=none")
+    ex = task.build_example("500+500", (500, 500), "train")  # 1000 -> "0001": the zeros are digits
+    assert (ex.answer, ex.solution) == ("0001", "")
+    assert task.verify(ex, "<think></think><answer>0001</answer>").correct
+    assert not task.verify(ex, "<think></think><answer>1</answer>").correct
+    assert not task.verify(ex, "<think></think><answer>1000</answer>").correct
+    sub = parse_task("subtraction:min_digits=2:max_digits=2:digit_order=lsb").build_example("52-17", (52, 17), "train")
+    assert sub.answer == "53" and sub.prompt.startswith("What is 25 - 71?")

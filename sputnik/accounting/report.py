@@ -128,15 +128,18 @@ def studies_section(project: Path, out: Path) -> list[str]:
     from sputnik.studies import STUDIES
 
     lines = []
-    for name in STUDIES:
-        path = project / "studies" / name / "study.json"
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):  # not run (or being written: the next report picks it up)
-            lines.append(f"- **{name}**: not run in this project (`sputnik study {name} --project {project}`)")
-            continue
-        rel = Path("..") / path.parent.relative_to(project) / "study.md" if out == project / "report" else path.with_name("study.md")
-        lines.append(f"- **{name}**: {summary.get('headline') or 'no headline (incomplete study)'} ([table]({rel}))")
+    for name in STUDIES:  # a study's variants (other options, beyond_the_data_abacus_lsb_none say) follow it
+        for path in [project / "studies" / name / "study.json",
+                     *sorted((project / "studies").glob(f"{name}_*/study.json"))]:
+            label = path.parent.name
+            try:
+                summary = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):  # not run (or being written: the next report picks it up)
+                if label == name:
+                    lines.append(f"- **{name}**: not run in this project (`sputnik study {name} --project {project}`)")
+                continue
+            rel = Path("..") / path.parent.relative_to(project) / "study.md" if out == project / "report" else path.with_name("study.md")
+            lines.append(f"- **{label}**: {summary.get('headline') or 'no headline (incomplete study)'} ([table]({rel}))")
     return ["", "## Studies (`sputnik study`)", "", *lines]
 
 

@@ -40,6 +40,17 @@ def decode_block(block: Block, h_ND: torch.Tensor, step: DecodeStep, cache: MLAC
     return h_ND + moe_few_tokens(block.mlp, x_ND, w_ffn)
 
 
+def embed_rows(model: Transformer, ids_BT: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor) -> torch.Tensor:
+    """Token embeddings of the new tokens as rows [B·T, D], plus their Abacus places when the model
+    has them (continued from the cache; the cache records the new places)."""
+    h_ND = model.model.embed_tokens(ids_BT.reshape(-1))
+    if cache.abacus_BS is not None:
+        abacus = model.model.abacus_embed
+        index_BT = cache.abacus_places(ids_BT, cache_seqlens_B, abacus)
+        h_ND = h_ND + abacus(index_BT, h_ND.dtype).reshape(h_ND.shape)
+    return h_ND
+
+
 def static_step(model: Transformer, tok_B: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,
                 weights: dict, kv_len: int | None = None) -> torch.Tensor:
     """logits_BV of one new token per row: embedding, blocks on token rows, final norm, lm_head. With
@@ -50,7 +61,7 @@ def static_step(model: Transformer, tok_B: torch.Tensor, cache: MLACache, cache_
     cos2_PR, sin2_PR = weights["rope"]
     step = cache.static_step(cache_seqlens_B, model.config.num_attention_heads, cos2_PR, sin2_PR,
                              model.model.embed_tokens.weight.dtype, kv_len)
-    h_ND = model.model.embed_tokens(tok_B)
+    h_ND = embed_rows(model, tok_B[:, None], cache, cache_seqlens_B)
     for layer, w in zip(model.model.layers, weights["layers"]):
         h_ND = decode_block(layer, h_ND, step, cache, w)
     return torch.mm(rms_norm_rows(h_ND, model.model.norm), weights["lm_head"])
@@ -73,7 +84,7 @@ class DeepSeekCachedModel:
         w = self.model.lm_head.weight
         num_layers = self.config.num_hidden_layers + len(self.model.mtp)
         return MLACache(num_layers, batch, max_len, self.config.kv_lora_rank, self.config.qk_rope_head_dim,
-                        dtype or w.dtype, device or w.device)
+                        dtype or w.dtype, device or w.device, abacus=bool(self.config.abacus_max_index))
 
     @torch.no_grad()
     def forward_cached(self, input_ids_BT: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor,
@@ -86,7 +97,7 @@ class DeepSeekCachedModel:
         B, T = input_ids_BT.shape
         m = self.model
         step = self._decode_step(cache, cache_seqlens_B, T)
-        h_ND = m.model.embed_tokens(input_ids_BT.reshape(-1))  # token rows, N = B·T
+        h_ND = embed_rows(m, input_ids_BT, cache, cache_seqlens_B)  # token rows, N = B·T
         for layer in m.model.layers:
             h_ND = decode_block(layer, h_ND, step, cache, prefill=True)
         if logits_at_B is not None:  # the lm_head on B rows instead of B·T

@@ -55,21 +55,32 @@ class MLACache:
     Rows may hold sequences of different lengths: the caller owns `cache_seqlens` [B] (tokens
     already cached per row) and advances it after each step; `decode_step` / `static_step` turn it
     into write slots and a key mask shared by all layers of the step.
+
+    A model with Abacus positions also caches each position's place index (abacus_BS, int64): a new
+    digit's place is its left neighbour's plus one (model/abacus.py). Every row operation below moves
+    it with the latent rows.
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None):
+                 dtype: torch.dtype, device: torch.device | str | None = None, abacus: bool = False):
         self.kv_lora_rank, self.max_len = kv_lora_rank, max_len
         self.kv_BSX = [torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
                        for _ in range(num_layers)]
+        self.abacus_BS = torch.zeros(batch, max_len, dtype=torch.long, device=device) if abacus else None
+
+    def _like(self, kv_BSX: list[torch.Tensor], abacus_BS: torch.Tensor | None) -> "MLACache":
+        new = MLACache.__new__(MLACache)
+        new.kv_lora_rank, new.max_len, new.kv_BSX, new.abacus_BS = self.kv_lora_rank, self.max_len, kv_BSX, abacus_BS
+        return new
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return self.kv_BSX + ([] if self.abacus_BS is None else [self.abacus_BS])
 
     def select(self, rows_R: torch.Tensor) -> "MLACache":
         """A cache whose row r is a copy of row rows_R[r] (fork n samples of one prompt, or drop
         finished rows). The old cache stays valid."""
-        new = MLACache.__new__(MLACache)
-        new.kv_lora_rank, new.max_len = self.kv_lora_rank, self.max_len
-        new.kv_BSX = [buf.index_select(0, rows_R) for buf in self.kv_BSX]
-        return new
+        return self._like([buf.index_select(0, rows_R) for buf in self.kv_BSX],
+                          None if self.abacus_BS is None else self.abacus_BS.index_select(0, rows_R))
 
     @staticmethod
     def concat(caches: list["MLACache"]) -> "MLACache":
@@ -78,18 +89,16 @@ class MLACache:
         if not caches:
             raise ValueError("MLACache.concat: no caches")
         first = caches[0]
-        new = MLACache.__new__(MLACache)
-        new.kv_lora_rank, new.max_len = first.kv_lora_rank, first.max_len
-        new.kv_BSX = [torch.cat(bufs, dim=0) for bufs in zip(*(c.kv_BSX for c in caches))]
-        return new
+        abacus = None if first.abacus_BS is None else torch.cat([c.abacus_BS for c in caches])
+        return first._like([torch.cat(bufs, dim=0) for bufs in zip(*(c.kv_BSX for c in caches))], abacus)
 
     def first_rows(self, rows: int, copy: bool = False) -> "MLACache":
         """The first `rows` rows as a cache: views of these buffers (a static cache's live part), or
         copies."""
-        new = MLACache.__new__(MLACache)
-        new.kv_lora_rank, new.max_len = self.kv_lora_rank, self.max_len
-        new.kv_BSX = [buf[:rows].clone() if copy else buf[:rows] for buf in self.kv_BSX]
-        return new
+        kv, abacus = [buf[:rows].clone() if copy else buf[:rows] for buf in self._buffers()], None
+        if self.abacus_BS is not None:
+            kv, abacus = kv[:-1], kv[-1]
+        return self._like(kv, abacus)
 
     # --- what a static cache needs (graphs.GraphDecoder): shape, a zeroed twin, in-place row moves
     @property
@@ -100,23 +109,35 @@ class MLACache:
         """Whether `other`'s rows can be copied into this (larger) buffer."""
         a, b = self.kv_BSX[0], other.kv_BSX[0]
         return (len(self.kv_BSX) == len(other.kv_BSX) and a.shape[2] == b.shape[2] and a.dtype == b.dtype
-                and a.device == b.device)
+                and a.device == b.device and (self.abacus_BS is None) == (other.abacus_BS is None))
 
     def zeros_like(self, rows: int, length: int) -> "MLACache":
         src = self.kv_BSX[0]
         return MLACache(len(self.kv_BSX), rows, length, self.kv_lora_rank, src.shape[-1] - self.kv_lora_rank,
-                        src.dtype, src.device)
+                        src.dtype, src.device, abacus=self.abacus_BS is not None)
 
     def write_front(self, other: "MLACache") -> None:
         """Copy `other` (B rows, L positions) into this cache's first rows and positions."""
         B, L = other.rows_and_length
-        for dst, src in zip(self.kv_BSX, other.kv_BSX):
+        for dst, src in zip(self._buffers(), other._buffers()):
             dst[:B, :L].copy_(src)
 
     def keep_front(self, rows_R: torch.Tensor) -> None:
         """Rows rows_R move to the front, in order, in place."""
-        for buf in self.kv_BSX:
+        for buf in self._buffers():
             buf[: rows_R.shape[0]] = buf.index_select(0, rows_R)
+
+    def abacus_places(self, ids_BT: torch.Tensor, cache_seqlens_B: torch.Tensor, abacus) -> torch.Tensor:
+        """Place indices of T new tokens per row at positions seqlen_b + t, continuing each row's run
+        from its cached left neighbour; written into abacus_BS (no host sync: a static step may run it)."""
+        B, T = ids_BT.shape
+        pos_B = cache_seqlens_B.long()
+        rows_B = torch.arange(B, device=ids_BT.device)
+        previous_B = self.abacus_BS[rows_B, (pos_B - 1).clamp(min=0)] * (pos_B > 0)
+        index_BT = abacus.indices(ids_BT, None, previous_B)
+        write_BT = (pos_B[:, None] + torch.arange(T, device=ids_BT.device)).clamp(max=self.max_len - 1)
+        self.abacus_BS.scatter_(1, write_BT, index_BT)
+        return index_BT
 
     def c_kv(self, layer_idx: int) -> torch.Tensor:
         return self.kv_BSX[layer_idx][..., : self.kv_lora_rank]

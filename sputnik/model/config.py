@@ -74,6 +74,12 @@ class ModelConfig:
     beta_slow: float = knob(1.0, "YaRN beta_slow", min=0.0)
     mscale: float = knob(1.0, "YaRN mscale", min=0.0)
     mscale_all_dim: float = knob(1.0, "YaRN mscale_all_dim", min=0.0)
+    abacus_max_index: int = knob(0, "deepseek_v3: Abacus place embeddings for digit places 1..N added to digit tokens "
+                                 "(model/abacus.py; 0 = off)", min=0, max=4096)
+    abacus_train_offset: int = knob(0, "Abacus: training adds a random offset 0..K to each sequence's places, so that "
+                                    "places past the training lengths are trained too (< abacus_max_index)", min=0)
+    abacus_digit_ids: list[int] = knob(default_factory=list, help="Abacus: the token ids of the digits 0-9 (empty: "
+                                       "taken from the tokenizer when the run starts)")
     rms_norm_eps: float = knob(1e-6, "RMSNorm epsilon", min=0.0)
     tie_word_embeddings: bool = knob(False, "share embedding and output matrices")
     initializer_range: float = knob(0.02, "std of the normal init", min=0.0)
@@ -82,6 +88,7 @@ class ModelConfig:
     pad_token_id: int = knob(0, "padding id (export only)", min=0)
 
     def __post_init__(self):
+        self._check_abacus()
         if self.architecture == "llama":
             self._check_dense()
             return
@@ -106,6 +113,20 @@ class ModelConfig:
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise ValueError(f"first_k_dense_replace={self.first_k_dense_replace} must be <= "
                              f"num_hidden_layers={self.num_hidden_layers}")
+
+    def _check_abacus(self) -> None:
+        if not self.abacus_max_index:
+            if self.abacus_train_offset or self.abacus_digit_ids:
+                raise ValueError("abacus_train_offset / abacus_digit_ids need abacus_max_index > 0")
+            return
+        if self.architecture != "deepseek_v3":
+            raise ValueError(f"abacus_max_index: Abacus positions are implemented for deepseek_v3, not {self.architecture}")
+        if self.abacus_train_offset >= self.abacus_max_index:
+            raise ValueError(f"abacus_train_offset={self.abacus_train_offset} must be < abacus_max_index="
+                             f"{self.abacus_max_index} (offset places need table rows)")
+        ids = self.abacus_digit_ids
+        if ids and (len(ids) != 10 or len(set(ids)) != 10 or not all(0 <= i < self.vocab_size for i in ids)):
+            raise ValueError(f"abacus_digit_ids={ids}: need the 10 distinct token ids of 0-9, each < vocab_size")
 
     def _check_dense(self) -> None:
         """Shapes, and the switches each family's transformers class hard-wires (so the export loads

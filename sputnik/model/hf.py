@@ -36,7 +36,9 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # MTP-layer copies of shared matrices
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Training-only knobs that HF has no field for; kept under one key so a round trip preserves them.
-_SPUTNIK_ONLY = ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight", "moe_impl")
+_SPUTNIK_ONLY = ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight", "moe_impl",
+                 # Abacus positions (model/abacus.py): ours only; transformers would drop the table
+                 "abacus_max_index", "abacus_train_offset", "abacus_digit_ids")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +201,10 @@ def save_hf(model: Transformer, path: str | os.PathLike, tokenizer_ids: dict | N
             if f.is_file() and f.name not in ours and not f.name.startswith("model-"):
                 os.link(f, tmp / f.name)
     dtype = model.lm_head.weight.dtype
+    if model.config.abacus_max_index:
+        warnings.warn(f"{path}: this model uses Abacus positions, a Sputnik option: Sputnik loads it whole, but "
+                      "transformers and the tools built on it would skip model.abacus_embed.weight and compute "
+                      "different logits")
     save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf_config(model.config, dtype, tokenizer_ids), indent=2) + "\n")
     for f in tmp.iterdir():

@@ -12,9 +12,12 @@ path (latent cache, absorbed attention) lives in inference/deepseek.py.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from sputnik.model.abacus import AbacusEmbedding
 from sputnik.model.block import Block
 from sputnik.model.config import ModelConfig
 from sputnik.model.layers import RMSNorm
@@ -39,6 +42,10 @@ class Transformer(nn.Module):
         self.model = nn.Module()  # container: keys read `model.embed_tokens.weight` as in HF
         # No padding_idx: HF's would freeze the pad row's gradient, and our pad id is export-only.
         self.model.embed_tokens = nn.Embedding(V, D)
+        if config.abacus_max_index:  # a Sputnik option: no HF field (hf.py exports it under "sputnik")
+            if not config.abacus_digit_ids:
+                raise ValueError("abacus_max_index > 0 needs abacus_digit_ids (a run fills them from its tokenizer)")
+            self.model.abacus_embed = AbacusEmbedding(config.abacus_max_index, D, config.abacus_digit_ids)
         self.model.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(D, config.rms_norm_eps)
         self.lm_head = nn.Linear(D, V, bias=False)
@@ -65,6 +72,17 @@ class Transformer(nn.Module):
                     b.zero_()
         self.rope.reset()
 
+    @torch.no_grad()
+    def add_abacus(self, max_index: int, train_offset: int, digit_ids: list[int]) -> None:
+        """Give a trained model Abacus positions: a zero table, so its logits are unchanged until
+        training moves it (the config records the option, and export and reload keep it)."""
+        if self.config.abacus_max_index:
+            raise ValueError("this model already has Abacus positions")
+        self.config = dataclasses.replace(self.config, abacus_max_index=max_index, abacus_train_offset=train_offset,
+                                          abacus_digit_ids=list(digit_ids))
+        w = self.model.embed_tokens.weight
+        self.model.abacus_embed = AbacusEmbedding(max_index, self.config.hidden_size, digit_ids).to(w.device)
+
     def moe_layers(self) -> dict[str, MoE]:
         """{state-dict prefix: MoE module} over main layers and MTP blocks, in model order; the keys
         of ModelOutput.expert_load."""
@@ -85,11 +103,20 @@ class Transformer(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
     def _trunk(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None, positions: torch.Tensor | None,
-               attend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Routing]]:
-        """Embedding, blocks and final norm -> (emb_BTD, h_BTD post-norm, cos, sin, routing per MoE layer)."""
+               attend, abacus_offset_B: torch.Tensor | None = None, abacus_index_BT: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Routing]]:
+        """Embedding (+ Abacus places), blocks and final norm -> (emb_BTD token embedding, h_BTD
+        post-norm, cos, sin, routing per MoE layer). The MTP modules get the token embedding alone, as
+        their draft path in decode does."""
         emb_BTD = self.model.embed_tokens(input_ids_BT)
         cos, sin = self.rope(input_ids_BT.shape[1] if positions is None else positions, emb_BTD.dtype)
         h_BTD, routing = emb_BTD, {}
+        if self.config.abacus_max_index:
+            abacus = self.model.abacus_embed
+            index_BT = abacus_index_BT
+            if index_BT is None:
+                index_BT = abacus.indices(input_ids_BT, positions if isinstance(positions, torch.Tensor) else None)
+            h_BTD = emb_BTD + abacus(index_BT, emb_BTD.dtype, abacus_offset_B)
         for i, layer in enumerate(self.model.layers):
             h_BTD, r = layer(h_BTD, cos, sin, valid_BT, attend)
             if r is not None:
@@ -97,18 +124,25 @@ class Transformer(nn.Module):
         return emb_BTD, self.model.norm(h_BTD), cos, sin, routing
 
     def hidden_states(self, input_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None = None, *,
-                      positions: torch.Tensor | None = None, attend=None) -> ModelOutput:
+                      positions: torch.Tensor | None = None, attend=None,
+                      abacus_index: torch.Tensor | None = None) -> ModelOutput:
         """`hidden`: h_BTD after the final norm (what lm_head multiplies; h^0 of the MTP chain), with
         the expert load. positions [B, T] (default 0..T−1) and attend (MLA.forward) let a caller run
-        other layouts: rl/shared_prompts.py packs prompts and completions into one row."""
-        _, h_BTD, _, _, routing = self._trunk(input_ids_BT, valid_BT, positions, attend)
+        other layouts: rl/shared_prompts.py packs prompts and completions into one row, and passes each
+        token's Abacus place (abacus_index [B, T]) as its unpacked sequence has it."""
+        _, h_BTD, _, _, routing = self._trunk(input_ids_BT, valid_BT, positions, attend, None, abacus_index)
         return ModelOutput(hidden=h_BTD, expert_load={k: r.load_E for k, r in routing.items()})
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
                 valid_BT: torch.Tensor | None = None) -> ModelOutput:
         """targets_BT is already shifted (targets[b, t] = ids[b, t+1]; −100 = ignored). valid_BT: the
         real tokens of a right-padded batch (bool [B, T]), so that padding is not expert load."""
-        emb_BTD, h_BTD, cos, sin, routing = self._trunk(input_ids_BT, valid_BT, None, None)
+        offset_B = None
+        if targets_BT is not None and self.training and self.config.abacus_train_offset:
+            # one random offset per sequence (torch's RNG: checkpointed, so a resumed run draws the same)
+            offset_B = torch.randint(0, self.config.abacus_train_offset + 1, (input_ids_BT.shape[0],),
+                                     device=input_ids_BT.device)
+        emb_BTD, h_BTD, cos, sin, routing = self._trunk(input_ids_BT, valid_BT, None, None, offset_B)
         if targets_BT is None:
             return ModelOutput(logits=self.lm_head(h_BTD), expert_load={k: r.load_E for k, r in routing.items()})
         D, W_VD = self.config.hidden_size, self.lm_head.weight

@@ -85,8 +85,15 @@ def hidden_states_prefixed(model, prompt_ids_PT, prompt_lens_P, comp_ids_N, pack
     ids_1M = torch.cat([prompt_ids_PT.reshape(-1), comp_ids_N])[None]
     valid_1M = torch.cat([(torch.arange(T, device=dev)[None, :] < prompt_lens_P[:, None]).flatten(),
                           torch.ones_like(comp_ids_N, dtype=torch.bool)])[None]
-    out = model.hidden_states(ids_1M, valid_1M, positions=pos_1M,
-                              attend=prefixed_attention(prompt_lens_P, T, pack))
+    extra = {}
+    if getattr(getattr(model, "config", None), "abacus_max_index", 0):  # each completion continues its prompt's run
+        table = model.model.abacus_embed
+        index_PT = table.indices(prompt_ids_PT)
+        last_C = index_PT[pack.group_C, prompt_lens_P.index_select(0, pack.group_C) - 1]
+        index_CL = table.indices(pack.pad(comp_ids_N), previous_B=last_C)
+        extra["abacus_index"] = torch.cat([index_PT.reshape(-1), pack.unpad(index_CL)])[None]
+    out = model.hidden_states(ids_1M, valid_1M, positions=pos_1M, attend=prefixed_attention(prompt_lens_P, T, pack),
+                              **extra)
     h_MD = out.hidden[0]
     return h_MD[: P * T].view(P, T, -1), h_MD[P * T:], out.expert_load
 

@@ -14,12 +14,20 @@ Each model is evaluated greedily on held-out problems of exactly n for every n i
 (test split: hash-disjoint from every training split, the longer lengths included).
 Public anchors: self-improvement by filtered self-generated data takes transformers from 10- to
 100-digit addition (Lee et al., 2025); Abacus embeddings reach 99% on 100-digit addition after
-training on 20 (McLeish et al., 2024). Here the model has plain RoPE and writes its digits
-least-significant first in the trace, so each trace line needs the operands' i-th digits: the
+training on 20 (McLeish et al., 2024). With the defaults the model has plain RoPE and writes its
+digits least-significant first in the trace, so each trace line needs the operands' i-th digits: the
 position lookup it never did past `trained_length` is exactly what has to generalise. A word
 problem's steps are sentences, found by their content rather than their position.
 
+The positional option (`--positions abacus`, model/abacus.py) gives the base model Abacus place
+embeddings (a zero table, trained from the SFT stage on with random offsets); it is meant for
+`--digit_order lsb` (every number least significant digit first, so the i-th digit of each operand and
+of the answer share a place) and `--trace none` (the answer's digits are one run, so each answer digit
+knows its place; a column trace's lines do not). A variant writes to its own study directory
+(beyond_the_data_<positions>_<order>_<trace>), so the arms of different options never mix.
+
     sputnik study beyond_the_data
+    sputnik study beyond_the_data --positions abacus --digit_order lsb --trace none
     sputnik study beyond_the_data --scale 0.1 --seeds 0   # a smoke run
 """
 from __future__ import annotations
@@ -51,6 +59,14 @@ class Config(R.StudyConfig):
     rl_temperature: float = knob(1.0, "GRPO rollout temperature", min=0.01)
     rl_lr: float = knob(2e-4, "GRPO learning rate (constant)", min=0.0)
     max_new_tokens: int = knob(160, "completion budget (a 7-digit addition trace is ~110 tokens)", min=1)
+    positions: str = knob("rope", "rope: the base model as it is; abacus: add Abacus place embeddings to it "
+                          "(model/abacus.py) before SFT", choices=("rope", "abacus"))
+    abacus_max_index: int = knob(32, "abacus: places the table holds", min=2, max=4096)
+    abacus_train_offset: int = knob(20, "abacus: random place offset 0..K per training sequence", min=0)
+    digit_order: str = knob("msb", "addition: msb (as usual) or lsb (every number least significant digit first)",
+                            choices=("msb", "lsb"))
+    trace: str = knob("columns", "addition: columns (a worked line per column) or none (the answer alone)",
+                      choices=("columns", "none"))
 
     def __post_init__(self):
         if not self.rl_lengths or not self.eval_lengths:
@@ -58,19 +74,35 @@ class Config(R.StudyConfig):
         if min(self.rl_lengths) <= self.trained_length:
             raise ValueError(f"rl_lengths={self.rl_lengths}: GRPO's lengths must exceed trained_length={self.trained_length} "
                              "(the study is about lengths no trace showed)")
+        if self.family != "addition" and (self.digit_order, self.trace) != ("msb", "columns"):
+            raise ValueError(f"digit_order / trace are addition's knobs (family={self.family!r})")
+        if self.positions == "abacus" and self.abacus_train_offset >= self.abacus_max_index:
+            raise ValueError(f"abacus_train_offset={self.abacus_train_offset} must be < abacus_max_index={self.abacus_max_index}")
 
     def task(self, n: int) -> str:
-        return FAMILIES[self.family][0].format(n=n)
+        spec = FAMILIES[self.family][0].format(n=n)
+        if (self.digit_order, self.trace) != ("msb", "columns"):
+            spec += f":digit_order={self.digit_order}:trace={self.trace}"
+        return spec
+
+    @property
+    def name(self) -> str:
+        """The study directory: the published default, or one per positional option and format."""
+        if (self.positions, self.digit_order, self.trace) == ("rope", "msb", "columns"):
+            return "beyond_the_data"
+        return f"beyond_the_data_{self.positions}_{self.digit_order}_{self.trace}"
 
 
 def run(cfg: Config) -> dict:
-    r = cfg.runner("beyond_the_data")
+    r = cfg.runner(cfg.name)
     speedrun, base_ids = cfg.base()
     save_config(cfg, r.out / "study_config.json")
     base = speedrun["sft"]["init"]
     sft = dict(R.own_settings(speedrun["sft"]), init=base, tasks=[cfg.task(n) for n in range(1, cfg.trained_length + 1)],
                num_examples=cfg.sft_examples, max_len=256, max_new_tokens=cfg.max_new_tokens, eval_examples=0, eval_every=0)
     sft.pop("model", None)
+    if cfg.positions == "abacus":  # added to the loaded base (a zero table), then trained by SFT
+        sft["model"] = dict(abacus_max_index=cfg.abacus_max_index, abacus_train_offset=cfg.abacus_train_offset)
     rl = dict(R.own_settings(speedrun["rl"]), tasks=[cfg.task(n) for n in cfg.rl_lengths], task_sampling="learnability",
               prompts_per_step=cfg.rl_prompts_per_step, group_size=cfg.rl_group_size, temperature=cfg.rl_temperature,
               max_new_tokens=cfg.max_new_tokens, steps=max(1, round(cfg.rl_steps * cfg.scale)), eval_every=0,
@@ -101,8 +133,12 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     table = R.aggregate(r.rows, ("arm",), metrics)
     by = {e["arm"]: e for e in table}
     n, unit = cfg.eval_problems, FAMILIES[cfg.family][1]
-    lines = ["# Study: beyond_the_data", "",
-             f"Family `{cfg.task('n')}`. SFT traces: 1–{cfg.trained_length} {unit}; GRPO prompts: {cfg.rl_lengths} {unit}, "
+    option = "" if cfg.name == "beyond_the_data" else (
+        f"Positions: {'Abacus place embeddings added to the base (max place ' + str(cfg.abacus_max_index) + ', training offset 0..' + str(cfg.abacus_train_offset) + ')' if cfg.positions == 'abacus' else 'the base model as it is (RoPE)'}; "
+        f"digits {'least significant first' if cfg.digit_order == 'lsb' else 'as usual'}; "
+        f"{'answer only (no trace)' if cfg.trace == 'none' else 'a worked line per column'}. ")
+    lines = [f"# Study: {cfg.name}", "",
+             f"{option}Family `{cfg.task('n')}`. SFT traces: 1–{cfg.trained_length} {unit}; GRPO prompts: {cfg.rl_lengths} {unit}, "
              f"answers only. Held-out: {n} test-split problems of exactly each length (greedy exact match). Seeds {cfg.seeds}. "
              f"Each cell: mean over seeds [95% t-interval over seeds] (each seed). FLOPs and wall-clock: training only, "
              f"from the ledger (the shared pretrained base excluded).", "",
@@ -116,17 +152,17 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     if "SFT + GRPO" in by and "SFT alone" in by:
         g, a = by["SFT + GRPO"][f"length_{target}"], by["SFT alone"][f"length_{target}"]
         interval = "" if g["low"] != g["low"] else f" [{g['low']:.2f}, {g['high']:.2f}]"
-        headline = (f"beyond_the_data ({cfg.family}, {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}, {n} held-out): after SFT on ≤ "
+        headline = (f"{cfg.name} ({cfg.family}, {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}, {n} held-out): after SFT on ≤ "
                     f"{cfg.trained_length} {unit}, GRPO without traces reaches {g['mean']:.2f}{interval} at {target} {unit}; "
                     f"SFT alone at equal FLOPs {a['mean']:.2f}")
         lines[1:1] = ["", f"**{headline}**"]
     lines += ["", "![accuracy against compute](beyond_the_data.png)"]
     R.plot(r.out / "beyond_the_data.png", [(arm, [by[arm]]) for arm in ARMS if arm in by], f"length_{target}",
            f"held-out accuracy, {target} {unit} (greedy)")
-    summary = dict(study="beyond_the_data", family=cfg.family, heldout_problems=n, table=table, headline=headline)
+    summary = dict(study=cfg.name, positions=cfg.positions, digit_order=cfg.digit_order, trace=cfg.trace, family=cfg.family, heldout_problems=n, table=table, headline=headline)
     path = R.write(r, summary, "\n".join(lines) + "\n")
     print0("\n".join(lines))
-    print0(f"study beyond_the_data: {path}")
+    print0(f"study {cfg.name}: {path}")
     return summary
 
 

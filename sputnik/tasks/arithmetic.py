@@ -34,11 +34,20 @@ line shapes as addition, so that no line needs more than a one-digit product plu
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 from sputnik.config import knob
 from sputnik.tasks.base import Example, Task
+
+
+_DIGIT_RUN = re.compile(r"\d+")
+
+
+def lsb(n: int) -> str:
+    """n written least significant digit first: 5218 -> "8125"."""
+    return str(n)[::-1]
 
 
 def sample_int(rng: random.Random, min_digits: int, max_digits: int) -> int:
@@ -140,11 +149,20 @@ def _digits_knob(default: int, what: str):
 
 @dataclass
 class Addition(Task):
-    """a + b with column-by-column carries."""
+    """a + b with column-by-column carries.
+
+    digit_order="lsb" writes every number of the prompt, trace and answer least significant digit
+    first ("4821 + 397" is asked as "1284 + 793", answered "8125"), the format in which the i-th digit
+    of each operand and of the answer is the same place (with Abacus positions: the same index). Its
+    answers are digit strings, checked exactly (a leading zero is a digit). trace="none": answer only.
+    """
     name: ClassVar[str] = "addition"
     description: ClassVar[str] = "multi-digit addition, digit by digit with carries"
     min_digits: int = _digits_knob(1, "smallest operand length")
     max_digits: int = _digits_knob(4, "largest operand length")
+    digit_order: str = knob("msb", "msb: numbers as usual; lsb: every number written least significant digit first",
+                            choices=("msb", "lsb"))
+    trace: str = knob("columns", "columns: one line per column; none: the answer alone", choices=("columns", "none"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,8 +175,22 @@ class Addition(Task):
 
     def build_example(self, key, problem, split):
         a, b = problem
-        return Example(self.name, f"What is {a} + {b}?", str(a + b), "\n".join(addition_trace(a, b)),
+        return self._example(key, split, a, "+", b, a + b, addition_trace(a, b))
+
+    def _example(self, key, split, a: int, op: str, b: int, result: int, lines: list[str]) -> Example:
+        if self.digit_order == "msb":
+            prompt, answer = f"What is {a} {op} {b}?", str(result)
+        else:  # every maximal digit run of the trace reversed: its numbers read least significant first
+            prompt, answer = f"What is {lsb(a)} {op} {lsb(b)}? (digits least significant first)", lsb(result)
+            lines = [_DIGIT_RUN.sub(lambda m: m[0][::-1], line) for line in lines]
+        return Example(self.name, prompt, answer, "" if self.trace == "none" else "\n".join(lines),
                        {"key": key, "split": split})
+
+    def check_answer(self, example, answer):
+        if self.digit_order == "msb":
+            return super().check_answer(example, answer)
+        got = answer.strip()
+        return got == example.answer, f"digits {got!r} {'==' if got == example.answer else '!='} {example.answer!r}"
 
 
 @dataclass
@@ -174,8 +206,7 @@ class Subtraction(Addition):
 
     def build_example(self, key, problem, split):
         a, b = problem
-        return Example(self.name, f"What is {a} - {b}?", str(a - b), "\n".join(subtraction_trace(a, b)),
-                       {"key": key, "split": split})
+        return self._example(key, split, a, "-", b, a - b, subtraction_trace(a, b))
 
 
 @dataclass

@@ -4,6 +4,7 @@ FLOPs a model costs per token.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -41,9 +42,24 @@ def load_model(init: str, model_cfg: ModelConfig | None = None, impl: str = "aut
         raise ValueError(f"init={init!r}: neither a model directory (config.json) nor a sputnik checkpoint "
                          "(model.safetensors and stage_config.json)")
     loaded = getattr(model, "config", None)
-    if model_cfg is not None and model_cfg != ModelConfig() and model_cfg != loaded:
+    if model_cfg is None or model_cfg == ModelConfig() or model_cfg == loaded:
+        return model
+    if model_cfg.abacus_max_index:  # the one model setting a loaded model takes: a new positional option
+        if not isinstance(loaded, ModelConfig) or loaded.architecture != "deepseek_v3":
+            raise ValueError(f"abacus_max_index: {init} is not a deepseek_v3 model of ours (Abacus positions need one)")
+        if loaded.abacus_max_index:
+            warnings.warn(f"Abacus settings ignored: {init} has its own (abacus_max_index={loaded.abacus_max_index})")
+        else:
+            model.add_abacus(model_cfg.abacus_max_index, model_cfg.abacus_train_offset, model_cfg.abacus_digit_ids)
+    if _without_abacus(model_cfg) not in (ModelConfig(), _without_abacus(loaded)):
         warnings.warn(f"model settings ignored: the architecture comes from {init}")
     return model
+
+
+def _without_abacus(cfg) -> ModelConfig | None:
+    if not isinstance(cfg, ModelConfig):
+        return None
+    return dataclasses.replace(cfg, abacus_max_index=0, abacus_train_offset=0, abacus_digit_ids=[])
 
 
 def _load_model_dir(path: Path, impl: str) -> nn.Module:

@@ -249,6 +249,8 @@ def _setup(cfg: RunConfig, choice, dist, model_cfg: ModelConfig | None, optim: O
     if resume_path is None and ckpt_lib.list_checkpoints(ckpt_lib.checkpoints_dir(out)):
         raise ValueError(f"out_dir {out} already holds checkpoints: pass --resume auto to continue, or choose a new --out_dir")
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.init)
+    if model_cfg is not None and model_cfg.abacus_max_index and not model_cfg.abacus_digit_ids:
+        model_cfg.abacus_digit_ids = tokenizer.digit_ids()  # in place: the run's saved config records them
     model = load_model(cfg.init, model_cfg, cfg.init_impl)
     check_vocab(tokenizer, model_config(model).vocab_size)
     if cfg.lora.rank:  # before resuming: a LoRA run's checkpoints hold the adapters beside the frozen base
