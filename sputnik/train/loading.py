@@ -23,7 +23,8 @@ from sputnik.train import checkpoint as ckpt_lib
 def load_model(init: str, model_cfg: ModelConfig | None = None, impl: str = "auto") -> nn.Module:
     """fp32 model on CPU: fresh from model_cfg when init is '', else from `init`, a model directory
     (config.json) or a sputnik checkpoint (model.safetensors + stage_config.json); the model settings
-    are then ignored, with a warning when they differ from the loaded model's. A model directory of
+    are then ignored, with a warning when they differ from the loaded model's, except Abacus positions
+    (abacus_*), which are added to a loaded DeepSeek-V3 model that has none. A model directory of
     DeepSeek-V3 or a dense family (Llama, Mistral, Qwen2, Qwen3) loads as our own model; any other
     causal LM through transformers (a notice says so). impl "transformers" loads even our own
     architectures through AutoModelForCausalLM."""
