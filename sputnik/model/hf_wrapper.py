@@ -21,7 +21,10 @@ class HFCausalLM(nn.Module):
         self.config = hf_model.config
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                valid_BT: torch.Tensor | None = None) -> ModelOutput:
+                valid_BT: torch.Tensor | None = None, documents_BT: torch.Tensor | None = None) -> ModelOutput:
+        if documents_BT is not None:
+            raise ValueError(f"document_mask: {type(self.hf).__name__} runs through transformers, whose forward takes "
+                             "no document mask here; use one of Sputnik's own model families")
         logits_BTV = self.hf(input_ids=input_ids_BT).logits
         if targets_BT is None:
             return ModelOutput(logits=logits_BTV)

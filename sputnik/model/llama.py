@@ -292,12 +292,20 @@ class LlamaModel(nn.Module):
         return ModelOutput(hidden=h_BTD, expert_load={k: v[0] for k, v in routing.items()})
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                valid_BT: torch.Tensor | None = None) -> ModelOutput:
+                valid_BT: torch.Tensor | None = None, documents_BT: torch.Tensor | None = None) -> ModelOutput:
         """Without targets: logits [B, T, V]. With (already shifted, −100 = ignore) targets:
         ce = Σ_n CE(W h_n, t_n) / #valid through the chunked head (no [B, T, V] tensor);
         loss = ce + router_aux_loss_coef · balance loss (Qwen3-MoE; 0 for the dense families) and no MTP
-        (reported as 0 so loops log both architectures alike)."""
-        h_BTD, routing = self._trunk(input_ids_BT, None, None, valid_BT)
+        (reported as 0 so loops log both architectures alike). documents_BT: each token's document in
+        a packed window (documents.py): attention stays within it."""
+        attend = None
+        if documents_BT is not None:
+            if self.config.sliding_window:
+                raise ValueError("document masking with a sliding window (Mistral) is not implemented")
+            from sputnik.model.documents import document_attention
+
+            attend = document_attention(documents_BT)
+        h_BTD, routing = self._trunk(input_ids_BT, None, attend, valid_BT)
         load = {k: v[0] for k, v in routing.items()}
         if targets_BT is None:
             return ModelOutput(logits=self.lm_head(h_BTD), expert_load=load)

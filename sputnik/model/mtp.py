@@ -47,11 +47,12 @@ class MTPModule(Block):
         self.shared_head.norm = RMSNorm(D, eps)
 
     def forward(self, h_prev_BTD: torch.Tensor, emb_next_BTD: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
+                sin: torch.Tensor, valid_BT: torch.Tensor | None = None, attend=None) -> tuple[torch.Tensor, Routing | None]:
         """h^k from h^{k−1} (same positions) and Emb(t_{i+k}); returns the block output (before
-        shared_head.norm), which is also the next depth's h^{k}, and the block's MoE routing."""
+        shared_head.norm), which is also the next depth's h^{k}, and the block's MoE routing.
+        attend: the block's attention hook (documents.py's, in a document-masked window)."""
         merged_BT2D = torch.cat([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], dim=-1)
-        return super().forward(self.eh_proj(merged_BT2D), cos, sin, valid_BT)
+        return super().forward(self.eh_proj(merged_BT2D), cos, sin, valid_BT, attend)
 
     def head_input(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """What the shared lm_head multiplies: shared_head.norm(h^k)."""

@@ -20,6 +20,7 @@ from torch import nn
 from sputnik.model.abacus import AbacusEmbedding
 from sputnik.model.block import Block
 from sputnik.model.config import ModelConfig
+from sputnik.model.documents import document_attention
 from sputnik.model.layers import RMSNorm
 from sputnik.model.moe import MoE, Routing
 from sputnik.model.mtp import MTPModule
@@ -134,28 +135,32 @@ class Transformer(nn.Module):
         return ModelOutput(hidden=h_BTD, expert_load={k: r.load_E for k, r in routing.items()})
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                valid_BT: torch.Tensor | None = None) -> ModelOutput:
+                valid_BT: torch.Tensor | None = None, documents_BT: torch.Tensor | None = None) -> ModelOutput:
         """targets_BT is already shifted (targets[b, t] = ids[b, t+1]; −100 = ignored). valid_BT: the
-        real tokens of a right-padded batch (bool [B, T]), so that padding is not expert load."""
+        real tokens of a right-padded batch (bool [B, T]), so that padding is not expert load.
+        documents_BT: each token's document in a packed window (documents.py): attention, the MTP
+        modules' too, stays within it."""
         offset_B = None
         if targets_BT is not None and self.training and self.config.abacus_train_offset:
             # one random offset per sequence (torch's RNG: checkpointed, so a resumed run draws the same)
             offset_B = torch.randint(0, self.config.abacus_train_offset + 1, (input_ids_BT.shape[0],),
                                      device=input_ids_BT.device)
-        emb_BTD, h_BTD, cos, sin, routing = self._trunk(input_ids_BT, valid_BT, None, None, offset_B)
+        attend = None if documents_BT is None else document_attention(documents_BT)
+        emb_BTD, h_BTD, cos, sin, routing = self._trunk(input_ids_BT, valid_BT, None, attend, offset_B)
         if targets_BT is None:
             return ModelOutput(logits=self.lm_head(h_BTD), expert_load={k: r.load_E for k, r in routing.items()})
         D, W_VD = self.config.hidden_size, self.lm_head.weight
         ce_sum, num_tokens = linear_cross_entropy(h_BTD.reshape(-1, D), W_VD, targets_BT.reshape(-1))
         ce = ce_sum / num_tokens.clamp(min=1)
-        mtp = self._mtp_loss(emb_BTD, h_BTD, targets_BT, num_tokens, cos, sin, valid_BT, routing)
+        mtp = self._mtp_loss(emb_BTD, h_BTD, targets_BT, num_tokens, cos, sin, valid_BT, routing, documents_BT)
         aux_losses = [r.aux_loss for r in routing.values() if r.aux_loss is not None]
         aux = torch.stack(aux_losses).sum() if aux_losses else h_BTD.new_zeros(())
         loss = ce + self.config.mtp_loss_weight * mtp + aux
         return ModelOutput(loss=loss, ce_loss=ce.detach(), mtp_loss=mtp.detach(), aux_loss=aux.detach(),
                            num_tokens=num_tokens, expert_load={k: r.load_E for k, r in routing.items()})
 
-    def _mtp_loss(self, emb_BTD, h_BTD, targets_BT, num_tokens, cos, sin, valid_BT, routing) -> torch.Tensor:
+    def _mtp_loss(self, emb_BTD, h_BTD, targets_BT, num_tokens, cos, sin, valid_BT, routing,
+                  documents_BT=None) -> torch.Tensor:
         """(1/D) Σ_k L^k with L^k = (1/T) Σ_{valid i} CE(P^k_i, targets[i+k]); T = num_tokens, the
         main loss's count, for every depth (eq. 25; see losses.mtp_loss). Module k runs on the
         first T−k positions; its input token t_{i+k} is ids[i+k] = the embedding row i+k, taken
@@ -165,8 +170,9 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.mtp, start=1):
             if T - k < 1:
                 break
+            attend = None if documents_BT is None else document_attention(documents_BT[:, : T - k])
             h_prev_BTD, r = module(h_prev_BTD[:, : T - k], emb_BTD[:, k:], cos[: T - k], sin[: T - k],
-                                   None if valid_BT is None else valid_BT[:, k:])
+                                   None if valid_BT is None else valid_BT[:, k:], attend)
             if r is not None:
                 routing[f"mtp.{k - 1}.mlp"] = r
             h_ND = module.head_input(h_prev_BTD).reshape(-1, self.config.hidden_size)

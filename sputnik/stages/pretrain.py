@@ -39,6 +39,8 @@ class Config(TrainConfig):
     task_docs: int = knob(20000, "worked problems drawn from the task corpora", min=0)
     eval_fraction: float = knob(0.05, "share of documents held out for the eval loss", min=0.0, max=0.5)
     seq_len: int = knob(256, "tokens per packed window", min=2)
+    document_mask: bool = knob(False, "attention stays within each document of a packed window (documents end at "
+                                      "the end-of-text token; model/documents.py); off: nanoGPT-style, across them")
 
     def __post_init__(self):
         super().__post_init__()
@@ -116,7 +118,7 @@ def run(cfg: Config, parents=(), command: str = "pretrain") -> dict:
                 last = step == cfg.steps
                 # --- every eval_every steps (and first and last): held-out loss -------------------
                 if every(step, cfg.eval_every, s.start_step, last):
-                    eval_loss_now, eval_step = eval_loss(s, held), step
+                    eval_loss_now, eval_step = eval_loss(s, held, cfg.document_mask), step
                     state["best_eval"] = min(eval_loss_now, state["best_eval"] or float("inf"))
                     s.log({"step": step, "eval_loss": eval_loss_now, "flops": state["flops"]})
                 # --- every checkpoint_every steps (and the last) ---------------------------------

@@ -15,13 +15,17 @@ from sputnik import distributed as dist_lib
 
 
 @torch.no_grad()
-def eval_loss(s, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Token-weighted mean next-token CE (no MTP, no aux) over held-out batches and ranks."""
+def eval_loss(s, batches: list[tuple[torch.Tensor, torch.Tensor]], document_mask: bool = False) -> float:
+    """Token-weighted mean next-token CE (no MTP, no aux) over held-out batches and ranks; with
+    document_mask, as the training forward attends (within each document of a window)."""
+    from sputnik.train.step import documents
+
     s.model.eval()
     total, count = 0.0, 0.0
     for x_BT, y_BT in batches:
+        x_BT = x_BT.to(s.device)
         with s.amp():
-            out = s.model(x_BT.to(s.device), y_BT.to(s.device))
+            out = s.model(x_BT, y_BT.to(s.device), **documents(s, x_BT, document_mask))
         total += float(out.ce_loss) * float(out.num_tokens)
         count += float(out.num_tokens)
     s.model.train()

@@ -8,18 +8,20 @@ from __future__ import annotations
 import torch
 
 from sputnik import distributed as dist_lib
+from sputnik.model.documents import document_ids
 from sputnik.train.balance import ExpertLoad
 from sputnik.train.loading import flops_per_token
 from sputnik.train.optim import clip_grad_norm, guarded_step, lr_multiplier, set_lr
 
 
 def forward_backward(s, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], load: ExpertLoad,
-                     poison: bool = False) -> dict[str, float]:
+                     poison: bool = False, document_mask: bool = False) -> dict[str, float]:
     """Backward of the token-mean loss over the global batch (all micro-batches, all ranks).
     Micro-batch i is weighted n_i / N (n_i its non-ignored targets, N their global sum), times
     world_size because DDP/FSDP average gradients over ranks. Right padding (the tokenizer's pad id)
     is not expert load. Returns global token-weighted means of loss, ce, mtp, aux, and the global
-    token count; `load` gets each micro-batch's expert load."""
+    token count; `load` gets each micro-batch's expert load. document_mask: attention stays within
+    each document of a packed window (model/documents.py)."""
     n_local = [int((y != -100).sum()) for _, y in micro_batches]
     (n_global,) = dist_lib.all_reduce_sum([sum(n_local)], s.dist, s.device)
     sums = torch.zeros(4, dtype=torch.float64)
@@ -29,7 +31,7 @@ def forward_backward(s, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], 
         weight = n_local[i] / max(n_global, 1.0)
         valid_BT = x_BT != pad_id if pad_id is not None else None
         with dist_lib.maybe_no_sync(s.model, i == len(micro_batches) - 1), s.amp():
-            out = s.model(x_BT, y_BT, valid_BT)
+            out = s.model(x_BT, y_BT, valid_BT, **documents(s, x_BT, document_mask))
         load.add(out.expert_load)
         loss = out.loss * (weight * s.dist.world_size)
         if poison:
@@ -41,13 +43,19 @@ def forward_backward(s, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], 
     return dict(loss=loss, ce=ce, mtp=mtp, aux=aux, loss_tokens=n_global)
 
 
+def documents(s, x_BT: torch.Tensor, document_mask: bool) -> dict:
+    """The model's documents_BT keyword for a document-masked window (empty otherwise)."""
+    return {"documents_BT": document_ids(x_BT, s.tokenizer.eot_id)} if document_mask else {}
+
+
 def train_step(s, cfg, step: int, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """One optimizer step at 0-based `step`: LR from the schedule, forward/backward, clip, the step
     unless the loss or gradient is non-finite, the expert-bias update. -> the step's metrics, its
     global tokens and FLOPs, and `stepped`."""
     lr = set_lr(s.optimizer, lr_multiplier(step, cfg.steps, cfg.optim))
     load = ExpertLoad()
-    m = forward_backward(s, micro_batches, load, poison=step in cfg.poison_steps)
+    m = forward_backward(s, micro_batches, load, poison=step in cfg.poison_steps,
+                         document_mask=getattr(cfg, "document_mask", False))
     grad_norm = clip_grad_norm(s.model, cfg.optim.grad_clip)
     balance = load.max_over_mean()  # this rank's counts, before apply() sums and consumes them
     stepped = guarded_step(s.optimizer, m["loss"], grad_norm)
