@@ -264,3 +264,25 @@ def test_a_finished_run_is_reused_only_with_the_same_recipe(tmp_path, monkeypatc
     (tmp_path / "studies" / "s" / "a" / "DONE.json").unlink()  # killed before it finished
     r.stage("a", "sft", dict(settings, steps=3))
     assert calls == [2, 3, 3] and not (tmp_path / "studies" / "s" / "a.superseded-2").exists()
+
+
+def test_a_run_made_from_another_parent_run_is_redone(tmp_path, monkeypatch):
+    """Same settings, but its parent was redone (an SFT rerun under the same init path): the child run
+    (GRPO from that SFT) is made anew, not reused."""
+    from sputnik.config import DeviceConfig
+    from sputnik.stages import rl
+
+    calls = []
+
+    def fake_run(cfg, parents=(), command="rl"):
+        calls.append(list(parents))
+        return {"run_ids": [f"rl-{len(calls)}"]}
+
+    monkeypatch.setattr(rl, "run", fake_run)
+    settings = dict(init=str(tmp_path / "sft" / "model"), tasks=["addition"], steps=2)
+    r = R.Runner(tmp_path, "s", device=DeviceConfig(num_threads=1))
+    r.stage("grpo", "rl", settings, parents=["sft-1"])
+    r.stage("grpo", "rl", settings, parents=["sft-1"])
+    assert calls == [["sft-1"]]
+    r.stage("grpo", "rl", settings, parents=["sft-2"])
+    assert calls == [["sft-1"], ["sft-2"]]

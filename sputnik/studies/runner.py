@@ -77,9 +77,11 @@ class Runner:
         done, marker = out_dir / "DONE.json", out_dir / "study_run.json"
         from sputnik.config import to_dict
 
-        recipe = _recipe(to_dict(cfg))
+        recipe, parents = _recipe(to_dict(cfg)), sorted(parents)
         recorded = _recorded_recipe(out_dir) if out_dir.exists() else None
-        stale = recorded is not None and recorded != recipe  # made with other settings: never reused or resumed
+        # made with other settings, or from another parent run (a redone SFT under the same init path):
+        # never reused or resumed. Markers from before parents were recorded are trusted on settings.
+        stale = recorded is not None and (recorded != recipe or _recorded_parents(out_dir) not in (None, parents))
         if done.is_file() and not self._forced(name) and not stale:
             result = json.loads(done.read_text())
         else:
@@ -89,7 +91,7 @@ class Runner:
                 why = f"study --force {name}" if self._forced(name) else "its settings changed"
                 pipeline.set_aside(out_dir.parent, out_dir.name, why=f"study {self.study}: {why}")
             print0(f"\n=== study {self.study}: {name} ({stage}) ===")
-            atomic_write_json(marker, {"recipe": recipe, "stage": stage})
+            atomic_write_json(marker, {"recipe": recipe, "stage": stage, "parents": parents})
             extra = dict(command=self.command(stage)) if stage != "distill" else {}
             result = fn(cfg, parents=list(parents), **extra)
             atomic_write_json(done, result)
@@ -155,8 +157,12 @@ class Runner:
         directory, recorded in the ledger as study:<name>:eval."""
         out = Path(run.out_dir) / "study_eval" / _slug(task)
         done = out / "DONE.json"
+        request = dict(run_ids=list(run.run_ids), problems=problems, samples=samples, temperature=temperature,
+                       max_new_tokens=max_new_tokens, greedy_problems=greedy_problems)
         if done.is_file() and not self._forced(run.name):
-            return json.loads(done.read_text())
+            cached = json.loads(done.read_text())
+            if cached.pop("request", request) == request:  # results cached before requests were recorded: trusted
+                return cached
         from sputnik.accounting.ledger import record_run
         from sputnik.evaluate import EvalConfig, run as eval_run
 
@@ -175,7 +181,7 @@ class Runner:
                 res.update({k: sampled[k] for k in sampled if k.startswith(("pass@", "maj@"))},
                            sampled_problems=problems, samples=samples, temperature=temperature)
             led.metrics.update(heldout_accuracy=res["greedy"], task=task)
-        atomic_write_json(done, res)
+        atomic_write_json(done, dict(res, request=request))
         return res
 
     # --- the table ------------------------------------------------------------------------------
@@ -202,6 +208,11 @@ def _recorded_recipe(out_dir: Path) -> str | None:
     if marker.is_file():
         return json.loads(marker.read_text()).get("recipe")
     return _recipe(json.loads(saved.read_text())) if saved.is_file() else None
+
+
+def _recorded_parents(out_dir: Path) -> list[str] | None:
+    marker = out_dir / "study_run.json"
+    return json.loads(marker.read_text()).get("parents") if marker.is_file() else None
 
 
 def _with_steps(settings: dict, key: str, steps: int) -> dict:
