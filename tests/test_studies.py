@@ -286,3 +286,21 @@ def test_a_run_made_from_another_parent_run_is_redone(tmp_path, monkeypatch):
     assert calls == [["sft-1"]]
     r.stage("grpo", "rl", settings, parents=["sft-2"])
     assert calls == [["sft-1"], ["sft-2"]]
+
+
+def test_the_crossover_takes_each_arm_at_its_best_learning_rate():
+    """Two learning rates per arm: the dense twin is better at the lower one, the MoE at the higher;
+    the crossover compares the two best (first-seed losses decide, the extra seeds of a rate follow)."""
+    from sputnik.studies.moe_vs_dense import best_lr, crossover
+
+    rows = [dict(size="a", budget=1.0, arch="dense", lr=1e-3, seed=0, heldout_loss=2.8, flops=1e10, wall_s=10.0, active=1e6),
+            dict(size="a", budget=1.0, arch="dense", lr=3e-3, seed=0, heldout_loss=3.0, flops=1e10, wall_s=10.0, active=1e6),
+            dict(size="a", budget=1.0, arch="dense", lr=3e-3, seed=1, heldout_loss=2.0, flops=1e10, wall_s=10.0, active=1e6),
+            dict(size="a", budget=1.0, arch="moe", lr=1e-3, seed=0, heldout_loss=3.1, flops=1e10, wall_s=10.0, active=1e6,
+                 curve=[(1e10, 3.1)]),
+            dict(size="a", budget=1.0, arch="moe", lr=3e-3, seed=0, heldout_loss=2.7, flops=1e10, wall_s=10.0, active=1e6,
+                 curve=[(2e9, 3.0), (5e9, 2.8), (1e10, 2.7)])]
+    assert best_lr([x for x in rows if x["arch"] == "dense"]) == 1e-3  # seed 1's 2.0 does not count
+    (point,) = crossover(type("C", (), dict(tokens=[1.0], sizes=["a"])), rows)["points"]
+    assert (point["moe_lr"], point["dense_lr"], point["dense_loss"]) == (3e-3, 1e-3, 2.8)
+    assert point["flops_ratio"] == pytest.approx(0.5)

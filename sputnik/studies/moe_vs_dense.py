@@ -14,6 +14,9 @@ datasets, training-split problems only), a tokenizer fitted on a sample of it, a
 
 and, at `granularity_size` and the largest budget, MoE variants at the default MoE's FLOPs: half and
 twice the routed experts (same expert width and top-k: same active parameters), no shared expert.
+At the largest budget every size's two arms also train at each learning rate of `lr_sweep` (seed 0;
+the dense twin at its MoE's FLOPs), and the crossover compares each arm at its own best learning rate
+(the lowest seed-0 held-out loss): one shared rate can favour one architecture.
 
 Measured: held-out loss (the shards' held-out split, the same batches for every arm), downstream
 accuracy (held-out test-split problems of `eval_tasks`, few-shot: two solved training problems, then
@@ -52,6 +55,9 @@ class Config(R.StudyConfig):
     seq_len: int = knob(256, "tokens per packed window", min=16)
     batch_size: int = knob(16, "windows per step", min=1)
     lr: float = knob(3e-3, "peak learning rate (warmup 20 steps, cosine)", min=0.0)
+    lr_sweep: list[float] = knob(default_factory=lambda: [1e-3, 1e-2],
+                                 help="more peak learning rates for both arms at every size at the largest budget (seed 0); "
+                                      "the crossover takes each arm at its best")
     evals: int = knob(8, "held-out loss evaluations per run (its eval curve)", min=1)
     eval_tasks: list[str] = knob(default_factory=lambda: ["addition:max_digits=6", "subtraction:max_digits=6",
                                                           "rg:chain_sum", "rg:gcd"],
@@ -86,10 +92,10 @@ def run(cfg: Config) -> dict:
     budgets = sorted(cfg.tokens)
     largest = max(budgets)
 
-    def pretrain(model: dict, steps: int, seed: int) -> dict:
+    def pretrain(model: dict, steps: int, seed: int, lr: float = cfg.lr) -> dict:
         return dict(tokenizer=tokenizer, data=shards, tasks=[], model=model, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                     steps=steps, eval_every=max(1, steps // cfg.evals), eval_batches=8, checkpoint_every=steps,
-                    log_every=50, seed=seed, progress=False, optim=dict(lr=cfg.lr, warmup_steps=20))
+                    log_every=50, seed=seed, progress=False, optim=dict(lr=lr, warmup_steps=20))
 
     def per_step(model: dict) -> float:
         from sputnik.model.accounting import flops_per_token
@@ -108,7 +114,15 @@ def run(cfg: Config) -> dict:
                 d, ratio = r.stage_at_flops(f"{name}/dense", "pretrain", pretrain(dense, steps, seed), m.flops,
                                             per_step(dense), data_ids)
                 for arch, run_, model in (("moe", m, moe), ("dense", d, dense)):
-                    add_row(r, cfg, run_, arch=arch, size=size, budget=budget, seed=seed, model=model,
+                    add_row(r, cfg, run_, arch=arch, size=size, budget=budget, seed=seed, model=model, lr=cfg.lr,
+                            tokenizer=tokenizer, compute_ratio=ratio if arch == "dense" else 1.0)
+            for lr in (cfg.lr_sweep if budget == largest else []):
+                seed, name = cfg.seeds[0], f"{size}/{budget:.0e}/seed{cfg.seeds[0]}/lr{lr:g}"
+                m = r.stage(f"{name}/moe", "pretrain", pretrain(moe, steps, seed, lr), data_ids)
+                d, ratio = r.stage_at_flops(f"{name}/dense", "pretrain", pretrain(dense, steps, seed, lr), m.flops,
+                                            per_step(dense), data_ids)
+                for arch, run_, model in (("moe", m, moe), ("dense", d, dense)):
+                    add_row(r, cfg, run_, arch=arch, size=size, budget=budget, seed=seed, model=model, lr=lr,
                             tokenizer=tokenizer, compute_ratio=ratio if arch == "dense" else 1.0)
             if size == cfg.granularity_size and budget == largest:
                 seed = cfg.seeds[0]
@@ -121,7 +135,7 @@ def run(cfg: Config) -> dict:
                     v, ratio = r.stage_at_flops(f"{size}/{budget:.0e}/seed{seed}/{slug}", "pretrain",
                                                 pretrain(model, steps, seed), ref["flops"], per_step(model), data_ids)
                     add_row(r, cfg, v, arch=arch, size=size, budget=budget, seed=seed, model=model, tokenizer=tokenizer,
-                            compute_ratio=ratio)
+                            compute_ratio=ratio, lr=cfg.lr)
     return summarize(cfg, r)
 
 
@@ -231,14 +245,29 @@ def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | N
     return None
 
 
+def best_lr(rows: list[dict]) -> float | None:
+    """The learning rate whose first-seed run ends with the lowest held-out loss (seed-0 runs only, so
+    that the rate with three seeds is not favoured or penalised by its spread)."""
+    if not rows:
+        return None
+    first = min(x.get("seed", 0) for x in rows)
+    seeded = [x for x in rows if x.get("seed", 0) == first and x.get("lr") is not None]
+    return min(seeded, key=lambda x: x["heldout_loss"])["lr"] if seeded else None
+
+
 def crossover(cfg: Config, rows: list[dict]) -> dict:
-    """Per size at the largest budget: FLOPs and wall-clock ratios (MoE to reach the dense twin's final
-    loss / dense), then log(ratio) ~ a + b·log(active params), solved for ratio 0.7."""
+    """Per size at the largest budget, each arm at its best learning rate: FLOPs and wall-clock ratios
+    (MoE to reach the dense twin's final loss / dense), then log(ratio) ~ a + b·log(active params),
+    solved for ratio 0.7."""
     largest = max(cfg.tokens)
     points = []
     for size in cfg.sizes:
-        moe = [x for x in rows if x["size"] == size and x["budget"] == largest and x["arch"] == "moe"]
-        dense = [x for x in rows if x["size"] == size and x["budget"] == largest and x["arch"] == "dense"]
+        arms = {}
+        for arch in ARCHS:
+            runs = [x for x in rows if x["size"] == size and x["budget"] == largest and x["arch"] == arch]
+            lr = best_lr(runs)
+            arms[arch] = (lr, [x for x in runs if x.get("lr") == lr])
+        (moe_lr, moe), (dense_lr, dense) = arms["moe"], arms["dense"]
         if not moe or not dense:
             continue
         target = sum(x["heldout_loss"] for x in dense) / len(dense)
@@ -248,7 +277,7 @@ def crossover(cfg: Config, rows: list[dict]) -> dict:
         ok = [f for f in reach if f is not None]
         m_flops, m_wall = (sum(x["flops"] for x in moe) / len(moe)), (sum(x["wall_s"] for x in moe) / len(moe))
         ratio = (sum(ok) / len(ok)) / d_flops if len(ok) == len(reach) else None
-        points.append(dict(size=size, active=moe[0]["active"], dense_loss=target, moe_loss=sum(x["heldout_loss"] for x in moe) / len(moe),
+        points.append(dict(size=size, active=moe[0]["active"], moe_lr=moe_lr, dense_lr=dense_lr, dense_loss=target, moe_loss=sum(x["heldout_loss"] for x in moe) / len(moe),
                            flops_ratio=ratio, flops_ratio_at_least=None if ratio else m_flops / d_flops,
                            wall_ratio=None if ratio is None else ratio * (m_wall / m_flops) / (d_wall / d_flops)))
     fit = {}
@@ -265,28 +294,30 @@ def crossover(cfg: Config, rows: list[dict]) -> dict:
 
 
 def summarize(cfg: Config, r: R.Runner) -> dict:
-    table = R.aggregate(r.rows, ("size", "budget", "arch"), ("heldout_loss", "downstream"))
+    table = R.aggregate(r.rows, ("size", "budget", "arch", "lr"), ("heldout_loss", "downstream"))
     cross = crossover(cfg, r.rows)
     lines = ["# Study: moe_vs_dense", "",
              f"Corpus: `sputnik data generate` @diverse, {cfg.corpus_mb} MB (scaled by --scale), tokenizer of "
              f"{cfg.vocab_size}; held-out loss on the shards' held-out split (8 batches of {cfg.batch_size}x{cfg.seq_len}); "
              f"downstream: few-shot greedy accuracy on {cfg.eval_per_task} held-out problems of each of {cfg.eval_tasks}. "
              "Dense twins train for their MoE's FLOPs (ledger, ±5%). Cells: mean [95% t-interval over seeds] (each seed).", "",
-             "| size | budget (MoE tokens) | arm | params total / active | held-out loss | downstream acc | FLOPs | wall (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| size | budget (MoE tokens) | arm | lr | params total / active | held-out loss | downstream acc | FLOPs | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for e in table:
-        first = next(x for x in r.rows if (x["size"], x["budget"], x["arch"]) == (e["size"], e["budget"], e["arch"]))
-        lines.append(f"| {e['size']} | {e['budget']:.2g} | {e['arch']} | {first['params'] / 1e6:.2f}M / {first['active'] / 1e6:.2f}M | "
+        first = next(x for x in r.rows if (x["size"], x["budget"], x["arch"], x["lr"]) == (e["size"], e["budget"], e["arch"], e["lr"]))
+        lines.append(f"| {e['size']} | {e['budget']:.2g} | {e['arch']} | {e['lr']:g} | {first['params'] / 1e6:.2f}M / {first['active'] / 1e6:.2f}M | "
                      f"{R.cell(e.get('heldout_loss'), '.3f')} | {R.cell(e.get('downstream'))} | {e['flops']['mean']:.3g} | "
                      f"{e['wall_s']['mean']:.0f} |")
-    lines += ["", f"Crossover (largest budget, {max(cfg.tokens):.2g} tokens): FLOPs and wall-clock the MoE needed to reach its "
-                  "dense twin's final held-out loss, over the twin's (read off the MoE's eval curve; > x: never reached, "
-                  "x = its whole budget over the twin's):", "",
-              "| size | active params | dense loss | MoE loss | FLOPs ratio | wall-clock ratio |", "|---|---|---|---|---|---|"]
+    lines += ["", f"Crossover (largest budget, {max(cfg.tokens):.2g} tokens; each arm at its best learning rate): FLOPs and "
+                  "wall-clock the MoE needed to reach its dense twin's final held-out loss, over the twin's (read off the "
+                  "MoE's eval curve; > x: never reached, x = its whole budget over the twin's):", "",
+              "| size | active params | lr MoE / dense | dense loss | MoE loss | FLOPs ratio | wall-clock ratio |",
+              "|---|---|---|---|---|---|---|"]
     for p in cross["points"]:
         fr = f"{p['flops_ratio']:.2f}" if p["flops_ratio"] else f"> {p['flops_ratio_at_least']:.2f}"
         wr = f"{p['wall_ratio']:.2f}" if p["wall_ratio"] else "—"
-        lines.append(f"| {p['size']} | {p['active'] / 1e6:.2f}M | {p['dense_loss']:.3f} | {p['moe_loss']:.3f} | {fr} | {wr} |")
+        lines.append(f"| {p['size']} | {p['active'] / 1e6:.2f}M | {p['moe_lr']:g} / {p['dense_lr']:g} | {p['dense_loss']:.3f} | "
+                     f"{p['moe_loss']:.3f} | {fr} | {wr} |")
     fit = cross["fit"]
     if fit.get("crossover_active"):
         verdict = (f"the fitted trend (log ratio = {fit['a']:.2f} {fit['b']:+.2f}·log active) reaches 0.7 at "
@@ -302,14 +333,14 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
                 "≤ 1× the wall-clock") + f"; {verdict}"
     lines[1:1] = ["", f"**{headline}**"]
     lines += ["", "![held-out loss against compute](moe_vs_dense.png)", "", "![crossover](moe_vs_dense_crossover.png)"]
-    series = [(f"{arch} {size}", [e for e in table if e["arch"] == arch and e["size"] == size])
+    series = [(f"{arch} {size}", [e for e in table if e["arch"] == arch and e["size"] == size and e["lr"] == cfg.lr])
               for size in cfg.sizes for arch in ARCHS]
     series += [(e["arch"] + f" {e['size']}", [e]) for e in table if e["arch"] not in ARCHS]
     R.plot(r.out / "moe_vs_dense.png", series, "heldout_loss", "held-out loss")
     plot_crossover(r.out / "moe_vs_dense_crossover.png", cross)
     rows = [{k: v for k, v in x.items() if k != "curve"} for x in r.rows]
     summary = dict(study="moe_vs_dense", table=table, crossover=cross, headline=headline, curves={
-        f"{x['size']}/{x['budget']:.0e}/{x['arch']}/seed{x['seed']}": x["curve"] for x in r.rows})
+        f"{x['size']}/{x['budget']:.0e}/{x['arch']}/lr{x['lr']:g}/seed{x['seed']}": x["curve"] for x in r.rows})
     r.rows = rows
     path = R.write(r, summary, "\n".join(lines) + "\n")
     print0("\n".join(lines))
