@@ -95,10 +95,8 @@ class MLACache:
     def first_rows(self, rows: int, copy: bool = False) -> "MLACache":
         """The first `rows` rows as a cache: views of these buffers (a static cache's live part), or
         copies."""
-        kv, abacus = [buf[:rows].clone() if copy else buf[:rows] for buf in self._buffers()], None
-        if self.abacus_BS is not None:
-            kv, abacus = kv[:-1], kv[-1]
-        return self._like(kv, abacus)
+        take = (lambda buf: buf[:rows].clone()) if copy else (lambda buf: buf[:rows])  # noqa: E731
+        return self._like([take(buf) for buf in self.kv_BSX], None if self.abacus_BS is None else take(self.abacus_BS))
 
     # --- what a static cache needs (graphs.GraphDecoder): shape, a zeroed twin, in-place row moves
     @property
