@@ -286,6 +286,16 @@ def test_a_run_made_from_another_parent_run_is_redone(tmp_path, monkeypatch):
     assert calls == [["sft-1"]]
     r.stage("grpo", "rl", settings, parents=["sft-2"])
     assert calls == [["sft-1"], ["sft-2"]]
+    # the shared data's preparation records a new run each time it finds its output made: not a new parent
+    from sputnik.accounting.ledger import record_run
+
+    ids = []
+    for _ in range(2):
+        with record_run(tmp_path, "data tokenize", {}) as led:
+            ids.append(led.run_id)
+    r.stage("pre", "rl", settings, parents=[ids[0]])
+    r.stage("pre", "rl", settings, parents=[ids[1]])
+    assert len(calls) == 3
 
 
 def test_the_crossover_takes_each_arm_at_its_best_learning_rate():

@@ -77,11 +77,12 @@ class Runner:
         done, marker = out_dir / "DONE.json", out_dir / "study_run.json"
         from sputnik.config import to_dict
 
-        recipe, parents = _recipe(to_dict(cfg)), sorted(parents)
+        recipe, parents = _recipe(to_dict(cfg)), self._study_parents(parents)
         recorded = _recorded_recipe(out_dir) if out_dir.exists() else None
-        # made with other settings, or from another parent run (a redone SFT under the same init path):
-        # never reused or resumed. Markers from before parents were recorded are trusted on settings.
-        stale = recorded is not None and (recorded != recipe or _recorded_parents(out_dir) not in (None, parents))
+        # made with other settings, or from another parent run of the study (a redone SFT under the same
+        # init path): never reused or resumed. Markers from before parents were recorded: settings only.
+        before = _recorded_parents(out_dir)
+        stale = recorded is not None and (recorded != recipe or (before is not None and self._study_parents(before) != parents))
         if done.is_file() and not self._forced(name) and not stale:
             result = json.loads(done.read_text())
         else:
@@ -118,6 +119,14 @@ class Runner:
             run = self.stage(f"{name}_redo", stage, _with_steps(settings, steps_key, steps), parents)
             flops = own_flops(run)
         return run, assert_equal_compute(f"{self.study} {name}", flops, target, tolerance)
+
+    def _study_parents(self, run_ids) -> list[str]:
+        """The parents that are runs of a study, sorted: not the shared base or data, whose preparation
+        (`data generate`, `data tokenize`, ...) records a new run each time it finds its output made."""
+        from sputnik.accounting import ledger
+
+        command = {r["run_id"]: r.get("command", "") for r in ledger.load(self.project)}
+        return sorted(p for p in run_ids if command.get(p, "study:").startswith("study:"))
 
     def _forced(self, name: str) -> bool:
         return "all" in self.force or any(name == f or name.startswith(f.rstrip("/") + "/") for f in self.force)
