@@ -132,3 +132,11 @@ def test_report_states_each_study_headline_or_how_to_run_it(project):
     assert not any(r.startswith("study:") for r in rows)
     assert "- **cold_start**: cold_start (K = 256): +3.0 points [-1.0, +7.0] ([table](../studies/cold_start/study.md))" in md
     assert f"- **distill_vs_rl**: not run in this project (`sputnik study distill_vs_rl --project {project}`)" in md
+    # a variant of a study (another option, its own directory) follows it; a variant not run is not listed
+    variant = project / "studies" / "beyond_the_data_abacus_lsb_none"
+    variant.mkdir(parents=True)
+    (variant / "study.json").write_text(json.dumps({"headline": "beyond_the_data_abacus_lsb_none: 0.00 at 6 digits"}))
+    lines = report.build(project).read_text().splitlines()
+    at = lines.index(next(x for x in lines if x.startswith("- **beyond_the_data**")))
+    assert lines[at + 1] == ("- **beyond_the_data_abacus_lsb_none**: beyond_the_data_abacus_lsb_none: 0.00 at 6 digits "
+                             "([table](../studies/beyond_the_data_abacus_lsb_none/study.md))")
