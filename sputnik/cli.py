@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a command line (not a caller's main([...])): reproducible str hashing first
+        from sputnik.common import fixed_hash_seed
+
+        fixed_hash_seed()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

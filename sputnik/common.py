@@ -71,6 +71,19 @@ def set_threads(num_threads: int = 0) -> int:
     return n
 
 
+def fixed_hash_seed() -> None:
+    """Run this command under PYTHONHASHSEED=0, re-executing the interpreter once when it is unset.
+
+    Python salts str hashes per process, so the iteration order of a set of strings changes from run
+    to run, and several reasoning-gym generators iterate sets: the same seed then gave other problems
+    in every run (a generated corpus, an RL prompt set, SFT data), and a study could not reproduce its
+    figures (LOG.md stop 28). Called once by the CLI; a PYTHONHASHSEED the user set is kept."""
+    if os.environ.get("PYTHONHASHSEED") is None:
+        os.environ["PYTHONHASHSEED"] = "0"
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
 

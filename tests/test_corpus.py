@@ -340,20 +340,24 @@ def generate(out, **over):
 
 
 def test_generated_corpus_is_deterministic_and_train_split_only(tmp_path):
+    """Same bytes with one worker and two: the gym sources include one that draws from the global
+    `random` (list_functions) and one that iterates sets of strings (isomorphic_strings: its order
+    follows the process's hash salt), both once different in every run."""
     from sputnik.tasks.base import split_of
 
-    generate(tmp_path / "a", mb=2)
-    generate(tmp_path / "b", mb=2, workers=2)
+    tasks = ["addition", "rg:chain_sum", "word_problems", "rg:list_functions", "rg:isomorphic_strings"]
+    generate(tmp_path / "a", mb=2, tasks=tasks)
+    generate(tmp_path / "b", mb=2, workers=2, tasks=tasks)
     names = sorted(p.name for p in (tmp_path / "a").glob("part-*.jsonl"))
     assert names == ["part-00000.jsonl", "part-00001.jsonl"]
     assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
     records = [json.loads(x) for n in names for x in (tmp_path / "a" / n).read_text().splitlines()]
-    assert {r["source"] for r in records} == {"addition", "rg:chain_sum", "word_problems"}
+    assert {r["source"] for r in records} == set(tasks)
     assert 1_900_000 < sum(len(r["text"].encode()) for r in records) < 2_100_000
     questions = [ex.split("\nAnswer: ")[0] for r in records if r["source"] == "rg:chain_sum" for ex in r["text"].split("\n\n")]
     assert len(questions) > 1000 and all(split_of(q) == "train" for q in questions)  # held-out problems never written
     # another seed is another corpus
-    generate(tmp_path / "c", mb=1, seed=1)
+    generate(tmp_path / "c", mb=1, seed=1, tasks=tasks)
     assert (tmp_path / "c" / names[0]).read_bytes() != (tmp_path / "a" / names[0]).read_bytes()
 
 

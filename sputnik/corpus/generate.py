@@ -91,6 +91,20 @@ def write_file(cfg: dict, index: int, target_bytes: int) -> dict:
     return {"file": path.name, "bytes": written, "documents": docs}
 
 
+@contextlib.contextmanager
+def _hash_seed(value: str):
+    """PYTHONHASHSEED=value in the environment the pool's spawned workers start with."""
+    old = os.environ.get("PYTHONHASHSEED")
+    os.environ["PYTHONHASHSEED"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYTHONHASHSEED"]
+        else:
+            os.environ["PYTHONHASHSEED"] = old
+
+
 def run(cfg: Config, parents=()) -> dict:
     from sputnik.accounting.ledger import record_run
     from sputnik.tasks import expand_presets, parse_tasks
@@ -119,20 +133,19 @@ def run(cfg: Config, parents=()) -> dict:
     job = dict(settings, out_dir=str(out))
     t0 = time.time()
     with record_run(cfg.project_dir or out.resolve().parent, "data generate", cfg, parents=parents) as led:
-        if workers == 1:
-            for i in pending:
-                _report(write_file(job, i, sizes[i]), t0)
-        else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(write_file, job, i, sizes[i]) for i in pending}
-                while futures:
-                    done, futures = wait(futures, return_when=FIRST_EXCEPTION)
-                    for f in done:
-                        if f.exception() is not None:  # finished files stay; the rest is redone next time
-                            for g in futures:
-                                g.cancel()
-                            raise f.exception()
-                        _report(f.result(), t0)
+        # Always in spawned workers with a fixed str-hash seed: some reasoning-gym generators iterate
+        # sets, whose order follows the process's hash salt (common.fixed_hash_seed), so files written
+        # in this process or under another salt would differ from run to run and with the worker count.
+        with _hash_seed("0"), ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(write_file, job, i, sizes[i]) for i in pending}
+            while futures:
+                done, futures = wait(futures, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    if f.exception() is not None:  # finished files stay; the rest is redone next time
+                        for g in futures:
+                            g.cancel()
+                        raise f.exception()
+                    _report(f.result(), t0)
         files = sorted(out.glob("part-*.jsonl"))
         result = {"files": len(files), "bytes": sum(p.stat().st_size for p in files), "sources": len(specs),
                   "wall_s": time.time() - t0}

@@ -24,9 +24,11 @@ into the gym seed: nearby seeds would otherwise share almost all their items.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
+import random
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,6 +61,27 @@ def import_reasoning_gym():
         raise ImportError("reasoning-gym is not installed; install the extra: pip install -e '.[gym]' "
                           "(reasoning-gym==0.1.25)") from None
     return reasoning_gym
+
+
+@contextlib.contextmanager
+def _global_rngs_seeded():
+    """Some gym generators draw from the global `random` / numpy RNGs instead of their item's own
+    (list_functions): seed both per item, so the same seed gives the same items in every process and
+    call, and restore the caller's states afterwards. (Others iterate sets of strings, whose order
+    follows the process's hash salt: common.fixed_hash_seed.)"""
+    import numpy as np
+
+    state, np_state = random.getstate(), np.random.get_state()
+
+    def reseed(item_seed: int) -> None:
+        random.seed(item_seed)
+        np.random.seed(item_seed % 2**32)
+
+    try:
+        yield reseed
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
 
 
 def _jsonable(entry: dict) -> dict:
@@ -104,13 +127,15 @@ class ReasoningGymTask(Task):
         except (TypeError, ValueError, AssertionError, KeyError) as e:
             raise ValueError(f"rg:{self.dataset}: config {self.config} rejected by reasoning-gym: {e}") from None
         examples = []
-        for index in range(budget):
-            if len(examples) == n:
-                break
-            entry = ds[index]
-            question = entry["question"]
-            if split_of(question) == split:
-                examples.append(self._example(entry, index, split))
+        with _global_rngs_seeded() as reseed:
+            for index in range(budget):
+                if len(examples) == n:
+                    break
+                reseed(gym_seed + index)
+                entry = ds[index]
+                question = entry["question"]
+                if split_of(question) == split:
+                    examples.append(self._example(entry, index, split))
         if len(examples) < n:
             raise ValueError(f"rg:{self.dataset}: only {len(examples)} of {n} {split} items in {budget} draws")
         return examples
