@@ -30,9 +30,6 @@ def test_digit_runs_count_places_from_each_runs_start():
     # a cached continuation: column 0 continues the run its row left off (3 and 0 places before)
     cont = digit_runs(torch.tensor([[1, 2, 50, 3], [4, 60, 5, 6]]), torch.tensor(DIGITS), previous_B=torch.tensor([3, 0]))
     assert cont.tolist() == [[4, 5, 0, 1], [1, 0, 1, 2]]
-    # positions that jump (a packed row's next segment) start a new run even between two digits
-    jumped = digit_runs(torch.tensor([[1, 2, 3, 4, 5]]), torch.tensor(DIGITS), positions_BT=torch.tensor([[0, 1, 2, 2, 3]]))
-    assert jumped.tolist() == [[1, 2, 3, 1, 2]]
 
 
 def test_the_table_changes_only_digit_tokens_logits_and_training_draws_an_offset():

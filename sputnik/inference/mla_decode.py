@@ -132,7 +132,7 @@ class MLACache:
         pos_B = cache_seqlens_B.long()
         rows_B = torch.arange(B, device=ids_BT.device)
         previous_B = self.abacus_BS[rows_B, (pos_B - 1).clamp(min=0)] * (pos_B > 0)
-        index_BT = abacus.indices(ids_BT, None, previous_B)
+        index_BT = abacus.indices(ids_BT, previous_B)
         write_BT = (pos_B[:, None] + torch.arange(T, device=ids_BT.device)).clamp(max=self.max_len - 1)
         self.abacus_BS.scatter_(1, write_BT, index_BT)
         return index_BT

@@ -15,9 +15,8 @@ at 6 digits.
 
 The index is causal (a digit's place counts from the start of its run, which precedes it), so the
 decode cache stores the index of every cached position (MLACache.abacus_BS) and a new token's
-index is the previous position's plus one. Runs restart where positions are not consecutive, so
-the packed rows of rl/shared_prompts.py (each completion restarting at its prompt's length) index
-each completion as its own sequence would.
+index is the previous position's plus one. A caller that packs several sequences into one row
+(rl/shared_prompts.py) computes each sequence's places itself and passes them in.
 """
 from __future__ import annotations
 
@@ -25,30 +24,20 @@ import torch
 from torch import nn
 
 
-def digit_runs(ids_BT: torch.Tensor, digit_ids: torch.Tensor, positions_BT: torch.Tensor | None = None,
-               previous_B: torch.Tensor | None = None) -> torch.Tensor:
+def digit_runs(ids_BT: torch.Tensor, digit_ids: torch.Tensor, previous_B: torch.Tensor | None = None) -> torch.Tensor:
     """Abacus index of every token [B, T] (int64): i for the i-th digit of a run of digit tokens, 0
-    elsewhere. previous_B: the index of the token before column 0 (a cached decode continues its
-    run); positions_BT: a new run starts wherever the position does not follow its left neighbour's.
+    elsewhere. previous_B: the index of the token before column 0 (a cached decode, or a completion
+    after its prompt, continues that run).
 
     With c_t = Σ_{s≤t} digit_s, a run's i-th digit at t has i = c_t − c_r, r its run's last non-digit
     before t (c_r = 0 and the carried-in index added when there is none): two scans, no loop.
     """
     is_digit_BT = torch.isin(ids_BT, digit_ids)
-    breaks_BT = ~is_digit_BT
-    if positions_BT is not None:  # a segment start: its first digit begins a run
-        jump_BT = torch.ones_like(is_digit_BT)
-        jump_BT[:, 1:] = positions_BT[:, 1:] != positions_BT[:, :-1] + 1
-        if previous_B is not None:
-            jump_BT[:, 0] = False
-        breaks_BT = breaks_BT | jump_BT
     count_BT = is_digit_BT.long().cumsum(1)
-    # at a break that is itself a digit, the run starts there: subtract the count before it
-    at_break_BT = torch.where(breaks_BT, count_BT - is_digit_BT.long(), torch.zeros_like(count_BT))
-    start_BT = at_break_BT.cummax(1).values
+    start_BT = torch.where(is_digit_BT, 0, count_BT).cummax(1).values
     index_BT = count_BT - start_BT
     if previous_B is not None:
-        before_any_break_BT = breaks_BT.long().cumsum(1) == 0
+        before_any_break_BT = (~is_digit_BT).long().cumsum(1) == 0
         index_BT = index_BT + torch.where(before_any_break_BT, previous_B[:, None], 0)
     return torch.where(is_digit_BT, index_BT, 0)
 
@@ -64,9 +53,8 @@ class AbacusEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(max_index + 1, hidden_size))
         self.register_buffer("digit_ids", torch.tensor(digit_ids, dtype=torch.long), persistent=False)
 
-    def indices(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor | None = None,
-                previous_B: torch.Tensor | None = None) -> torch.Tensor:
-        return digit_runs(ids_BT, self.digit_ids.to(ids_BT.device), positions_BT, previous_B)
+    def indices(self, ids_BT: torch.Tensor, previous_B: torch.Tensor | None = None) -> torch.Tensor:
+        return digit_runs(ids_BT, self.digit_ids.to(ids_BT.device), previous_B)
 
     def forward(self, index_BT: torch.Tensor, dtype: torch.dtype, offset_B: torch.Tensor | None = None) -> torch.Tensor:
         """offset_B: the training offset k of each sequence, added to its digits' indices."""

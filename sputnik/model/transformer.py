@@ -114,9 +114,7 @@ class Transformer(nn.Module):
         h_BTD, routing = emb_BTD, {}
         if self.config.abacus_max_index:
             abacus = self.model.abacus_embed
-            index_BT = abacus_index_BT
-            if index_BT is None:
-                index_BT = abacus.indices(input_ids_BT, positions if isinstance(positions, torch.Tensor) else None)
+            index_BT = abacus.indices(input_ids_BT) if abacus_index_BT is None else abacus_index_BT
             h_BTD = emb_BTD + abacus(index_BT, emb_BTD.dtype, abacus_offset_B)
         for i, layer in enumerate(self.model.layers):
             h_BTD, r = layer(h_BTD, cos, sin, valid_BT, attend)
