@@ -77,12 +77,13 @@ class Runner:
         done, marker = out_dir / "DONE.json", out_dir / "study_run.json"
         from sputnik.config import to_dict
 
-        recipe, parents = _recipe(to_dict(cfg)), self._study_parents(parents)
+        study_runs = self._study_runs()
+        recipe, parents = _recipe(to_dict(cfg)), study_runs(parents)
         recorded = _recorded_recipe(out_dir) if out_dir.exists() else None
         # made with other settings, or from another parent run of the study (a redone SFT under the same
         # init path): never reused or resumed. Markers from before parents were recorded: settings only.
         before = _recorded_parents(out_dir)
-        stale = recorded is not None and (recorded != recipe or (before is not None and self._study_parents(before) != parents))
+        stale = recorded is not None and (recorded != recipe or (before is not None and study_runs(before) != parents))
         if done.is_file() and not self._forced(name) and not stale:
             result = json.loads(done.read_text())
         else:
@@ -120,13 +121,14 @@ class Runner:
             flops = own_flops(run)
         return run, assert_equal_compute(f"{self.study} {name}", flops, target, tolerance)
 
-    def _study_parents(self, run_ids) -> list[str]:
-        """The parents that are runs of a study, sorted: not the shared base or data, whose preparation
-        (`data generate`, `data tokenize`, ...) records a new run each time it finds its output made."""
+    def _study_runs(self):
+        """run_ids -> those that are runs of a study, sorted: not the shared base or data, whose
+        preparation (`data generate`, `data tokenize`, ...) records a new run each time it finds its
+        output made. Reads the ledger once."""
         from sputnik.accounting import ledger
 
         command = {r["run_id"]: r.get("command", "") for r in ledger.load(self.project)}
-        return sorted(p for p in run_ids if command.get(p, "study:").startswith("study:"))
+        return lambda run_ids: sorted(p for p in run_ids if command.get(p, "study:").startswith("study:"))
 
     def _forced(self, name: str) -> bool:
         return "all" in self.force or any(name == f or name.startswith(f.rstrip("/") + "/") for f in self.force)
