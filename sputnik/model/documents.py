@@ -13,7 +13,8 @@ document alone, tested).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from sputnik.model.layers import attention_sdpa
 
 
 def document_ids(ids_BT: torch.Tensor, eot_id: int) -> torch.Tensor:
@@ -24,17 +25,11 @@ def document_ids(ids_BT: torch.Tensor, eot_id: int) -> torch.Tensor:
 
 def document_attention(documents_BT: torch.Tensor):
     """The attention hook (MLA.forward's and LlamaAttention.forward's `attend`) for causal attention
-    within each document: one boolean mask [B, 1, T, T] for every layer and head. The model's scale
-    (MLA's, with YaRN's mscale) or SDPA's 1/√K; keys may have fewer heads than queries (GQA)."""
+    within each document: one boolean mask [B, 1, T, T] for every layer and head."""
     T = documents_BT.shape[1]
     causal_TT = torch.ones(T, T, dtype=torch.bool, device=documents_BT.device).tril()
     mask_B1TT = ((documents_BT[:, :, None] == documents_BT[:, None, :]) & causal_TT)[:, None]
 
     def attend(attn, q_BHTK, k_BGTK, v_BGTV):
-        K, V = q_BHTK.shape[-1], v_BGTV.shape[-1]
-        if V < K:  # as MLA.causal_attention: SDPA's fast kernels want V == K; zero columns are exact
-            v_BGTV = F.pad(v_BGTV, (0, K - V))
-        o = F.scaled_dot_product_attention(q_BHTK, k_BGTK, v_BGTV, attn_mask=mask_B1TT, scale=getattr(attn, "scale", None),
-                                           enable_gqa=k_BGTK.shape[1] != q_BHTK.shape[1])
-        return o[..., :V]
+        return attention_sdpa(attn, q_BHTK, k_BGTK, v_BGTV, mask=mask_B1TT)
     return attend

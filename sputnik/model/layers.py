@@ -23,6 +23,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def attention_sdpa(attn, q_BHTK: torch.Tensor, k_BGSK: torch.Tensor, v_BGSV: torch.Tensor, *,
+                   mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """SDPA for an attention hook (MLA's or LlamaAttention's `attend`): the module's own scale (MLA's,
+    with YaRN's mscale) or SDPA's 1/√K; keys/values may have fewer heads than the queries (GQA); a
+    value dim V < K is zero-padded to K, as MLA.causal_attention does (SDPA's fast kernels want V == K;
+    the padded columns of p·v are exactly 0), and the output sliced back to V."""
+    K, V = q_BHTK.shape[-1], v_BGSV.shape[-1]
+    if V < K:
+        v_BGSV = F.pad(v_BGSV, (0, K - V))
+    o = F.scaled_dot_product_attention(q_BHTK, k_BGSK, v_BGSV, attn_mask=mask, is_causal=is_causal,
+                                       scale=getattr(attn, "scale", None), enable_gqa=k_BGSK.shape[1] != q_BHTK.shape[1])
+    return o[..., :V]
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) through `linear`."""
 

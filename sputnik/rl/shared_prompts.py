@@ -23,7 +23,8 @@ completion tokens, M = P·T + N, D hidden, H heads, K = qk head dim, V = v head 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from sputnik.model.layers import attention_sdpa
 
 
 class CompletionPack:
@@ -51,23 +52,18 @@ def prefixed_attention(prompt_lens_P: torch.Tensor, prompt_len: int, pack: Compl
     module's own (MLA's, with YaRN's mscale) or SDPA's 1/√K."""
     def attend(attn, q_1HMK, k_1GMK, v_1GMV):
         P, T, C, L = prompt_lens_P.shape[0], prompt_len, pack.rows, pack.length
-        H, V, scale = q_1HMK.shape[1], v_1GMV.shape[-1], getattr(attn, "scale", None)
-        gqa = k_1GMK.shape[1] != H
+        H, V = q_1HMK.shape[1], v_1GMV.shape[-1]
         split = lambda t: (t[0, :, : P * T].unflatten(1, (P, T)).transpose(0, 1),  # noqa: E731
                            pack.pad(t[0, :, P * T:].transpose(0, 1)).transpose(1, 2))  # [P, H, T, ·], [C, H, L, ·]
         (q_p, q_c), (k_p, k_c), (v_p, v_c) = split(q_1HMK), split(k_1GMK), split(v_1GMV)
-        K = q_p.shape[-1]
-        if V < K:  # as MLA.causal_attention: SDPA's fast kernels want V == K; zero columns are exact
-            v_p, v_c = F.pad(v_p, (0, K - V)), F.pad(v_c, (0, K - V))
-        o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, scale=scale, enable_gqa=gqa)[..., :V]
+        o_p = attention_sdpa(attn, q_p, k_p, v_p, is_causal=True)
         k_all = torch.cat([k_p.index_select(0, pack.group_C), k_c], dim=2)  # [C, H, T + L, K]
         v_all = torch.cat([v_p.index_select(0, pack.group_C), v_c], dim=2)
         dev = q_1HMK.device
         seen_CT = torch.arange(T, device=dev)[None, :] < prompt_lens_P.index_select(0, pack.group_C)[:, None]
         causal_LL = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
         mask_C1LS = torch.cat([seen_CT[:, None, None, :].expand(C, 1, L, T), causal_LL.expand(C, 1, L, L)], dim=-1)
-        o_c = F.scaled_dot_product_attention(q_c, k_all, v_all, attn_mask=mask_C1LS, scale=scale,
-                                             enable_gqa=gqa)[..., :V]
+        o_c = attention_sdpa(attn, q_c, k_all, v_all, mask=mask_C1LS)
         o_MHV = torch.cat([o_p.transpose(1, 2).reshape(P * T, H, V), pack.unpad(o_c.transpose(1, 2))])
         return o_MHV.transpose(0, 1)[None]  # [1, H, M, V]
     return attend
