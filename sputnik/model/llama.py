@@ -25,6 +25,7 @@ from torch import nn
 
 from sputnik.train.losses import linear_cross_entropy
 from sputnik.model.config import ModelConfig
+from sputnik.model.documents import document_attention
 from sputnik.model.layers import MLP, Linear, RMSNorm
 from sputnik.model import routing_replay
 from sputnik.model.moe import Experts
@@ -302,8 +303,6 @@ class LlamaModel(nn.Module):
         if documents_BT is not None:
             if self.config.sliding_window:
                 raise ValueError("document masking with a sliding window (Mistral) is not implemented")
-            from sputnik.model.documents import document_attention
-
             attend = document_attention(documents_BT)
         h_BTD, routing = self._trunk(input_ids_BT, None, attend, valid_BT)
         load = {k: v[0] for k, v in routing.items()}
