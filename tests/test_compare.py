@@ -24,6 +24,23 @@ def test_dense_twin_has_the_moe_active_parameters():
     assert abs(got - want) / want < 0.02
 
 
+def test_mla_twin_differs_from_the_moe_in_the_ffn_only():
+    from sputnik.studies.moe_vs_dense import moe_model
+
+    moe = moe_model("144x4", 2048, 256)
+    twin = compare.dense_twin(moe, attention="mla")
+    assert {k for k in moe if moe[k] != twin[k]} == {"first_k_dense_replace", "intermediate_size"}
+    assert twin["first_k_dense_replace"] == twin["num_hidden_layers"] == 4
+    counts = param_counts(build(ModelConfig, twin))
+    want = param_counts(build(ModelConfig, moe))["active"]
+    assert counts["total"] == counts["active"]  # no experts left
+    assert abs(counts["active"] - want) <= 3 * 144 * 8 * 4 / 2
+    # the Llama twin's multi-head attention is larger than MLA, so its FFN is narrower
+    assert compare.dense_twin(moe)["intermediate_size"] < twin["intermediate_size"]
+    with pytest.raises(ValueError, match="attention='gqa'"):
+        compare.dense_twin(moe, attention="gqa")
+
+
 def test_compute_to_reach_interpolates_and_says_never():
     curve = [(10.0, 0.0), (20.0, 0.4), (30.0, 0.8)]
     assert compare.compute_to_reach(curve, 0.6) == pytest.approx(25.0)

@@ -36,6 +36,7 @@ from typing import Literal
 
 from sputnik.common import atomic_write_json, atomic_write_text, is_rank0, print0
 from sputnik.config import DeviceConfig, add_config_args, build, config_from_args, knob, save_config
+from sputnik.pipeline import SPEEDRUN_TASKS
 
 RECIPES = ["dense-sft", "moe-sft", "moe-sft-grpo", "distilled"]
 COMPARE_STAGES = ["dense_pretrain", "dense_sft", "moe_sft"]
@@ -45,7 +46,7 @@ COMPARE_STAGES = ["dense_pretrain", "dense_sft", "moe_sft"]
 class CompareConfig(DeviceConfig):
     project: str = knob("runs/speedrun", "speedrun project to extend (its finished stages are reused)")
     preset: Literal["cpu", "gpu", "gpus"] = knob("cpu", "the speedrun preset (see `sputnik speedrun --help`)")
-    tasks: list[str] = knob(default_factory=lambda: ["addition", "subtraction"], help="tasks of every recipe")
+    tasks: list[str] = knob(default_factory=lambda: list(SPEEDRUN_TASKS), help="tasks of every recipe")
     scale: float = knob(1.0, "multiply every stage's step count, as in the speedrun", min=0.01, max=100.0)
     budget_multiplier: float = knob(1.0, "dense-sft and moe-sft get this times the moe-sft-grpo budget", min=0.1, max=100.0)
     eval_points: int = knob(4, "held-out accuracy evaluations per budgeted SFT run", min=1, max=100)
@@ -62,18 +63,28 @@ class CompareConfig(DeviceConfig):
 
 # ---------------------------------------------------------------------------------------------
 # The dense twin and the budgeted runs
-def dense_twin(moe: dict) -> dict:
-    """Llama settings with the MoE's width, depth, heads and vocabulary whose active parameters
-    (no MTP) match the MoE's: the SwiGLU width is searched in steps of 8."""
+def dense_twin(moe: dict, attention: str = "llama") -> dict:
+    """A dense model with the MoE's width, depth, heads and vocabulary whose active parameters (no MTP)
+    match the MoE's; the SwiGLU width is searched in steps of 8.
+
+    attention="llama": our Llama (multi-head attention of width d): a conventional dense model, whose
+      larger attention leaves a narrower FFN than the MoE's active experts.
+    attention="mla":   the MoE's own DeepSeek-V3 model with every layer's FFN dense (MLA, norms, MTP
+      as the MoE has them): the two differ in the FFN only, DeepSeekMoE's own ablation."""
     from sputnik.model.accounting import param_counts
     from sputnik.model.config import ModelConfig
 
+    if attention not in ("llama", "mla"):
+        raise ValueError(f"dense twin attention={attention!r}: expected llama or mla")
     target = param_counts(build(ModelConfig, dict(moe, num_nextn_predict_layers=0)))["active"]
-    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
-    base = dict(architecture="llama", **{k: moe[k] for k in keep if k in moe})
+    if attention == "mla":
+        base = dict(moe, first_k_dense_replace=moe["num_hidden_layers"])
+    else:
+        keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+        base = dict(architecture="llama", **{k: moe[k] for k in keep if k in moe})
 
     def active(inter: int) -> int:
-        return param_counts(build(ModelConfig, dict(base, intermediate_size=inter)))["active"]
+        return param_counts(build(ModelConfig, dict(base, intermediate_size=inter, num_nextn_predict_layers=0)))["active"]
 
     per_unit = (active(16) - active(8)) / 8  # active parameters are linear in the SwiGLU width
     best = max(8, 8 * round((target - active(8)) / per_unit / 8 + 1))

@@ -9,8 +9,10 @@ datasets, training-split problems only), a tokenizer fitted on a sample of it, a
 
     moe      DeepSeekMoE: MLA, `experts` fine-grained routed experts (top-2) + 1 shared, the first
              layer dense, aux-loss-free balancing; trained on the budget's tokens
-    dense    its dense twin (Llama: same width, depth, heads, vocabulary, the MoE's active
-             parameters; compare.dense_twin), trained for the MoE's FLOPs (asserted from the ledger)
+    dense    its dense twin of the MoE's active parameters (compare.dense_twin), trained for the MoE's
+             FLOPs (asserted from the ledger); `twin` picks which: llama (same width, depth, heads and
+             vocabulary, multi-head attention, a width-matched FFN) or mla (the MoE's own model with
+             every FFN dense: the two differ in the FFN only; its runs are named dense_mla)
 
 and, at `granularity_size` and the largest budget, MoE variants at the default MoE's FLOPs: half and
 twice the routed experts (same expert width and top-k: same active parameters), no shared expert.
@@ -42,6 +44,8 @@ from sputnik.config import add_config_args, build, config_from_args, knob, save_
 from sputnik.studies import runner as R
 
 ARCHS = ("moe", "dense")
+TWINS = {"llama": "Llama of the MoE's width, depth and heads (multi-head attention; a narrower FFN)",
+         "mla": "the MoE's own DeepSeek-V3 model with every FFN dense (same MLA and norms: only the FFN differs)"}
 
 
 @dataclass
@@ -49,6 +53,8 @@ class Config(R.StudyConfig):
     sizes: list[str] = knob(default_factory=lambda: ["48x2", "96x3", "144x4"], help="model sizes: hidden width x layers")
     tokens: list[float] = knob(default_factory=lambda: [5e5, 2e6], help="training-token budgets of the MoE arms")
     experts: int = knob(16, "routed experts of the MoE arms (top-2, one shared expert)", min=2)
+    twin: str = knob("llama", "the dense arm: llama (multi-head attention, a narrower FFN) or mla (the MoE's model, "
+                              "every FFN dense: only the FFN differs)", choices=["llama", "mla"])
     granularity_size: str = knob("96x3", "the size of the expert-count and shared-expert arms ('' = none)")
     corpus_mb: int = knob(48, "MB of generated corpus text", min=1)
     vocab_size: int = knob(2048, "tokenizer vocabulary (fitted on a sample of the corpus)", min=300)
@@ -103,15 +109,16 @@ def run(cfg: Config) -> dict:
 
         return flops_per_token(build(ModelConfig, model), cfg.seq_len)["total"] * tokens_per_step
 
+    twin_dir = "dense" if cfg.twin == "llama" else "dense_mla"
     for size in cfg.sizes:
         moe = moe_model(size, cfg.vocab_size, cfg.seq_len, cfg.experts)
-        dense = dense_twin(moe)
+        dense = dense_twin(moe, attention=cfg.twin)
         for budget in budgets:
             steps = max(1, round(budget * cfg.scale / tokens_per_step))
             for seed in (cfg.seeds if size == cfg.sizes[-1] and budget == largest else cfg.seeds[:1]):
                 name = f"{size}/{budget:.0e}/seed{seed}"
                 m = r.stage(f"{name}/moe", "pretrain", pretrain(moe, steps, seed), data_ids)
-                d, ratio = r.stage_at_flops(f"{name}/dense", "pretrain", pretrain(dense, steps, seed), m.flops,
+                d, ratio = r.stage_at_flops(f"{name}/{twin_dir}", "pretrain", pretrain(dense, steps, seed), m.flops,
                                             per_step(dense), data_ids)
                 for arch, run_, model in (("moe", m, moe), ("dense", d, dense)):
                     add_row(r, cfg, run_, arch=arch, size=size, budget=budget, seed=seed, model=model, lr=cfg.lr,
@@ -119,7 +126,7 @@ def run(cfg: Config) -> dict:
             for lr in (cfg.lr_sweep if budget == largest else []):
                 seed, name = cfg.seeds[0], f"{size}/{budget:.0e}/seed{cfg.seeds[0]}/lr{lr:g}"
                 m = r.stage(f"{name}/moe", "pretrain", pretrain(moe, steps, seed, lr), data_ids)
-                d, ratio = r.stage_at_flops(f"{name}/dense", "pretrain", pretrain(dense, steps, seed, lr), m.flops,
+                d, ratio = r.stage_at_flops(f"{name}/{twin_dir}", "pretrain", pretrain(dense, steps, seed, lr), m.flops,
                                             per_step(dense), data_ids)
                 for arch, run_, model in (("moe", m, moe), ("dense", d, dense)):
                     add_row(r, cfg, run_, arch=arch, size=size, budget=budget, seed=seed, model=model, lr=lr,
@@ -300,7 +307,7 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
              f"Corpus: `sputnik data generate` @diverse, {cfg.corpus_mb} MB (scaled by --scale), tokenizer of "
              f"{cfg.vocab_size}; held-out loss on the shards' held-out split (8 batches of {cfg.batch_size}x{cfg.seq_len}); "
              f"downstream: few-shot greedy accuracy on {cfg.eval_per_task} held-out problems of each of {cfg.eval_tasks}. "
-             "Dense twins train for their MoE's FLOPs (ledger, ±5%). Cells: mean [95% t-interval over seeds] (each seed).", "",
+             f"Dense twin: {TWINS[cfg.twin]}; it trains for its MoE's FLOPs (ledger, ±5%). Cells: mean [95% t-interval over seeds] (each seed).", "",
              "| size | budget (MoE tokens) | arm | lr | params total / active | held-out loss | downstream acc | FLOPs | wall (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for e in table:
@@ -327,9 +334,10 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     else:
         verdict = "too few sizes where the MoE reached the dense loss to fit a trend"
     measured = [p for p in cross["points"] if p["flops_ratio"] and p["flops_ratio"] <= 0.7 and (p["wall_ratio"] or 9) <= 1.0]
-    headline = (f"moe_vs_dense: the MoE reaches its dense twin's loss with ≤ 0.7× the FLOPs and ≤ 1× the wall-clock at "
+    arm = f"its dense twin ({cfg.twin})"
+    headline = (f"moe_vs_dense: the MoE reaches {arm}'s loss with ≤ 0.7× the FLOPs and ≤ 1× the wall-clock at "
                 f"{', '.join(p['size'] for p in measured)}" if measured else
-                "moe_vs_dense: at no measured size does the MoE reach its dense twin's loss with ≤ 0.7× the FLOPs and "
+                f"moe_vs_dense: at no measured size does the MoE reach {arm}'s loss with ≤ 0.7× the FLOPs and "
                 "≤ 1× the wall-clock") + f"; {verdict}"
     lines[1:1] = ["", f"**{headline}**"]
     lines += ["", "![held-out loss against compute](moe_vs_dense.png)", "", "![crossover](moe_vs_dense_crossover.png)"]
