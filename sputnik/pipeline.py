@@ -12,7 +12,7 @@ in `<project>/ledger.jsonl`; the final evaluation names the runs that produced t
 parents, so the ledger separates the final model's cost from everything spent.
 
 Presets (functions returning the stage settings; `--preset`):
-- cpu  : the 2-core laptop default, ≤ 20 minutes end to end.
+- cpu  : the 2-core laptop default, ≤ 15 minutes end to end.
 - gpu  : one GPU; bigger model (small-ish MoE), more steps, bf16 autocast.
 - gpus : the gpu preset's settings with 4x the batch, for several GPUs. The speedrun itself runs in
          one process; run its data-parallel stages under torchrun yourself, e.g.
@@ -46,7 +46,7 @@ class SpeedrunConfig(DeviceConfig):
     """The recipe's own knobs; device, threads and the compile / CUDA-graph / kernel switches
     (DeviceConfig) go to every stage."""
     project: str = knob("runs/speedrun", "project directory: one sub-directory per stage, ledger.jsonl, report/")
-    preset: Literal["cpu", "gpu", "gpus"] = knob("cpu", "cpu (laptop, ≤ 20 min), gpu (one GPU), gpus (several GPUs: run pretrain/sft under torchrun first)")
+    preset: Literal["cpu", "gpu", "gpus"] = knob("cpu", "cpu (laptop, ≤ 15 min), gpu (one GPU), gpus (several GPUs: run pretrain/sft under torchrun first)")
     tasks: list[str] = knob(default_factory=lambda: list(SPEEDRUN_TASKS), help="tasks for SFT, RL and distillation")
     pretrain_tasks: list[str] = knob(default_factory=lambda: list(PRETRAIN_TASKS),
                                      help="tasks whose worked problems are the base's pretraining text")
@@ -59,7 +59,7 @@ class SpeedrunConfig(DeviceConfig):
 # ---------------------------------------------------------------------------------------------
 # Presets: the settings of each stage, as plain dicts validated by the stages' own Configs
 def _teacher_model(preset: str) -> dict:
-    if preset == "cpu":  # sized so pretrain + SFT + RL fit the 20-minute budget on 2 cores (LOG.md)
+    if preset == "cpu":  # sized so the whole recipe fits the 15-minute budget on 2 cores (LOG.md)
         return dict(vocab_size=640, hidden_size=128, num_hidden_layers=4, first_k_dense_replace=1,
                     intermediate_size=384, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
                     n_shared_experts=1, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32,
@@ -108,7 +108,7 @@ def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
                         seq_len=128, batch_size=16 if not gpu else 64 * per_gpu, steps=s(1200), eval_every=s(300),
                         eval_batches=4, checkpoint_every=s(300), log_every=50, optim=dict(lr=3e-3, warmup_steps=20)),
         "sft": run("sft", init=str(p / "pretrain" / "model"), model=_teacher_model(cfg.preset), tasks=list(cfg.tasks),
-                   num_examples=16000, max_len=192, batch_size=16 if not gpu else 64, steps=s(3000), eval_every=s(500),
+                   num_examples=16000, max_len=192, batch_size=16 if not gpu else 64, steps=s(2700), eval_every=s(900),
                    eval_examples=100, checkpoint_every=s(500), log_every=50, max_new_tokens=120,
                    optim=dict(lr=2e-3, warmup_steps=10)),
         "rl": run("rl", init=str(p / "sft" / "model"), tasks=list(cfg.tasks), steps=s(30), prompts_per_step=64,
@@ -116,7 +116,7 @@ def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
                   optim=dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0)),
         "distill": run("distill", teacher=str(p / "rl" / "model"), student=_student_model(cfg.preset),
                        tasks=list(cfg.tasks), num_prompts=s(4000), samples_per_prompt=2, max_new_tokens=120,
-                       steps=s(8000), batch_size=16, max_len=192, eval_examples=100, checkpoint_every=s(4000),
+                       steps=s(5000), batch_size=16, max_len=192, eval_examples=100, checkpoint_every=s(2500),
                        optim=dict(lr=2e-3, warmup_steps=20)),
     }
 

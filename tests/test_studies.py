@@ -177,6 +177,9 @@ def test_moe_vs_dense_study_end_to_end(tmp_path):
         assert 0 < r["heldout_loss"] < 10 and 0 <= r["downstream"] <= 1 and r["active"] <= r["params"]
     moe = [r for r in rows if r["arch"] == "moe"]
     assert all(r["active"] < r["params"] for r in moe)
+    # the default twin is the MoE's own model with dense FFNs: no experts, the MoE's active parameters
+    assert all(r["active"] == r["params"] for r in rows if r["arch"] == "dense")
+    assert (tmp_path / "studies" / "moe_vs_dense" / "48x2" / "2e+06" / "seed0" / "dense_mla" / "model").is_dir()
     points = summary["crossover"]["points"]
     assert [p["size"] for p in points] == cfg.sizes
     assert all(p["flops_ratio"] or p["flops_ratio_at_least"] for p in points)

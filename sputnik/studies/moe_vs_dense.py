@@ -10,9 +10,10 @@ datasets, training-split problems only), a tokenizer fitted on a sample of it, a
     moe      DeepSeekMoE: MLA, `experts` fine-grained routed experts (top-2) + 1 shared, the first
              layer dense, aux-loss-free balancing; trained on the budget's tokens
     dense    its dense twin of the MoE's active parameters (compare.dense_twin), trained for the MoE's
-             FLOPs (asserted from the ledger); `twin` picks which: llama (same width, depth, heads and
-             vocabulary, multi-head attention, a width-matched FFN) or mla (the MoE's own model with
-             every FFN dense: the two differ in the FFN only; its runs are named dense_mla)
+             FLOPs (asserted from the ledger); `twin` picks which: mla (the default: the MoE's own
+             model with every FFN dense, so the two differ in the FFN only, as in DeepSeekMoE's own
+             ablations; its runs are named dense_mla) or llama (same width, depth, heads and
+             vocabulary, multi-head attention and so a narrower FFN: attention differs too)
 
 and, at `granularity_size` and the largest budget, MoE variants at the default MoE's FLOPs: half and
 twice the routed experts (same expert width and top-k: same active parameters), no shared expert.
@@ -53,7 +54,7 @@ class Config(R.StudyConfig):
     sizes: list[str] = knob(default_factory=lambda: ["48x2", "96x3", "144x4"], help="model sizes: hidden width x layers")
     tokens: list[float] = knob(default_factory=lambda: [5e5, 2e6], help="training-token budgets of the MoE arms")
     experts: int = knob(16, "routed experts of the MoE arms (top-2, one shared expert)", min=2)
-    twin: str = knob("llama", "the dense arm: llama (multi-head attention, a narrower FFN) or mla (the MoE's model, "
+    twin: str = knob("mla", "the dense arm: llama (multi-head attention, a narrower FFN) or mla (the MoE's model, "
                               "every FFN dense: only the FFN differs)", choices=["llama", "mla"])
     granularity_size: str = knob("96x3", "the size of the expert-count and shared-expert arms ('' = none)")
     corpus_mb: int = knob(48, "MB of generated corpus text", min=1)
