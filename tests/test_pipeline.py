@@ -91,6 +91,21 @@ def test_every_stage_gets_the_run_settings_the_same_way(tmp_path):
         assert build(cls, settings[name]).ledger_dir == str(p), name  # one ledger for the project
 
 
+def test_the_base_reads_its_own_tasks_and_the_recipe_adds_a_harder_one(tmp_path):
+    """The base pretrains on pretrain_tasks only (the studies start from it); SFT, RL and distillation
+    share `tasks`, which by default add long multiplication, a task the base never read."""
+    from sputnik.tasks import parse_tasks
+
+    settings = pipeline.stage_settings(build(pipeline.SpeedrunConfig, dict(project=str(tmp_path / "p"))))
+    assert settings["pretrain"]["tasks"] == ["addition", "subtraction"]
+    recipe = [settings[n]["tasks"] for n in ("sft", "rl", "distill")]
+    assert recipe == [["addition", "subtraction", "@long_multiplication"]] * 3
+    assert {t.name for t in parse_tasks(recipe[0])} == {"addition", "subtraction", "multiplication"}
+    own = pipeline.stage_settings(build(pipeline.SpeedrunConfig, dict(project=str(tmp_path / "q"), tasks=["addition"],
+                                                                      pretrain_tasks=["addition", "multiplication"])))
+    assert own["pretrain"]["tasks"] == ["addition", "multiplication"] and own["sft"]["tasks"] == ["addition"]
+
+
 def test_each_stage_names_the_previous_stages_runs_as_parents(tmp_path, monkeypatch):
     """Explicit lineage: every stage gets the run ids the stage before returned (from its DONE.json when
     it was finished earlier), and only the student's evaluation is the final model; the pipeline
