@@ -81,9 +81,20 @@ def gemm_gflops(device="cpu", dtype=torch.float32, n: int = 2048, reps: int = 5)
 
 
 def read_gbs(device="cpu", mib: int = 512, reps: int = 5) -> float:
-    """Read bandwidth: a sum over a large fp32 tensor (reads it once, writes nothing)."""
+    """Read bandwidth: the fastest of the reads below over a large fp32 tensor (each reads it once and
+    writes next to nothing): torch's sum, and on a CPU the C kernel's one-row matrix-vector product
+    at a few row widths. The fastest read the machine was seen to do is the floor's bandwidth, so a
+    kernel that streams faster than torch's reduction cannot make the floor look slow."""
     x = torch.empty(mib * 2**20 // 4, device=device).normal_()
     best = min(_timed(lambda: x.sum(), device) for _ in range(reps))
+    if device == "cpu":
+        from sputnik.kernels.cpu import linear_rows, linear_rows_available
+
+        if linear_rows_available():
+            for width in (1024, 4096):
+                w = x[: x.numel() // width * width].view(-1, width)
+                v = torch.randn(1, width)
+                best = min(best, *(_timed(lambda: linear_rows(v, w, None)) for _ in range(reps)))
     return x.numel() * 4 / best / 1e9
 
 

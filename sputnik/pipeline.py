@@ -116,7 +116,7 @@ def stage_settings(cfg: SpeedrunConfig) -> dict[str, dict]:
                   optim=dict(lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0)),
         "distill": run("distill", teacher=str(p / "rl" / "model"), student=_student_model(cfg.preset),
                        tasks=list(cfg.tasks), num_prompts=s(4000), samples_per_prompt=2, max_new_tokens=120,
-                       steps=s(5000), batch_size=16, max_len=192, eval_examples=100, checkpoint_every=s(2500),
+                       steps=s(8000), batch_size=16, max_len=192, eval_examples=100, checkpoint_every=s(4000),
                        optim=dict(lr=2e-3, warmup_steps=20)),
     }
 
