@@ -26,7 +26,7 @@ from sputnik.metrics import bootstrap_interval, majority_vote, pass_at_k, wilson
 @dataclass
 class EvalConfig(DeviceConfig):
     model: str = knob("", "model directory (sputnik stage output <out>/model, or a local HF causal LM)")
-    task: str = knob("addition", "task spec name[:knob=value...]: built-in (sputnik tasks list), rg:<dataset>, "
+    task: str = knob("addition", "task spec name[:knob=value...] or a one-task @preset: built-in (sputnik tasks list), rg:<dataset>, "
                                  "jsonl:path=F, gsm8k:path=F or svamp:path=F")
     split: str = knob("test", "split to evaluate", choices=("train", "test"))
     num_problems: int = knob(200, "problems (file tasks: the first N; 0 = all)", min=0)
@@ -48,6 +48,14 @@ class EvalConfig(DeviceConfig):
                              "set --temperature > 0 for pass@k / maj@k")
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt_template={self.prompt_template!r}: must contain {{prompt}}")
+        if self.task.startswith("@"):  # a preset of one task (@long_multiplication) is that task's spec
+            from sputnik.tasks import expand_presets
+
+            specs = expand_presets([self.task])
+            if len(specs) != 1:
+                raise ValueError(f"task={self.task}: a preset of {len(specs)} tasks ({', '.join(specs)}); "
+                                 "evaluate one task at a time")
+            self.task = specs[0]
 
 
 def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None,

@@ -68,6 +68,13 @@ def test_config_guards():
         build(EvalConfig, {"task": "svamp", "task_args": ["path=x.json"]})
     with pytest.raises(ValueError, match="unknown config key ledger_dir"):  # now project_dir
         build(EvalConfig, {"ledger_dir": "runs"})
+    # a one-task preset is its spec; a preset of several tasks is refused, naming them
+    assert build(EvalConfig, {"task": "@long_multiplication"}).task == \
+        "multiplication:trace=digits:min_digits_a=2:max_digits_a=3:max_digits_b=1"
+    with pytest.raises(ValueError, match="a preset of 3 tasks .*rg:chain_sum"):
+        build(EvalConfig, {"task": "@reasoning_gym"})
+    with pytest.raises(ValueError, match="unknown task preset '@nope'"):
+        build(EvalConfig, {"task": "@nope"})
 
 
 SVAMP = [{"ID": "a", "Body": "Dan had 4 apples. He ate 1.", "Question": "How many are left?", "Answer": 3.0},
