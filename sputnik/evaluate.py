@@ -48,14 +48,9 @@ class EvalConfig(DeviceConfig):
                              "set --temperature > 0 for pass@k / maj@k")
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt_template={self.prompt_template!r}: must contain {{prompt}}")
-        if self.task.startswith("@"):  # a preset of one task (@long_multiplication) is that task's spec
-            from sputnik.tasks import expand_presets
+        from sputnik.tasks import one_task_spec
 
-            specs = expand_presets([self.task])
-            if len(specs) != 1:
-                raise ValueError(f"task={self.task}: a preset of {len(specs)} tasks ({', '.join(specs)}); "
-                                 "evaluate one task at a time")
-            self.task = specs[0]
+        self.task = one_task_spec(self.task)  # results record the spec a preset stands for
 
 
 def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None,

@@ -103,6 +103,13 @@ def test_presets_expand_and_every_target_completion_verifies_strictly():
     assert set(PRESETS["headroom"]) >= set(PRESETS["long_multiplication"]) | set(PRESETS["reasoning_gym"])
     with pytest.raises(ValueError, match="unknown task preset '@nope'"):
         parse_tasks(["@nope"])
+    # where one task is expected (eval, tasks preview), a one-task preset is its spec
+    from sputnik.tasks import parse_task
+
+    one = parse_task("@long_multiplication")
+    assert (one.name, one.trace, one.max_digits_b) == ("multiplication", "digits", 1)
+    with pytest.raises(ValueError, match="a preset of 3 tasks"):
+        parse_task("@reasoning_gym")
     for name in PRESETS:
         if name == "diverse":  # pretraining text only (its generation is tested in test_corpus.py)
             continue

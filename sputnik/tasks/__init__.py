@@ -31,7 +31,7 @@ from sputnik.tasks.reasoning_gym import ReasoningGymTask
 from sputnik.tasks.word_problems import WordProblems
 
 __all__ = ["Example", "Verdict", "Task", "split_of", "format_completion", "get_task", "parse_task", "parse_tasks",
-           "list_tasks", "describe_task", "PRESETS", "expand_presets",
+           "list_tasks", "describe_task", "PRESETS", "expand_presets", "one_task_spec",
            "verify", "mixture", "heldout_examples", "corpus_text", "example_text", "gsm8k", "svamp", "JsonlTask", "load_jsonl",
            "load_gsm8k", "load_svamp", "REGISTRY"]
 
@@ -113,10 +113,23 @@ def get_task(name: str, **knobs) -> Task:
 _KNOB_START = re.compile(r"[A-Za-z_]\w*=")
 
 
+def one_task_spec(spec: str) -> str:
+    """`spec` itself, or the one spec of a one-task preset ("@long_multiplication"); a preset of
+    several tasks is an error where one task is expected."""
+    if not (isinstance(spec, str) and spec.startswith("@")):
+        return spec
+    specs = expand_presets([spec])
+    if len(specs) != 1:
+        raise ValueError(f"task={spec}: a preset of {len(specs)} tasks ({', '.join(specs)}); give one task")
+    return specs[0]
+
+
 def parse_task(spec: str) -> Task:
     """A task from a spec "name" or "name:knob=value:knob=value" ("addition:max_digits=6",
-    "rg:chain_sum:min_terms=3", "svamp:path=../shared/data/svamp.json"): every command's syntax.
-    A piece that does not start with "knob=" continues the previous value, so paths may hold colons."""
+    "rg:chain_sum:min_terms=3", "svamp:path=../shared/data/svamp.json"), or a one-task preset
+    ("@long_multiplication"): every command's syntax. A piece that does not start with "knob="
+    continues the previous value, so paths may hold colons."""
+    spec = one_task_spec(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"task spec {spec!r}: expected name[:knob=value...]")
     parts = spec.strip().split(":")
