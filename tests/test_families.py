@@ -12,6 +12,7 @@ from transformers import (AutoModelForCausalLM, DynamicCache, LlamaConfig, Mistr
                           Qwen3MoeConfig)
 
 from sputnik.inference.decoders import cached_model
+from sputnik.kernels.cpu import llama_step_library
 from sputnik.model.accounting import param_counts
 from sputnik.model.config import ModelConfig
 from sputnik.model.hf_llama import NotOnFastPath, config_from_hf, load_hf_llama, save_hf_llama
@@ -75,7 +76,7 @@ def test_config_switches_per_family(family_pair):
 
 
 def test_prefill_and_every_cached_step_match_transformers(family_pair):
-    _, hf, ours, _ = family_pair
+    family, hf, ours, _ = family_pair
     torch.manual_seed(1)
     prompt, steps = torch.randint(3, V, (2, 11)), torch.randint(3, V, (2, 12))
     with torch.no_grad():
@@ -86,10 +87,19 @@ def test_prefill_and_every_cached_step_match_transformers(family_pair):
         cache = cm.new_cache(2, 23, torch.float32, "cpu")
         ours_logits = cm.forward_cached(prompt, cache, torch.zeros(2, dtype=torch.long))
         assert (ours_logits - hf_logits).abs().max() <= 1e-4
+        # the same steps through the one-call C step (llama_decode.py) where it runs (not Qwen3-MoE)
+        weights = cm.step_weights()
+        assert weights is None if family == "qwen3_moe" or llama_step_library() is None else weights is not None
+        fused_cache = cm.new_cache(2, 23, torch.float32, "cpu") if weights is not None else None
+        if fused_cache is not None:
+            cm.forward_cached(prompt, fused_cache, torch.zeros(2, dtype=torch.long))
         for t in range(steps.shape[1]):  # past the sliding window (8) and llama3's 32-token context bands
             hf_step = hf(steps[:, t:t + 1], cache=hf_cache, use_cache=True).logits[:, -1]
             ours_step = cm.step(steps[:, t], cache, torch.full((2,), 11 + t))
             assert (ours_step - hf_step).abs().max() <= 1e-4, f"decode step {t}"
+            if fused_cache is not None:
+                fused_step = cm.step(steps[:, t], fused_cache, torch.full((2,), 11 + t), weights)
+                assert (fused_step - hf_step).abs().max() <= 1e-4, f"fused decode step {t}"
         assert hf_step.std() > 0.1  # not trivially equal because both are ~0
 
 

@@ -23,7 +23,11 @@ graphs.GraphDecoder (our own models: CUDA graphs on a GPU, the static-shape comp
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 _compiled: dict[str, object] = {}
 
@@ -123,7 +127,8 @@ def choose_decoder(model, *, dtype: torch.dtype, device: torch.device, compile: 
     CUDA graphs on a GPU (cuda_graphs) and, with compile on a CPU, run the static-shape compiled step
     with the sampling inside; compile elsewhere compiles one dynamic-shape step. transformers models
     decode eagerly. compile costs 10-60 s on 2 CPU cores per batch bucket, so it pays only over many
-    generate() calls (bench_generate.py)."""
+    generate() calls (bench_generate.py). The dense families in fp32 on a CPU decode through their
+    one-call C step (llama_decode.py) whether or not compile is asked: it is the faster of the two."""
     from sputnik.inference.deepseek import DeepSeekCachedModel
     from sputnik.inference.graphs import GraphDecoder
     from sputnik.inference.llama import LlamaCachedModel
@@ -133,6 +138,11 @@ def choose_decoder(model, *, dtype: torch.dtype, device: torch.device, compile: 
         if device.type == "cuda" and cuda_graphs:
             return GraphDecoder(cm, dtype, compiled=compile, capture=True)
         if compile and device.type == "cpu":
+            if isinstance(cm, LlamaCachedModel) and dtype == torch.float32 and cm.step_weights() is not None:
+                # The dense family's one-call C step beats its compiled step at every batch it takes
+                # (bench_families.py, SmolLM2 shape: 1.13x vs 1.86x the floor at batch 1, 1.71x vs 2.19x at 32).
+                log.info("compile: the dense model decodes through its C step, faster than a compiled one on a CPU")
+                return EagerDecoder(cm, dtype, device)
             return GraphDecoder(cm, dtype, compiled=True, capture=False)
         if compile:
             return EagerDecoder(cm, dtype, device, step_fn=compiled_step("dynamic", cm.name), name="compiled")

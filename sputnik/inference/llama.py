@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sputnik.inference.llama_decode import MAX_ROWS, decode_weights, fused_step
 from sputnik.model.llama import LlamaModel
 
 
@@ -150,13 +151,18 @@ class LlamaCachedModel:
             h_BTD = h_BTD[torch.arange(B, device=dev), logits_at_B]  # [B, D]
         return self.model.lm_head(h_BTD)
 
-    def step_weights(self) -> None:
-        return None  # decodes through the model's own modules: nothing derived
+    def step_weights(self):
+        """The C step's table of the model's weights (llama_decode.py), or None where it cannot run:
+        nothing is derived, the step reads the parameters in place."""
+        return decode_weights(self.model)
 
     def step(self, tok_B: torch.Tensor, cache: KVCache, cache_seqlens_B: torch.Tensor, weights=None,
              step_fn=None) -> torch.Tensor:
-        """Eagerly, forward_cached over the written prefix; `step_fn`, a compiled static_step, reads the
+        """With step_weights() (fp32 on a CPU), the whole step in one C call (llama_decode.py); else
+        eagerly, forward_cached over the written prefix; `step_fn`, a compiled static_step, reads the
         whole buffer."""
+        if weights is not None and step_fn is None and tok_B.shape[0] <= MAX_ROWS and not torch.is_grad_enabled():
+            return fused_step(weights, tok_B, cache.k_LBKSC, cache.v_LBKSC, cache_seqlens_B)
         if step_fn is not None:
             if int(cache_seqlens_B.max()) >= cache.max_len:
                 raise ValueError(f"cache overflow: a row needs {int(cache_seqlens_B.max()) + 1} slots, "

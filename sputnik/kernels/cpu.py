@@ -1,6 +1,6 @@
 """Hand-written CPU kernels, built on first use with the machine's C compiler and loaded with ctypes.
 
-Three kernels, one C file (and one library) each, plain C with OpenMP and no torch headers, so each
+Four kernels, one C file (and one library) each, plain C with OpenMP and no torch headers, so each
 builds in about a second with `cc -O3 -march=native` and needs only what torch.compile on CPU needs
 already (a C compiler):
   - routed_ffn.c: the routed experts of a MoE layer for a few tokens (decode steps), which inductor
@@ -9,10 +9,12 @@ already (a C compiler):
     (losses.token_logprobs, the GRPO update's LM head), one pass per row instead of 5-7 ATen passes;
   - linear_rows.c: linear layers over a few rows (decode steps, short prefills: up to 64), which
     read each weight once at close to the memory bandwidth (one row) or run 1.2-2x MKL's small-M
-    GEMM (16-64 rows).
+    GEMM (16-64 rows);
+  - llama_step.c: a whole decode step of the dense Llama family in one call (inference/llama_decode.py
+    builds its weight table), the same loops as linear_rows.c (rows_gemm.h) without ~200 ATen ops.
 A library is cached under
-$SPUTNIK_KERNEL_CACHE (default ~/.cache/sputnik/kernels), keyed by the source, the compiler, the
-flags and the CPU's feature flags (it is built for this CPU), and written to a temporary file, then
+$SPUTNIK_KERNEL_CACHE (default ~/.cache/sputnik/kernels), keyed by the source and the headers it
+includes, the compiler, the flags and the CPU's feature flags (it is built for this CPU), and written to a temporary file, then
 renamed, so concurrent builds never load a half-written library.
 
 No compiler, a failed build or a non-Linux host: `routed_ffn_available()` / `softmax_rows_available()`
@@ -22,12 +24,14 @@ cpu_kernels=false) turns both off for the process.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("routed_ffn.c")
 SOFTMAX_SOURCE = Path(__file__).with_name("softmax_rows.c")
 LINEAR_SOURCE = Path(__file__).with_name("linear_rows.c")
+LLAMA_STEP_SOURCE = Path(__file__).with_name("llama_step.c")
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # each library's functions: (argument types, return type), set once on load
 _SIGNATURES = {
@@ -48,6 +53,7 @@ _SIGNATURES = {
     SOFTMAX_SOURCE: {"softmax_rows_forward": ([_P, _P, _I64, _I64, _P, _P, _P, _I32], _I32),
                      "softmax_rows_backward": ([_P] * 7 + [_I64, _I64, _I32], _I32)},
     LINEAR_SOURCE: {"linear_rows": ([_P] * 4 + [_I64] * 3 + [_I32], _I32), "linear_rows_max": ([], _I32)},
+    LLAMA_STEP_SOURCE: {"llama_step": ([_P] * 3 + [_I64] + [_P] * 2 + [_I64, _P, _I32], _I32)},
 }
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -83,6 +89,8 @@ def build(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
         raise RuntimeError("no C compiler found (set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     text = source.read_bytes()
+    for header in re.findall(rb'#include "([^"]+)"', text):  # a local header's change rebuilds its includers
+        text += (source.parent / header.decode()).read_bytes()
     key = hashlib.sha256(b"\0".join([text, version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()]))
     out_dir = cache_dir() if out_dir is None else out_dir
     lib = out_dir / f"{source.stem}-{key.hexdigest()[:16]}.so"
@@ -111,6 +119,17 @@ def use_cpu_kernels(enabled: bool) -> None:
     built for the kernel are not rebuilt when it changes."""
     global _enabled
     _enabled = bool(enabled)
+
+
+@contextlib.contextmanager
+def kernels_off():
+    """use_cpu_kernels(False) for the duration of a block (A/B benchmarks, tests of the torch paths)."""
+    before = _enabled
+    use_cpu_kernels(False)
+    try:
+        yield
+    finally:
+        use_cpu_kernels(before)
 
 
 def cpu_kernels_enabled() -> bool:
@@ -151,6 +170,11 @@ def softmax_rows_available() -> bool:
 @torch.compiler.assume_constant_result
 def linear_rows_available() -> bool:
     return _enabled and _library(LINEAR_SOURCE) is not None
+
+
+def llama_step_library():
+    """The loaded llama_step.c library, or None when the kernels are off or it cannot be built."""
+    return _library(LLAMA_STEP_SOURCE) if _enabled else None
 
 
 def _checked_library():

@@ -1,75 +1,20 @@
-/* y = x W^T (+ b) for a few rows of x: the linear layers of decode steps and short prefills, fp32.
+/* y = x W^T (+ b) for a few rows of x: the linear layers of decode steps and short prefills, fp32
+   (the loops and their layout: rows_gemm.h).
 
-       y[n, o] = sum_i x[n, i] * w[o, i] + bias[o],     n < N <= 64 rows, W [O, I] row-major
-
-   One row is a matrix-vector product bound by reading W: ATen's GEMV reads it at ~12-15 GB/s on 2
-   threads of this machine where a plain sum of a large tensor reads at ~21-30 GB/s; the row loop
-   below streams W one output row at a time (one thread owns a contiguous block of rows, the hardware
-   prefetcher follows) at 22-30 GB/s. From two rows on, outputs are computed in tiles of 2 x-rows by
-   4 W-rows: 8 accumulators vectorised over i, 6 loads for 8 fused multiply-adds, each W row read
-   from memory once and the x rows from L1/L2. At 16-64 rows that runs at 100-130 GFLOP/s where MKL's
-   small-M GEMM gives 40-100 (its LM-head GEMM at 32 rows: ~60; benchmarks/bench_families.py, LOG.md
-   stop 25). Each output is summed by one thread in a fixed order (vector lanes, then the lanes' sum),
-   so the result does not depend on the thread count; it differs from ATen's by rounding only. */
-#include <omp.h>
-#include <stdint.h>
+   One row: ATen's GEMV reads W at ~12-15 GB/s on 2 threads of this machine where a plain sum of a
+   large tensor reads at ~21-30 GB/s; the row loop reads at 22-30 GB/s. At 16-64 rows the 2 x 4 tiles
+   run at 100-130 GFLOP/s where MKL's small-M GEMM gives 40-100 (its LM-head GEMM at 32 rows: ~60;
+   benchmarks/bench_families.py, LOG.md stop 25). Results differ from ATen's by rounding only. */
+#include "rows_gemm.h"
 
 #define MAX_ROWS 64
 
 int linear_rows_max(void) { return MAX_ROWS; }
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t I) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < I; i++) s += a[i] * b[i];
-    return s;
-}
-
 int linear_rows(const float *restrict x, const float *restrict w, const float *restrict bias, float *restrict y,
                 int64_t N, int64_t O, int64_t I, int nthreads) {
     if (N < 1 || N > MAX_ROWS) return -1;
-    if (N == 1) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t o = 0; o < O; o++) y[o] = dot(x, w + o * I, I) + (bias ? bias[o] : 0.f);
-        return 0;
-    }
-    const int64_t blocks = (O + 3) / 4;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t ob = 0; ob < blocks; ob++) {
-        const int64_t o = ob * 4;
-        if (o + 4 > O) { /* the last, partial block: one output at a time */
-            for (int64_t oo = o; oo < O; oo++)
-                for (int64_t n = 0; n < N; n++) y[n * O + oo] = dot(x + n * I, w + oo * I, I) + (bias ? bias[oo] : 0.f);
-            continue;
-        }
-        const float *w0 = w + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
-        const float b0 = bias ? bias[o] : 0.f, b1 = bias ? bias[o + 1] : 0.f;
-        const float b2 = bias ? bias[o + 2] : 0.f, b3 = bias ? bias[o + 3] : 0.f;
-        int64_t n = 0;
-        for (; n + 2 <= N; n += 2) {
-            const float *x0 = x + n * I, *x1 = x0 + I;
-            float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
-#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13)
-            for (int64_t i = 0; i < I; i++) {
-                const float u = x0[i], v = x1[i];
-                a00 += u * w0[i]; a01 += u * w1[i]; a02 += u * w2[i]; a03 += u * w3[i];
-                a10 += v * w0[i]; a11 += v * w1[i]; a12 += v * w2[i]; a13 += v * w3[i];
-            }
-            float *y0 = y + n * O + o, *y1 = y0 + O;
-            y0[0] = a00 + b0; y0[1] = a01 + b1; y0[2] = a02 + b2; y0[3] = a03 + b3;
-            y1[0] = a10 + b0; y1[1] = a11 + b1; y1[2] = a12 + b2; y1[3] = a13 + b3;
-        }
-        if (n < N) { /* an odd row count: the last row against the 4 W rows */
-            const float *x0 = x + n * I;
-            float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-            for (int64_t i = 0; i < I; i++) {
-                const float u = x0[i];
-                a0 += u * w0[i]; a1 += u * w1[i]; a2 += u * w2[i]; a3 += u * w3[i];
-            }
-            float *y0 = y + n * O + o;
-            y0[0] = a0 + b0; y0[1] = a1 + b1; y0[2] = a2 + b2; y0[3] = a3 + b3;
-        }
-    }
+#pragma omp parallel num_threads(nthreads)
+    gemm_rows(x, w, bias, y, N, O, I, 0);
     return 0;
 }

@@ -1,0 +1,113 @@
+"""The dense Llama family's decode step in one C call (kernels/llama_step.c), for fp32 on a CPU.
+
+A batch-1 step through torch is ~200 ATen ops around ~60 linear layers; at SmolLM2's width their
+dispatch is a third of the step, whose floor is reading every weight once. llama_step.c runs the
+whole step (embedding, layers, final norm, head) in one OpenMP region, reading the model's own
+parameter tensors in place: nothing is copied or derived, so an optimizer step that updates them in
+place is seen by the next wave as it is. What is built here, once per wave (`decode_weights`, the
+cached model's step_weights), is the table of their addresses; it keeps the tensors it points to
+alive. A LoRA layer contributes its merged weight (W + s·B·A, cached until A or B changes).
+
+Used by LlamaCachedModel.step when the table exists and the batch has at most MAX_ROWS rows: fp32
+weights and cache on a CPU, the C kernels on and built, and no Qwen3-MoE sparse layer (those decode
+through torch). The values equal the torch path's up to rounding (tests/test_llama_decode.py).
+
+Shape legend: B rows, L layers, K key/value heads, S cache slots, C head dim, V vocab.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from sputnik.kernels.cpu import llama_step_library
+
+MAX_ROWS = 64  # past this the torch path's MKL GEMMs are faster than the kernel's row tiles
+MAX_HEAD_DIM = 512  # llama_step.c's per-thread accumulator
+_ERRORS = {-1: "a token id is outside the vocabulary", -2: "a position is outside the cache or the RoPE tables",
+           -3: f"head dim over {MAX_HEAD_DIM}", -4: "out of memory"}
+_LAYER_FIELDS = ("ln1", "ln2", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "qn", "kn", "wg", "wu", "wd")
+
+
+class _Layer(ctypes.Structure):  # llama_step.c's Layer, field for field
+    _fields_ = [(name, ctypes.c_void_p) for name in _LAYER_FIELDS]
+
+
+class _Model(ctypes.Structure):  # llama_step.c's Model
+    _fields_ = ([(name, ctypes.c_int64) for name in ("L", "D", "H", "K", "C", "F", "V", "P", "window")]
+                + [("eps", ctypes.c_float)]
+                + [(name, ctypes.c_void_p) for name in ("embed", "norm", "head", "cos", "sin")]
+                + [("layers", ctypes.POINTER(_Layer))])
+
+
+@dataclass
+class DecodeWeights:
+    """The C step's weight table and the tensors it points into (kept alive with it)."""
+    model: _Model
+    layers: ctypes.Array
+    tensors: list[torch.Tensor]
+
+
+def _weight(linear) -> torch.Tensor:
+    """What the module multiplies by when decoding: a LoRA layer's merged weight, else its own."""
+    return linear.merged_weight() if hasattr(linear, "merged_weight") else linear.weight
+
+
+def decode_weights(model) -> DecodeWeights | None:
+    """The table for `model` (a LlamaModel) as its parameters are now, or None when the C step cannot
+    run it (not fp32 on a CPU, kernels off or unbuilt, a Qwen3-MoE layer, an unsupported head dim)."""
+    c = model.config
+    if (model.lm_head.weight.device.type != "cpu" or model.lm_head.weight.dtype != torch.float32
+            or any(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) or c.attention_head_dim > MAX_HEAD_DIM):
+        return None
+    lib = llama_step_library()
+    if lib is None:
+        return None
+    kept: list[torch.Tensor] = []
+
+    def ptr(t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        t = t.detach().to(torch.float32).contiguous()
+        kept.append(t)
+        return t.data_ptr()
+
+    layers = (_Layer * c.num_hidden_layers)()
+    for row, layer in zip(layers, model.model.layers):
+        a, mlp = layer.self_attn, layer.mlp
+        values = dict(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                      wq=_weight(a.q_proj), bq=a.q_proj.bias, wk=_weight(a.k_proj), bk=a.k_proj.bias,
+                      wv=_weight(a.v_proj), bv=a.v_proj.bias, wo=_weight(a.o_proj), bo=a.o_proj.bias,
+                      qn=a.q_norm.weight if a.qk_norm else None, kn=a.k_norm.weight if a.qk_norm else None,
+                      wg=_weight(mlp.gate_proj), wu=_weight(mlp.up_proj), wd=_weight(mlp.down_proj))
+        for name in _LAYER_FIELDS:
+            setattr(row, name, ptr(values[name]))
+    table = _Model(L=c.num_hidden_layers, D=c.hidden_size, H=c.num_attention_heads, K=c.kv_heads,
+                   C=c.attention_head_dim, F=c.intermediate_size, V=c.vocab_size, P=model.rotary.cos_PC.shape[0],
+                   window=c.sliding_window, eps=model.model.norm.eps,
+                   embed=ptr(model.model.embed_tokens.weight), norm=ptr(model.model.norm.weight),
+                   head=ptr(model.lm_head.weight), cos=ptr(model.rotary.cos_PC), sin=ptr(model.rotary.sin_PC),
+                   layers=layers)
+    return DecodeWeights(table, layers, kept)
+
+
+def fused_step(weights: DecodeWeights, tok_B: torch.Tensor, k_LBKSC: torch.Tensor, v_LBKSC: torch.Tensor,
+               pos_B: torch.Tensor) -> torch.Tensor:
+    """logits_BV of one new token per row at position pos_B[b] (= the cache slot it writes), attending
+    to slots ≤ pos_B[b]: LlamaCachedModel.step's values, through llama_step.c."""
+    L, B, K, S, C = k_LBKSC.shape
+    m = weights.model
+    if not (k_LBKSC.dtype == v_LBKSC.dtype == torch.float32 and k_LBKSC.is_contiguous() and v_LBKSC.is_contiguous()
+            and v_LBKSC.shape == k_LBKSC.shape and (L, K, C) == (m.L, m.K, m.C) and tok_B.shape == pos_B.shape == (B,)):
+        raise ValueError(f"llama_step: cache {tuple(k_LBKSC.shape)} {k_LBKSC.dtype} does not fit the model "
+                         f"(L={m.L}, K={m.K}, C={m.C}) or the {tuple(tok_B.shape)} tokens")
+    tok_B = tok_B.to(torch.int64).contiguous()
+    pos_B = pos_B.to(torch.int64).contiguous()
+    logits_BV = torch.empty(B, m.V, dtype=torch.float32)
+    rc = llama_step_library().llama_step(ctypes.addressof(m), tok_B.data_ptr(), pos_B.data_ptr(), B,
+                                         k_LBKSC.data_ptr(), v_LBKSC.data_ptr(), S, logits_BV.data_ptr(),
+                                         torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"llama_step: {_ERRORS.get(rc, f'error {rc}')}")
+    return logits_BV

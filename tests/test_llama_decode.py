@@ -1,0 +1,169 @@
+"""The dense family's decode step in one C call (kernels/llama_step.c via inference/llama_decode.py):
+values against the torch step for every family switch (biases, q/k norm, sliding window, GQA/MQA,
+tied and untied heads), ragged rows, thread-count independence, in-place weight updates and LoRA's
+merged weights, when it steps aside (bf16, kernels off, Qwen3-MoE, more rows than it takes), and
+bad input."""
+import pytest
+import torch
+
+from sputnik.inference.engine import Engine
+from sputnik.inference.llama import LlamaCachedModel
+from sputnik.inference.llama_decode import MAX_ROWS, decode_weights, fused_step
+from sputnik.inference.sampling import SamplingParams
+from sputnik.kernels import cpu as cpu_kernels
+from sputnik.model import build_model
+from sputnik.model.config import tiny_dense
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.llama_step_library() is None, reason="no C compiler for the CPU kernel")
+
+FAMILIES = {
+    "llama-gqa": {},
+    "llama-mqa-untied": dict(num_key_value_heads=1, tie_word_embeddings=False),
+    "qwen2-bias": dict(family="qwen2", qkv_bias=True),
+    "qwen3-qk-norm": dict(family="qwen3", qk_norm=True, head_dim=24),
+    "mistral-window": dict(family="mistral", sliding_window=5),
+    "llama-o-bias": dict(o_proj_bias=True, qkv_bias=True),
+}
+
+
+def dense(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=80, max_position_embeddings=64, initializer_range=0.1)
+    model = build_model(tiny_dense(**{**cfg, **kw})).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: move them so a skipped one changes the logits
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def prefilled(model, lens, max_len=24, seed=1):
+    """Two caches holding the same ragged prompts (lens tokens per row) -> (cm, cache_a, cache_b)."""
+    cm = LlamaCachedModel(model)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (len(lens), max(lens)), generator=g)
+    caches = []
+    for _ in range(2):
+        cache = cm.new_cache(len(lens), max_len)
+        cm.forward_cached(ids, cache, torch.zeros(len(lens), dtype=torch.long))
+        caches.append(cache)
+    return cm, *caches
+
+
+@needs_kernel
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_step_equals_the_torch_step(family):
+    """Ragged rows decoded for 12 steps (past the sliding window), every step's logits and the cache
+    entries it writes equal to the torch step's."""
+    model = dense(**FAMILIES[family])
+    lens = torch.tensor([7, 3, 10])
+    cm, ours, ref = prefilled(model, lens.tolist())
+    weights = cm.step_weights()
+    assert weights is not None
+    g = torch.Generator().manual_seed(2)
+    for t in range(12):
+        tok = torch.randint(0, model.config.vocab_size, (3,), generator=g)
+        got = cm.step(tok, ours, lens + t, weights)
+        want = cm.step(tok, ref, lens + t, None)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        assert want.std() > 0.1
+    torch.testing.assert_close(ours.k_LBKSC, ref.k_LBKSC, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.v_LBKSC, ref.v_LBKSC, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_fused_step_does_not_depend_on_the_thread_count():
+    model = dense()
+    lens = torch.tensor([5, 8])
+    cm, a, b = prefilled(model, lens.tolist())
+    weights, tok = cm.step_weights(), torch.tensor([3, 7])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cm.step(tok, a, lens, weights)
+        torch.set_num_threads(2)
+        two = cm.step(tok, b, lens, weights)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(a.k_LBKSC, b.k_LBKSC)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_table_reads_the_parameters_in_place():
+    """An optimizer step updates parameters in place: the next step sees it through the same table."""
+    model = dense()
+    lens = torch.tensor([6])
+    cm, a, b = prefilled(model, lens.tolist())
+    weights = cm.step_weights()
+    model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    model.model.norm.weight.add_(0.3)
+    tok = torch.tensor([4])
+    torch.testing.assert_close(cm.step(tok, a, lens, weights), cm.step(tok, b, lens, None), atol=2e-5, rtol=1e-5)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_lora_layers_decode_through_their_merged_weight():
+    from sputnik.config import LoRAConfig
+    from sputnik.train.lora import apply_lora, lora_modules
+
+    model = dense()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")))
+    for m in lora_modules(model).values():
+        m.lora_B.normal_(0, 0.1)
+    lens = torch.tensor([6, 2])
+    cm, a, b = prefilled(model, lens.tolist())
+    tok = torch.tensor([4, 9])
+    got = cm.step(tok, a, lens, cm.step_weights())
+    torch.testing.assert_close(got, cm.step(tok, b, lens, None), atol=2e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_engine_generates_the_same_tokens_with_the_kernel_and_without():
+    model = dense(family="qwen3", qk_norm=True, head_dim=24)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12]]
+    params = SamplingParams(max_new_tokens=15, temperature=0)
+    fused = Engine(model).generate(prompts, params, num_samples=2)
+    with cpu_kernels.kernels_off():
+        plain = Engine(model).generate(prompts, params, num_samples=2)
+    for row_a, row_b in zip(fused, plain):
+        for a, b in zip(row_a, row_b):
+            assert a.token_ids == b.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+@needs_kernel
+def test_the_fused_step_steps_aside():
+    model = dense()
+    assert decode_weights(model.to(torch.bfloat16)) is None
+    assert decode_weights(dense(family="qwen3_moe", qk_norm=True, head_dim=24, n_routed_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=(1,))) is None
+    with cpu_kernels.kernels_off():
+        assert decode_weights(dense()) is None
+    # more rows than the kernel takes: the torch step, same values
+    model = dense()
+    lens = torch.full((MAX_ROWS + 1,), 3)
+    cm, a, b = prefilled(model, lens.tolist(), max_len=8)
+    tok = torch.arange(MAX_ROWS + 1) % 90
+    with torch.no_grad():
+        assert torch.equal(cm.step(tok, a, lens, cm.step_weights()), cm.step(tok, b, lens, None))
+
+
+@needs_kernel
+@torch.no_grad()
+def test_bad_input_is_refused_before_anything_is_written():
+    model = dense()
+    lens = torch.tensor([4])
+    cm, cache, _ = prefilled(model, lens.tolist(), max_len=8)
+    weights, before = cm.step_weights(), cache.k_LBKSC.clone()
+    with pytest.raises(ValueError, match="token id"):
+        fused_step(weights, torch.tensor([96]), cache.k_LBKSC, cache.v_LBKSC, lens)
+    with pytest.raises(ValueError, match="position"):
+        fused_step(weights, torch.tensor([3]), cache.k_LBKSC, cache.v_LBKSC, torch.tensor([8]))
+    with pytest.raises(ValueError, match="does not fit"):
+        fused_step(weights, torch.tensor([3]), cache.k_LBKSC[:1], cache.v_LBKSC[:1], lens)
+    assert torch.equal(cache.k_LBKSC, before)
