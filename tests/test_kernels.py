@@ -293,3 +293,44 @@ def test_layers_linear_takes_the_kernel_only_for_decode_sized_no_grad_calls(monk
     finally:
         cpu_kernels.use_cpu_kernels(True)
     assert calls == [(2, 1, 6)]
+
+
+# ---------------------------------------------------------------------------------------------
+# sample_rows (softmax_rows.c): the engine's plain sampling on a CPU
+needs_softmax = pytest.mark.skipif(not cpu_kernels.softmax_rows_available(), reason="no C compiler for the CPU kernel")
+
+
+@needs_softmax
+@pytest.mark.parametrize("V", [7, 300, 20000])
+def test_sample_rows_is_the_inverse_cdf_draw(V):
+    """The token whose fp64 CDF interval holds u·total (what sampling.pick_from_probs computes in fp32),
+    its log-prob under softmax(z / T); -inf logits are never drawn; greedy is the first argmax."""
+    g = torch.Generator().manual_seed(V)
+    z = torch.randn(16, V, generator=g) * 3
+    z[:, :2] = float("-inf")  # masked vocabulary (sampling.mask_vocab)
+    z[3, 5] = z[3].max() + 2  # a peaked row
+    for T in (0.7, 1.0):
+        u = torch.rand(16, 1, generator=g)
+        p = torch.softmax(z.double() / T, -1)
+        cdf = p.cumsum(-1)
+        want = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True)[:, 0]
+        tok, logp = cpu_kernels.sample_rows(z, u, T)
+        assert torch.equal(tok, want) and (tok >= 2).all()
+        torch.testing.assert_close(logp, torch.log_softmax(z / T, -1).gather(1, tok[:, None])[:, 0], atol=2e-5, rtol=0)
+    z[7, V - 1] = z[7].max()  # a tie: the first index wins, as torch.argmax
+    tok, logp = cpu_kernels.sample_rows(z, None, 0.0)
+    assert torch.equal(tok, z.argmax(-1))
+    torch.testing.assert_close(logp, torch.log_softmax(z, -1).gather(1, tok[:, None])[:, 0], atol=2e-5, rtol=0)
+
+
+@needs_softmax
+def test_sample_rows_leaves_rows_without_mass_to_the_torch_path():
+    z = torch.randn(3, 50)
+    z[1] = float("-inf")
+    assert cpu_kernels.sample_rows(z, torch.rand(3, 1), 1.0) is None
+    z[1] = float("nan")
+    assert cpu_kernels.sample_rows(z, torch.rand(3, 1), 1.0) is None
+    from sputnik.inference.sampling import SamplingParams, sample_next
+
+    tok, _ = sample_next(z, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))  # no error: torch's draw
+    assert tok.shape == (3,)

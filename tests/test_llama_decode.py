@@ -167,3 +167,25 @@ def test_bad_input_is_refused_before_anything_is_written():
     with pytest.raises(ValueError, match="does not fit"):
         fused_step(weights, torch.tensor([3]), cache.k_LBKSC[:1], cache.v_LBKSC[:1], lens)
     assert torch.equal(cache.k_LBKSC, before)
+
+
+@needs_kernel
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [8, 27])
+def test_packed_weights_from_eight_rows(rows):
+    """From PACKED_MIN_ROWS rows the step reads strip-packed copies (register blocks of 12, 8, 4, 2 and 1
+    rows at 27; widths 48 and 80 and a 96-token head that are not multiples of the strip width):
+    same values as the torch step; the copy is refreshed when a parameter changes between waves."""
+    from sputnik.inference.llama_decode import PACKED_MIN_ROWS
+
+    assert rows >= PACKED_MIN_ROWS
+    model = dense(family="qwen2", qkv_bias=True)
+    lens = torch.arange(rows) % 9 + 2
+    cm, ours, ref = prefilled(model, lens.tolist())
+    g = torch.Generator().manual_seed(3)
+    for t in range(3):
+        tok = torch.randint(0, model.config.vocab_size, (rows,), generator=g)
+        torch.testing.assert_close(cm.step(tok, ours, lens + t, cm.step_weights()), cm.step(tok, ref, lens + t, None),
+                                   atol=2e-5, rtol=1e-5)
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.25)  # an optimizer step before the next wave
+        model.lm_head.weight.add_(0.01)

@@ -8,6 +8,11 @@ place is seen by the next wave as it is. What is built here, once per wave (`dec
 cached model's step_weights), is the table of their addresses; it keeps the tensors it points to
 alive. A LoRA layer contributes its merged weight (W + s·B·A, cached until A or B changes).
 
+From PACKED_MIN_ROWS rows on the step is arithmetic-bound, and reads a second copy of the projections
+and the head packed in column strips (rows_gemm.h's register-blocked loop, ~1.5-2x the row-major
+tiles at 32 rows): built on the first such step and kept until a parameter changes (weights.py),
+so a model decoded in batches holds its matmul weights twice (SmolLM2-135M: +0.5 GB in fp32).
+
 Used by LlamaCachedModel.step when the table exists and the batch has at most MAX_ROWS rows: fp32
 weights and cache on a CPU, the C kernels on and built, and no Qwen3-MoE sparse layer (those decode
 through torch). The values equal the torch path's up to rounding (tests/test_llama_decode.py).
@@ -20,14 +25,18 @@ import ctypes
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from sputnik.inference.weights import cached_weights
 from sputnik.kernels.cpu import llama_step_library
 
-MAX_ROWS = 64  # past this the torch path's MKL GEMMs are faster than the kernel's row tiles
+MAX_ROWS = 64  # past this the torch path's MKL GEMMs are as fast
+PACKED_MIN_ROWS = 8  # from here the packed copy's register blocks beat the row-major tiles
 MAX_HEAD_DIM = 512  # llama_step.c's per-thread accumulator
 _ERRORS = {-1: "a token id is outside the vocabulary", -2: "a position is outside the cache or the RoPE tables",
            -3: f"head dim over {MAX_HEAD_DIM}", -4: "out of memory"}
 _LAYER_FIELDS = ("ln1", "ln2", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "qn", "kn", "wg", "wu", "wd")
+_MATRICES = ("wq", "wk", "wv", "wo", "wg", "wu", "wd")
 
 
 class _Layer(ctypes.Structure):  # llama_step.c's Layer, field for field
@@ -35,7 +44,7 @@ class _Layer(ctypes.Structure):  # llama_step.c's Layer, field for field
 
 
 class _Model(ctypes.Structure):  # llama_step.c's Model
-    _fields_ = ([(name, ctypes.c_int64) for name in ("L", "D", "H", "K", "C", "F", "V", "P", "window")]
+    _fields_ = ([(name, ctypes.c_int64) for name in ("L", "D", "H", "K", "C", "F", "V", "P", "window", "packed")]
                 + [("eps", ctypes.c_float)]
                 + [(name, ctypes.c_void_p) for name in ("embed", "norm", "head", "cos", "sin")]
                 + [("layers", ctypes.POINTER(_Layer))])
@@ -43,10 +52,33 @@ class _Model(ctypes.Structure):  # llama_step.c's Model
 
 @dataclass
 class DecodeWeights:
-    """The C step's weight table and the tensors it points into (kept alive with it)."""
-    model: _Model
-    layers: ctypes.Array
-    tensors: list[torch.Tensor]
+    """The C step's weight tables and the tensors they point into (kept alive with them): `rows` reads
+    the model's own [out, in] weights; `packed()` a strip-packed copy, built on first use."""
+    owner: torch.nn.Module
+    rows: _Model
+    values: list[dict]  # per layer, _LAYER_FIELDS -> tensor or None
+    globals: dict  # embed, norm, head, cos, sin
+    kept: list
+    _packed: _Model | None = None
+
+    def packed(self) -> _Model:
+        if self._packed is None:
+            sources = [v[k] for v in self.values for k in _MATRICES] + [self.globals["head"]]
+            strips = cached_weights(self.owner, "llama_step_packed", sources,
+                                    lambda: [pack_rows(t) for t in sources], cast=False)
+            it = iter(strips)
+            values = [dict(v, **{k: next(it) for k in _MATRICES}) for v in self.values]
+            self._packed = _table(self.rows, values, dict(self.globals, head=next(it)), self.kept, packed=True)
+        return self._packed
+
+
+def pack_rows(w_OI: torch.Tensor) -> torch.Tensor:
+    """[O, I] -> [ceil(O / C), I, C] strips, C = llama_step_pack_cols(): strip s holds output columns
+    s·C ... as [I, C] rows, zero past O (rows_gemm.h's gemm_packed)."""
+    C = llama_step_library().llama_step_pack_cols()
+    O, I = w_OI.shape
+    S = -(-O // C)
+    return F.pad(w_OI.detach().float(), (0, 0, 0, S * C - O)).view(S, C, I).transpose(1, 2).contiguous()
 
 
 def _weight(linear) -> torch.Tensor:
@@ -54,17 +86,8 @@ def _weight(linear) -> torch.Tensor:
     return linear.merged_weight() if hasattr(linear, "merged_weight") else linear.weight
 
 
-def decode_weights(model) -> DecodeWeights | None:
-    """The table for `model` (a LlamaModel) as its parameters are now, or None when the C step cannot
-    run it (not fp32 on a CPU, kernels off or unbuilt, a Qwen3-MoE layer, an unsupported head dim)."""
-    c = model.config
-    if (model.lm_head.weight.device.type != "cpu" or model.lm_head.weight.dtype != torch.float32
-            or any(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) or c.attention_head_dim > MAX_HEAD_DIM):
-        return None
-    lib = llama_step_library()
-    if lib is None:
-        return None
-    kept: list[torch.Tensor] = []
+def _table(like: _Model, values: list[dict], globals_: dict, kept: list, packed: bool) -> _Model:
+    """A _Model with like's sizes over these tensors (fp32, contiguous; each kept alive in `kept`)."""
 
     def ptr(t: torch.Tensor | None) -> int | None:
         if t is None:
@@ -73,23 +96,39 @@ def decode_weights(model) -> DecodeWeights | None:
         kept.append(t)
         return t.data_ptr()
 
-    layers = (_Layer * c.num_hidden_layers)()
-    for row, layer in zip(layers, model.model.layers):
-        a, mlp = layer.self_attn, layer.mlp
-        values = dict(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                      wq=_weight(a.q_proj), bq=a.q_proj.bias, wk=_weight(a.k_proj), bk=a.k_proj.bias,
-                      wv=_weight(a.v_proj), bv=a.v_proj.bias, wo=_weight(a.o_proj), bo=a.o_proj.bias,
-                      qn=a.q_norm.weight if a.qk_norm else None, kn=a.k_norm.weight if a.qk_norm else None,
-                      wg=_weight(mlp.gate_proj), wu=_weight(mlp.up_proj), wd=_weight(mlp.down_proj))
+    layers = (_Layer * len(values))()
+    for row, v in zip(layers, values):
         for name in _LAYER_FIELDS:
-            setattr(row, name, ptr(values[name]))
-    table = _Model(L=c.num_hidden_layers, D=c.hidden_size, H=c.num_attention_heads, K=c.kv_heads,
+            setattr(row, name, ptr(v[name]))
+    kept.append(layers)
+    sizes = {name: getattr(like, name) for name in ("L", "D", "H", "K", "C", "F", "V", "P", "window", "eps")}
+    return _Model(**sizes, packed=int(packed), **{k: ptr(t) for k, t in globals_.items()}, layers=layers)
+
+
+def decode_weights(model) -> DecodeWeights | None:
+    """The tables for `model` (a LlamaModel) as its parameters are now, or None when the C step cannot
+    run it (not fp32 on a CPU, kernels off or unbuilt, a Qwen3-MoE layer, an unsupported head dim)."""
+    c = model.config
+    if (model.lm_head.weight.device.type != "cpu" or model.lm_head.weight.dtype != torch.float32
+            or any(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) or c.attention_head_dim > MAX_HEAD_DIM):
+        return None
+    if llama_step_library() is None:
+        return None
+    values = []
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        values.append(dict(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                           wq=_weight(a.q_proj), bq=a.q_proj.bias, wk=_weight(a.k_proj), bk=a.k_proj.bias,
+                           wv=_weight(a.v_proj), bv=a.v_proj.bias, wo=_weight(a.o_proj), bo=a.o_proj.bias,
+                           qn=a.q_norm.weight if a.qk_norm else None, kn=a.k_norm.weight if a.qk_norm else None,
+                           wg=_weight(mlp.gate_proj), wu=_weight(mlp.up_proj), wd=_weight(mlp.down_proj)))
+    globals_ = dict(embed=model.model.embed_tokens.weight, norm=model.model.norm.weight, head=model.lm_head.weight,
+                    cos=model.rotary.cos_PC, sin=model.rotary.sin_PC)
+    sizes = _Model(L=c.num_hidden_layers, D=c.hidden_size, H=c.num_attention_heads, K=c.kv_heads,
                    C=c.attention_head_dim, F=c.intermediate_size, V=c.vocab_size, P=model.rotary.cos_PC.shape[0],
-                   window=c.sliding_window, eps=model.model.norm.eps,
-                   embed=ptr(model.model.embed_tokens.weight), norm=ptr(model.model.norm.weight),
-                   head=ptr(model.lm_head.weight), cos=ptr(model.rotary.cos_PC), sin=ptr(model.rotary.sin_PC),
-                   layers=layers)
-    return DecodeWeights(table, layers, kept)
+                   window=c.sliding_window, eps=model.model.norm.eps)
+    kept: list = []
+    return DecodeWeights(model, _table(sizes, values, globals_, kept, packed=False), values, globals_, kept)
 
 
 def fused_step(weights: DecodeWeights, tok_B: torch.Tensor, k_LBKSC: torch.Tensor, v_LBKSC: torch.Tensor,
@@ -97,7 +136,7 @@ def fused_step(weights: DecodeWeights, tok_B: torch.Tensor, k_LBKSC: torch.Tenso
     """logits_BV of one new token per row at position pos_B[b] (= the cache slot it writes), attending
     to slots ≤ pos_B[b]: LlamaCachedModel.step's values, through llama_step.c."""
     L, B, K, S, C = k_LBKSC.shape
-    m = weights.model
+    m = weights.packed() if B >= PACKED_MIN_ROWS else weights.rows
     if not (k_LBKSC.dtype == v_LBKSC.dtype == torch.float32 and k_LBKSC.is_contiguous() and v_LBKSC.is_contiguous()
             and v_LBKSC.shape == k_LBKSC.shape and (L, K, C) == (m.L, m.K, m.C) and tok_B.shape == pos_B.shape == (B,)):
         raise ValueError(f"llama_step: cache {tuple(k_LBKSC.shape)} {k_LBKSC.dtype} does not fit the model "

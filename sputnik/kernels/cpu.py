@@ -51,9 +51,11 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     SOURCE: {"routed_ffn": ([_P] * 6 + [_I64] * 5 + [_I32], _I32), "routed_ffn_cols": ([], _I32)},
     SOFTMAX_SOURCE: {"softmax_rows_forward": ([_P, _P, _I64, _I64, _P, _P, _P, _I32], _I32),
+                     "sample_rows": ([_P, _P, _I64, _I64, ctypes.c_float, _P, _P, _I32], _I32),
                      "softmax_rows_backward": ([_P] * 7 + [_I64, _I64, _I32], _I32)},
     LINEAR_SOURCE: {"linear_rows": ([_P] * 4 + [_I64] * 3 + [_I32], _I32), "linear_rows_max": ([], _I32)},
-    LLAMA_STEP_SOURCE: {"llama_step": ([_P] * 3 + [_I64] + [_P] * 2 + [_I64, _P, _I32], _I32)},
+    LLAMA_STEP_SOURCE: {"llama_step": ([_P] * 3 + [_I64] + [_P] * 2 + [_I64, _P, _I32], _I32),
+                        "llama_step_pack_cols": ([], _I32)},
 }
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -284,6 +286,22 @@ def softmax_rows_backward(z_NV: torch.Tensor, sub_N: torch.Tensor, targets_N: to
                                  N, V, torch.get_num_threads()) != 0:
         raise ValueError(f"softmax_rows: a target is outside [0, {V})")
     return out_NV
+
+
+def sample_rows(logits_BV: torch.Tensor, u_B1: torch.Tensor | None, temperature: float):
+    """sampling.sample_plain through softmax_rows.c: (tokens_B, logprobs_B), or None when a row's
+    logits have no finite mass (NaN, all -inf), which the caller's torch path then handles."""
+    lib = _library(SOFTMAX_SOURCE)
+    B, V = logits_BV.shape
+    if lib is None or not (logits_BV.is_cpu and logits_BV.dtype == torch.float32):
+        raise ValueError("sample_rows: fp32 CPU logits [B, V] and the built kernel")
+    z_BV = logits_BV.contiguous()
+    u_B = torch.zeros(B) if u_B1 is None else u_B1.reshape(B).float().contiguous()
+    tok_B, logp_B = torch.empty(B, dtype=torch.int64), torch.empty(B, dtype=torch.float32)
+    if lib.sample_rows(z_BV.data_ptr(), u_B.data_ptr(), B, V, float(temperature), tok_B.data_ptr(), logp_B.data_ptr(),
+                       torch.get_num_threads()) != 0:
+        return None
+    return tok_B, logp_B
 
 
 # ---------------------------------------------------------------------------------------------

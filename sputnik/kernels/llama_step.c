@@ -14,7 +14,8 @@
    microseconds of dispatch each; at batch 1 their sum is a third of the step, whose floor is reading
    the weights once (LOG.md stop 29: the linear layers alone ran at 1.03x that floor, the step at 1.7x).
    Here the step is one OpenMP parallel region: each stage an `omp for` closed by a barrier, the
-   linear layers the loops of rows_gemm.h, attention one (row, head) pair per iteration with an
+   linear layers the loops of rows_gemm.h (the weights as the model holds them, read once at the
+   bandwidth at a few rows; a copy packed in strips from ~8 rows on, where arithmetic bounds the step), attention one (row, head) pair per iteration with an
    online softmax (one pass over the slots, no score buffer). Every output is computed by one thread
    in a fixed order, so the result does not depend on the thread count; it equals the torch path's
    up to rounding (tests/test_llama_step.py). */
@@ -40,15 +41,26 @@ typedef struct {            /* one decoder layer's weights; a NULL bias or q/k n
 
 typedef struct {
     int64_t L, D, H, K, C, F, V, P, window; /* P rows of the RoPE tables; window 0 = full attention */
+    int64_t packed;         /* 1: every projection and the head packed in strips (rows_gemm.h), else [O, I] */
     float eps;
     const float *embed;     /* [V, D] */
     const float *norm;      /* [D] */
-    const float *head;      /* [V, D] (the embedding when tied) */
+    const float *head;      /* [V, D] (the embedding when tied), or its packed strips */
     const float *cos, *sin; /* [P, C] */
     const Layer *layers;    /* [L] */
 } Model;
 
-static void rmsnorm(const float *restrict x, const float *restrict w, float *restrict y, int64_t n, float eps) {
+int llama_step_pack_cols(void) { return PACK_COLS; }
+
+static void linear(const Model *m, const float *x, const float *w, const float *bias, float *y, int64_t N, int64_t O,
+                   int64_t I, int accumulate) {
+    if (m->packed)
+        gemm_packed(x, w, bias, y, N, O, I, accumulate);
+    else
+        gemm_rows(x, w, bias, y, N, O, I, accumulate);
+}
+
+static void rmsnorm(const float *x, const float *restrict w, float *y, int64_t n, float eps) { /* y may be x */
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
@@ -126,9 +138,9 @@ int llama_step(const Model *m, const int64_t *tok, const int64_t *pos, int64_t B
             /* --- attention */
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++) rmsnorm(x + b * D, w->ln1, h + b * D, D, m->eps);
-            gemm_rows(h, w->wq, w->bq, q, B, H * C, D, 0);
-            gemm_rows(h, w->wk, w->bk, kn, B, K * C, D, 0);
-            gemm_rows(h, w->wv, w->bv, vn, B, K * C, D, 0);
+            linear(m, h, w->wq, w->bq, q, B, H * C, D, 0);
+            linear(m, h, w->wk, w->bk, kn, B, K * C, D, 0);
+            linear(m, h, w->wv, w->bv, vn, B, K * C, D, 0);
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < B * (H + K); bh++) { /* q/k norm and RoPE per head; new k, v into the cache */
                 const int64_t b = bh / (H + K), j = bh % (H + K);
@@ -151,19 +163,19 @@ int llama_step(const Model *m, const int64_t *tok, const int64_t *pos, int64_t B
                 const int64_t lo = m->window && pos[b] - m->window + 1 > 0 ? pos[b] - m->window + 1 : 0;
                 attend(q + bh * C, kc + base, vc + base, att + bh * C, lo, pos[b], C, scale);
             }
-            gemm_rows(att, w->wo, w->bo, x, B, D, H * C, 1);
+            linear(m, att, w->wo, w->bo, x, B, D, H * C, 1);
             /* --- feed-forward */
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++) rmsnorm(x + b * D, w->ln2, h + b * D, D, m->eps);
-            gemm_rows(h, w->wg, NULL, g, B, F, D, 0);
-            gemm_rows(h, w->wu, NULL, up, B, F, D, 0);
+            linear(m, h, w->wg, NULL, g, B, F, D, 0);
+            linear(m, h, w->wu, NULL, up, B, F, D, 0);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * F; i++) h[i] = g[i] / (1.0f + expf(-g[i])) * up[i];
-            gemm_rows(h, w->wd, NULL, x, B, D, F, 1);
+            linear(m, h, w->wd, NULL, x, B, D, F, 1);
         }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) rmsnorm(x + b * D, m->norm, h + b * D, D, m->eps);
-        gemm_rows(h, m->head, NULL, logits, B, m->V, D, 0);
+        linear(m, h, m->head, NULL, logits, B, m->V, D, 0);
     }
     free(x); free(h); free(q); free(kv); free(g);
     return 0;
