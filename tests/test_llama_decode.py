@@ -189,3 +189,39 @@ def test_packed_weights_from_eight_rows(rows):
                                    atol=2e-5, rtol=1e-5)
         model.model.layers[0].mlp.up_proj.weight.mul_(1.25)  # an optimizer step before the next wave
         model.lm_head.weight.add_(0.01)
+
+
+@needs_kernel
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama-gqa", "mistral-window", "qwen3-qk-norm"])
+def test_prefill_in_c_equals_the_torch_prefill(family, monkeypatch):
+    """forward_cached through llama_forward (ragged right-padded prompts, a second chunk appended to a
+    filled cache, logits of every token or of one per row) == the torch forward, and so are the
+    caches; chunked into calls of a few tokens, the same."""
+    from sputnik.inference import llama_decode
+
+    model = dense(**FAMILIES[family])
+    cm = LlamaCachedModel(model)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 96, (3, 9), generator=g)
+    more = torch.randint(0, 96, (3, 4), generator=g)
+    lens = torch.tensor([9, 4, 6])
+
+    def run():
+        cache = cm.new_cache(3, 20)
+        first = cm.forward_cached(ids, cache, torch.zeros(3, dtype=torch.long), logits_at_B=lens - 1)
+        second = cm.forward_cached(more, cache, lens)  # every token's logits
+        return first, second, cache
+
+    with cpu_kernels.kernels_off():
+        want = run()
+    got = run()
+    monkeypatch.setattr(llama_decode, "PREFILL_TOKENS", 5)  # 1-token time steps for 3 rows
+    chunked = run()
+    for out in (got, chunked):
+        torch.testing.assert_close(out[0], want[0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1], want[1], atol=2e-5, rtol=1e-5)
+        for t, s in zip((out[2].k_LBKSC, out[2].v_LBKSC), (want[2].k_LBKSC, want[2].v_LBKSC)):
+            for b, n in enumerate(lens.tolist()):  # the written slots (a pad token's slot is scratch until overwritten)
+                torch.testing.assert_close(t[:, b, :, :n + 4], s[:, b, :, :n + 4], atol=1e-5, rtol=1e-5)
+    assert want[1].shape == (3, 4, 96) and want[0].std() > 0.1

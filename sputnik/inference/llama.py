@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sputnik.inference.llama_decode import MAX_ROWS, decode_weights, fused_step
+from sputnik.inference.llama_decode import MAX_ROWS, decode_weights, fused_prefill, fused_step
 from sputnik.model.llama import LlamaModel
 
 
@@ -127,13 +127,17 @@ class LlamaCachedModel:
         """Logits [B, T, V] of T new tokens per row; row b's tokens take positions
         cache_seqlens_B[b] + 0..T−1 (ragged rows allowed) and attend to everything before them.
         Slots past a row's own length (padding, stale forks) are masked, never read.
-        logits_at_B: only the logits of new token logits_at_B[b] of each row, [B, V]."""
+        logits_at_B: only the logits of new token logits_at_B[b] of each row, [B, V].
+        fp32 on a CPU with the kernels built: through the C forward (llama_decode.py), same values."""
         B, T = input_ids_BT.shape
         dev = input_ids_BT.device
         pos_BT = cache_seqlens_B.to(dev, torch.long)[:, None] + torch.arange(T, device=dev)
         S = int(pos_BT[:, -1].max()) + 1  # attend over the used prefix only, not all S_max slots
         if S > cache.max_len:
             raise ValueError(f"cache overflow: a row needs {S} slots, cache holds {cache.max_len}")
+        weights = decode_weights(self.model) if cache.k_LBKSC.dtype == torch.float32 else None
+        if weights is not None:  # the whole prefill in C calls (llama_decode.py)
+            return fused_prefill(weights, input_ids_BT, cache.k_LBKSC, cache.v_LBKSC, cache_seqlens_B, logits_at_B)
         # Mistral's window: the cache keeps every slot, attention reads the last W
         mask_B1TS = visible_slots(pos_BT, S, self.model.config.sliding_window)[:, None]
         rows_B1 = torch.arange(B, device=dev)[:, None]

@@ -1,4 +1,4 @@
-"""The dense Llama family's decode step in one C call (kernels/llama_step.c), for fp32 on a CPU.
+"""The dense Llama family's decode step and prefill in one C call (kernels/llama_step.c), fp32 on a CPU.
 
 A batch-1 step through torch is ~200 ATen ops around ~60 linear layers; at SmolLM2's width their
 dispatch is a third of the step, whose floor is reading every weight once. llama_step.c runs the
@@ -13,7 +13,8 @@ and the head packed in column strips (rows_gemm.h's register-blocked loop, ~1.5-
 tiles at 32 rows): built on the first such step and kept until a parameter changes (weights.py),
 so a model decoded in batches holds its matmul weights twice (SmolLM2-135M: +0.5 GB in fp32).
 
-Used by LlamaCachedModel.step when the table exists and the batch has at most MAX_ROWS rows: fp32
+Used by LlamaCachedModel.step (batches of at most MAX_ROWS rows) and forward_cached (prefill) when the
+table exists: fp32
 weights and cache on a CPU, the C kernels on and built, and no Qwen3-MoE sparse layer (those decode
 through torch). The values equal the torch path's up to rounding (tests/test_llama_decode.py).
 
@@ -32,6 +33,7 @@ from sputnik.kernels.cpu import llama_step_library
 
 MAX_ROWS = 64  # past this the torch path's MKL GEMMs are as fast
 PACKED_MIN_ROWS = 8  # from here the packed copy's register blocks beat the row-major tiles
+PREFILL_TOKENS = 2048  # tokens per C call in a prefill (scratch ~ tokens x 2 x intermediate_size floats)
 MAX_HEAD_DIM = 512  # llama_step.c's per-thread accumulator
 _ERRORS = {-1: "a token id is outside the vocabulary", -2: "a position is outside the cache or the RoPE tables",
            -3: f"head dim over {MAX_HEAD_DIM}", -4: "out of memory"}
@@ -131,22 +133,63 @@ def decode_weights(model) -> DecodeWeights | None:
     return DecodeWeights(model, _table(sizes, values, globals_, kept, packed=False), values, globals_, kept)
 
 
-def fused_step(weights: DecodeWeights, tok_B: torch.Tensor, k_LBKSC: torch.Tensor, v_LBKSC: torch.Tensor,
-               pos_B: torch.Tensor) -> torch.Tensor:
-    """logits_BV of one new token per row at position pos_B[b] (= the cache slot it writes), attending
-    to slots ≤ pos_B[b]: LlamaCachedModel.step's values, through llama_step.c."""
-    L, B, K, S, C = k_LBKSC.shape
-    m = weights.packed() if B >= PACKED_MIN_ROWS else weights.rows
-    if not (k_LBKSC.dtype == v_LBKSC.dtype == torch.float32 and k_LBKSC.is_contiguous() and v_LBKSC.is_contiguous()
-            and v_LBKSC.shape == k_LBKSC.shape and (L, K, C) == (m.L, m.K, m.C) and tok_B.shape == pos_B.shape == (B,)):
-        raise ValueError(f"llama_step: cache {tuple(k_LBKSC.shape)} {k_LBKSC.dtype} does not fit the model "
-                         f"(L={m.L}, K={m.K}, C={m.C}) or the {tuple(tok_B.shape)} tokens")
-    tok_B = tok_B.to(torch.int64).contiguous()
-    pos_B = pos_B.to(torch.int64).contiguous()
-    logits_BV = torch.empty(B, m.V, dtype=torch.float32)
-    rc = llama_step_library().llama_step(ctypes.addressof(m), tok_B.data_ptr(), pos_B.data_ptr(), B,
-                                         k_LBKSC.data_ptr(), v_LBKSC.data_ptr(), S, logits_BV.data_ptr(),
-                                         torch.get_num_threads())
+def forward_tokens(weights: DecodeWeights, tok_N: torch.Tensor, row_N: torch.Tensor, pos_N: torch.Tensor,
+                   k_LRKSC: torch.Tensor, v_LRKSC: torch.Tensor, out_M: torch.Tensor) -> torch.Tensor:
+    """logits_MV of tokens out_M after one forward over N tokens, token n written into cache row row_N[n]
+    at slot pos_N[n] and attending to that row's slots ≤ pos_N[n] (llama_step.c's llama_forward)."""
+    L, R, K, S, C = k_LRKSC.shape
+    N = tok_N.shape[0]
+    m = weights.packed() if N >= PACKED_MIN_ROWS else weights.rows
+    if not (k_LRKSC.dtype == v_LRKSC.dtype == torch.float32 and k_LRKSC.is_contiguous() and v_LRKSC.is_contiguous()
+            and v_LRKSC.shape == k_LRKSC.shape and (L, K, C) == (m.L, m.K, m.C) and row_N.shape == pos_N.shape == (N,)):
+        raise ValueError(f"llama_step: cache {tuple(k_LRKSC.shape)} {k_LRKSC.dtype} does not fit the model "
+                         f"(L={m.L}, K={m.K}, C={m.C}) or the {N} tokens")
+    tok_N, row_N, pos_N, out_M = (t.to(torch.int64).contiguous() for t in (tok_N, row_N, pos_N, out_M))
+    logits_MV = torch.empty(out_M.shape[0], m.V, dtype=torch.float32)
+    rc = llama_step_library().llama_forward(
+        ctypes.addressof(m), tok_N.data_ptr(), row_N.data_ptr(), pos_N.data_ptr(), N, k_LRKSC.data_ptr(),
+        v_LRKSC.data_ptr(), R, S, out_M.data_ptr(), out_M.shape[0], logits_MV.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"llama_step: {_ERRORS.get(rc, f'error {rc}')}")
-    return logits_BV
+    return logits_MV
+
+
+def fused_step(weights: DecodeWeights, tok_B: torch.Tensor, k_LBKSC: torch.Tensor, v_LBKSC: torch.Tensor,
+               pos_B: torch.Tensor) -> torch.Tensor:
+    """logits_BV of one new token per row at position pos_B[b] (= the cache slot it writes):
+    LlamaCachedModel.step's values."""
+    rows_B = torch.arange(tok_B.shape[0])
+    if k_LBKSC.shape[1] != tok_B.shape[0]:
+        raise ValueError(f"llama_step: cache {tuple(k_LBKSC.shape)} does not fit the {tok_B.shape[0]} rows")
+    return forward_tokens(weights, tok_B, rows_B, pos_B, k_LBKSC, v_LBKSC, rows_B)
+
+
+def fused_prefill(weights: DecodeWeights, ids_BT: torch.Tensor, k_LBKSC: torch.Tensor, v_LBKSC: torch.Tensor,
+                  seqlens_B: torch.Tensor, logits_at_B: torch.Tensor | None) -> torch.Tensor:
+    """LlamaCachedModel.forward_cached's values: T new tokens per row at positions seqlens_B[b] + t,
+    logits [B, T, V] or, with logits_at_B, [B, V] of token logits_at_B[b] of each row. In chunks of
+    whole time steps of at most PREFILL_TOKENS tokens (bounded scratch; exact, since a chunk attends
+    to the slots the ones before it wrote)."""
+    B, T = ids_BT.shape
+    if k_LBKSC.shape[1] != B:
+        raise ValueError(f"llama_step: cache {tuple(k_LBKSC.shape)} does not fit the {B} rows")
+    step = max(1, PREFILL_TOKENS // B)
+    rows_B, parts = torch.arange(B), []
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        tok_N = ids_BT[:, t0:t1].reshape(-1)
+        row_N = rows_B.repeat_interleave(t1 - t0)
+        pos_N = (seqlens_B.to(torch.int64)[:, None] + torch.arange(t0, t1)).reshape(-1)
+        if logits_at_B is None:
+            out_M = torch.arange(tok_N.shape[0])
+        else:  # the rows whose wanted token falls in this chunk
+            want_B = (logits_at_B >= t0) & (logits_at_B < t1)
+            out_M = (rows_B * (t1 - t0) + logits_at_B - t0)[want_B]
+        logits_MV = forward_tokens(weights, tok_N, row_N, pos_N, k_LBKSC, v_LBKSC, out_M)
+        parts.append(logits_MV.view(B, t1 - t0, -1) if logits_at_B is None else (want_B, logits_MV))
+    if logits_at_B is None:
+        return torch.cat(parts, dim=1)
+    out_BV = torch.empty(B, weights.rows.V)
+    for want_B, logits_MV in parts:
+        out_BV[want_B] = logits_MV
+    return out_BV

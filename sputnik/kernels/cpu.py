@@ -54,7 +54,7 @@ _SIGNATURES = {
                      "sample_rows": ([_P, _P, _I64, _I64, ctypes.c_float, _P, _P, _I32], _I32),
                      "softmax_rows_backward": ([_P] * 7 + [_I64, _I64, _I32], _I32)},
     LINEAR_SOURCE: {"linear_rows": ([_P] * 4 + [_I64] * 3 + [_I32], _I32), "linear_rows_max": ([], _I32)},
-    LLAMA_STEP_SOURCE: {"llama_step": ([_P] * 3 + [_I64] + [_P] * 2 + [_I64, _P, _I32], _I32),
+    LLAMA_STEP_SOURCE: {"llama_forward": ([_P] * 4 + [_I64] + [_P] * 2 + [_I64, _I64, _P, _I64, _P, _I32], _I32),
                         "llama_step_pack_cols": ([], _I32)},
 }
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]

@@ -1,5 +1,6 @@
-/* One decode step of the dense Llama family (model/llama.py: Llama, Mistral, Qwen2/2.5, Qwen3, SmolLM2)
-   in one call, fp32: embedding, every layer, final norm, LM head -> logits of the next token of each row.
+/* The dense Llama family's forward over a KV cache (model/llama.py: Llama, Mistral, Qwen2/2.5, Qwen3,
+   SmolLM2) in one call, fp32: embedding, every layer, final norm, LM head, for a decode step (one new
+   token per row) or a prefill (a row's prompt tokens at once).
 
    for each layer:  h = rmsnorm(x) * ln1
                     q = Wq h + bq,  k = Wk h + bk,  v = Wv h + bv          (per head; Qwen3: rmsnorm of q, k)
@@ -10,7 +11,7 @@
                     x += Wo o + bo;   h = rmsnorm(x) * ln2;   x += Wd (silu(Wg h) * (Wu h))
    logits = W_head rmsnorm(x) * norm
 
-   Why one call: the same step through torch is ~200 ATen ops and ~60 kernel calls, a few
+   Why one call: a decode step through torch is ~200 ATen ops and ~60 kernel calls, a few
    microseconds of dispatch each; at batch 1 their sum is a third of the step, whose floor is reading
    the weights once (LOG.md stop 29: the linear layers alone ran at 1.03x that floor, the step at 1.7x).
    Here the step is one OpenMP parallel region: each stage an `omp for` closed by a barrier, the
@@ -103,79 +104,87 @@ static void attend(const float *restrict q, const float *restrict k, const float
     for (int64_t c = 0; c < C; c++) o[c] = acc[c] / l;
 }
 
-/* tok[B], pos[B]: each row's input token and its position (= the cache slot it writes);
-   k_cache, v_cache: [L, B, K, S, C]; logits: [B, V].
-   Returns 0; -1 for a token outside [0, V), -2 for a position outside [0, min(S, P)), -3 for a head
-   dimension over MAX_HEAD_DIM, -4 out of memory. Nothing is written before the checks pass. */
-int llama_step(const Model *m, const int64_t *tok, const int64_t *pos, int64_t B, float *k_cache, float *v_cache,
-               int64_t S, float *logits, int nthreads) {
+/* N tokens, each into its own cache row and position: tok[n], row[n] in [0, R), pos[n] = the slot it
+   writes; a token attends to its row's slots up to its position, those written by the tokens before
+   it in this call included (a decode step: one token per row; a prefill: a row's prompt, all at once).
+   k_cache, v_cache: [L, R, K, S, C]; logits [M, V] of the tokens out[0..M) (the last prompt token of
+   each row, or every token).
+   Returns 0; -1 for a token outside [0, V), -2 for a row or position outside the cache or the RoPE
+   tables, -3 for a head dimension over MAX_HEAD_DIM, -4 out of memory, -5 for an output index outside
+   [0, N). Nothing is written before the checks pass. */
+int llama_forward(const Model *m, const int64_t *tok, const int64_t *row, const int64_t *pos, int64_t N,
+                  float *k_cache, float *v_cache, int64_t R, int64_t S, const int64_t *out, int64_t M,
+                  float *logits, int nthreads) {
     const int64_t D = m->D, H = m->H, K = m->K, C = m->C, F = m->F, group = m->H / m->K;
     if (C > MAX_HEAD_DIM || C % 2) return -3;
-    for (int64_t b = 0; b < B; b++) {
-        if (tok[b] < 0 || tok[b] >= m->V) return -1;
-        if (pos[b] < 0 || pos[b] >= S || pos[b] >= m->P) return -2;
+    for (int64_t n = 0; n < N; n++) {
+        if (tok[n] < 0 || tok[n] >= m->V) return -1;
+        if (row[n] < 0 || row[n] >= R || pos[n] < 0 || pos[n] >= S || pos[n] >= m->P) return -2;
     }
-    int64_t width = D > F ? D : F; /* h holds a normed x [B, D], the attention output [B, H*C] or silu(g)*u [B, F] */
+    for (int64_t j = 0; j < M; j++)
+        if (out[j] < 0 || out[j] >= N) return -5;
+    int64_t width = D > F ? D : F; /* h holds a normed x [N, D], the attention output [N, H*C] or silu(g)*u [N, F] */
     width = width > H * C ? width : H * C;
-    float *x = malloc(sizeof(float) * B * D), *h = malloc(sizeof(float) * B * width);
-    float *q = malloc(sizeof(float) * B * H * C), *kv = malloc(sizeof(float) * 2 * B * K * C);
-    float *g = malloc(sizeof(float) * 2 * B * F);
+    float *x = malloc(sizeof(float) * N * D), *h = malloc(sizeof(float) * N * width);
+    float *q = malloc(sizeof(float) * N * H * C), *kv = malloc(sizeof(float) * 2 * N * K * C);
+    float *g = malloc(sizeof(float) * 2 * N * F);
     if (!x || !h || !q || !kv || !g) {
         free(x); free(h); free(q); free(kv); free(g);
         return -4;
     }
-    float *kn = kv, *vn = kv + B * K * C, *up = g + B * F, *att = h; /* att and h are never live together */
+    float *kn = kv, *vn = kv + N * K * C, *up = g + N * F, *att = h; /* att and h are never live together */
     const float scale = 1.0f / sqrtf((float)C);
+    const int64_t layer_stride = R * K * S * C;
 
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < D; i++) x[b * D + i] = m->embed[tok[b] * D + i];
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t i = 0; i < D; i++) x[n * D + i] = m->embed[tok[n] * D + i];
         for (int64_t l = 0; l < m->L; l++) {
             const Layer *w = m->layers + l;
-            float *kc = k_cache + l * B * K * S * C, *vc = v_cache + l * B * K * S * C;
+            float *kc = k_cache + l * layer_stride, *vc = v_cache + l * layer_stride;
             /* --- attention */
 #pragma omp for schedule(static)
-            for (int64_t b = 0; b < B; b++) rmsnorm(x + b * D, w->ln1, h + b * D, D, m->eps);
-            linear(m, h, w->wq, w->bq, q, B, H * C, D, 0);
-            linear(m, h, w->wk, w->bk, kn, B, K * C, D, 0);
-            linear(m, h, w->wv, w->bv, vn, B, K * C, D, 0);
+            for (int64_t n = 0; n < N; n++) rmsnorm(x + n * D, w->ln1, h + n * D, D, m->eps);
+            linear(m, h, w->wq, w->bq, q, N, H * C, D, 0);
+            linear(m, h, w->wk, w->bk, kn, N, K * C, D, 0);
+            linear(m, h, w->wv, w->bv, vn, N, K * C, D, 0);
 #pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < B * (H + K); bh++) { /* q/k norm and RoPE per head; new k, v into the cache */
-                const int64_t b = bh / (H + K), j = bh % (H + K);
-                const float *cs = m->cos + pos[b] * C, *sn = m->sin + pos[b] * C;
-                float *head = j < H ? q + (b * H + j) * C : kn + (b * K + j - H) * C;
+            for (int64_t nh = 0; nh < N * (H + K); nh++) { /* q/k norm and RoPE per head; new k, v into the cache */
+                const int64_t n = nh / (H + K), j = nh % (H + K);
+                const float *cs = m->cos + pos[n] * C, *sn = m->sin + pos[n] * C;
+                float *head = j < H ? q + (n * H + j) * C : kn + (n * K + j - H) * C;
                 const float *norm_w = j < H ? w->qn : w->kn;
                 if (norm_w) rmsnorm(head, norm_w, head, C, m->eps);
                 rope(head, cs, sn, C);
                 if (j >= H) {
-                    const int64_t slot = ((b * K + j - H) * S + pos[b]) * C;
+                    const int64_t slot = ((row[n] * K + j - H) * S + pos[n]) * C;
                     for (int64_t c = 0; c < C; c++) {
                         kc[slot + c] = head[c];
-                        vc[slot + c] = vn[(b * K + j - H) * C + c];
+                        vc[slot + c] = vn[(n * K + j - H) * C + c];
                     }
                 }
             }
-#pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < B * H; bh++) {
-                const int64_t b = bh / H, j = bh % H, base = (b * K + j / group) * S * C;
-                const int64_t lo = m->window && pos[b] - m->window + 1 > 0 ? pos[b] - m->window + 1 : 0;
-                attend(q + bh * C, kc + base, vc + base, att + bh * C, lo, pos[b], C, scale);
+#pragma omp for schedule(dynamic, 4) /* a prefill's tokens attend over different lengths */
+            for (int64_t nh = 0; nh < N * H; nh++) {
+                const int64_t n = nh / H, j = nh % H, base = (row[n] * K + j / group) * S * C;
+                const int64_t lo = m->window && pos[n] - m->window + 1 > 0 ? pos[n] - m->window + 1 : 0;
+                attend(q + nh * C, kc + base, vc + base, att + nh * C, lo, pos[n], C, scale);
             }
-            linear(m, att, w->wo, w->bo, x, B, D, H * C, 1);
+            linear(m, att, w->wo, w->bo, x, N, D, H * C, 1);
             /* --- feed-forward */
 #pragma omp for schedule(static)
-            for (int64_t b = 0; b < B; b++) rmsnorm(x + b * D, w->ln2, h + b * D, D, m->eps);
-            linear(m, h, w->wg, NULL, g, B, F, D, 0);
-            linear(m, h, w->wu, NULL, up, B, F, D, 0);
+            for (int64_t n = 0; n < N; n++) rmsnorm(x + n * D, w->ln2, h + n * D, D, m->eps);
+            linear(m, h, w->wg, NULL, g, N, F, D, 0);
+            linear(m, h, w->wu, NULL, up, N, F, D, 0);
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < B * F; i++) h[i] = g[i] / (1.0f + expf(-g[i])) * up[i];
-            linear(m, h, w->wd, NULL, x, B, D, F, 1);
+            for (int64_t i = 0; i < N * F; i++) h[i] = g[i] / (1.0f + expf(-g[i])) * up[i];
+            linear(m, h, w->wd, NULL, x, N, D, F, 1);
         }
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) rmsnorm(x + b * D, m->norm, h + b * D, D, m->eps);
-        linear(m, h, m->head, NULL, logits, B, m->V, D, 0);
+        for (int64_t j = 0; j < M; j++) rmsnorm(x + out[j] * D, m->norm, h + j * D, D, m->eps);
+        linear(m, h, m->head, NULL, logits, M, m->V, D, 0);
     }
     free(x); free(h); free(q); free(kv); free(g);
     return 0;
