@@ -225,3 +225,22 @@ def test_prefill_in_c_equals_the_torch_prefill(family, monkeypatch):
             for b, n in enumerate(lens.tolist()):  # the written slots (a pad token's slot is scratch until overwritten)
                 torch.testing.assert_close(t[:, b, :, :n + 4], s[:, b, :, :n + 4], atol=1e-5, rtol=1e-5)
     assert want[1].shape == (3, 4, 96) and want[0].std() > 0.1
+
+
+@needs_kernel
+@torch.no_grad()
+def test_a_view_of_a_cache_decodes_through_torch():
+    """A static cache's first rows (graphs.py) are a strided view the C call cannot write in place:
+    prefill and step take the torch path on it, with the same values."""
+    model = dense()
+    cm = LlamaCachedModel(model)
+    big, ref = cm.new_cache(4, 16), cm.new_cache(2, 16)
+    view = big.first_rows(2)
+    assert not view.k_LBKSC.is_contiguous()
+    ids = torch.randint(0, 96, (2, 5))
+    zeros = torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(cm.forward_cached(ids, view, zeros), cm.forward_cached(ids, ref, zeros), atol=2e-5, rtol=1e-5)
+    lens, tok = torch.tensor([5, 5]), torch.tensor([1, 2])
+    torch.testing.assert_close(cm.step(tok, view, lens, cm.step_weights()), cm.step(tok, ref, lens, cm.step_weights()),
+                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(big.k_LBKSC[:, :2, :, :6], ref.k_LBKSC[:, :, :, :6], atol=1e-5, rtol=1e-5)

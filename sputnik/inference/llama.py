@@ -103,6 +103,13 @@ def static_step(model: LlamaModel, tok_B: torch.Tensor, cache: KVCache, cache_se
     return model.lm_head(h_B1D[:, 0])
 
 
+def _c_readable(cache: KVCache) -> bool:
+    """Whether llama_step.c can write this cache in place: fp32, contiguous (a view of a static cache's
+    first rows is not; those decode through torch)."""
+    k, v = cache.k_LBKSC, cache.v_LBKSC
+    return k.dtype == v.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous() and k.is_cpu
+
+
 class LlamaCachedModel:
     """The cached-model contract over the dense `LlamaModel` (every family): its own forward, a KV cache, no derived weights."""
 
@@ -135,7 +142,7 @@ class LlamaCachedModel:
         S = int(pos_BT[:, -1].max()) + 1  # attend over the used prefix only, not all S_max slots
         if S > cache.max_len:
             raise ValueError(f"cache overflow: a row needs {S} slots, cache holds {cache.max_len}")
-        weights = decode_weights(self.model) if cache.k_LBKSC.dtype == torch.float32 else None
+        weights = decode_weights(self.model) if _c_readable(cache) else None
         if weights is not None:  # the whole prefill in C calls (llama_decode.py)
             return fused_prefill(weights, input_ids_BT, cache.k_LBKSC, cache.v_LBKSC, cache_seqlens_B, logits_at_B)
         # Mistral's window: the cache keeps every slot, attention reads the last W
@@ -165,7 +172,8 @@ class LlamaCachedModel:
         """With step_weights() (fp32 on a CPU), the whole step in one C call (llama_decode.py); else
         eagerly, forward_cached over the written prefix; `step_fn`, a compiled static_step, reads the
         whole buffer."""
-        if weights is not None and step_fn is None and tok_B.shape[0] <= MAX_ROWS and not torch.is_grad_enabled():
+        if (weights is not None and step_fn is None and tok_B.shape[0] <= MAX_ROWS and not torch.is_grad_enabled()
+                and _c_readable(cache)):
             return fused_step(weights, tok_B, cache.k_LBKSC, cache.v_LBKSC, cache_seqlens_B)
         if step_fn is not None:
             if int(cache_seqlens_B.max()) >= cache.max_len:
