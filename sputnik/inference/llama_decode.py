@@ -2,21 +2,21 @@
 
 A batch-1 step through torch is ~200 ATen ops around ~60 linear layers; at SmolLM2's width their
 dispatch is a third of the step, whose floor is reading every weight once. llama_step.c runs the
-whole step (embedding, layers, final norm, head) in one OpenMP region, reading the model's own
-parameter tensors in place: nothing is copied or derived, so an optimizer step that updates them in
-place is seen by the next wave as it is. What is built here, once per wave (`decode_weights`, the
-cached model's step_weights), is the table of their addresses; it keeps the tensors it points to
-alive. A LoRA layer contributes its merged weight (W + s·B·A, cached until A or B changes).
+whole forward (embedding, layers, final norm, head) in one OpenMP region. At a few rows it reads
+the model's own parameter tensors in place: nothing is copied, so an optimizer step that updates
+them in place is seen as it is. What is built here (`decode_weights`: once per wave as the cached
+model's step_weights, and per prefill call) is the table of their addresses; it keeps the tensors it
+points to alive. A LoRA layer contributes its merged weight (W + s·B·A, cached until A or B changes).
 
-From PACKED_MIN_ROWS rows on the step is arithmetic-bound, and reads a second copy of the projections
-and the head packed in column strips (rows_gemm.h's register-blocked loop, ~1.5-2x the row-major
-tiles at 32 rows): built on the first such step and kept until a parameter changes (weights.py),
-so a model decoded in batches holds its matmul weights twice (SmolLM2-135M: +0.5 GB in fp32).
+From PACKED_MIN_ROWS rows on the forward is arithmetic-bound, and reads a second copy of the
+projections and the head packed in column strips (rows_gemm.h's register-blocked loop, ~1.5-2x the
+row-major tiles at 32 rows): built on the first such call and kept until a parameter changes
+(weights.py), so a model decoded in batches holds its matmul weights twice (SmolLM2-135M: +0.5 GB).
 
 Used by LlamaCachedModel.step (batches of at most MAX_ROWS rows) and forward_cached (prefill) when the
-table exists: fp32
-weights and cache on a CPU, the C kernels on and built, and no Qwen3-MoE sparse layer (those decode
-through torch). The values equal the torch path's up to rounding (tests/test_llama_decode.py).
+table exists — fp32 weights and cache on a CPU, the C kernels on and built, no Qwen3-MoE sparse layer
+(those decode through torch) — and the cache is contiguous. The values equal the torch path's up to
+rounding (tests/test_llama_decode.py).
 
 Shape legend: B rows, L layers, K key/value heads, S cache slots, C head dim, V vocab.
 """
@@ -36,7 +36,7 @@ PACKED_MIN_ROWS = 8  # from here the packed copy's register blocks beat the row-
 PREFILL_TOKENS = 2048  # tokens per C call in a prefill (scratch ~ tokens x 2 x intermediate_size floats)
 MAX_HEAD_DIM = 512  # llama_step.c's per-thread accumulator
 _ERRORS = {-1: "a token id is outside the vocabulary", -2: "a position is outside the cache or the RoPE tables",
-           -3: f"head dim over {MAX_HEAD_DIM}", -4: "out of memory"}
+           -3: f"head dim over {MAX_HEAD_DIM}", -4: "out of memory", -5: "an output index is outside the tokens"}
 _LAYER_FIELDS = ("ln1", "ln2", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "qn", "kn", "wg", "wu", "wd")
 _MATRICES = ("wq", "wk", "wv", "wo", "wg", "wu", "wd")
 

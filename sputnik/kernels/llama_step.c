@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "fast_exp.h"
 #include "rows_gemm.h"
 
 #define MAX_HEAD_DIM 512
@@ -178,8 +179,8 @@ int llama_forward(const Model *m, const int64_t *tok, const int64_t *row, const 
             for (int64_t n = 0; n < N; n++) rmsnorm(x + n * D, w->ln2, h + n * D, D, m->eps);
             linear(m, h, w->wg, NULL, g, N, F, D, 0);
             linear(m, h, w->wu, NULL, up, N, F, D, 0);
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < N * F; i++) h[i] = g[i] / (1.0f + expf(-g[i])) * up[i];
+#pragma omp for simd schedule(static)
+            for (int64_t i = 0; i < N * F; i++) h[i] = g[i] / (1.0f + exp_any(-g[i])) * up[i]; /* SiLU(g) * u */
             linear(m, h, w->wd, NULL, x, N, D, F, 1);
         }
 #pragma omp for schedule(static)

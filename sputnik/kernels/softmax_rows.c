@@ -12,8 +12,8 @@
    backward), each reading and writing the whole block through L3; here each row is read twice and
    the gradient written once.
 
-   exp is a branch-free polynomial the compiler vectorises (Cody-Waite reduction to [-ln2/2, ln2/2],
-   degree-6 Taylor form, ~1e-7 relative error there); log p is clamped at -87 (e^-87 ~ 1.6e-38,
+   exp is a branch-free polynomial the compiler vectorises (fast_exp.h: Cody-Waite reduction to
+   [-ln2/2, ln2/2], degree-6 Taylor form, ~1e-7 relative error there); log p is clamped at -87 (e^-87 ~ 1.6e-38,
    about the smallest normal float), so a token with no mass gets ~1e-38 instead of 0, and a -inf
    logit gives finite statistics.
    Rows run in parallel under OpenMP (torch's libgomp); each row is summed by one thread in a fixed
@@ -23,26 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float clamp_lo(float x) { return x < -87.0f ? -87.0f : x; }
-
-/* e^x for x in [-87, 88]; callers clamp the low end (clamp_lo), log-probs never exceed ~0 */
-static inline float exp_neg(float x) {
-    x = x > 88.0f ? 88.0f : x;
-    /* n = round(x / ln2) by the 1.5 * 2^23 trick (floorf does not vectorise without -ffast-math) */
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f; /* ln2 split: hi exact in 9 bits */
-    float q = 1.0f / 720.0f;
-    q = q * r + 1.0f / 120.0f;
-    q = q * r + 1.0f / 24.0f;
-    q = q * r + 1.0f / 6.0f;
-    q = q * r + 0.5f;
-    q = q * r + 1.0f;
-    q = q * r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23; /* 2^n as a float's exponent field */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return q * scale;
-}
+#include "fast_exp.h"
 
 /* forward: z [N, V] row-major, t [N] in [0, V) (ignored rows carry any valid index) -> logp, lse, H [N].
    Returns -1 if a target is out of range (nothing written for that row), else 0. */
