@@ -20,7 +20,7 @@ from sputnik.common import atomic_write_json, atomic_write_text, print0, seed_ev
 from sputnik.config import DeviceConfig, add_config_args, config_from_args, knob, save_config
 from sputnik.inference.engine import Engine
 from sputnik.inference.sampling import SamplingParams
-from sputnik.metrics import bootstrap_interval, majority_vote, pass_at_k, wilson_interval
+from sputnik.metrics import bootstrap_interval, majority_vote, pass_at_k, task_tally, wilson_interval
 
 
 @dataclass
@@ -53,24 +53,33 @@ class EvalConfig(DeviceConfig):
         self.task = one_task_spec(self.task)  # results record the spec a preset stands for
 
 
-def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None,
-                    shard: tuple[int, int] = (0, 1)) -> tuple[float, float]:
-    """(exact-match accuracy, generated tokens/s) of greedy decoding on tasks.heldout_examples(tasks,
-    n, seed): the problems SFT evaluates on too, so the stages' accuracies compare. `render(prompt) ->
-    ids` defaults to the chat prompt; RL's R1-Zero recipe passes its template. Used by the RL and
-    distillation stages. shard (i, k): only problems i, i + k, ... (rank i of k; accuracy over those,
-    0.0 when there are none)."""
+def greedy_eval(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None,
+                shard: tuple[int, int] = (0, 1)) -> dict:
+    """Greedy decoding on tasks.heldout_examples(tasks, n, seed), the problems SFT evaluates on too, so
+    the stages' accuracies compare -> {"accuracy": exact match, "tokens_per_s", "tally":
+    metrics.task_tally over the tasks' names (sum it over ranks, then metrics.by_task)}. `render(prompt)
+    -> ids` defaults to the chat prompt; RL's R1-Zero recipe passes its template. shard (i, k): only
+    problems i, i + k, ... (rank i of k; accuracy over those, 0.0 when there are none)."""
     from sputnik.tasks import heldout_examples
 
     render = render or tokenizer.render_prompt
+    names = [t.name for t in tasks]
     exs = heldout_examples(tasks, n, seed)[shard[0]::shard[1]]
     if not exs:
-        return 0.0, 0.0
+        return {"accuracy": 0.0, "tokens_per_s": 0.0, "tally": task_tally(names, [], [])}
     by_name = {t.name: t for t in tasks}
     outs = engine.generate([render(ex.prompt) for ex in exs], SamplingParams(
         max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=tokenizer.stop_ids))
-    acc = sum(by_name[ex.task].verify(ex, o[0].text).correct for ex, o in zip(exs, outs)) / len(exs)
-    return acc, engine.last_stats.tokens_per_second
+    correct = [by_name[ex.task].verify(ex, o[0].text).correct for ex, o in zip(exs, outs)]
+    return {"accuracy": sum(correct) / len(exs), "tokens_per_s": engine.last_stats.tokens_per_second,
+            "tally": task_tally(names, [ex.task for ex in exs], correct)}
+
+
+def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None,
+                    shard: tuple[int, int] = (0, 1)) -> tuple[float, float]:
+    """(exact-match accuracy, generated tokens/s) of greedy_eval."""
+    res = greedy_eval(engine, tokenizer, tasks, n, seed, max_new_tokens, render, shard)
+    return res["accuracy"], res["tokens_per_s"]
 
 
 def score(examples, completions, verify, k: int) -> dict:

@@ -32,6 +32,23 @@ def majority_vote(answers: list[str | None]) -> str | None:
     return next(a for a in answers if a is not None and counts[a] == best)
 
 
+def task_tally(names: list[str], tasks_N: list[str], correct_N: list) -> list[float]:
+    """[hits, count] of each task in `names` order, flattened: one list that sums over ranks
+    (dist all_reduce) before by_task turns it into accuracies."""
+    tally = [0.0] * (2 * len(names))
+    index = {name: i for i, name in enumerate(names)}
+    for task, correct in zip(tasks_N, correct_N):
+        tally[2 * index[task]] += float(bool(correct))
+        tally[2 * index[task] + 1] += 1.0
+    return tally
+
+
+def by_task(names: list[str], tally: list[float]) -> dict[str, dict]:
+    """{task: {"accuracy", "n"}} from a (summed) task_tally, tasks with no problem left out."""
+    return {name: {"accuracy": tally[2 * i] / tally[2 * i + 1], "n": int(tally[2 * i + 1])}
+            for i, name in enumerate(names) if tally[2 * i + 1]}
+
+
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a proportion (well-behaved at 0 and 1, unlike mean ± 1.96 se)."""
     if n == 0:

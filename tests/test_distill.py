@@ -167,6 +167,9 @@ def test_distill_runs_end_to_end_and_a_rerun_reuses_the_traces_with_their_lineag
     s_tok = load_tokenizer("", first["student_dir"])
     recomputed, _ = greedy_accuracy(Engine(student, s_tok), s_tok, [EvenLengthTask()], 4, cfg.seed, cfg.max_new_tokens)
     assert first["num_traces"] > 0 and first["student_accuracy"] == recomputed
+    metrics = [r for r in ledger.load(tmp_path) if r["command"] == "distill-eval"][-1]["metrics"]
+    assert metrics["heldout_by_task"] == {"even": {"accuracy": recomputed, "n": 4}}
+    assert metrics["teacher_by_task"]["even"] == {"accuracy": first["teacher_accuracy"], "n": 4}
     if mode == "logit":  # on_policy_fraction 0: KD on the teacher's traces only, never the student's samples
         recs = [json.loads(l) for l in (tmp_path / "distill" / "student_kd" / "metrics.jsonl").read_text().splitlines()]
         assert recs and not any(r.get("on_policy") for r in recs)

@@ -140,3 +140,21 @@ def test_report_states_each_study_headline_or_how_to_run_it(project):
     at = lines.index(next(x for x in lines if x.startswith("- **beyond_the_data**")))
     assert lines[at + 1] == ("- **beyond_the_data_abacus_lsb_none**: beyond_the_data_abacus_lsb_none: 0.00 at 6 digits "
                              "([table](../studies/beyond_the_data_abacus_lsb_none/study.md))")
+
+
+def test_report_shows_held_out_accuracy_by_task_with_intervals(tmp_path):
+    """Each stage's per-task held-out accuracy (and the distillation's teacher's), with the 95% Wilson
+    interval and the number of problems; tasks a stage did not see are a dash."""
+    from sputnik.metrics import wilson_interval
+
+    p = tmp_path / "proj"
+    sft = _run(p, "sft", p / "sft", flops=1e11, metrics={"accuracy": 0.8, "heldout_by_task": {
+        "addition": {"accuracy": 0.9, "n": 40}, "subtraction": {"accuracy": 0.7, "n": 30}}})
+    _run(p, "distill-eval", p / "distill", flops=0.0, parents=[sft], metrics={
+        "heldout_accuracy": 0.5, "heldout_by_task": {"long_multiplication": {"accuracy": 0.5, "n": 30}},
+        "teacher_by_task": {"long_multiplication": {"accuracy": 0.6, "n": 30}}})
+    md = report.build(p).read_text()
+    assert "| stage | addition | subtraction | long_multiplication |" in md
+    lo, hi = wilson_interval(36, 40)
+    assert f"| sft | 0.900 [{lo:.2f}, {hi:.2f}] n=40 | 0.700 [" in md and md.count("—") >= 3
+    assert "| distill-eval (teacher) | — | — | 0.600 [" in md

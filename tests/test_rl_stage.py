@@ -61,6 +61,9 @@ def test_rl_runs_writes_metrics_ledger_and_resumes(policy_dir, tmp_path):
     # the curve: held-out accuracy before RL (step 0) and at the last step, as the metrics lines say
     assert res["accuracy_curve"] == [(0, recs[0]["heldout_accuracy"]), (2, recs[-1]["heldout_accuracy"])]
     assert rows[-1]["metrics"]["heldout_accuracy"] == res["accuracy_after"] == recs[-1]["heldout_accuracy"]
+    by_task = rows[-1]["metrics"]["heldout_by_task"]  # the same problems, split by task
+    assert by_task == recs[-1]["heldout_by_task"] and sum(t["n"] for t in by_task.values()) == 4  # eval_examples
+    assert sum(t["accuracy"] * t["n"] for t in by_task.values()) == pytest.approx(res["accuracy_after"] * sum(t["n"] for t in by_task.values()))
     # as if killed after step 1: the latest complete checkpoint is step 1; resume runs only step 2
     import shutil
     ck = tmp_path / "rl" / "checkpoints"

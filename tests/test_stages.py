@@ -251,7 +251,8 @@ def test_sft_accuracy_counts_verified_greedy_completions(ws, tmp_path, monkeypat
     monkeypatch.setattr(sft, "greedy_generate", fake_greedy)
     s = SimpleNamespace(dist=DistInfo(), tokenizer=tok, raw=SimpleNamespace(config=SimpleNamespace()), model=None,
                         device=torch.device("cpu"), amp=None, rank0=True, out=tmp_path)
-    assert sft.accuracy(s, cfg, examples, step=7) == {"accuracy": 0.5, "format_rate": 4 / 6, "eval_n": 6}
+    assert sft.accuracy(s, cfg, examples, step=7) == {"accuracy": 0.5, "format_rate": 4 / 6, "eval_n": 6,
+                                                      "heldout_by_task": {"addition": {"accuracy": 0.5, "n": 6}}}
     logged = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt"], r["correct"]) for r in logged] == [
         (7, ex.prompt, ok) for ex, ok in zip(examples[:4], (True, False, True, True))]

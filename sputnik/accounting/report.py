@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sputnik.accounting import ledger
 from sputnik.common import atomic_write_text
+from sputnik.metrics import wilson_interval
 
 STAGE_ORDER = ["tokenizer", "pretrain", "sft", "rl", "distill", "distill-sft", "distill-kd", "distill-eval", "eval"]
 
@@ -193,6 +194,7 @@ def markdown(project: Path, rows: list[dict], stages: list[dict]) -> list[str]:
                      f"{_fmt(total, ',')} | {_fmt(active, ',')} | "
                      f"{_fmt(r.get('flops'), '.3g')} | {_fmt(r.get('wall_s'), '.0f')} | {_fmt(r.get('device_hours'), '.4f')} | "
                      f"{_fmt(r.get('money_usd'), '.4f')} | {_fmt((r.get('energy_j') or 0) / 3.6e6, '.4f')} |")
+    lines += by_task_table(stages)
     for r in stages:  # per-stage extra numbers, e.g. the distillation comparison
         extra = (r.get("metrics") or {}).get("report_table")
         if extra:
@@ -212,6 +214,32 @@ def markdown(project: Path, rows: list[dict], stages: list[dict]) -> list[str]:
               f"- python {platform.python_version()}, torch {(first.get('versions') or {}).get('torch')}, "
               f"git {str((first.get('git') or {}).get('revision') or '?')[:12]}{' (dirty)' if (first.get('git') or {}).get('dirty') else ''}",
               f"- prices: {first.get('price_usd_per_hour')} USD/device-hour, power {first.get('power_w')} W (override with --prices)"]
+    return lines
+
+
+def by_task_table(stages: list[dict]) -> list[str]:
+    """Held-out accuracy per task of the stages that measured it (metrics heldout_by_task; the
+    distillation's teacher too), each with its 95% Wilson interval and number of problems."""
+    rows = []
+    for r in stages:
+        m = r.get("metrics") or {}
+        rows += [(r["command"], m.get("heldout_by_task")), (f"{r['command']} (teacher)", m.get("teacher_by_task"))]
+    rows = [(name, tasks) for name, tasks in rows if tasks]
+    if not rows:
+        return []
+    names = list(dict.fromkeys(task for _, tasks in rows for task in tasks))
+    lines = ["", "### Held-out accuracy by task (greedy; 95% Wilson interval; problems)", "",
+             "| stage | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for stage, tasks in rows:
+        cells = []
+        for task in names:
+            if task not in tasks:
+                cells.append("—")
+                continue
+            acc, n = tasks[task]["accuracy"], tasks[task]["n"]
+            lo, hi = wilson_interval(acc * n, n)
+            cells.append(f"{acc:.3f} [{lo:.2f}, {hi:.2f}] n={n}")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -307,7 +307,8 @@ def run(cfg: Config, parents=(), final_model: bool = False) -> dict:
     runs that produced the teacher; final_model: the evaluation run marks the student as the
     project's final model (its lineage: the whole chain)."""
     from sputnik.accounting.ledger import record_run
-    from sputnik.evaluate import greedy_accuracy
+    from sputnik.evaluate import greedy_eval
+    from sputnik.metrics import by_task
     from sputnik.model.accounting import param_counts
     from sputnik.tasks import parse_tasks
 
@@ -322,8 +323,10 @@ def run(cfg: Config, parents=(), final_model: bool = False) -> dict:
         teacher = load_model(cfg.teacher).to(choice.device).eval()
         s_tok, t_tok = load_tokenizer("", trained["model_dir"]), load_tokenizer(cfg.teacher_tokenizer, cfg.teacher)
         with record_run(cfg.ledger_dir, "distill-eval", cfg, parents=trained["run_ids"], final_model=final_model) as run:
-            s_acc, s_tps = greedy_accuracy(Engine(student, s_tok), s_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
-            t_acc, t_tps = greedy_accuracy(Engine(teacher, t_tok), t_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
+            s_res = greedy_eval(Engine(student, s_tok), s_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
+            t_res = greedy_eval(Engine(teacher, t_tok), t_tok, tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens)
+            (s_acc, s_tps), (t_acc, t_tps) = [(r["accuracy"], r["tokens_per_s"]) for r in (s_res, t_res)]
+            names = [t.name for t in tasks]
             s_cfg, t_cfg = model_config(student), model_config(teacher)
             sp = param_counts(s_cfg) if isinstance(s_cfg, ModelConfig) else {}
             tp = param_counts(t_cfg) if isinstance(t_cfg, ModelConfig) else {}
@@ -333,7 +336,8 @@ def run(cfg: Config, parents=(), final_model: bool = False) -> dict:
                            student_tokens_per_s=s_tps, teacher_tokens_per_s=t_tps, num_traces=len(traces),
                            student_dir=trained["model_dir"], wall_s=time.time() - t0)
             run.metrics.update(heldout_accuracy=s_acc, params_total=sp.get("total"), params_active=sp.get("active"),
-                               **summary)
+                               heldout_by_task=by_task(names, s_res["tally"]),
+                               teacher_by_task=by_task(names, t_res["tally"]), **summary)
     return {**summary, "run_ids": [run.run_id]}
 
 

@@ -169,16 +169,18 @@ def step_record(step: int, g: dict, m: dict, t_update: float, task_acc: dict) ->
     return rec
 
 
-def heldout_accuracy(rl: RL) -> float:
-    """Greedy accuracy on the held-out problems; under torchrun each rank decodes every W-th one."""
-    from sputnik.evaluate import greedy_accuracy
+def heldout_accuracy(rl: RL) -> tuple[float, dict]:
+    """Greedy accuracy on the held-out problems, and per task ({task: {"accuracy", "n"}}); under
+    torchrun each rank decodes every W-th one."""
+    from sputnik.evaluate import greedy_eval
+    from sputnik.metrics import by_task
 
     cfg, info, tok = rl.cfg, rl.info, rl.s.tokenizer
-    acc, _ = greedy_accuracy(rl.engine, tok, rl.tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens,
-                             render=lambda p: render(tok, p, cfg.recipe), shard=(info.rank, info.world_size))
+    res = greedy_eval(rl.engine, tok, rl.tasks, cfg.eval_examples, cfg.seed, cfg.max_new_tokens,
+                      render=lambda p: render(tok, p, cfg.recipe), shard=(info.rank, info.world_size))
     n_local = len(range(info.rank, cfg.eval_examples, info.world_size))
-    hits, n = dist_lib.all_reduce_sum([acc * n_local, n_local], info, rl.s.device)
-    return round(hits) / n
+    hits, n, *tally = dist_lib.all_reduce_sum([res["accuracy"] * n_local, n_local, *res["tally"]], info, rl.s.device)
+    return round(hits) / n, by_task([t.name for t in rl.tasks], tally)
 
 
 def gather_step(info: DistInfo, **local) -> dict:
@@ -228,13 +230,14 @@ def run(cfg: Config, parents=(), command: str = "rl") -> dict:
     with open_session(cfg, model_cfg=None, optim=cfg.optim, compile_blocks=True) as s:
         rl = prepare(cfg, s)
         dist_lib.check_replicas(s.raw, s.dist, "rl start")
-        state = {**s.new_loop_state(), "acc_history": [], "task_accuracy": {}, **s.loop_state}
+        state = {**s.new_loop_state(), "acc_history": [], "task_accuracy": {}, "heldout_by_task": {}, **s.loop_state}
         acc_history, task_acc = state["acc_history"], state["task_accuracy"]
         try:
             with s.recording(command, parents) as run:
                 t_start = time.perf_counter()
                 if not acc_history:
-                    acc_history.append((0, heldout_accuracy(rl)))
+                    acc, state["heldout_by_task"] = heldout_accuracy(rl)
+                    acc_history.append((0, acc))
                     s.log({"step": 0, "heldout_accuracy": acc_history[-1][1]})
                     print0(f"rl: held-out accuracy before RL {acc_history[-1][1]:.3f}")
                 for step in range(s.start_step, cfg.steps):
@@ -268,11 +271,12 @@ def run(cfg: Config, parents=(), command: str = "rl") -> dict:
                     rec = step_record(step, g, m, time.perf_counter() - t2, task_acc)
                     # --- log, health checks, held-out evaluation (the same on every rank) -----------
                     log_step(rl, rec, step, acc_history, flat, t_start)
+                    state["heldout_by_task"] = rec.get("heldout_by_task", state["heldout_by_task"])
                     # --- checkpoint ----------------------------------------------------------------
                     if ((step + 1) % cfg.checkpoint_every == 0 and not state["nonfinite_streak"]) or step + 1 == cfg.steps:
                         dist_lib.check_replicas(s.raw, s.dist, f"rl step {step + 1}")
                         s.save_checkpoint(step + 1, state, run)
-                return finish(rl, run, acc_history)
+                return finish(rl, run, acc_history, state["heldout_by_task"])
         finally:
             if rl.custom is not None:
                 rl.custom.close()
@@ -286,7 +290,7 @@ def log_step(rl: RL, rec: dict, step: int, acc_history: list, flat, t_start: flo
         rec["sample"] = flat[0].text[:300]
     warnings = rl.monitor.observe_step(rec)
     if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-        acc = heldout_accuracy(rl)
+        acc, rec["heldout_by_task"] = heldout_accuracy(rl)
         acc_history.append((step + 1, acc))
         rec["heldout_accuracy"] = acc
         warnings += rl.monitor.observe_eval(rec["reward_mean"], acc)
@@ -303,7 +307,7 @@ def log_step(rl: RL, rec: dict, step: int, acc_history: list, flat, t_start: flo
         raise HealthStop(f"stopped by a health check at step {step + 1}: {warnings[0]}")
 
 
-def finish(rl: RL, run, acc_history: list) -> dict:
+def finish(rl: RL, run, acc_history: list, heldout_by_task: dict) -> dict:
     """Export the model (rank 0), fill the ledger entry -> the stage's result."""
     from sputnik.train.session import export_model
 
@@ -314,7 +318,7 @@ def finish(rl: RL, run, acc_history: list) -> dict:
     dist_lib.barrier(s.dist)
     run.artifacts.append(str(final_dir))
     run.metrics.update(heldout_accuracy_before=acc_history[0][1], heldout_accuracy=acc_history[-1][1],
-                       accuracy_curve=acc_history)
+                       accuracy_curve=acc_history, heldout_by_task=heldout_by_task)
     return dict(model_dir=str(final_dir), accuracy_before=acc_history[0][1], accuracy_after=acc_history[-1][1],
                 accuracy_curve=acc_history, run_ids=[run.run_id])
 

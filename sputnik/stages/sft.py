@@ -83,6 +83,7 @@ def load_data(cfg: Config, tokenizer, dist):
 # Held-out accuracy
 def accuracy(s, cfg: Config, examples: list, step: int) -> dict:
     """Exact match of greedy completions (task verifier); each rank decodes its share."""
+    from sputnik.metrics import by_task, task_tally
     from sputnik.tasks import verify
 
     mine = examples[s.dist.rank::s.dist.world_size]
@@ -98,9 +99,12 @@ def accuracy(s, cfg: Config, examples: list, step: int) -> dict:
         for ex, text, v in list(zip(mine, texts, verdicts))[:4]:
             append_jsonl(s.out / "samples.jsonl", {"step": step, "prompt": ex.prompt, "answer": ex.answer,
                                                    "completion": text, "correct": v.correct, "reason": v.reason})
-    correct, formatted, n = dist_lib.all_reduce_sum(
-        [sum(v.correct for v in verdicts), sum(v.well_formatted for v in verdicts), len(verdicts)], s.dist, s.device)
-    return {"accuracy": correct / max(n, 1), "format_rate": formatted / max(n, 1), "eval_n": int(n)}
+    names = sorted({ex.task for ex in examples})  # the same on every rank
+    correct, formatted, n, *tally = dist_lib.all_reduce_sum(
+        [sum(v.correct for v in verdicts), sum(v.well_formatted for v in verdicts), len(verdicts),
+         *task_tally(names, [ex.task for ex in mine], [v.correct for v in verdicts])], s.dist, s.device)
+    return {"accuracy": correct / max(n, 1), "format_rate": formatted / max(n, 1), "eval_n": int(n),
+            "heldout_by_task": by_task(names, tally)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +132,7 @@ def run(cfg: Config, parents=(), command: str = "sft") -> dict:
                     if eval_examples:
                         ev.update(accuracy(s, cfg, eval_examples, step))
                     s.log({"step": step, **ev, "flops": state["flops"]})
-                    print0(f"sft step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                    print0(f"sft step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if not isinstance(v, dict)))
                 # --- every checkpoint_every steps (and the last) ---------------------------------
                 if s.checkpoint_due(step, state, last):
                     s.save_checkpoint(step, {**state, "loader": train.state_dict()}, run,
@@ -143,6 +147,8 @@ def run(cfg: Config, parents=(), command: str = "sft") -> dict:
                     s.log_step(step, m, state, speed, progress, cfg.log_every, step == cfg.steps)
             progress.close()
             # --- summary -------------------------------------------------------------------------
+            if ev.get("heldout_by_task"):
+                run.metrics["heldout_by_task"] = ev["heldout_by_task"]
             return s.finish(run, {"final_eval_loss": ev.get("eval_loss"), "best_eval_loss": state["best_eval"],
                                   "accuracy": ev.get("accuracy"), "format_rate": ev.get("format_rate"),
                                   "final_train_loss": m["loss"], "steps": cfg.steps, "tokens": state["tokens"],
