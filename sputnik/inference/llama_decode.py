@@ -26,10 +26,9 @@ import ctypes
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sputnik.inference.weights import cached_weights
-from sputnik.kernels.cpu import llama_step_library
+from sputnik.kernels.cpu import llama_step_library, pack_strips
 
 MAX_ROWS = 64  # past this the torch path's MKL GEMMs are as fast
 PACKED_MIN_ROWS = 8  # from here the packed copy's register blocks beat the row-major tiles
@@ -77,10 +76,7 @@ class DecodeWeights:
 def pack_rows(w_OI: torch.Tensor) -> torch.Tensor:
     """[O, I] -> [ceil(O / C), I, C] strips, C = llama_step_pack_cols(): strip s holds output columns
     s·C ... as [I, C] rows, zero past O (rows_gemm.h's gemm_packed)."""
-    C = llama_step_library().llama_step_pack_cols()
-    O, I = w_OI.shape
-    S = -(-O // C)
-    return F.pad(w_OI.detach().float(), (0, 0, 0, S * C - O)).view(S, C, I).transpose(1, 2).contiguous()
+    return pack_strips(w_OI.detach().float().t()[None], cols=llama_step_library().llama_step_pack_cols())[0]
 
 
 def _weight(linear) -> torch.Tensor:

@@ -192,10 +192,10 @@ def strip_width() -> int:
     return _checked_library().routed_ffn_cols()
 
 
-def pack_strips(w_EKN: torch.Tensor) -> torch.Tensor:
-    """[E, K, N] (input-major) -> [E, ceil(N / C), K, C], C = strip_width(): each strip of C output
-    columns contiguous, zero past N (the kernel streams one strip at a time)."""
-    C = strip_width()
+def pack_strips(w_EKN: torch.Tensor, cols: int | None = None) -> torch.Tensor:
+    """[E, K, N] (input-major) -> [E, ceil(N / C), K, C], C = cols or strip_width(): each strip of C
+    output columns contiguous, zero past N (the kernels stream one strip at a time)."""
+    C = cols or strip_width()
     E, K, N = w_EKN.shape
     S = -(-N // C)
     padded = torch.nn.functional.pad(w_EKN, (0, S * C - N))

@@ -19,7 +19,7 @@
    bandwidth at a few rows; a copy packed in strips from ~8 rows on, where arithmetic bounds the step), attention one (row, head) pair per iteration with an
    online softmax (one pass over the slots, no score buffer). Every output is computed by one thread
    in a fixed order, so the result does not depend on the thread count; it equals the torch path's
-   up to rounding (tests/test_llama_step.py). */
+   up to rounding (tests/test_llama_decode.py). */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
