@@ -27,7 +27,8 @@ from sputnik.model.config import tiny
 from sputnik.train.optim import OptimConfig
 from sputnik.rl.update import update as rl_update
 from sputnik.stages import rl
-from test_rl_stage import MICRO, _rollout, make_policy, weak_policy_dir  # noqa: F401 (a fixture)
+from test_rl_stage import MICRO, make_policy, weak_policy_dir  # noqa: F401 (a fixture)
+from test_rl_update import _rollout
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
