@@ -131,7 +131,13 @@ def test_report_states_each_study_headline_or_how_to_run_it(project):
     rows = {line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")}
     assert not any(r.startswith("study:") for r in rows)
     assert "- **cold_start**: cold_start (K = 256): +3.0 points [-1.0, +7.0] ([table](../studies/cold_start/study.md))" in md
-    assert f"- **distill_vs_rl**: not run in this project (`sputnik study distill_vs_rl --project {project}`)" in md
+    # a study not run here: its published headline, dated, and the command that runs it here
+    from sputnik.studies import published_headlines
+    pub = published_headlines()["distill_vs_rl"]
+    assert "paired by seed" in pub["headline"] and "[" in pub["headline"]  # its interval
+    assert (f"- **distill_vs_rl**: not run in this project; measured {pub['measured']} (docs/benchmarks.md): "
+            f"{pub['headline']} (`sputnik study distill_vs_rl --project {project}` runs it here)") in md
+    assert set(published_headlines()) == {"beyond_the_data", "distill_vs_rl", "moe_vs_dense", "mtp", "cold_start"}
     # a variant of a study (another option, its own directory) follows it; a variant not run is not listed
     variant = project / "studies" / "beyond_the_data_abacus_lsb_none"
     variant.mkdir(parents=True)

@@ -45,6 +45,17 @@ def test_aggregate_and_cells():
     assert R.cell(table[1]["greedy"]) == "0.90 (0.90)" and R.cell(None) == "—"
 
 
+def test_paired_differences_follow_the_seeds():
+    rows = [dict(arm="rl", traces=64, seed=s, greedy=g) for s, g in [(0, 0.5), (1, 0.7), (2, 0.6)]]
+    rows += [dict(arm="sft", traces=64, seed=s, greedy=g) for s, g in [(2, 0.3), (0, 0.4), (3, 0.9)]]  # seed 1 missing
+    rows += [dict(arm="rl", traces=256, seed=0, greedy=0.0)]  # another K: not selected
+    d = R.paired(rows, "greedy", dict(arm="rl", traces=64), dict(arm="sft", traces=64), 100)
+    assert d["per_seed"] == pytest.approx([10.0, 30.0])  # seeds 0 and 2 only, in a's order
+    m, lo, hi = R.mean_interval([10.0, 30.0])
+    assert (d["mean"], d["low"], d["high"]) == pytest.approx((20.0, lo, hi)) and lo < 0 < 20 < hi
+    assert math.isnan(R.paired(rows, "greedy", dict(arm="rl"), dict(arm="none"))["mean"])
+
+
 def test_spent_follows_the_lineage_of_a_directory(tmp_path):
     """A killed-and-resumed stage: both runs count (the resumed one names the first as its parent);
     a discarded earlier attempt into the same directory, and other directories, do not."""
@@ -153,6 +164,7 @@ def test_distill_vs_rl_study_end_to_end(tmp_path):
         assert by[arm]["teacher_flops"] > 0  # its traces (and KD's forwards) cost the teacher
     assert by["distill (logit)"]["teacher_flops"] > by["distill (sequence)"]["teacher_flops"]  # + KD forwards
     assert "teacher" in summary and 0 <= summary["teacher"]["greedy"] <= 1
+    assert "points paired by seed (teacher" in summary["headline"]  # one seed: no interval, the difference stated
 
 
 @pytest.mark.slow
@@ -317,3 +329,16 @@ def test_the_crossover_takes_each_arm_at_its_best_learning_rate():
     (point,) = crossover(type("C", (), dict(tokens=[1.0], sizes=["a"])), rows)["points"]
     assert (point["moe_lr"], point["dense_lr"], point["dense_loss"]) == (3e-3, 1e-3, 2.8)
     assert point["flops_ratio"] == pytest.approx(0.5)
+
+
+def test_the_moe_headline_states_the_losses_behind_it_with_intervals():
+    from sputnik.studies.moe_vs_dense import _largest_losses
+
+    rows = [dict(size=size, budget=b, arch=arch, lr=3e-3, seed=s, heldout_loss=loss + 0.01 * s, flops=1.0, wall_s=1.0)
+            for size in ("48x2", "144x4") for b in (5e5, 2e6) for arch, loss in (("moe", 1.0), ("dense", 1.2)) for s in range(3)]
+    table = R.aggregate(rows, ("size", "budget", "arch", "lr"), ("heldout_loss",))
+    cfg = type("C", (), dict(sizes=["48x2", "144x4"], tokens=[5e5, 2e6], lr=3e-3))
+    lo, hi = R.mean_interval([1.0, 1.01, 1.02])[1:]
+    assert _largest_losses(cfg, table) == (f"; at 144x4 (2e+06 tokens, lr 0.003, 3 seeds): MoE 1.010 [{lo:.3f}, {hi:.3f}] "
+                                           f"vs dense 1.210 [{lo + 0.2:.3f}, {hi + 0.2:.3f}]")
+    assert _largest_losses(cfg, [e for e in table if e["arch"] == "moe"]) == ""  # no twin measured there: nothing claimed

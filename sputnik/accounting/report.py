@@ -125,9 +125,12 @@ def build(project_dir: str | Path, out_dir: str | Path | None = None) -> Path:
 
 def studies_section(project: Path, out: Path) -> list[str]:
     """One line per study: the headline (with its interval) of each finished `sputnik study` of the
-    project with a link to its table, and the command of each one not run here."""
-    from sputnik.studies import STUDIES
+    project with a link to its table; for one not run here, its published headline (the last
+    measurement, studies/published.json, dated, its table in docs/benchmarks.md) and the command that
+    runs it in this project."""
+    from sputnik.studies import STUDIES, published_headlines
 
+    published = published_headlines()
     lines = []
     for name in STUDIES:  # a study's variants (other options, beyond_the_data_abacus_lsb_none say) follow it
         for path in [project / "studies" / name / "study.json",
@@ -137,7 +140,11 @@ def studies_section(project: Path, out: Path) -> list[str]:
                 summary = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):  # not run (or being written: the next report picks it up)
                 if label == name:
-                    lines.append(f"- **{name}**: not run in this project (`sputnik study {name} --project {project}`)")
+                    pub = published.get(name)
+                    measured = (f"; measured {pub['measured']} (docs/benchmarks.md): {pub['headline']}"
+                                if pub else "")
+                    lines.append(f"- **{name}**: not run in this project{measured} "
+                                 f"(`sputnik study {name} --project {project}` runs it here)")
                 continue
             rel = Path("..") / path.parent.relative_to(project) / "study.md" if out == project / "report" else path.with_name("study.md")
             lines.append(f"- **{label}**: {summary.get('headline') or 'no headline (incomplete study)'} ([table]({rel}))")

@@ -8,13 +8,27 @@ the ledger, each writing <project>/studies/<name>/{study.md, study.json, <name>.
     mtp            MTP depth 0 vs 1 vs 2 at equal FLOPs: loss, downstream accuracy, speculative speed-up
 
 The machinery every study shares (runs, equal-compute checks, evaluation, statistics, plots) is in
-studies/runner.py; each study is one file that reads top to bottom.
+studies/runner.py; each study is one file that reads top to bottom. published.json holds each
+study's headline as last measured for docs/benchmarks.md (the report card quotes it, dated, for a
+study not run in the project).
 """
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 
 STUDIES = ["cold_start", "beyond_the_data", "distill_vs_rl", "moe_vs_dense", "mtp"]
+
+
+def published_headlines() -> dict[str, dict]:
+    """study -> {headline, measured, command} from published.json ({} if it is missing or unreadable:
+    the report card then names only the command)."""
+    try:
+        data = json.loads((Path(__file__).parent / "published.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in data.items() if k in STUDIES and isinstance(v, dict) and {"headline", "measured"} <= v.keys()}
 
 
 def register(sub) -> None:

@@ -106,8 +106,8 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     for t in cfg.traces:
         rl, alone, cold = by.get((t, "cold start + GRPO")), by.get((t, "SFT alone")), by.get((t, "cold start"))
         if rl and alone and cold:
-            gains.append(dict(traces=t, vs_sft_alone=_paired(r.rows, t, "cold start + GRPO", "SFT alone"),
-                              vs_cold_start=_paired(r.rows, t, "cold start + GRPO", "cold start")))
+            gains.append(dict(traces=t, vs_sft_alone=_greedy_points(r.rows, t, "SFT alone"),
+                              vs_cold_start=_greedy_points(r.rows, t, "cold start")))
     n = cfg.eval_problems
     lines = ["# Study: cold_start", "",
              f"Task `{cfg.task}`; held-out: {n} test-split problems (greedy), the first {cfg.sampled_problems} of them "
@@ -143,13 +143,9 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     return summary
 
 
-def _paired(rows: list[dict], traces: int, a: str, b: str) -> dict:
-    """Mean and t-interval over seeds of (a − b) greedy accuracy in points, seed by seed."""
-    va = {x["seed"]: x["greedy"] for x in rows if x["traces"] == traces and x["arm"] == a}
-    vb = {x["seed"]: x["greedy"] for x in rows if x["traces"] == traces and x["arm"] == b}
-    diffs = [100 * (va[s] - vb[s]) for s in va if s in vb]
-    mean, lo, hi = R.mean_interval(diffs)
-    return dict(mean=mean, low=lo, high=hi, per_seed=diffs)
+def _greedy_points(rows: list[dict], traces: int, baseline: str) -> dict:
+    """cold start + GRPO − baseline, greedy accuracy in points, paired by seed (same traces)."""
+    return R.paired(rows, "greedy", dict(traces=traces, arm="cold start + GRPO"), dict(traces=traces, arm=baseline), 100)
 
 
 def register(sub) -> None:

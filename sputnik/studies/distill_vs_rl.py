@@ -24,6 +24,7 @@ problems as in cold_start, with the teacher's own accuracy for reference.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from sputnik.common import print0
@@ -167,9 +168,13 @@ def summarize(cfg: Config, r: R.Runner, teacher: dict) -> dict:
     headline = None
     if "distill (sequence)" in by and "student RL" in by:
         d, a = by["distill (sequence)"]["greedy"], by["student RL"]["greedy"]
+        diff = R.paired(students, "greedy", dict(arm="distill (sequence)"), dict(arm="student RL"), 100)
+        interval = "" if math.isnan(diff["low"]) else f" [{diff['low']:+.1f}, {diff['high']:+.1f}]"  # one seed: none
         headline = (f"distill_vs_rl ({len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}, {n} held-out): at equal student FLOPs, sequence distillation "
-                    f"from the RL teacher {d['mean']:.2f} vs the RL recipe on the student {a['mean']:.2f} "
-                    f"(teacher {teacher['greedy']:.2f})")
+                    f"from the RL teacher {d['mean']:.2f} vs the RL recipe on the student {a['mean']:.2f}, "
+                    f"{diff['mean']:+.1f} points{interval} paired by seed (teacher {teacher['greedy']:.2f})")
+        lines += ["", f"Paired by seed, greedy points: sequence distillation − student RL {diff['mean']:+.1f}{interval} "
+                  f"({' / '.join(f'{v:+.1f}' for v in diff['per_seed'])})."]
         lines[1:1] = ["", f"**{headline}**"]
     lines += ["", "![accuracy against compute](distill_vs_rl.png)"]
     R.plot(r.out / "distill_vs_rl.png", [(arm, [by[arm]]) for arm in ARMS if arm in by], "greedy",

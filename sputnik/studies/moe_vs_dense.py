@@ -301,6 +301,21 @@ def crossover(cfg: Config, rows: list[dict]) -> dict:
     return dict(points=points, fit=fit)
 
 
+def _largest_losses(cfg: Config, table: list[dict]) -> str:
+    """'; at 144x4 (2e+06 tokens, lr 0.003): MoE 1.044 [1.022, 1.066] vs dense 1.073 [1.062, 1.083]': the
+    held-out losses behind the headline's ratios, with their intervals, at the largest size and budget."""
+    size, budget = cfg.sizes[-1], max(cfg.tokens)
+    by = {e["arch"]: e["heldout_loss"] for e in table
+          if (e["size"], e["budget"], e["lr"]) == (size, budget, cfg.lr) and e.get("heldout_loss")}
+    if not all(arch in by for arch in ARCHS):
+        return ""
+
+    def loss(stat: dict) -> str:
+        return f"{stat['mean']:.3f}" + ("" if math.isnan(stat["low"]) else f" [{stat['low']:.3f}, {stat['high']:.3f}]")
+    return (f"; at {size} ({budget:.2g} tokens, lr {cfg.lr:g}, {len(by['moe']['per_seed'])} seeds): MoE "
+            f"{loss(by['moe'])} vs dense {loss(by['dense'])}")
+
+
 def summarize(cfg: Config, r: R.Runner) -> dict:
     table = R.aggregate(r.rows, ("size", "budget", "arch", "lr"), ("heldout_loss", "downstream"))
     cross = crossover(cfg, r.rows)
@@ -339,7 +354,7 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     headline = (f"moe_vs_dense: the MoE reaches {arm}'s loss with ≤ 0.7× the FLOPs and ≤ 1× the wall-clock at "
                 f"{', '.join(p['size'] for p in measured)}" if measured else
                 f"moe_vs_dense: at no measured size does the MoE reach {arm}'s loss with ≤ 0.7× the FLOPs and "
-                "≤ 1× the wall-clock") + f"; {verdict}"
+                "≤ 1× the wall-clock") + f"; {verdict}" + _largest_losses(cfg, table)
     lines[1:1] = ["", f"**{headline}**"]
     lines += ["", "![held-out loss against compute](moe_vs_dense.png)", "", "![crossover](moe_vs_dense_crossover.png)"]
     series = [(f"{arch} {size}", [e for e in table if e["arch"] == arch and e["size"] == size and e["lr"] == cfg.lr])

@@ -140,7 +140,7 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     headline = None
     if "MTP depth 0" in by and "MTP depth 1" in by:
         d0, d1 = by["MTP depth 0"], by["MTP depth 1"]
-        diffs = _paired(r.rows, 1, 0)
+        diffs = R.paired(r.rows, "heldout_loss", dict(depth=1), dict(depth=0))
         interval = "" if diffs["low"] != diffs["low"] else f" [{diffs['low']:+.3f}, {diffs['high']:+.3f}]"  # NaN: one seed
         headline = (f"mtp ({cfg.size}, equal FLOPs, {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}): depth 1 − depth 0 held-out loss "
                     f"{diffs['mean']:+.3f}{interval}; downstream "
@@ -154,14 +154,6 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     print0("\n".join(lines))
     print0(f"study mtp: {path}")
     return summary
-
-
-def _paired(rows: list[dict], a: int, b: int) -> dict:
-    va = {x["seed"]: x["heldout_loss"] for x in rows if x["depth"] == a}
-    vb = {x["seed"]: x["heldout_loss"] for x in rows if x["depth"] == b}
-    diffs = [va[s] - vb[s] for s in va if s in vb]
-    mean, lo, hi = R.mean_interval(diffs)
-    return dict(mean=mean, low=lo, high=hi, per_seed=diffs)
 
 
 def register(sub) -> None:

@@ -258,6 +258,18 @@ def mean_interval(values: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def paired(rows: list[dict], metric: str, a: dict, b: dict, scale: float = 1.0) -> dict:
+    """Mean and t-interval over seeds of scale · (a − b) in `metric`, seed by seed: a and b select rows
+    by their values (arm="SFT alone", traces=256, say); seeds present in both only."""
+    def by_seed(where: dict) -> dict:
+        return {x["seed"]: x[metric] for x in rows if all(x.get(k) == v for k, v in where.items())}
+
+    va, vb = by_seed(a), by_seed(b)
+    diffs = [scale * (va[s] - vb[s]) for s in va if s in vb]
+    mean, lo, hi = mean_interval(diffs) if diffs else (math.nan, math.nan, math.nan)
+    return dict(mean=mean, low=lo, high=hi, per_seed=diffs)
+
+
 def aggregate(rows: list[dict], group: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:
     """One entry per distinct `group` key, in first-seen order: each metric's mean, t-interval over
     seeds and per-seed values, and the mean FLOPs / wall-clock."""
