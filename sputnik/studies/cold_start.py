@@ -129,9 +129,10 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     if gains:
         g = next((x for x in gains if x["traces"] == 256), gains[0])
         d = g["vs_sft_alone"]
+        interval = "" if math.isnan(d["low"]) else f" [{d['low']:+.1f}, {d['high']:+.1f}]"  # one seed: none
         headline = (f"cold_start (K = {g['traces']} traces, {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}, {n} held-out): cold start + GRPO "
-                    f"{d['mean']:+.1f} points over SFT alone at equal FLOPs "
-                    f"[{d['low']:+.1f}, {d['high']:+.1f}], {g['vs_cold_start']['mean']:+.1f} over its cold start")
+                    f"{d['mean']:+.1f} points over SFT alone at equal FLOPs{interval}, "
+                    f"{g['vs_cold_start']['mean']:+.1f} over its cold start")
         lines[1:1] = ["", f"**{headline}**"]
     # one line per arm through its K points (K grows left to right: more traces, more FLOPs)
     R.plot(r.out / "cold_start.png", [(arm, [by[(t, arm)] for t in cfg.traces if (t, arm) in by]) for arm in ARMS],
