@@ -171,11 +171,12 @@ def test_bad_input_is_refused_before_anything_is_written():
 
 @needs_kernel
 @torch.no_grad()
-@pytest.mark.parametrize("rows", [8, 27])
+@pytest.mark.parametrize("rows", [8, 19, 23, 27])
 def test_packed_weights_from_eight_rows(rows):
-    """From PACKED_MIN_ROWS rows the step reads strip-packed copies (register blocks of 12, 8, 4, 2 and 1
-    rows at 27; widths 48 and 80 and a 96-token head that are not multiples of the strip width):
-    same values as the torch step; the copy is refreshed when a parameter changes between waves."""
+    """From PACKED_MIN_ROWS rows the step reads strip-packed copies and its inputs regrouped in register
+    blocks (8; 12+4+2+1; 12+8+2+1; 12+12+2+1 rows; widths 48 and 80 and a 96-token head that are not
+    multiples of the strip width): same values as the torch step; the copy is refreshed when a
+    parameter changes between waves."""
     from sputnik.inference.llama_decode import PACKED_MIN_ROWS
 
     assert rows >= PACKED_MIN_ROWS

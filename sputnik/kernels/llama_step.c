@@ -54,12 +54,19 @@ typedef struct {
 
 int llama_step_pack_cols(void) { return PACK_COLS; }
 
-static void linear(const Model *m, const float *x, const float *w, const float *bias, float *y, int64_t N, int64_t O,
-                   int64_t I, int accumulate) {
+/* What linear() reads for the input x [N, I]: x itself, or with packed weights x regrouped into xp. */
+static const float *linear_input(const Model *m, const float *x, float *xp, int64_t N, int64_t I) {
+    if (!m->packed) return x;
+    interleave_rows(x, xp, N, I);
+    return xp;
+}
+
+static void linear(const Model *m, const float *in, const float *w, const float *bias, float *y, int64_t N, int64_t O,
+                   int64_t I, int accumulate) { /* in: from linear_input */
     if (m->packed)
-        gemm_packed(x, w, bias, y, N, O, I, accumulate);
+        gemm_packed(in, w, bias, y, N, O, I, accumulate);
     else
-        gemm_rows(x, w, bias, y, N, O, I, accumulate);
+        gemm_rows(in, w, bias, y, N, O, I, accumulate);
 }
 
 static void rmsnorm(const float *x, const float *restrict w, float *y, int64_t n, float eps) { /* y may be x */
@@ -128,9 +135,9 @@ int llama_forward(const Model *m, const int64_t *tok, const int64_t *row, const 
     width = width > H * C ? width : H * C;
     float *x = malloc(sizeof(float) * N * D), *h = malloc(sizeof(float) * N * width);
     float *q = malloc(sizeof(float) * N * H * C), *kv = malloc(sizeof(float) * 2 * N * K * C);
-    float *g = malloc(sizeof(float) * 2 * N * F);
-    if (!x || !h || !q || !kv || !g) {
-        free(x); free(h); free(q); free(kv); free(g);
+    float *g = malloc(sizeof(float) * 2 * N * F), *xp = m->packed ? malloc(sizeof(float) * N * width) : NULL;
+    if (!x || !h || !q || !kv || !g || (m->packed && !xp)) {
+        free(x); free(h); free(q); free(kv); free(g); free(xp);
         return -4;
     }
     float *kn = kv, *vn = kv + N * K * C, *up = g + N * F, *att = h; /* att and h are never live together */
@@ -148,9 +155,10 @@ int llama_forward(const Model *m, const int64_t *tok, const int64_t *row, const 
             /* --- attention */
 #pragma omp for schedule(static)
             for (int64_t n = 0; n < N; n++) rmsnorm(x + n * D, w->ln1, h + n * D, D, m->eps);
-            linear(m, h, w->wq, w->bq, q, N, H * C, D, 0);
-            linear(m, h, w->wk, w->bk, kn, N, K * C, D, 0);
-            linear(m, h, w->wv, w->bv, vn, N, K * C, D, 0);
+            const float *in = linear_input(m, h, xp, N, D);
+            linear(m, in, w->wq, w->bq, q, N, H * C, D, 0);
+            linear(m, in, w->wk, w->bk, kn, N, K * C, D, 0);
+            linear(m, in, w->wv, w->bv, vn, N, K * C, D, 0);
 #pragma omp for schedule(static)
             for (int64_t nh = 0; nh < N * (H + K); nh++) { /* q/k norm and RoPE per head; new k, v into the cache */
                 const int64_t n = nh / (H + K), j = nh % (H + K);
@@ -173,20 +181,21 @@ int llama_forward(const Model *m, const int64_t *tok, const int64_t *row, const 
                 const int64_t lo = m->window && pos[n] - m->window + 1 > 0 ? pos[n] - m->window + 1 : 0;
                 attend(q + nh * C, kc + base, vc + base, att + nh * C, lo, pos[n], C, scale);
             }
-            linear(m, att, w->wo, w->bo, x, N, D, H * C, 1);
+            linear(m, linear_input(m, att, xp, N, H * C), w->wo, w->bo, x, N, D, H * C, 1);
             /* --- feed-forward */
 #pragma omp for schedule(static)
             for (int64_t n = 0; n < N; n++) rmsnorm(x + n * D, w->ln2, h + n * D, D, m->eps);
-            linear(m, h, w->wg, NULL, g, N, F, D, 0);
-            linear(m, h, w->wu, NULL, up, N, F, D, 0);
+            in = linear_input(m, h, xp, N, D);
+            linear(m, in, w->wg, NULL, g, N, F, D, 0);
+            linear(m, in, w->wu, NULL, up, N, F, D, 0);
 #pragma omp for simd schedule(static)
             for (int64_t i = 0; i < N * F; i++) h[i] = g[i] / (1.0f + exp_any(-g[i])) * up[i]; /* SiLU(g) * u */
-            linear(m, h, w->wd, NULL, x, N, D, F, 1);
+            linear(m, linear_input(m, h, xp, N, F), w->wd, NULL, x, N, D, F, 1);
         }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < M; j++) rmsnorm(x + out[j] * D, m->norm, h + j * D, D, m->eps);
-        linear(m, h, m->head, NULL, logits, M, m->V, D, 0);
+        linear(m, linear_input(m, h, xp, M, D), m->head, NULL, logits, M, m->V, D, 0);
     }
-    free(x); free(h); free(q); free(kv); free(g);
+    free(x); free(h); free(q); free(kv); free(g); free(xp);
     return 0;
 }

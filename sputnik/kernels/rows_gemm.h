@@ -11,7 +11,8 @@
    then the lanes' sum), so results do not depend on the thread count.
 
    gemm_packed computes the same from W packed in column strips (pack_strips in kernels/cpu.py: strip s
-   is [I, PACK_COLS] contiguous, output columns s*PACK_COLS..., zero past O): per input i, a strip row
+   is [I, PACK_COLS] contiguous, output columns s*PACK_COLS..., zero past O) and x regrouped in row
+   blocks (interleave_rows): per input i, a strip row
    of PACK_COLS weights times PACK_ROWS broadcast x values into PACK_ROWS x PACK_COLS accumulators
    held in registers, so there are no horizontal sums and each weight loaded is used PACK_ROWS times.
    At 32 rows it runs ~1.5-2x the dot tiles (LOG.md stop 30); at one row both read W at the bandwidth.
@@ -92,25 +93,50 @@ static void gemm_rows(const float *restrict x, const float *restrict w, const fl
 #define PACK_ROWS 6  /* 12 accumulators of 16 registers */
 #endif
 
-/* acc[r][:] = sum_i x[r][i] * strip[i][:] for r < m; inlined with a constant m, so the compiler unrolls
-   the rows and keeps the m x PACK_COLS accumulators in registers. */
-static inline __attribute__((always_inline)) void strip_block(const int m, const float *restrict x, int64_t I,
+/* Rows in the register block that starts with `left` rows still to do: PACK_ROWS, then 8, 4, 2, 1. */
+static inline int block_rows(int64_t left) {
+    return left >= PACK_ROWS ? PACK_ROWS : PACK_ROWS > 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+}
+
+/* xp = x [N, I] regrouped as gemm_packed reads it: block after block of block_rows() rows, each block
+   [I, m] (the m rows' values of input i side by side), block n0 at xp + n0 * I. Read in place, the m rows
+   lie I floats apart, and when 4·I is a multiple of 4 KiB (Qwen3's 1024, 2048, 3072) they all fall in
+   one L1 set: a 12-row block then misses L1 on every broadcast (~35% of the rate, LOG.md stop 31).
+   An orphaned `omp for`, as the products below. */
+static void interleave_rows(const float *restrict x, float *restrict xp, int64_t N, int64_t I) {
+    const int64_t full = N / PACK_ROWS * PACK_ROWS;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        int64_t n0 = n / PACK_ROWS * PACK_ROWS;
+        int m = PACK_ROWS;
+        if (n >= full) /* the tail: 8, 4, 2, 1 rows, in that order */
+            for (n0 = full, m = block_rows(N - n0); n >= n0 + m; n0 += m, m = block_rows(N - n0)) {}
+        float *block = xp + n0 * I;
+        const float *xn = x + n * I;
+        for (int64_t i = 0; i < I; i++) block[i * m + (n - n0)] = xn[i];
+    }
+}
+
+/* acc[r][:] = sum_i xb[i][r] * strip[i][:] for r < m (xb: one block of interleave_rows); inlined with a
+   constant m, so the compiler unrolls the rows and keeps the m x PACK_COLS accumulators in registers. */
+static inline __attribute__((always_inline)) void strip_block(const int m, const float *restrict xb, int64_t I,
                                                                const float *restrict strip, const float *next,
                                                                float acc[][PACK_COLS]) {
     for (int r = 0; r < m; r++)
         for (int j = 0; j < PACK_COLS; j++) acc[r][j] = 0.f;
     for (int64_t i = 0; i < I; i++) {
-        const float *wi = strip + i * PACK_COLS;
+        const float *wi = strip + i * PACK_COLS, *xi = xb + i * m;
         if (next) /* the next strip, from memory while this one is multiplied (~10% on a 49k-row LM head) */
             for (int j = 0; j < PACK_COLS; j += 16) __builtin_prefetch(next + i * PACK_COLS + j, 0, 1);
         for (int j = 0; j < PACK_COLS; j++) {
             const float wj = wi[j];
-            for (int r = 0; r < m; r++) acc[r][j] += x[r * I + i] * wj;
+            for (int r = 0; r < m; r++) acc[r][j] += xi[r] * wj;
         }
     }
 }
 
-static void gemm_packed(const float *restrict x, const float *restrict wp, const float *restrict bias,
+/* xp: x regrouped by interleave_rows. */
+static void gemm_packed(const float *restrict xp, const float *restrict wp, const float *restrict bias,
                         float *restrict y, int64_t N, int64_t O, int64_t I, int accumulate) {
     const int64_t strips = (O + PACK_COLS - 1) / PACK_COLS;
 #pragma omp for schedule(static)
@@ -122,15 +148,16 @@ static void gemm_packed(const float *restrict x, const float *restrict wp, const
         for (int64_t n = 0; n < N;) {
             const int64_t left = N - n;
             const float *pf = n == 0 ? next : NULL; /* prefetch during the first pass over the strip only */
-            const int m = left >= PACK_ROWS ? PACK_ROWS : PACK_ROWS > 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            const int m = block_rows(left);
+            const float *xb = xp + n * I;
             switch (m) { /* a constant row count per call: see strip_block */
-                case PACK_ROWS: strip_block(PACK_ROWS, x + n * I, I, strip, pf, acc); break;
+                case PACK_ROWS: strip_block(PACK_ROWS, xb, I, strip, pf, acc); break;
 #if PACK_ROWS > 8
-                case 8: strip_block(8, x + n * I, I, strip, pf, acc); break;
+                case 8: strip_block(8, xb, I, strip, pf, acc); break;
 #endif
-                case 4: strip_block(4, x + n * I, I, strip, pf, acc); break;
-                case 2: strip_block(2, x + n * I, I, strip, pf, acc); break;
-                default: strip_block(1, x + n * I, I, strip, pf, acc);
+                case 4: strip_block(4, xb, I, strip, pf, acc); break;
+                case 2: strip_block(2, xb, I, strip, pf, acc); break;
+                default: strip_block(1, xb, I, strip, pf, acc);
             }
             for (int r = 0; r < m; r++)
                 for (int64_t j = 0; j < width; j++)
