@@ -75,12 +75,6 @@ def greedy_eval(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int
             "tally": task_tally(names, [ex.task for ex in exs], correct)}
 
 
-def greedy_accuracy(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int, render=None,
-                    shard: tuple[int, int] = (0, 1)) -> tuple[float, float]:
-    """(exact-match accuracy, generated tokens/s) of greedy_eval."""
-    res = greedy_eval(engine, tokenizer, tasks, n, seed, max_new_tokens, render, shard)
-    return res["accuracy"], res["tokens_per_s"]
-
 
 def score(examples, completions, verify, k: int) -> dict:
     """Per-problem statistics -> the summary dict (pure: tested on hand-made verdicts)."""

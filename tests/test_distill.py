@@ -157,7 +157,7 @@ def test_distill_runs_end_to_end_and_a_rerun_reuses_the_traces_with_their_lineag
     settings reuses the traces: its distill run records no FLOPs and names the run that sampled them,
     which so stays in the final model's lineage."""
     from sputnik.accounting import ledger
-    from sputnik.evaluate import greedy_accuracy
+    from sputnik.evaluate import greedy_eval
     from sputnik.inference.engine import Engine
     from sputnik.train.loading import load_model, load_tokenizer
 
@@ -165,7 +165,7 @@ def test_distill_runs_end_to_end_and_a_rerun_reuses_the_traces_with_their_lineag
     first = distill.run(cfg, parents=["pre"], final_model=True)
     student = load_model(first["student_dir"]).eval()
     s_tok = load_tokenizer("", first["student_dir"])
-    recomputed, _ = greedy_accuracy(Engine(student, s_tok), s_tok, [EvenLengthTask()], 4, cfg.seed, cfg.max_new_tokens)
+    recomputed = greedy_eval(Engine(student, s_tok), s_tok, [EvenLengthTask()], 4, cfg.seed, cfg.max_new_tokens)["accuracy"]
     assert first["num_traces"] > 0 and first["student_accuracy"] == recomputed
     metrics = [r for r in ledger.load(tmp_path) if r["command"] == "distill-eval"][-1]["metrics"]
     assert metrics["heldout_by_task"] == {"even": {"accuracy": recomputed, "n": 4}}

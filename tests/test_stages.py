@@ -260,9 +260,9 @@ def test_sft_accuracy_counts_verified_greedy_completions(ws, tmp_path, monkeypat
 
 def test_sft_rl_and_distill_report_accuracy_on_the_same_problems(pretrained):
     """The report card compares the stages' held-out accuracies: SFT's evaluation set and the problems
-    greedy_accuracy (RL's held-out, the distillation report) decodes are one set for the same tasks
+    greedy_eval (RL's held-out, the distillation report) decodes are one set for the same tasks
     and seed (they once differed, and the same model scored 0.85 in SFT and 0.91 at RL's step 0)."""
-    from sputnik.evaluate import greedy_accuracy
+    from sputnik.evaluate import greedy_eval
     from sputnik.tasks import heldout_examples
     from sputnik.tokenizer import Tokenizer
 
@@ -280,7 +280,7 @@ def test_sft_rl_and_distill_report_accuracy_on_the_same_problems(pretrained):
             return [[type("C", (), {"text": ""})()] for _ in prompts]
 
     engine = Recorder()
-    greedy_accuracy(engine, tok, tasks, cfg.eval_examples, cfg.seed, 8)
+    greedy_eval(engine, tok, tasks, cfg.eval_examples, cfg.seed, 8)
     assert engine.prompts == [tok.render_prompt(e.prompt) for e in sft_examples]
 
 
