@@ -75,7 +75,6 @@ def greedy_eval(engine, tokenizer, tasks, n: int, seed: int, max_new_tokens: int
             "tally": task_tally(names, [ex.task for ex in exs], correct)}
 
 
-
 def score(examples, completions, verify, k: int) -> dict:
     """Per-problem statistics -> the summary dict (pure: tested on hand-made verdicts)."""
     n_prob = len(examples)
