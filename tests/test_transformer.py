@@ -150,3 +150,60 @@ def test_too_long_sequence_raises():
 
     with pytest.raises(ValueError, match="max_position_embeddings"):
         cached_model(model).new_cache(1, 65)
+
+
+def _qwen3_moe_with_a_dense_layer(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from sputnik.model.hf_llama import load_hf_llama
+
+    hc = Qwen3MoeConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                        head_dim=16, intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                        mlp_only_layers=[0], max_position_embeddings=64, initializer_range=0.1)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(hc).save_pretrained(tmp_path / "qwen3_moe")
+    return load_hf_llama(tmp_path / "qwen3_moe").train()
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_padding_rows_are_not_computed_and_change_nothing(family, tmp_path, monkeypatch):
+    """On a CPU the FFNs (dense and experts) run on a right-padded batch's real tokens only, and the
+    head on the scored rows only: the FFNs see exactly the real rows, and loss, its parts, the expert
+    load and every gradient equal those of the path that computes every row (CUDA's and compile's)."""
+    from sputnik.model import block, llama, moe
+
+    torch.manual_seed(0)
+    model = Transformer(small()).train() if family == "deepseek_v3" else _qwen3_moe_with_a_dense_layer(tmp_path)
+    ids_BT, targets_BT = batch(B=3, T=12)
+    valid_BT = torch.ones(3, 12, dtype=torch.bool)
+    valid_BT[1, 7:] = valid_BT[2, 4:] = False
+    ids_BT[~valid_BT], targets_BT[~valid_BT] = 0, -100
+    # every per-token FFN computation: dense MLPs, shared experts, routed experts
+    ffns = [m for m in model.modules() if type(m).__name__ in ("MLP", "Experts")]
+    rows_seen = set()
+    hooks = [m.register_forward_hook(lambda m, args, out: rows_seen.add(args[0].shape[:-1].numel())) for m in ffns]
+
+    def run():
+        model.zero_grad()
+        out = model(ids_BT, targets_BT, valid_BT)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    skipped, grads = run()
+    real = {int(valid_BT.sum())} | ({int(valid_BT[:, 1:].sum())} if family == "deepseek_v3" else set())  # + MTP's
+    assert rows_seen == real
+    for mod in (block, llama, moe):
+        monkeypatch.setattr(mod, "real_token_rows", lambda valid_BT, x: None)
+    rows_seen.clear()
+    every_row, ref_grads = run()
+    assert rows_seen == {3 * 12} | ({3 * 11} if family == "deepseek_v3" else set())
+    for h in hooks:
+        h.remove()
+    for k in ("loss", "ce_loss", "mtp_loss", "aux_loss"):
+        torch.testing.assert_close(getattr(skipped, k), getattr(every_row, k), rtol=1e-5, atol=1e-7)
+    assert skipped.expert_load.keys() == every_row.expert_load.keys() and skipped.expert_load
+    for k in skipped.expert_load:
+        assert torch.equal(skipped.expert_load[k], every_row.expert_load[k]), k
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sputnik.model.config import ModelConfig
-from sputnik.model.layers import MLP, RMSNorm
+from sputnik.model.layers import MLP, RMSNorm, on_rows, real_token_rows
 from sputnik.model.mla import MLA
 from sputnik.model.moe import MoE, Routing
 
@@ -32,10 +32,10 @@ class Block(nn.Module):
     def forward(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, valid_BT: torch.Tensor | None = None,
                 attend=None) -> tuple[torch.Tensor, Routing | None]:
         """-> (h_BTD, the MoE layer's Routing or None for a dense FFN). valid_BT: the real tokens of a
-        right-padded batch (expert load); attend: the attention over q, k, v (MLA.forward)."""
+        right-padded batch (expert load; the FFN skips the padding rows on a CPU); attend: the attention over q, k, v (MLA.forward)."""
         h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), cos, sin, attend)
         x_BTD = self.post_attention_layernorm(h_BTD)
         if isinstance(self.mlp, MoE):
             y_BTD, routing = self.mlp(x_BTD, valid_BT)
             return h_BTD + y_BTD, routing
-        return h_BTD + self.mlp(x_BTD), None
+        return h_BTD + on_rows(self.mlp, x_BTD, real_token_rows(valid_BT, x_BTD)), None

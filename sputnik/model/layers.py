@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sputnik.kernels.cpu import LINEAR_MAX_ROWS, linear_rows, linear_rows_available
+from sputnik.model import routing_replay
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,6 +36,27 @@ def attention_sdpa(attn, q_BHTK: torch.Tensor, k_BGSK: torch.Tensor, v_BGSV: tor
     o = F.scaled_dot_product_attention(q_BHTK, k_BGSK, v_BGSV, attn_mask=mask, is_causal=is_causal,
                                        scale=getattr(attn, "scale", None), enable_gqa=k_BGSK.shape[1] != q_BHTK.shape[1])
     return o[..., :V]
+
+
+def real_token_rows(valid_BT: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The flat row indices [N] of a right-padded batch's real tokens, so that per-token layers (the
+    FFNs, the experts) skip the padding rows: a quarter of an SFT batch at the speedrun's lengths
+    (LOG.md, stop 32). None = run on every row: no mask, no padding, a routing tape active (replayed
+    routing is indexed by the rows of the router call), or where a data-dependent row count costs
+    more than the padding rows (CUDA: a host sync; torch.compile: a graph per count)."""
+    if valid_BT is None or not x.is_cpu or torch.compiler.is_compiling() or routing_replay.tape_active():
+        return None
+    rows_N = valid_BT.reshape(-1).nonzero().squeeze(1)
+    return None if rows_N.numel() == valid_BT.numel() else rows_N
+
+
+def on_rows(fn, x_BTD: torch.Tensor, rows_N: torch.Tensor | None) -> torch.Tensor:
+    """fn (a per-token layer) on the rows_N of x_BTD only; the other rows of the result are 0."""
+    if rows_N is None:
+        return fn(x_BTD)
+    B, T, D = x_BTD.shape
+    y_ND = fn(x_BTD.reshape(B * T, D).index_select(0, rows_N))
+    return y_ND.new_zeros(B * T, y_ND.shape[-1]).index_copy(0, rows_N, y_ND).view(B, T, -1)
 
 
 class Linear(nn.Linear):

@@ -26,7 +26,7 @@ from torch import nn
 from sputnik.train.losses import linear_cross_entropy
 from sputnik.model.config import ModelConfig
 from sputnik.model.documents import document_attention
-from sputnik.model.layers import MLP, Linear, RMSNorm
+from sputnik.model.layers import MLP, Linear, RMSNorm, on_rows, real_token_rows
 from sputnik.model import routing_replay
 from sputnik.model.moe import Experts
 from sputnik.model.output import ModelOutput
@@ -175,7 +175,8 @@ class SoftmaxMoE(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None):
         B, T, D = x_BTD.shape
-        x_ND = x_BTD.reshape(-1, D)
+        rows_N = real_token_rows(valid_BT, x_BTD)  # on a CPU the padding rows are not computed
+        x_ND = x_BTD.reshape(-1, D) if rows_N is None else x_BTD.reshape(-1, D).index_select(0, rows_N)
         probs_NE = F.softmax(self.gate(x_ND), dim=-1, dtype=torch.float)
         idx_NK = routing_replay.choose(self, torch.topk(probs_NE, self.top_k, dim=-1).indices)  # RL may replay
         weight_NK = probs_NE.gather(1, idx_NK)
@@ -185,7 +186,9 @@ class SoftmaxMoE(nn.Module):
         # scatter_add_, not bincount (which sizes its output from max() and syncs: no CUDA-graph capture)
         counts_E = torch.zeros(E, dtype=torch.long, device=x_ND.device).scatter_add_(0, flat_S, torch.ones_like(flat_S))
         y_ND = self.experts(x_ND, idx_NK, weight_NK.to(x_ND.dtype), counts_E)
-        valid_N1 = None if valid_BT is None else valid_BT.reshape(-1, 1).to(probs_NE.dtype)
+        if rows_N is not None:
+            y_ND = y_ND.new_zeros(B * T, D).index_copy(0, rows_N, y_ND)
+        valid_N1 = None if valid_BT is None or rows_N is not None else valid_BT.reshape(-1, 1).to(probs_NE.dtype)
         load_E = counts_E if valid_N1 is None else torch.zeros(E, dtype=torch.long, device=x_ND.device).scatter_add_(
             0, flat_S, valid_N1.long().expand(-1, self.top_k).flatten())
         probs_E = probs_NE.sum(0) if valid_N1 is None else (probs_NE * valid_N1).sum(0)
@@ -209,7 +212,8 @@ class LlamaDecoderLayer(nn.Module):
         if isinstance(self.mlp, SoftmaxMoE):
             y_BTD, load_E, probs_E = self.mlp(self.post_attention_layernorm(x_BTD), valid_BT)
             return x_BTD + y_BTD, (load_E, probs_E)
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), None
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        return x_BTD + on_rows(self.mlp, h_BTD, real_token_rows(valid_BT, h_BTD)), None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,6 +92,10 @@ class RoutingTape:
         return self.differed / max(self.compared, 1)
 
 
+def tape_active() -> bool:
+    return _TAPE is not None
+
+
 def choose(router, own_NK: torch.Tensor) -> torch.Tensor:
     """A router's top-k choice, as the active tape records or replays it (unchanged without one)."""
     if _TAPE is None:

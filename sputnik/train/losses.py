@@ -140,8 +140,15 @@ def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *,
     gradients ∂loss/∂h [N, D] and ∂loss/∂W [V, D]; peak extra memory is one [C, V] fp32 chunk.
     """
     _check_head_args(h_ND, weight_VD, targets_N, chunk_size)
+    count = (targets_N != ignore_index).sum()
+    if h_ND.is_cpu and not torch.compiler.is_compiling() and int(count) < targets_N.shape[0]:
+        # Only the scored rows through the head: SFT's prompts and padding are a third of its rows at
+        # the speedrun's lengths. (On CUDA the row count would cost a host sync, and under compile a
+        # graph per count: there the ignored rows are computed and masked.)
+        keep_N = (targets_N != ignore_index).nonzero().squeeze(1)
+        h_ND, targets_N = h_ND.index_select(0, keep_N), targets_N.index_select(0, keep_N)
     loss = _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index, chunk_size, _matmul_dtype(h_ND))
-    return loss, (targets_N != ignore_index).sum()
+    return loss, count
 
 
 # ---------------------------------------------------------------------------------------------
