@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sputnik.model.config import ModelConfig
-from sputnik.model.layers import MLP, RMSNorm, on_rows, real_token_rows
+from sputnik.model.layers import MLP, RMSNorm, real_token_rows
 from sputnik.model.mla import MLA
 from sputnik.model.moe import MoE, Routing
 
@@ -32,10 +32,27 @@ class Block(nn.Module):
     def forward(self, h_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, valid_BT: torch.Tensor | None = None,
                 attend=None) -> tuple[torch.Tensor, Routing | None]:
         """-> (h_BTD, the MoE layer's Routing or None for a dense FFN). valid_BT: the real tokens of a
-        right-padded batch (expert load; the FFN skips the padding rows on a CPU); attend: the attention over q, k, v (MLA.forward)."""
+        right-padded batch (expert load; on a CPU the block computes those rows only and returns 0 at
+        the padding); attend: the attention over q, k, v (MLA.forward)."""
+        rows_N = real_token_rows(valid_BT, h_BTD) if attend is None and cos.dim() == 3 else None
+        if rows_N is not None:
+            return self.forward_rows(h_BTD, cos, sin, valid_BT, rows_N)
         h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), cos, sin, attend)
         x_BTD = self.post_attention_layernorm(h_BTD)
         if isinstance(self.mlp, MoE):
             y_BTD, routing = self.mlp(x_BTD, valid_BT)
             return h_BTD + y_BTD, routing
-        return h_BTD + on_rows(self.mlp, x_BTD, real_token_rows(valid_BT, x_BTD)), None
+        return h_BTD + self.mlp(x_BTD), None
+
+    def forward_rows(self, h_BTD, cos, sin, valid_BT, rows_N) -> tuple[torch.Tensor, Routing | None]:
+        """The block on the real tokens rows_N of a right-padded batch: every per-token layer (norms,
+        projections, FFN) on N rows instead of B·T; only the attention sees the [B, T] layout."""
+        B, T, D = h_BTD.shape
+        h_ND = h_BTD.reshape(B * T, D).index_select(0, rows_N)
+        h_ND = h_ND + self.self_attn.forward_rows(self.input_layernorm(h_ND), cos, sin, rows_N, B, T)
+        x_ND = self.post_attention_layernorm(h_ND)
+        if isinstance(self.mlp, MoE):
+            y_ND, routing = self.mlp.forward_rows(x_ND, valid_BT, rows_N)
+        else:
+            y_ND, routing = self.mlp(x_ND), None
+        return (h_ND + y_ND).new_zeros(B * T, D).index_copy(0, rows_N, h_ND + y_ND).view(B, T, D), routing

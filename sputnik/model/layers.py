@@ -44,7 +44,11 @@ def real_token_rows(valid_BT: torch.Tensor | None, x: torch.Tensor) -> torch.Ten
     (LOG.md, stop 32). None = run on every row: no mask, no padding, a routing tape active (replayed
     routing is indexed by the rows of the router call), or where a data-dependent row count costs
     more than the padding rows (CUDA: a host sync; torch.compile: a graph per count)."""
-    if valid_BT is None or not x.is_cpu or torch.compiler.is_compiling() or routing_replay.tape_active():
+    if valid_BT is None:
+        return None
+    if valid_BT.shape != x.shape[:-1]:
+        raise ValueError(f"valid_BT has shape {tuple(valid_BT.shape)}, the tokens of this forward are {list(x.shape[:-1])}")
+    if not x.is_cpu or torch.compiler.is_compiling() or routing_replay.tape_active():
         return None
     rows_N = valid_BT.reshape(-1).nonzero().squeeze(1)
     return None if rows_N.numel() == valid_BT.numel() else rows_N

@@ -63,17 +63,36 @@ class MLA(nn.Module):
         o_BHTV = self.causal_attention(q_BHTK, k_BHTK, v_BHTV) if attend is None else attend(self, q_BHTK, k_BHTK, v_BHTV)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, self.H * self.V))
 
+    def forward_rows(self, x_ND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows_N: torch.Tensor,
+                     B: int, T: int) -> torch.Tensor:
+        """forward() for the real tokens of a right-padded [B, T] batch only: x_ND are its rows rows_N
+        (flat indices, layers.real_token_rows), cos/sin the [T, 1, F] tables. Projections run on the N
+        rows; q, k, v are laid out [B, H, T, ·] for the causal attention with zeros at the padding,
+        which no real query sees (right padding, causal), and the output is gathered back to N rows."""
+        pos_N = rows_N % T
+        q_nope_NHN, q_rope_NHR, c_NC, k_rope_N1R = self.project(x_ND, cos[pos_N], sin[pos_N])
+        n, H = x_ND.shape[0], self.H
+        k_nope_NHN, v_NHV = self.kv_b_proj(c_NC).view(n, H, self.N + self.V).split([self.N, self.V], dim=-1)
+
+        def padded_BHTX(x_NHX):
+            return x_NHX.new_zeros(B * T, H, x_NHX.shape[-1]).index_copy(0, rows_N, x_NHX).view(B, T, H, -1).transpose(1, 2)
+        q_BHTK = padded_BHTX(torch.cat([q_nope_NHN, q_rope_NHR], dim=-1))
+        k_BHTK = padded_BHTX(torch.cat([k_nope_NHN, k_rope_N1R.expand(n, H, self.R)], dim=-1))
+        o_BHTV = self.causal_attention(q_BHTK, k_BHTK, padded_BHTX(v_NHV))
+        return self.o_proj(o_BHTV.transpose(1, 2).reshape(B * T, H * self.V).index_select(0, rows_N))
+
     def project(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """-> q_nope [B,T,H,N], q_rope [B,T,H,R] (rotated), the normed latent c_KV [B,T,C] and the
-        rotated shared key k_R [B,T,1,R]: everything before attention."""
-        B, T, _ = x_BTD.shape
+        rotated shared key k_R [B,T,1,R]: everything before attention. Any leading dims ([N, D] token
+        rows with cos/sin [N, 1, F]: forward_rows)."""
+        lead = x_BTD.shape[:-1]
         q_BTHK = (self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD))) if self.q_lora_rank > 0
-                  else self.q_proj(x_BTD)).view(B, T, self.H, self.N + self.R)
+                  else self.q_proj(x_BTD)).view(*lead, self.H, self.N + self.R)
         q_nope_BTHN, q_rope_BTHR = q_BTHK.split([self.N, self.R], dim=-1)
         q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin)
         c_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.C, self.R], dim=-1)
         c_BTC = self.kv_a_layernorm(c_BTC)  # the RMSNorm touches the latent only, never k_R
-        k_rope_BT1R = apply_rope(k_rope_BTR.unsqueeze(2), cos, sin)
+        k_rope_BT1R = apply_rope(k_rope_BTR.unsqueeze(-2), cos, sin)
         return q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R
 
     def heads(self, q_nope_BTHN, q_rope_BTHR, c_BTC, k_rope_BT1R):

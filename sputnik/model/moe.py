@@ -337,26 +337,38 @@ class MoE(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """valid_BT (bool [B, T]): the real tokens of a right-padded batch; None = all of them. On a
-        CPU the padding rows are not computed at all (layers.real_token_rows); elsewhere they are, and
-        masked out of the load and the balance loss."""
+        CPU the padding rows are not computed at all (layers.real_token_rows; 0 in the output);
+        elsewhere they are, and masked out of the load and the balance loss."""
         B, T, D = x_BTD.shape
         if valid_BT is not None and tuple(valid_BT.shape) != (B, T):
             raise ValueError(f"valid_BT has shape {tuple(valid_BT.shape)}, the tokens of this MoE forward are [{B}, {T}]")
         rows_N = real_token_rows(valid_BT, x_BTD)
-        x_ND = x_BTD.reshape(B * T, D) if rows_N is None else x_BTD.reshape(B * T, D).index_select(0, rows_N)
+        if rows_N is None:
+            y_ND, routing = self._forward(x_BTD.reshape(B * T, D), B, T, valid_BT, None)
+            return y_ND.view(B, T, D), routing
+        y_ND, routing = self.forward_rows(x_BTD.reshape(B * T, D).index_select(0, rows_N), valid_BT, rows_N)
+        return y_ND.new_zeros(B * T, D).index_copy(0, rows_N, y_ND).view(B, T, D), routing
+
+    def forward_rows(self, x_ND: torch.Tensor, valid_BT: torch.Tensor, rows_N: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """The layer on the real tokens only: x_ND are the rows rows_N (flat indices) of a right-padded
+        batch whose mask is valid_BT [B, T]."""
+        return self._forward(x_ND, *valid_BT.shape, valid_BT, rows_N)
+
+    def _forward(self, x_ND, B: int, T: int, valid_BT, rows_N) -> tuple[torch.Tensor, Routing]:
+        """x_ND: all B·T rows (rows_N None) or the real ones rows_N."""
         topk_idx_NK, topk_weight_NK, scores_NE = self.gate(x_ND)
         # scatter_add_ instead of bincount: bincount sizes its output from max() and syncs on CUDA.
         flat_S = topk_idx_NK.flatten()
-        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_BTD.device)
+        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_ND.device)
         counts_E.scatter_add_(0, flat_S, torch.ones_like(flat_S))
         if valid_BT is None or rows_N is not None:  # every computed row is a real token
             load_E = counts_E.float()
         else:
-            load_E = torch.zeros(self.num_experts, device=x_BTD.device).scatter_add_(
+            load_E = torch.zeros(self.num_experts, device=x_ND.device).scatter_add_(
                 0, flat_S, valid_BT.reshape(-1).float().repeat_interleave(self.top_k))
         aux_loss = None
         if self.training and self.seq_aux_loss_alpha > 0:  # a training loss: eval forwards skip it
-            scores_BTE, topk_idx_BTK = scores_NE.view(-1, self.num_experts), topk_idx_NK
+            scores_BTE, topk_idx_BTK = scores_NE, topk_idx_NK
             if rows_N is not None:  # back to [B, T]: padding rows get scores of 1 (never 0/0), masked out
                 scores_BTE = scores_NE.new_ones(B * T, self.num_experts).index_copy(0, rows_N, scores_NE)
                 topk_idx_BTK = topk_idx_NK.new_zeros(B * T, self.top_k).index_copy(0, rows_N, topk_idx_NK)
@@ -365,9 +377,7 @@ class MoE(nn.Module):
         y_ND = self.experts(x_ND, topk_idx_NK, topk_weight_NK, counts_E)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
-        if rows_N is not None:
-            y_ND = y_ND.new_zeros(B * T, D).index_copy(0, rows_N, y_ND)
-        return y_ND.view(B, T, D), Routing(load_E, aux_loss)
+        return y_ND, Routing(load_E, aux_loss)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor, gamma: float) -> None:
