@@ -10,6 +10,12 @@ CPU: `tiny`, fp32, batch 8×256.  GPU: `small`, bf16 weights, batch 8×2048.
     python benchmarks/bench_train.py --compile         # adds torch.compile rows for both
     python benchmarks/bench_train.py --ablation        # adds our step without the C head kernel
     python benchmarks/bench_train.py --profile 3       # torch.profiler table of our step, then exit
+    python benchmarks/bench_train.py --padded --ablation   # SFT-shaped: right-padded rows, prompts unscored
+
+--padded: each row's length is drawn uniformly from [seq/3, seq] and right-padded (the speedrun's SFT
+batches are 72% real tokens), its first fifth is a prompt (unscored); tok/s then counts real tokens.
+transformers gets the attention mask and labels with -100; --ablation adds our step computing every
+row (the path a GPU takes), to measure what skipping the padding buys.
 
 Rows are medians over repeats (range in brackets); each repeat times `--steps` steps of every
 variant in turn, so drift on a noisy shared CPU hits all variants alike. `cpu ms` is process CPU
@@ -83,15 +89,17 @@ def build_hf(cfg, ours: Transformer, dtype: torch.dtype, device: torch.device):
     return model.to(device=device, dtype=dtype)
 
 
-def make_step(model, kind: str, ids_BT, targets_BT, fused_adam: bool):
+def make_step(model, kind: str, ids_BT, targets_BT, fused_adam: bool, valid_BT=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused_adam,
                             foreach=None if fused_adam else True)
 
     def step():
         if kind == "hf":
-            loss = model(input_ids=ids_BT, labels=ids_BT).loss  # HF shifts labels inside
+            labels_BT = ids_BT if valid_BT is None else torch.cat([torch.full_like(ids_BT[:, :1], -100), targets_BT[:, :-1]], 1)
+            loss = model(input_ids=ids_BT, labels=labels_BT,  # HF shifts labels inside
+                         attention_mask=None if valid_BT is None else valid_BT.long()).loss
         else:
-            out = model(ids_BT, targets_BT)
+            out = model(ids_BT, targets_BT, valid_BT)
             loss = out.loss
         loss.backward()
         opt.step()
@@ -123,6 +131,25 @@ def time_steps(step, steps: int, device) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------
 # ABLATION: our step with a part switched off, to measure what that part buys in the same run.
+def every_row(step):
+    """Our step computing every row of a padded batch (blocks and head), as on a GPU."""
+    from sputnik.model import block, llama, moe
+    from sputnik.train import losses
+
+    def patched():
+        saved = [(m, m.real_token_rows) for m in (block, llama, moe)], losses._scored_rows_only
+        for m, _ in saved[0]:
+            m.real_token_rows = lambda valid_BT, x: None
+        losses._scored_rows_only = lambda h_ND: False
+        try:
+            return step()
+        finally:
+            for m, f in saved[0]:
+                m.real_token_rows = f
+            losses._scored_rows_only = saved[1]
+    return patched
+
+
 def without_head_kernel(step):
     """Our step with the LM head's row softmax on ATen passes instead of softmax_rows.c."""
     from sputnik.train import losses
@@ -154,6 +181,7 @@ def parse_args(argv=None):
                     help="AdamW kernel for every variant (fused: one C++ kernel, also on CPU)")
     ap.add_argument("--ablation", action="store_true",
                     help="add a row of our step with the LM head's C row-softmax kernel off (see ABLATION)")
+    ap.add_argument("--padded", action="store_true", help="SFT-shaped batch: right-padded rows, unscored prompts")
     ap.add_argument("--profile", type=int, default=0, help="profile N of our steps (torch.profiler), print, exit")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)  # internal: one variant's CPU peak RSS
@@ -176,18 +204,28 @@ def setup(args):
     torch.manual_seed(0)
     ids_BT = torch.randint(0, cfg.vocab_size, (args.batch, seq), device=device)
     targets_BT = torch.cat([ids_BT[:, 1:], torch.full_like(ids_BT[:, :1], -100)], 1)
-    return dict(device=device, threads=threads, size=size, seq=seq, dtype=dtype, cfg=cfg, dense_cfg=dense_cfg,
+    valid_BT = None
+    if args.padded:
+        lengths_B = torch.randint(seq // 3, seq + 1, (args.batch,), device=device)
+        valid_BT = torch.arange(seq, device=device)[None] < lengths_B[:, None]
+        ids_BT = ids_BT.clamp(min=1).masked_fill(~valid_BT, 0)  # pad id 0
+        targets_BT = torch.cat([ids_BT[:, 1:], torch.zeros_like(ids_BT[:, :1])], 1)
+        scored_BT = torch.cat([valid_BT[:, 1:], torch.zeros_like(valid_BT[:, :1])], 1)
+        scored_BT &= torch.arange(seq, device=device)[None] >= lengths_B[:, None] // 5
+        targets_BT = targets_BT.masked_fill(~scored_BT, -100)
+    return dict(valid_BT=valid_BT, device=device, threads=threads, size=size, seq=seq, dtype=dtype, cfg=cfg, dense_cfg=dense_cfg,
                 ids_BT=ids_BT, targets_BT=targets_BT)
 
 
 def build_variants(args, env, only: str | None = None) -> tuple[dict, dict]:
     """{name: step()} for every row (or just the row `only`), and facts about the HF model."""
-    device, dtype, cfg, ids_BT, targets_BT = (env[k] for k in ("device", "dtype", "cfg", "ids_BT", "targets_BT"))
+    device, dtype, cfg, ids_BT, targets_BT, valid_BT = (env[k] for k in ("device", "dtype", "cfg", "ids_BT",
+                                                                          "targets_BT", "valid_BT"))
     fused, variants, info = args.adam == "fused", {}, {}
 
     def want(name):
         return only is None or only == name
-    need_ours = any(want(n) for n in ("sputnik", "transformers", "sputnik-no-head-kernel", "sputnik+compile",
+    need_ours = any(want(n) for n in ("sputnik", "transformers", "sputnik-no-head-kernel", "sputnik-every-row", "sputnik+compile",
                                       "transformers+compile"))
     ours = Transformer(cfg) if need_ours else None  # built first: the HF model copies its weights
     if want("transformers") or (args.compile and want("transformers+compile")):
@@ -195,29 +233,31 @@ def build_variants(args, env, only: str | None = None) -> tuple[dict, dict]:
         info = dict(hf_attn=hf.config._attn_implementation,
                     hf_experts=getattr(hf.config, "_experts_implementation", None))
         if want("transformers"):
-            variants["transformers"] = make_step(hf, "hf", ids_BT, targets_BT, fused)
+            variants["transformers"] = make_step(hf, "hf", ids_BT, targets_BT, fused, valid_BT)
         if args.compile and want("transformers+compile"):
-            variants["transformers+compile"] = make_step(torch.compile(hf), "hf", ids_BT, targets_BT, fused)
+            variants["transformers+compile"] = make_step(torch.compile(hf), "hf", ids_BT, targets_BT, fused, valid_BT)
     ours = ours.to(device=device, dtype=dtype) if need_ours else None
-    if want("sputnik") or (args.ablation and want("sputnik-no-head-kernel")):
-        step = make_step(ours, "ours", ids_BT, targets_BT, fused)
+    if want("sputnik") or (args.ablation and (want("sputnik-no-head-kernel") or want("sputnik-every-row"))):
+        step = make_step(ours, "ours", ids_BT, targets_BT, fused, valid_BT)
         if want("sputnik"):
             variants["sputnik"] = step
         if args.ablation and want("sputnik-no-head-kernel"):
             variants["sputnik-no-head-kernel"] = without_head_kernel(step)
+        if args.ablation and valid_BT is not None and want("sputnik-every-row"):
+            variants["sputnik-every-row"] = every_row(step)
     if not args.no_dense and want("sputnik-dense"):
         try:
             from sputnik.model.llama import LlamaModel
 
             dense = LlamaModel(env["dense_cfg"]).to(device=device, dtype=dtype)
-            variants["sputnik-dense"] = make_step(dense, "dense", ids_BT, targets_BT, fused)
+            variants["sputnik-dense"] = make_step(dense, "dense", ids_BT, targets_BT, fused, valid_BT)
         except ImportError as e:  # the dense twin is another engineer's file
             print(f"[bench] dense twin skipped: {e}", file=sys.stderr)
     if args.compile and want("sputnik+compile"):
         # A separate copy. Inductor accepts torch._grouped_mm only in bf16 on CUDA; elsewhere the experts run
         # inside an opaque custom op (moe.block_mm), so the model compiles as one graph.
         ours_c = copy.deepcopy(ours)
-        variants["sputnik+compile"] = make_step(torch.compile(ours_c), "ours", ids_BT, targets_BT, fused)
+        variants["sputnik+compile"] = make_step(torch.compile(ours_c), "ours", ids_BT, targets_BT, fused, valid_BT)
     return variants, info
 
 
@@ -227,7 +267,7 @@ def cpu_peak_rss(args, name: str) -> int:
     freed by one variant is reused by the next without growing RSS)."""
     cmd = [sys.executable, __file__, "--mem-child", name, "--threads", str(args.threads), "--batch",
            str(args.batch), "--seq", str(args.seq), "--adam", args.adam, "--warmup", "1"]
-    cmd += [f for f, on in (("--compile", args.compile), ("--ablation", args.ablation)) if on]
+    cmd += [f for f, on in (("--compile", args.compile), ("--ablation", args.ablation), ("--padded", args.padded)) if on]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("PEAK_RSS ")]
     return int(lines[-1].split()[1]) if lines else -1
@@ -260,7 +300,7 @@ def main(argv=None) -> dict:
             step()
         sync(device)
         print(f"[bench] warmup {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    tokens = args.batch * seq
+    tokens = args.batch * seq if env["valid_BT"] is None else int(env["valid_BT"].sum())  # real tokens
     rates = {name: [] for name in variants}
     cpu_s = {name: [] for name in variants}
     peaks = {name: 0 for name in variants}
@@ -291,7 +331,7 @@ def main(argv=None) -> dict:
                          flops_per_token=ftok, mfu=ftok * med / peak_flops))
     ref = statistics.median(rates["transformers"])
     print(f"\n{size} {args.batch}x{seq} {str(dtype).removeprefix('torch.')} on {device.type} ({threads} threads), "
-          f"HF attention={info['hf_attn']} experts={info['hf_experts']}, AdamW {args.adam}; median of {args.repeats}")
+          f"{f'padded ({tokens} real tokens), ' if args.padded else ''}HF attention={info['hf_attn']} experts={info['hf_experts']}, AdamW {args.adam}; median of {args.repeats}")
     print(f"{'variant':<22}{'tok/s':>10}{'range':>20}{'vs HF':>8}{'ms/step':>9}{'cpu ms':>8}{'peak MB':>9}"
           f"{'MFU':>7}")
     for row in rows:
@@ -300,7 +340,7 @@ def main(argv=None) -> dict:
               f"{row['step_ms']:>9.1f}{row['cpu_ms_per_step']:>8.0f}{row['peak_mem_bytes'] / 2**20:>9.0f}"
               f"{row['mfu']:>7.1%}")
     result = dict(size=size, batch=args.batch, seq=seq, dtype=str(dtype), device=device.type, threads=threads,
-                  adam=args.adam, **info, torch=torch.__version__, host=platform.node(),
+                  adam=args.adam, padded=args.padded, real_tokens=tokens, **info, torch=torch.__version__, host=platform.node(),
                   peak_flops=peak_flops, repeats=args.repeats, steps=args.steps, rows=rows,
                   speedup_vs_hf=statistics.median(rates["sputnik"]) / ref)
     if args.out:

@@ -167,8 +167,8 @@ def _qwen3_moe_with_a_dense_layer(tmp_path):
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
 def test_padding_rows_are_not_computed_and_change_nothing(family, tmp_path, monkeypatch):
-    """On a CPU the FFNs (dense and experts; in DeepSeek's blocks every per-token layer) run on a
-    right-padded batch's real tokens only, and the head on the scored rows only: they see exactly the
+    """On a CPU every per-token layer of a block (norms, attention projections, dense FFNs, experts)
+    runs on a right-padded batch's real tokens only, and the head on the scored rows only: they see exactly the
     real rows, and loss, its parts, the expert load and every gradient equal those of the path that
     computes every row (CUDA's and compile's)."""
     from sputnik.model import block, llama, moe
@@ -179,10 +179,10 @@ def test_padding_rows_are_not_computed_and_change_nothing(family, tmp_path, monk
     valid_BT = torch.ones(3, 12, dtype=torch.bool)
     valid_BT[1, 7:] = valid_BT[2, 4:] = False
     ids_BT[~valid_BT], targets_BT[~valid_BT] = 0, -100
-    # every per-token FFN computation (dense MLPs, shared experts, routed experts), and in DeepSeek's
-    # blocks the attention's projections too
+    # every per-token computation: FFNs (dense MLPs, shared experts, routed experts) and the attention's
+    # projections (MLA's; Llama's q, k, v, o)
     ffns = [m for name, m in model.named_modules() if type(m).__name__ in ("MLP", "Experts")
-            or name.endswith(("kv_a_proj_with_mqa", "q_a_proj", "kv_b_proj", "o_proj")) and family == "deepseek_v3"]
+            or name.endswith(("kv_a_proj_with_mqa", "q_a_proj", "kv_b_proj", "q_proj", "k_proj", "v_proj", "o_proj"))]
     rows_seen = set()
     hooks = [m.register_forward_hook(lambda m, args, out: rows_seen.add(args[0].shape[:-1].numel())) for m in ffns]
 

@@ -54,15 +54,6 @@ def real_token_rows(valid_BT: torch.Tensor | None, x: torch.Tensor) -> torch.Ten
     return None if rows_N.numel() == valid_BT.numel() else rows_N
 
 
-def on_rows(fn, x_BTD: torch.Tensor, rows_N: torch.Tensor | None) -> torch.Tensor:
-    """fn (a per-token layer) on the rows_N of x_BTD only; the other rows of the result are 0."""
-    if rows_N is None:
-        return fn(x_BTD)
-    B, T, D = x_BTD.shape
-    y_ND = fn(x_BTD.reshape(B * T, D).index_select(0, rows_N))
-    return y_ND.new_zeros(B * T, y_ND.shape[-1]).index_copy(0, rows_N, y_ND).view(B, T, -1)
-
-
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) through `linear`."""
 

@@ -26,7 +26,7 @@ from torch import nn
 from sputnik.train.losses import linear_cross_entropy
 from sputnik.model.config import ModelConfig
 from sputnik.model.documents import document_attention
-from sputnik.model.layers import MLP, Linear, RMSNorm, on_rows, real_token_rows
+from sputnik.model.layers import MLP, Linear, RMSNorm, real_token_rows
 from sputnik.model import routing_replay
 from sputnik.model.moe import Experts
 from sputnik.model.output import ModelOutput
@@ -138,6 +138,35 @@ class LlamaAttention(nn.Module):
         q_BHTC, k_BKTC = q_BTHC.transpose(1, 2), k_BTKC.transpose(1, 2)
         return apply_rope(q_BHTC, cos, sin), apply_rope(k_BKTC, cos, sin), v_BKTC
 
+    def forward_rows(self, x_ND: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows_N: torch.Tensor,
+                     B: int, T: int) -> torch.Tensor:
+        """forward() for the real tokens of a right-padded [B, T] batch only: x_ND are its rows rows_N
+        (flat indices, layers.real_token_rows), cos/sin the [T, C] tables. Projections, q/k norms and
+        RoPE run on the N rows; q, k, v are laid out [B, heads, T, C] for the causal attention with
+        zeros at the padding, which no real query sees (right padding, causal)."""
+        n, C = x_ND.shape[0], self.head_dim
+        pos_N = rows_N % T
+        cos_N1C, sin_N1C = cos[pos_N][:, None], sin[pos_N][:, None]
+        q_NHC = self.q_proj(x_ND).view(n, self.num_heads, C)
+        k_NKC = self.k_proj(x_ND).view(n, self.num_kv_heads, C)
+        v_NKC = self.v_proj(x_ND).view(n, self.num_kv_heads, C)
+        if self.qk_norm:
+            q_NHC, k_NKC = self.q_norm(q_NHC), self.k_norm(k_NKC)
+
+        def padded_BXTC(x_NXC):
+            return x_NXC.new_zeros(B * T, *x_NXC.shape[1:]).index_copy(0, rows_N, x_NXC).view(B, T, -1, C).transpose(1, 2)
+        q_BHTC = padded_BXTC(apply_rope(q_NHC, cos_N1C, sin_N1C))
+        k_BKTC = padded_BXTC(apply_rope(k_NKC, cos_N1C, sin_N1C))
+        o_BHTC = self._attention(q_BHTC, k_BKTC, padded_BXTC(v_NKC))
+        return self.o_proj(o_BHTC.transpose(1, 2).reshape(B * T, -1).index_select(0, rows_N))
+
+    def _attention(self, q_BHTC, k_BKTC, v_BKTC) -> torch.Tensor:
+        T = q_BHTC.shape[2]
+        if self.sliding_window and T > self.sliding_window:
+            mask_TT = sliding_causal_mask(T, self.sliding_window, q_BHTC.device)
+            return F.scaled_dot_product_attention(q_BHTC, k_BKTC, v_BKTC, attn_mask=mask_TT, enable_gqa=self.gqa)
+        return F.scaled_dot_product_attention(q_BHTC, k_BKTC, v_BKTC, is_causal=True, enable_gqa=self.gqa)
+
     def _out(self, o_BHTC: torch.Tensor) -> torch.Tensor:
         B, _, T, _ = o_BHTC.shape
         return self.o_proj(o_BHTC.transpose(1, 2).reshape(B, T, -1))
@@ -149,13 +178,7 @@ class LlamaAttention(nn.Module):
         q_BHTC, k_BKTC, v_BKTC = self._qkv(x_BTD, cos, sin)
         if attend is not None:
             return self._out(attend(self, q_BHTC, k_BKTC, v_BKTC))
-        T = q_BHTC.shape[2]
-        if self.sliding_window and T > self.sliding_window:
-            mask_TT = sliding_causal_mask(T, self.sliding_window, q_BHTC.device)
-            o_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BKTC, v_BKTC, attn_mask=mask_TT, enable_gqa=self.gqa)
-        else:
-            o_BHTC = F.scaled_dot_product_attention(q_BHTC, k_BKTC, v_BKTC, is_causal=True, enable_gqa=self.gqa)
-        return self._out(o_BHTC)
+        return self._out(self._attention(q_BHTC, k_BKTC, v_BKTC))
 
 
 class SoftmaxMoE(nn.Module):
@@ -174,9 +197,21 @@ class SoftmaxMoE(nn.Module):
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
 
     def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None):
+        """-> (y_BTD, load_E, probs_E). On a CPU the padding rows of a right-padded batch are not
+        computed (layers.real_token_rows; 0 in the output)."""
         B, T, D = x_BTD.shape
-        rows_N = real_token_rows(valid_BT, x_BTD)  # on a CPU the padding rows are not computed
-        x_ND = x_BTD.reshape(-1, D) if rows_N is None else x_BTD.reshape(-1, D).index_select(0, rows_N)
+        rows_N = real_token_rows(valid_BT, x_BTD)
+        if rows_N is None:
+            y_ND, load_E, probs_E = self._forward(x_BTD.reshape(-1, D), valid_BT)
+            return y_ND.view(B, T, D), load_E, probs_E
+        y_ND, load_E, probs_E = self.forward_rows(x_BTD.reshape(-1, D).index_select(0, rows_N))
+        return y_ND.new_zeros(B * T, D).index_copy(0, rows_N, y_ND).view(B, T, D), load_E, probs_E
+
+    def forward_rows(self, x_ND: torch.Tensor):
+        """The layer on token rows that are all real (a right-padded batch's, gathered)."""
+        return self._forward(x_ND, None)
+
+    def _forward(self, x_ND: torch.Tensor, valid_BT: torch.Tensor | None):
         probs_NE = F.softmax(self.gate(x_ND), dim=-1, dtype=torch.float)
         idx_NK = routing_replay.choose(self, torch.topk(probs_NE, self.top_k, dim=-1).indices)  # RL may replay
         weight_NK = probs_NE.gather(1, idx_NK)
@@ -186,13 +221,11 @@ class SoftmaxMoE(nn.Module):
         # scatter_add_, not bincount (which sizes its output from max() and syncs: no CUDA-graph capture)
         counts_E = torch.zeros(E, dtype=torch.long, device=x_ND.device).scatter_add_(0, flat_S, torch.ones_like(flat_S))
         y_ND = self.experts(x_ND, idx_NK, weight_NK.to(x_ND.dtype), counts_E)
-        if rows_N is not None:
-            y_ND = y_ND.new_zeros(B * T, D).index_copy(0, rows_N, y_ND)
-        valid_N1 = None if valid_BT is None or rows_N is not None else valid_BT.reshape(-1, 1).to(probs_NE.dtype)
+        valid_N1 = None if valid_BT is None else valid_BT.reshape(-1, 1).to(probs_NE.dtype)
         load_E = counts_E if valid_N1 is None else torch.zeros(E, dtype=torch.long, device=x_ND.device).scatter_add_(
             0, flat_S, valid_N1.long().expand(-1, self.top_k).flatten())
         probs_E = probs_NE.sum(0) if valid_N1 is None else (probs_NE * valid_N1).sum(0)
-        return y_ND.view(B, T, D), load_E, probs_E
+        return y_ND, load_E, probs_E
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -208,12 +241,30 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x_BTD, cos, sin, attend=None, valid_BT=None):
+        """valid_BT: the real tokens of a right-padded batch (routing statistics; on a CPU the layer
+        computes those rows only and returns 0 at the padding)."""
+        rows_N = real_token_rows(valid_BT, x_BTD) if attend is None and cos.dim() == 2 else None
+        if rows_N is not None:
+            return self.forward_rows(x_BTD, cos, sin, rows_N)
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, attend)
         if isinstance(self.mlp, SoftmaxMoE):
             y_BTD, load_E, probs_E = self.mlp(self.post_attention_layernorm(x_BTD), valid_BT)
             return x_BTD + y_BTD, (load_E, probs_E)
-        h_BTD = self.post_attention_layernorm(x_BTD)
-        return x_BTD + on_rows(self.mlp, h_BTD, real_token_rows(valid_BT, h_BTD)), None
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), None
+
+    def forward_rows(self, x_BTD, cos, sin, rows_N):
+        """The layer on the real tokens rows_N of a right-padded batch: every per-token layer on N rows
+        instead of B·T; only the attention sees the [B, T] layout."""
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D).index_select(0, rows_N)
+        x_ND = x_ND + self.self_attn.forward_rows(self.input_layernorm(x_ND), cos, sin, rows_N, B, T)
+        stats = None
+        if isinstance(self.mlp, SoftmaxMoE):
+            y_ND, load_E, probs_E = self.mlp.forward_rows(self.post_attention_layernorm(x_ND))
+            stats = (load_E, probs_E)
+        else:
+            y_ND = self.mlp(self.post_attention_layernorm(x_ND))
+        return (x_ND + y_ND).new_zeros(B * T, D).index_copy(0, rows_N, x_ND + y_ND).view(B, T, D), stats
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,7 +135,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
                 valid_BT: torch.Tensor | None = None, documents_BT: torch.Tensor | None = None) -> ModelOutput:
         """targets_BT is already shifted (targets[b, t] = ids[b, t+1]; −100 = ignored). valid_BT: the
-        real tokens of a right-padded batch (bool [B, T]), so that padding is not expert load.
+        real tokens of a right-padded batch (bool [B, T]), so that padding is not expert load (on a
+        CPU the blocks skip the padding rows, whose hidden states are then 0).
         documents_BT: each token's document in a packed window (documents.py): attention, the MTP
         modules' too, stays within it."""
         offset_B = None

@@ -46,6 +46,13 @@ def _matmul_dtype(h_ND: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_ND.dtype
 
 
+def _scored_rows_only(h_ND: Tensor) -> bool:
+    """Only the scored rows through the head: SFT's prompts and padding are a third of its rows at the
+    speedrun's lengths. Not on CUDA, where the row count would cost a host sync, nor under compile (a
+    graph per count): there the ignored rows are computed and masked."""
+    return h_ND.is_cpu and not torch.compiler.is_compiling()
+
+
 def _kernels():
     from sputnik.kernels import cpu as cpu_kernels  # here, not at the top: sputnik.model imports this module
 
@@ -141,10 +148,7 @@ def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, targets_N: Tensor, *,
     """
     _check_head_args(h_ND, weight_VD, targets_N, chunk_size)
     count = (targets_N != ignore_index).sum()
-    if h_ND.is_cpu and not torch.compiler.is_compiling() and int(count) < targets_N.shape[0]:
-        # Only the scored rows through the head: SFT's prompts and padding are a third of its rows at
-        # the speedrun's lengths. (On CUDA the row count would cost a host sync, and under compile a
-        # graph per count: there the ignored rows are computed and masked.)
+    if _scored_rows_only(h_ND) and int(count) < targets_N.shape[0]:
         keep_N = (targets_N != ignore_index).nonzero().squeeze(1)
         h_ND, targets_N = h_ND.index_select(0, keep_N), targets_N.index_select(0, keep_N)
     loss = _LinearCrossEntropy.apply(h_ND, weight_VD, targets_N, ignore_index, chunk_size, _matmul_dtype(h_ND))
