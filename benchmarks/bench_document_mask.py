@@ -3,7 +3,9 @@ loss, backward) of the speedrun's model on packed windows of several documents, 
 mask, A/B interleaved in one process.
 
 Unmasked, CPU training on short windows takes MLA's blocked causal matmuls (model/layers.py); masked,
-every layer runs SDPA with a boolean [B, 1, T, T] mask. Documents: random tokens ending in the
+the same blocked matmuls within documents, skipping the key blocks before each block's documents
+(model/documents.py); "document-masked, SDPA" is the masked path a GPU takes (SDPA with a boolean
+[B, 1, T, T] mask over the full causal square), for comparison. Documents: random tokens ending in the
 end-of-text token, lengths uniform in [16, 96] (the speedrun's task documents are ~20-150 tokens).
 
     python benchmarks/bench_document_mask.py --threads 2
@@ -31,6 +33,15 @@ from sputnik.model.documents import document_ids  # noqa: E402
 EOT = 1
 
 
+def _blocked():
+    from sputnik.model import documents
+
+    return documents.blocked_attention_applies
+
+
+BLOCKED = _blocked()
+
+
 def windows(batch: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -43,7 +54,10 @@ def windows(batch: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def step_seconds(model, x_BT, y_BT, documents_BT) -> float:
+def step_seconds(model, x_BT, y_BT, documents_BT, sdpa: bool = False) -> float:
+    from sputnik.model import documents
+
+    documents.blocked_attention_applies = (lambda q: False) if sdpa else BLOCKED
     model.zero_grad(set_to_none=True)
     t = time.perf_counter()
     model(x_BT, y_BT, documents_BT=documents_BT).loss.backward()
@@ -68,12 +82,14 @@ def main() -> None:
         w = windows(args.batch, T, model.config.vocab_size, seed=T)
         x, y = w[:, :-1], w[:, 1:]
         docs = document_ids(x, EOT)
-        times = {"causal (unmasked)": [], "document-masked": []}
-        for variant, d in (("causal (unmasked)", None), ("document-masked", docs)):  # warm-up
-            step_seconds(model, x, y, d)
+        variants = (("causal (unmasked)", None, False), ("document-masked", docs, False),
+                    ("document-masked, SDPA", docs, True))
+        times = {name: [] for name, _, _ in variants}
+        for variant, d, sdpa in variants:  # warm-up
+            step_seconds(model, x, y, d, sdpa)
         for _ in range(args.repeats):
-            for variant, d in (("causal (unmasked)", None), ("document-masked", docs)):
-                times[variant].append(statistics.mean(step_seconds(model, x, y, d) for _ in range(args.steps)))
+            for variant, d, sdpa in variants:
+                times[variant].append(statistics.mean(step_seconds(model, x, y, d, sdpa) for _ in range(args.steps)))
         base = statistics.median(times["causal (unmasked)"])
         for variant, ts in times.items():
             med = statistics.median(ts)

@@ -43,6 +43,36 @@ def test_each_document_of_a_window_is_computed_as_if_alone(name):
     assert not torch.allclose(plain[5:], masked[5:], atol=1e-3)  # unmasked, later documents see earlier ones
 
 
+def test_blocked_document_attention_equals_the_masked_square_and_skips_earlier_documents():
+    """The CPU training kernel (layers.block_causal_attention with documents): outputs and gradients of
+    q, k, v equal SDPA's over the full boolean mask, and blocks score keys only from the earliest
+    document start among their queries (the blocks before it are skipped)."""
+    import torch.nn.functional as F
+
+    from sputnik.model.layers import block_causal_attention, document_starts
+
+    g = torch.Generator().manual_seed(0)
+    B, H, T, K, V = 3, 2, 100, 8, 6
+    ids_BT = torch.randint(2, 50, (B, T), generator=g)
+    for b, ends in enumerate([(20, 41, 70), (9, 55), (30, 31, 64, 90)]):
+        ids_BT[b, list(ends)] = EOT
+    documents_BT = document_ids(ids_BT, EOT)
+    assert document_starts(documents_BT)[0].tolist()[18:24] == [0, 0, 0, 21, 21, 21]
+    q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64, requires_grad=True) for d in (K, K, V))
+    o_GTV = block_causal_attention(q.reshape(B * H, T, K), k.reshape(B * H, T, K), v.reshape(B * H, T, V), 0.3,
+                                   documents_BT=documents_BT)
+    o = o_GTV.view(B, H, T, V)
+    mask_B1TT = ((documents_BT[:, :, None] == documents_BT[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril())[:, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TT, scale=0.3)
+    torch.testing.assert_close(o, ref)
+    grad = torch.randn(B, H, T, V, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(o, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b)
+    # blocks of 32: the first key each block scores, the earliest start of its first query's documents
+    # (token 32: 21 / 10 / 32 in rows 0 / 1 / 2; token 64: 42 / 56 / 32; token 96: 71 / 56 / 91)
+    assert o_GTV.grad_fn.firsts == [0, 10, 32, 56]
+
+
 def test_the_masked_loss_is_the_documents_own():
     """Training forward with targets (CE + MTP): the loss over a window of two documents equals the
     token-weighted losses of the documents alone (targets not crossing the boundary)."""

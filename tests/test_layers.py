@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sputnik.model.mla as mla_module
+import sputnik.model.layers as layers_module
 from sputnik.model.config import tiny
 from sputnik.model.layers import block_causal_attention
 from sputnik.model.mla import MLA
@@ -32,7 +32,7 @@ def test_mla_training_forward_same_with_and_without_blocked_attention(monkeypatc
     x = torch.randn(2, 48, cfg.hidden_size)
     results = []
     for limit in (2 ** 24, 0):  # blocked path, then the SDPA path
-        monkeypatch.setattr(mla_module, "BLOCK_ATTENTION_MAX", limit)
+        monkeypatch.setattr(layers_module, "BLOCK_ATTENTION_MAX", limit)
         mla.zero_grad()
         out = mla(x, cos, sin)
         out.square().sum().backward()

@@ -90,26 +90,61 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Largest B·H·T² for the blocked CPU attention: it keeps ~half the T×T probabilities (≈ 32 MB here).
+BLOCK_ATTENTION_MAX = 2 ** 24
+
+
+def blocked_attention_applies(q_BHTK: torch.Tensor) -> bool:
+    """CPU fp32 training on short sequences: the blocked matmuls below beat the flash kernel."""
+    B, H, T, _ = q_BHTK.shape
+    return (q_BHTK.device.type == "cpu" and q_BHTK.dtype == torch.float32 and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and B * H * T * T <= BLOCK_ATTENTION_MAX)
+
+
+def document_starts(documents_BT: torch.Tensor) -> torch.Tensor:
+    """The position where each token's document starts [B, T] (documents_BT: non-decreasing ids)."""
+    T = documents_BT.shape[1]
+    new_BT = torch.ones_like(documents_BT, dtype=torch.bool)
+    new_BT[:, 1:] = documents_BT[:, 1:] != documents_BT[:, :-1]
+    t_BT = torch.arange(T, device=documents_BT.device).expand_as(documents_BT)
+    return torch.where(new_BT, t_BT, 0).cummax(dim=1).values
+
+
 class _BlockCausalAttention(torch.autograd.Function):
     """o = softmax(q kᵀ·scale + causal mask) v over [G, T, ·] (G = batch·heads), one block of Q query rows
     at a time, each scoring only keys 0..end of its block: (1 + Q/T)/2 of the full T×T work. Keeps the
-    block probabilities for backward (≈ G·T²/2 numbers), so it is meant for short sequences."""
+    block probabilities for backward (≈ G·T²/2 numbers), so it is meant for short sequences.
+
+    With documents_BT (a packed window's document ids, G = B·H): a query sees only the earlier keys of
+    its own document, and each block scores keys from the start of the earliest document among its
+    queries (over the batch) only: the blocks before it, all cross-document, are skipped."""
 
     @staticmethod
-    def forward(ctx, q_GTK, k_GTK, v_GTV, scale: float, block: int):
+    def forward(ctx, q_GTK, k_GTK, v_GTV, scale: float, block: int, documents_BT):
         G, T, _ = q_GTK.shape
         qs_GTK = q_GTK * scale  # scaling q once is cheaper than scaling every score block
         causal_QQ = torch.full((block, block), float("-inf"), dtype=q_GTK.dtype, device=q_GTK.device).triu(1)
-        o_GTV, probs = v_GTV.new_empty(G, T, v_GTV.shape[-1]), []
+        o_GTV, probs, firsts = v_GTV.new_empty(G, T, v_GTV.shape[-1]), [], []
+        if documents_BT is not None:
+            B, t_T = documents_BT.shape[0], torch.arange(T, device=q_GTK.device)
+            first_keys = document_starts(documents_BT).amin(0).tolist()  # per query: the first key any row needs
         for s in range(0, T, block):
             e = min(s + block, T)
-            scores_GQS = torch.bmm(qs_GTK[:, s:e], k_GTK[:, :e].transpose(1, 2))
-            scores_GQS[:, :, s:e] += causal_QQ[: e - s, : e - s]  # the diagonal block: mask later keys
+            f = 0 if documents_BT is None else first_keys[s]
+            scores_GQS = torch.bmm(qs_GTK[:, s:e], k_GTK[:, f:e].transpose(1, 2))
+            if documents_BT is None:
+                scores_GQS[:, :, s:e] += causal_QQ[: e - s, : e - s]  # the diagonal block: mask later keys
+            else:
+                allowed_BQS = ((documents_BT[:, s:e, None] == documents_BT[:, None, f:e])
+                               & (t_T[s:e, None] >= t_T[None, f:e]))
+                scores_GQS.view(B, G // B, e - s, e - f).masked_fill_(~allowed_BQS[:, None], float("-inf"))
             p_GQS = torch.softmax(scores_GQS, dim=-1)
-            o_GTV[:, s:e] = torch.bmm(p_GQS, v_GTV[:, :e])
+            o_GTV[:, s:e] = torch.bmm(p_GQS, v_GTV[:, f:e])
             probs.append(p_GQS)
+            firsts.append(f)
         ctx.save_for_backward(qs_GTK, k_GTK, v_GTV, *probs)
-        ctx.scale, ctx.block = scale, block
+        ctx.scale, ctx.block, ctx.firsts = scale, block, firsts
         return o_GTV
 
     @staticmethod
@@ -117,16 +152,16 @@ class _BlockCausalAttention(torch.autograd.Function):
         qs_GTK, k_GTK, v_GTV, *probs = ctx.saved_tensors
         grad_q_GTK = torch.empty_like(qs_GTK)
         grad_k_GTK, grad_v_GTV = torch.zeros_like(k_GTK), torch.zeros_like(v_GTV)
-        for p_GQS, s in zip(probs, range(0, qs_GTK.shape[1], ctx.block)):
+        for p_GQS, s, f in zip(probs, range(0, qs_GTK.shape[1], ctx.block), ctx.firsts):
             e = s + p_GQS.shape[1]
             grad_o_GQV = grad_o_GTV[:, s:e]
-            _add_bmm_(grad_v_GTV[:, :e], p_GQS.transpose(1, 2), grad_o_GQV)
-            grad_p_GQS = torch.bmm(grad_o_GQV, v_GTV[:, :e].transpose(1, 2))
+            _add_bmm_(grad_v_GTV[:, f:e], p_GQS.transpose(1, 2), grad_o_GQV)
+            grad_p_GQS = torch.bmm(grad_o_GQV, v_GTV[:, f:e].transpose(1, 2))
             # softmax backward: ds = p ⊙ (dp − Σ_s p·dp)
             grad_s_GQS = torch._softmax_backward_data(grad_p_GQS, p_GQS, -1, p_GQS.dtype)
-            grad_q_GTK[:, s:e] = torch.bmm(grad_s_GQS, k_GTK[:, :e])
-            _add_bmm_(grad_k_GTK[:, :e], grad_s_GQS.transpose(1, 2), qs_GTK[:, s:e])
-        return grad_q_GTK.mul_(ctx.scale), grad_k_GTK, grad_v_GTV, None, None
+            grad_q_GTK[:, s:e] = torch.bmm(grad_s_GQS, k_GTK[:, f:e])
+            _add_bmm_(grad_k_GTK[:, f:e], grad_s_GQS.transpose(1, 2), qs_GTK[:, s:e])
+        return grad_q_GTK.mul_(ctx.scale), grad_k_GTK, grad_v_GTV, None, None, None
 
 
 def _add_bmm_(acc_GXY: torch.Tensor, a_GXZ: torch.Tensor, b_GZY: torch.Tensor) -> None:
@@ -140,11 +175,12 @@ def _add_bmm_(acc_GXY: torch.Tensor, a_GXZ: torch.Tensor, b_GZY: torch.Tensor) -
 
 
 def block_causal_attention(q_GTK: torch.Tensor, k_GTK: torch.Tensor, v_GTV: torch.Tensor, scale: float,
-                           block: int = 32) -> torch.Tensor:
+                           block: int = 32, documents_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention for short sequences on CPU: plain batched matmuls that skip the masked half.
     Measured on tiny (G = 32, T = 256, K = 48, V = 32, 1 thread) fwd+bwd 25-30 ms vs 30-37 ms for the
-    CPU flash kernel with V padded to K (which also computes the padding). Blocks of 96 are faster
-    (LOG.md, stop 18; fwd+bwd, G = 64, 2 threads, ms at blocks 32 / 96: T = 74 2.67 / 1.88, T = 256
-    13.8 / 13.0) but change the pretraining's rounding, and the tiny speedrun is chaotic in it (SFT
-    0.85 -> 0.45 on one machine): kept at 32 so published speedrun figures reproduce."""
-    return _BlockCausalAttention.apply(q_GTK, k_GTK, v_GTV, scale, block)
+    CPU flash kernel with V padded to K (which also computes the padding). Blocks of 96 were faster on
+    the Intel VM of stop 18 (fwd+bwd, G = 64, 2 threads, ms at blocks 32 / 96: T = 74 2.67 / 1.88) and
+    are slower on this AMD VM (T = 90 2.34 / 2.88, T = 128 4.26 / 4.34; LOG.md stop 32); another block
+    also changes the pretraining's rounding, in which the tiny speedrun is chaotic (SFT 0.85 -> 0.45
+    on one machine). documents_BT: attention within each document of a packed window (see the class)."""
+    return _BlockCausalAttention.apply(q_GTK, k_GTK, v_GTV, scale, block, documents_BT)

@@ -16,11 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sputnik.model.config import ModelConfig
-from sputnik.model.layers import RMSNorm, block_causal_attention
+from sputnik.model.layers import RMSNorm, block_causal_attention, blocked_attention_applies
 from sputnik.model.rope import apply_rope, softmax_scale
-
-# Largest B·H·T² for the blocked CPU attention: it keeps ~half the T×T probabilities (≈ 32 MB here).
-BLOCK_ATTENTION_MAX = 2 ** 24
 
 
 class MLA(nn.Module):
@@ -108,9 +105,7 @@ class MLA(nn.Module):
         """o_BHTV = softmax(s · q kᵀ + causal) v: blocked matmuls for short CPU training sequences,
         fused SDPA otherwise."""
         B, H, T, K = q_BHTK.shape
-        if (q_BHTK.device.type == "cpu" and q_BHTK.dtype == torch.float32 and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-                and B * H * T * T <= BLOCK_ATTENTION_MAX):
+        if blocked_attention_applies(q_BHTK):
             # CPU training on short sequences: blocked matmuls beat the flash kernel (layers.py)
             o_GTV = block_causal_attention(q_BHTK.reshape(B * H, T, K), k_BHTK.reshape(B * H, T, K),
                                            v_BHTV.reshape(B * H, T, self.V), self.scale)
