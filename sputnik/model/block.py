@@ -55,4 +55,5 @@ class Block(nn.Module):
             y_ND, routing = self.mlp.forward_rows(x_ND, valid_BT, rows_N)
         else:
             y_ND, routing = self.mlp(x_ND), None
-        return (h_ND + y_ND).new_zeros(B * T, D).index_copy(0, rows_N, h_ND + y_ND).view(B, T, D), routing
+        out_ND = h_ND + y_ND
+        return out_ND.new_zeros(B * T, D).index_copy(0, rows_N, out_ND).view(B, T, D), routing

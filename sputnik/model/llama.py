@@ -264,7 +264,8 @@ class LlamaDecoderLayer(nn.Module):
             stats = (load_E, probs_E)
         else:
             y_ND = self.mlp(self.post_attention_layernorm(x_ND))
-        return (x_ND + y_ND).new_zeros(B * T, D).index_copy(0, rows_N, x_ND + y_ND).view(B, T, D), stats
+        out_ND = x_ND + y_ND
+        return out_ND.new_zeros(B * T, D).index_copy(0, rows_N, out_ND).view(B, T, D), stats
 
 
 # ---------------------------------------------------------------------------------------------
