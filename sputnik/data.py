@@ -191,6 +191,20 @@ class PackedDataset(_Loader):
 
 # ---------------------------------------------------------------------------------------------
 # SFT: (prompt, completion) pairs -> right-padded batches with loss-masked targets
+def right_padding_mask(input_ids_BT: torch.Tensor, pad_id: int, targets_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [B, T]: each row's positions up to its last real token, for a right-padded batch. Not
+    `ids != pad_id`: a tokenizer whose pad token is its end-of-turn token (Llama 3 without a pad
+    token: pad = eos = <|eot_id|>) has that token inside conversations, and those positions are real.
+    A position is real up to the last one whose input is not the pad id or whose target is scored."""
+    real_BT = input_ids_BT != pad_id
+    if targets_BT is not None:
+        real_BT = real_BT | (targets_BT != IGNORE_INDEX)
+    T = input_ids_BT.shape[1]
+    t_T = torch.arange(1, T + 1, device=input_ids_BT.device)
+    end_B = (real_BT * t_T).amax(dim=1)  # one past the last real position (0 for an empty row)
+    return t_T[None, :] <= end_B[:, None]
+
+
 class SFTBatches(_Loader):
     """Yields (input_ids [B, T], targets [B, T]) int64. For a rendered chat ids[0..L) with loss
     mask m: inputs = ids[:-1], targets[t] = ids[t+1] if m[t+1] else -100; rows are right-padded

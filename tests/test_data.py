@@ -211,3 +211,16 @@ def test_check_vocab(tok):
     check_vocab(tok, tok.vocab_size)
     with pytest.raises(ValueError, match=f"tokenizer vocab_size {tok.vocab_size} exceeds the model's vocab_size 256"):
         check_vocab(tok, 256)
+
+
+def test_right_padding_mask_keeps_pad_id_tokens_inside_a_row():
+    """A tokenizer whose pad token is its end-of-turn token (Llama 3: pad = eos = <|eot_id|>) has
+    that token inside conversations: those positions are real, only the trailing ones are padding;
+    a scored target marks its position real even where the input equals the pad id."""
+    from sputnik.data import right_padding_mask
+
+    pad = 9
+    ids = torch.tensor([[4, 9, 5, 6, 9, 9], [9, 3, 4, 9, 9, 9], [9, 9, 9, 9, 9, 9]])
+    targets = torch.tensor([[-100, 5, 6, -100, -100, -100], [-100, 4, 9, 9, -100, -100], [-100] * 6])
+    assert right_padding_mask(ids, pad).int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [0] * 6]
+    assert right_padding_mask(ids, pad, targets).int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0], [0] * 6]

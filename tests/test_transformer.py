@@ -210,3 +210,23 @@ def test_padding_rows_are_not_computed_and_change_nothing(family, tmp_path, monk
     assert grads.keys() == ref_grads.keys()
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_mask_that_is_not_a_right_padding_computes_every_row():
+    """The row path gives padding zero keys and values, which only a right padding hides from every
+    real query; a mask with a hole (a False before a True) falls back to computing every row."""
+    from sputnik.model.layers import real_token_rows
+
+    x_BTD = torch.zeros(2, 5, 4)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    holed = torch.tensor([[1, 0, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert real_token_rows(right, x_BTD).tolist() == [0, 1, 2, 5, 6, 7, 8, 9]
+    assert real_token_rows(holed, x_BTD) is None
+    torch.manual_seed(0)
+    model = Transformer(small()).train()
+    ids_BT, targets_BT = batch(B=2, T=10)
+    valid_BT = torch.ones(2, 10, dtype=torch.bool)
+    valid_BT[0, 3] = False
+    out = model(ids_BT, targets_BT, valid_BT)
+    ref = model(ids_BT, targets_BT)  # every row, every token attended
+    torch.testing.assert_close(out.ce_loss, ref.ce_loss, rtol=1e-6, atol=1e-7)

@@ -43,12 +43,16 @@ def real_token_rows(valid_BT: torch.Tensor | None, x: torch.Tensor) -> torch.Ten
     FFNs, the experts) skip the padding rows: a quarter of an SFT batch at the speedrun's lengths
     (LOG.md, stop 32). None = run on every row: no mask, no padding, a routing tape active (replayed
     routing is indexed by the rows of the router call), or where a data-dependent row count costs
-    more than the padding rows (CUDA: a host sync; torch.compile: a graph per count)."""
+    more than the padding rows (CUDA: a host sync; torch.compile: a graph per count). Also None when
+    valid_BT is not a right padding (a False before a True in a row): the row path gives padding
+    zero keys and values, which only a right padding hides from every real query (causal)."""
     if valid_BT is None:
         return None
     if valid_BT.shape != x.shape[:-1]:
         raise ValueError(f"valid_BT has shape {tuple(valid_BT.shape)}, the tokens of this forward are {list(x.shape[:-1])}")
     if not x.is_cpu or torch.compiler.is_compiling() or routing_replay.tape_active():
+        return None
+    if valid_BT.dim() == 2 and bool((valid_BT[:, 1:] & ~valid_BT[:, :-1]).any()):
         return None
     rows_N = valid_BT.reshape(-1).nonzero().squeeze(1)
     return None if rows_N.numel() == valid_BT.numel() else rows_N

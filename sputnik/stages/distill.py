@@ -31,6 +31,7 @@ import torch
 
 from sputnik.common import atomic_write_text, print0
 from sputnik.config import RunConfig, add_config_args, build, config_from_args, knob
+from sputnik.data import right_padding_mask
 from sputnik.inference.engine import Engine
 from sputnik.inference.sampling import SamplingParams
 from sputnik.model.config import ModelConfig
@@ -206,7 +207,7 @@ def divergence_fn(cfg: "Config"):
 def kd_loss(student, teacher, ids_BT, mask_BT, cfg: Config, pad_id: int):
     """Mean per-token divergence over completion positions (mask_BT marks positions whose next
     token is part of the completion) -> (loss, the student's expert load; padding is not load)."""
-    h = student.hidden_states(ids_BT, ids_BT != pad_id)
+    h = student.hidden_states(ids_BT, right_padding_mask(ids_BT, pad_id))
     with torch.no_grad():
         h_t = teacher.hidden_states(ids_BT).hidden
     m = mask_BT.bool()

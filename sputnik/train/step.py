@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from sputnik import distributed as dist_lib
+from sputnik.data import right_padding_mask
 from sputnik.model.documents import document_ids
 from sputnik.train.balance import ExpertLoad
 from sputnik.train.loading import flops_per_token
@@ -29,7 +30,7 @@ def forward_backward(s, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], 
     for i, (x_BT, y_BT) in enumerate(micro_batches):
         x_BT, y_BT = x_BT.to(s.device), y_BT.to(s.device)
         weight = n_local[i] / max(n_global, 1.0)
-        valid_BT = x_BT != pad_id if pad_id is not None else None
+        valid_BT = right_padding_mask(x_BT, pad_id, y_BT) if pad_id is not None else None
         with dist_lib.maybe_no_sync(s.model, i == len(micro_batches) - 1), s.amp():
             out = s.model(x_BT, y_BT, valid_BT, **documents(s, x_BT, document_mask))
         load.add(out.expert_load)
