@@ -245,12 +245,16 @@ def build_variants(args, env, only: str | None = None) -> tuple[dict, dict]:
             variants["sputnik-no-head-kernel"] = without_head_kernel(step)
         if args.ablation and valid_BT is not None and want("sputnik-every-row"):
             variants["sputnik-every-row"] = every_row(step)
-    if not args.no_dense and want("sputnik-dense"):
+    if not args.no_dense and (want("sputnik-dense") or (args.ablation and want("sputnik-dense-every-row"))):
         try:
             from sputnik.model.llama import LlamaModel
 
             dense = LlamaModel(env["dense_cfg"]).to(device=device, dtype=dtype)
-            variants["sputnik-dense"] = make_step(dense, "dense", ids_BT, targets_BT, fused, valid_BT)
+            dense_step = make_step(dense, "dense", ids_BT, targets_BT, fused, valid_BT)
+            if want("sputnik-dense"):
+                variants["sputnik-dense"] = dense_step
+            if args.ablation and valid_BT is not None and want("sputnik-dense-every-row"):
+                variants["sputnik-dense-every-row"] = every_row(dense_step)
         except ImportError as e:  # the dense twin is another engineer's file
             print(f"[bench] dense twin skipped: {e}", file=sys.stderr)
     if args.compile and want("sputnik+compile"):
@@ -322,7 +326,7 @@ def main(argv=None) -> dict:
     peak_flops = DEFAULTS["peak_flops"][key] * (threads if device.type == "cpu" else 1)
     rows = []
     for name in variants:
-        flops_cfg = dense_cfg if name == "sputnik-dense" else cfg
+        flops_cfg = dense_cfg if name.startswith("sputnik-dense") else cfg
         ftok = flops_per_token(flops_cfg, seq, training=True, include_mtp=False)["total"]
         med = statistics.median(rates[name])
         rows.append(dict(name=name, tokens_per_s=med, min=min(rates[name]), max=max(rates[name]),
