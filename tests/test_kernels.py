@@ -295,6 +295,58 @@ def test_layers_linear_takes_the_kernel_only_for_decode_sized_no_grad_calls(monk
     assert calls == [(2, 1, 6)]
 
 
+@needs_linear
+@pytest.mark.parametrize("rows", [1, 5, 13, 64, 300])
+def test_linear_packed_equals_f_linear(rows):
+    """Every row-block size (12, 8, 4, 2, 1 with AVX-512) and a last strip narrower than the rest."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 77, generator=g)
+    w = torch.randn(130, 77, generator=g)  # 130 = 4·32 + 2
+    packed = cpu_kernels.pack_linear(w)
+    y = cpu_kernels.linear_packed(x, packed, 130)
+    assert y.shape == (rows, 1, 130)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert cpu_kernels.linear_packed(x[:0], packed, 130).shape == (0, 1, 130)
+
+
+@needs_linear
+def test_linear_packed_rejects_bad_input():
+    packed = cpu_kernels.pack_linear(torch.randn(40, 6))
+    with pytest.raises(ValueError, match="40 outputs"):
+        cpu_kernels.linear_packed(torch.randn(2, 7), packed, 40)  # another input width
+    with pytest.raises(ValueError, match="70 outputs"):
+        cpu_kernels.linear_packed(torch.randn(2, 6), packed, 70)  # more outputs than the strips hold
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        cpu_kernels.linear_packed(torch.randn(2, 6, dtype=torch.float64), packed, 40)
+
+
+@needs_linear
+def test_the_deepseek_decode_head_is_packed_on_a_cpu_and_equals_the_model():
+    """The decode LM head of our DeepSeek-V3 runs through linear_packed in fp32 on a CPU (and a
+    [D, V] copy with the kernels off), with the model's own logits either way."""
+    from sputnik.inference.deepseek import DeepSeekCachedModel
+    from sputnik.model import Transformer
+    from sputnik.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                    moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                                    num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                                    qk_rope_head_dim=8, v_head_dim=8, num_nextn_predict_layers=0)).eval()
+    ids = torch.randint(0, 100, (3, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    for enabled, dims in ((True, 3), (False, 2)):
+        cpu_kernels.use_cpu_kernels(enabled)
+        try:
+            cm = DeepSeekCachedModel(model)
+            assert cm.lm_head().dim() == dims
+            logits = cm.forward_cached(ids, cm.new_cache(3, 16), torch.zeros(3, dtype=torch.long))
+        finally:
+            cpu_kernels.use_cpu_kernels(True)
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # sample_rows (softmax_rows.c): the engine's plain sampling on a CPU
 needs_softmax = pytest.mark.skipif(not cpu_kernels.softmax_rows_available(), reason="no C compiler for the CPU kernel")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from sputnik.kernels.cpu import linear_packed, linear_rows_available, pack_linear
 from sputnik.inference.mla_decode import DecodeStep, MLACache, mla_decode, mla_decode_weights, rms_norm_rows
 from sputnik.inference.moe_decode import FEW_TOKENS, ffn_decode_weights, mlp_rows, moe_few_tokens
 from sputnik.inference.weights import cached_weights
@@ -64,7 +65,13 @@ def static_step(model: Transformer, tok_B: torch.Tensor, cache: MLACache, cache_
     h_ND = embed_rows(model, tok_B[:, None], cache, cache_seqlens_B)
     for layer, w in zip(model.model.layers, weights["layers"]):
         h_ND = decode_block(layer, h_ND, step, cache, w)
-    return torch.mm(rms_norm_rows(h_ND, model.model.norm), weights["lm_head"])
+    return lm_head_logits(rms_norm_rows(h_ND, model.model.norm), weights["lm_head"], model.lm_head.weight.shape[0])
+
+
+def lm_head_logits(x_ND: torch.Tensor, head: torch.Tensor, vocab: int) -> torch.Tensor:
+    """x_ND times the LM head as DeepSeekCachedModel.lm_head holds it: packed strips for the CPU
+    kernel (3 dims), else a [D, V] copy for torch.mm."""
+    return linear_packed(x_ND, head, vocab) if head.dim() == 3 else torch.mm(x_ND, head)
 
 
 class DeepSeekCachedModel:
@@ -103,9 +110,9 @@ class DeepSeekCachedModel:
         if logits_at_B is not None:  # the lm_head on B rows instead of B·T
             assert not return_hidden, "logits_at_B drops the other positions' hidden states"
             rows_B = torch.arange(B, device=h_ND.device) * T + logits_at_B
-            return torch.mm(rms_norm_rows(h_ND[rows_B], m.model.norm), self._lm_head_t())
+            return self._logits(rms_norm_rows(h_ND[rows_B], m.model.norm))
         h_ND = rms_norm_rows(h_ND, m.model.norm)
-        logits_BTV = torch.mm(h_ND, self._lm_head_t()).view(B, T, -1)
+        logits_BTV = self._logits(h_ND).view(B, T, -1)
         return (logits_BTV, h_ND.view(B, T, -1)) if return_hidden else logits_BTV
 
     @torch.no_grad()
@@ -122,7 +129,7 @@ class DeepSeekCachedModel:
         merged_N2D = torch.cat([rms_norm_rows(m.model.embed_tokens(next_ids_BT.reshape(-1)), module.enorm),
                                 rms_norm_rows(h_BTD.reshape(-1, D), module.hnorm)], dim=-1)
         h_ND = decode_block(module, module.eh_proj(merged_N2D), step, cache, prefill=True)
-        logits_ND = torch.mm(rms_norm_rows(h_ND, module.shared_head.norm), self._lm_head_t())
+        logits_ND = self._logits(rms_norm_rows(h_ND, module.shared_head.norm))
         return logits_ND.view(B, T, -1), h_ND.view(B, T, D)
 
     def step_weights(self) -> dict:
@@ -130,7 +137,7 @@ class DeepSeekCachedModel:
         layer the attention's and the FFN's, the lm_head [D, V] and the RoPE tables. Fetched once per
         wave (re-fetching them each step was ~15% of a batch-1 step)."""
         layers = [(mla_decode_weights(layer.self_attn), ffn_decode_weights(layer.mlp)) for layer in self.model.model.layers]
-        return {"layers": layers, "lm_head": self._lm_head_t(), "rope": self._rope_tables()}
+        return {"layers": layers, "lm_head": self.lm_head(), "rope": self._rope_tables()}
 
     @torch.no_grad()
     def step(self, tok_B: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor, weights: dict | None = None,
@@ -147,10 +154,17 @@ class DeepSeekCachedModel:
             return step_fn(self.model, tok_B, cache, cache_seqlens_B, weights)
         return static_step(self.model, tok_B, cache, cache_seqlens_B, weights, kv_len=longest + 1)
 
-    def _lm_head_t(self) -> torch.Tensor:
-        """lm_head weight as a cached [D, V] copy: decode calls torch.mm directly."""
+    def lm_head(self) -> torch.Tensor:
+        """The LM head as decode multiplies by it, a cached copy: on a CPU in fp32 packed into strips
+        for kernels/linear_rows.c (1.4-2.8x MKL at 1-128 rows here, LOG.md stop 32), else [D, V] for
+        torch.mm. lm_head_logits takes either."""
         w = self.model.lm_head.weight
+        if w.is_cpu and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and linear_rows_available():
+            return cached_weights(self.model.lm_head, "lm_head_packed", [w], lambda: pack_linear(w), cast=False)
         return cached_weights(self.model.lm_head, "lm_head_t", [w], lambda: w.t().contiguous())
+
+    def _logits(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return lm_head_logits(x_ND, self.lm_head(), self.model.lm_head.weight.shape[0])
 
     def _decode_step(self, cache: MLACache, cache_seqlens_B: torch.Tensor, num_new: int) -> DecodeStep:
         """Per-step state shared by all layers; RoPE tables re-laid out once for mla_decode."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from sputnik.inference.weights import cached_weights
-from sputnik.kernels.cpu import llama_step_library, pack_strips
+from sputnik.kernels.cpu import llama_step_library, pack_linear
 
 MAX_ROWS = 64  # past this the torch path's MKL GEMMs are as fast
 PACKED_MIN_ROWS = 8  # from here the packed copy's register blocks beat the row-major tiles
@@ -76,7 +76,7 @@ class DecodeWeights:
 def pack_rows(w_OI: torch.Tensor) -> torch.Tensor:
     """[O, I] -> [ceil(O / C), I, C] strips, C = llama_step_pack_cols(): strip s holds output columns
     s·C ... as [I, C] rows, zero past O (rows_gemm.h's gemm_packed)."""
-    return pack_strips(w_OI.detach().float().t()[None], cols=llama_step_library().llama_step_pack_cols())[0]
+    return pack_linear(w_OI, cols=llama_step_library().llama_step_pack_cols())
 
 
 def _weight(linear) -> torch.Tensor:

@@ -9,7 +9,9 @@ already (a C compiler):
     (losses.token_logprobs, the GRPO update's LM head), one pass per row instead of 5-7 ATen passes;
   - linear_rows.c: linear layers over a few rows (decode steps, short prefills: up to 64), which
     read each weight once at close to the memory bandwidth (one row) or run 1.2-2x MKL's small-M
-    GEMM (16-64 rows);
+    GEMM (16-64 rows) on the Intel VM of stop 25 (0.5-0.8x on the AMD VM of stop 32); and
+    linear_packed, any number of rows against a weight packed once into strips (llama_step.c's
+    product), which our DeepSeek-V3's decode LM head uses;
   - llama_step.c: a whole decode step of the dense Llama family in one call (inference/llama_decode.py
     builds its weight table), the same loops as linear_rows.c (rows_gemm.h) without ~200 ATen ops.
 A library is cached under
@@ -53,7 +55,8 @@ _SIGNATURES = {
     SOFTMAX_SOURCE: {"softmax_rows_forward": ([_P, _P, _I64, _I64, _P, _P, _P, _I32], _I32),
                      "sample_rows": ([_P, _P, _I64, _I64, ctypes.c_float, _P, _P, _I32], _I32),
                      "softmax_rows_backward": ([_P] * 7 + [_I64, _I64, _I32], _I32)},
-    LINEAR_SOURCE: {"linear_rows": ([_P] * 4 + [_I64] * 3 + [_I32], _I32), "linear_rows_max": ([], _I32)},
+    LINEAR_SOURCE: {"linear_rows": ([_P] * 4 + [_I64] * 3 + [_I32], _I32), "linear_rows_max": ([], _I32),
+                    "linear_packed": ([_P] * 5 + [_I64] * 3 + [_I32], _I32), "linear_packed_cols": ([], _I32)},
     LLAMA_STEP_SOURCE: {"llama_forward": ([_P] * 4 + [_I64] + [_P] * 2 + [_I64, _I64, _P, _I64, _P, _I32], _I32),
                         "llama_step_pack_cols": ([], _I32)},
 }
@@ -335,3 +338,49 @@ _LIB.impl("linear_rows", _linear_rows, "CPU")
 torch.library.register_fake("sputnik::linear_rows", lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]),
                             lib=_LIB)
 linear_rows = torch.ops.sputnik.linear_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed linear (linear_rows.c's linear_packed): llama_step.c's register-blocked product for one layer.
+# Our DeepSeek-V3's decode LM head goes through it: [N, 256] x [256, 4096] ran 1.4-2.8x MKL's GEMM at
+# 1-128 rows and no slower at 1,024 (2 threads, AMD EPYC; LOG.md stop 32).
+
+
+def pack_linear(w_OI: torch.Tensor, cols: int | None = None) -> torch.Tensor:
+    """A linear layer's weight [O, I] -> [ceil(O / C), I, C] strips (zero past O), C = cols or the
+    packed kernels' column count."""
+    C = cols or _linear_library().linear_packed_cols()
+    return pack_strips(w_OI.detach().float().t()[None], cols=C)[0]
+
+
+def _linear_library():
+    lib = _library(LINEAR_SOURCE)
+    if lib is None:
+        raise RuntimeError("the CPU linear kernel is not available on this machine (see the warning above)")
+    return lib
+
+
+def _linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [..., I] times the weight that pack_linear packed ([O, I], O = out_features), transposed:
+    F.linear's values up to rounding, fp32 CPU tensors."""
+    lib = _linear_library()
+    S, I, C = packed.shape
+    if not (x.is_cpu and packed.is_cpu and x.dtype == packed.dtype == torch.float32 and x.shape[-1] == I
+            and packed.is_contiguous() and C == lib.linear_packed_cols() and (S - 1) * C < out_features <= S * C):
+        raise ValueError(f"linear_packed: fp32 CPU x [..., {I}] and a weight packed by pack_linear, "
+                         f"{out_features} outputs in {S} strips of {C}")
+    x2 = x.reshape(-1, I).contiguous()
+    N = x2.shape[0]
+    y = torch.empty(N, out_features, dtype=torch.float32)
+    if N:
+        scratch = torch.empty(N, I)  # x regrouped for the product (held here: the C call writes it)
+        lib.linear_packed(x2.data_ptr(), packed.data_ptr(), None, y.data_ptr(), scratch.data_ptr(),
+                          N, out_features, I, torch.get_num_threads())
+    return y.view(*x.shape[:-1], out_features)
+
+
+_LIB.define("linear_packed(Tensor x, Tensor packed, int out_features) -> Tensor")
+_LIB.impl("linear_packed", _linear_packed, "CPU")
+torch.library.register_fake("sputnik::linear_packed",
+                            lambda x, packed, out_features: x.new_empty(*x.shape[:-1], out_features), lib=_LIB)
+linear_packed = torch.ops.sputnik.linear_packed

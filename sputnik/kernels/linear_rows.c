@@ -18,3 +18,19 @@ int linear_rows(const float *restrict x, const float *restrict w, const float *r
     gemm_rows(x, w, bias, y, N, O, I, 0);
     return 0;
 }
+
+/* y = x W^T (+ b) with W pre-packed into strips (rows_gemm.h's gemm_packed; pack with
+   kernels/cpu.py pack_strips at linear_packed_cols() columns): the register-blocked product of
+   llama_step.c for any linear layer. xp: scratch [N, I] for x regrouped by interleave_rows. */
+int linear_packed(const float *restrict x, const float *restrict wp, const float *restrict bias, float *restrict y,
+                  float *restrict xp, int64_t N, int64_t O, int64_t I, int nthreads) {
+    if (N < 1) return -1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        interleave_rows(x, xp, N, I); /* an omp for: its barrier ends before the product reads xp */
+        gemm_packed(xp, wp, bias, y, N, O, I, 0);
+    }
+    return 0;
+}
+
+int linear_packed_cols(void) { return gemm_packed_cols(); }

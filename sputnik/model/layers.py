@@ -16,8 +16,8 @@ from sputnik.model import routing_replay
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except a few rows on a CPU without autograd (≤ 64 rows, fp32: decode steps, short
     prefills), which go to kernels/linear_rows.c: ~2x ATen's GEMV bandwidth at one row, 1.2-2x MKL's
-    small-M GEMM at 16-64 rows. Same values up to rounding; the torch path when the kernels are off
-    or unbuilt, and for training (autograd)."""
+    small-M GEMM at 16-64 rows on stop 25's Intel VM (0.5-0.8x on stop 32's AMD VM). Same values up
+    to rounding; the torch path when the kernels are off or unbuilt, and for training (autograd)."""
     if (not torch.is_grad_enabled() and x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.numel() <= LINEAR_MAX_ROWS * x.shape[-1] and linear_rows_available()):
         return linear_rows(x, weight, bias)
