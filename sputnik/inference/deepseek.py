@@ -134,7 +134,7 @@ class DeepSeekCachedModel:
 
     def step_weights(self) -> dict:
         """Every parameter-derived tensor a decode step reads, as current copies (weights.py): per
-        layer the attention's and the FFN's, the lm_head [D, V] and the RoPE tables. Fetched once per
+        layer the attention's and the FFN's, the LM head (lm_head()) and the RoPE tables. Fetched once per
         wave (re-fetching them each step was ~15% of a batch-1 step)."""
         layers = [(mla_decode_weights(layer.self_attn), ffn_decode_weights(layer.mlp)) for layer in self.model.model.layers]
         return {"layers": layers, "lm_head": self.lm_head(), "rope": self._rope_tables()}
