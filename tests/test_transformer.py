@@ -230,3 +230,34 @@ def test_a_mask_that_is_not_a_right_padding_computes_every_row():
     out = model(ids_BT, targets_BT, valid_BT)
     ref = model(ids_BT, targets_BT)  # every row, every token attended
     torch.testing.assert_close(out.ce_loss, ref.ce_loss, rtol=1e-6, atol=1e-7)
+
+
+def test_the_sft_step_keeps_pad_id_tokens_inside_a_row_real(monkeypatch):
+    """A tokenizer whose pad token is its end-of-turn token (Llama 3: pad = eos) has it inside rows:
+    the SFT step's mask keeps those positions real, so the row path runs on every real token and the
+    loss equals the unmasked forward's (the padding after a row's end never changes it)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from sputnik.distributed import DistInfo
+    from sputnik.model import block
+    from sputnik.train.balance import ExpertLoad
+    from sputnik.train.step import forward_backward
+
+    torch.manual_seed(0)
+    model = Transformer(small()).train()
+    PAD = 3
+    ids_BT, targets_BT = batch(B=2, T=10)
+    ids_BT[ids_BT == PAD] = PAD + 1
+    ids_BT[0, 4] = PAD  # an end-of-turn token inside row 0
+    ids_BT[1, 6:], targets_BT[1, 6:] = PAD, -100  # row 1: 6 real tokens, then padding
+    rows_seen = []
+    real_rows = block.real_token_rows
+    monkeypatch.setattr(block, "real_token_rows", lambda v, x: rows_seen.append(real_rows(v, x)) or rows_seen[-1])
+    s = SimpleNamespace(model=model, device=torch.device("cpu"), tokenizer=SimpleNamespace(pad_id=PAD, eot_id=PAD),
+                        dist=DistInfo(), amp=contextlib.nullcontext)
+    m = forward_backward(s, [(ids_BT, targets_BT)], ExpertLoad())
+    assert rows_seen[0] is not None and rows_seen[0].numel() == 10 + 6
+    with torch.no_grad():
+        ref = model(ids_BT, targets_BT)
+    assert m["ce"] == pytest.approx(float(ref.ce_loss), rel=1e-5)
