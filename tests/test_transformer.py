@@ -258,6 +258,7 @@ def test_the_sft_step_keeps_pad_id_tokens_inside_a_row_real(monkeypatch):
                         dist=DistInfo(), amp=contextlib.nullcontext)
     m = forward_backward(s, [(ids_BT, targets_BT)], ExpertLoad())
     assert rows_seen[0] is not None and rows_seen[0].numel() == 10 + 6
+    assert m["real_tokens"] == 16  # what throughput and MFU count (the ledger counts all 20 positions)
     with torch.no_grad():
         ref = model(ids_BT, targets_BT)
     assert m["ce"] == pytest.approx(float(ref.ce_loss), rel=1e-5)

@@ -67,7 +67,8 @@ class Progress:
 
 
 class Throughput:
-    """Tokens/s and MFU (model FLOPs / (seconds x nominal peak)) between two reads."""
+    """Tokens/s and MFU (model FLOPs / (seconds x nominal peak)) between two reads, of real tokens:
+    a padded batch's padding is not counted (the ledger's FLOPs count it)."""
 
     def __init__(self, peak: float | None):
         self.peak, self.tokens, self.flops, self.t0 = peak, 0, 0.0, time.time()

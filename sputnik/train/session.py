@@ -162,7 +162,7 @@ class Session:
         over resumes), the throughput meter and the ledger entry."""
         state["tokens"] += m["step_tokens"]
         state["flops"] += m["step_flops"]
-        speed.add(m["step_tokens"], m["step_flops"])
+        speed.add(m.get("step_real_tokens", m["step_tokens"]), m.get("step_real_flops", m["step_flops"]))
         run.add(flops=m["step_flops"], tokens=m["step_tokens"])
 
     def log_step(self, step: int, m: dict, state: dict, speed, progress, log_every: int, last: bool) -> None:

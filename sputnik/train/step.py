@@ -25,12 +25,13 @@ def forward_backward(s, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], 
     each document of a packed window (model/documents.py)."""
     n_local = [int((y != -100).sum()) for _, y in micro_batches]
     (n_global,) = dist_lib.all_reduce_sum([sum(n_local)], s.dist, s.device)
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = torch.zeros(5, dtype=torch.float64)
     pad_id = getattr(s.tokenizer, "pad_id", None)  # SFT rows are right-padded with it
     for i, (x_BT, y_BT) in enumerate(micro_batches):
         x_BT, y_BT = x_BT.to(s.device), y_BT.to(s.device)
         weight = n_local[i] / max(n_global, 1.0)
         valid_BT = right_padding_mask(x_BT, pad_id, y_BT) if pad_id is not None else None
+        real = x_BT.numel() if valid_BT is None else valid_BT.sum()
         with dist_lib.maybe_no_sync(s.model, i == len(micro_batches) - 1), s.amp():
             out = s.model(x_BT, y_BT, valid_BT, **documents(s, x_BT, document_mask))
         load.add(out.expert_load)
@@ -38,10 +39,11 @@ def forward_backward(s, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], 
         if poison:
             loss = loss * float("nan")
         loss.backward()
-        parts = [loss.detach() / s.dist.world_size, out.ce_loss * weight, out.mtp_loss * weight, out.aux_loss * weight]
+        parts = [loss.detach() / s.dist.world_size, out.ce_loss * weight, out.mtp_loss * weight, out.aux_loss * weight,
+                 torch.as_tensor(real)]
         sums += torch.stack([p.detach().double().cpu() for p in parts])
-    loss, ce, mtp, aux = dist_lib.all_reduce_sum(sums.tolist(), s.dist, s.device)
-    return dict(loss=loss, ce=ce, mtp=mtp, aux=aux, loss_tokens=n_global)
+    loss, ce, mtp, aux, real_tokens = dist_lib.all_reduce_sum(sums.tolist(), s.dist, s.device)
+    return dict(loss=loss, ce=ce, mtp=mtp, aux=aux, loss_tokens=n_global, real_tokens=int(real_tokens))
 
 
 def documents(s, x_BT: torch.Tensor, document_mask: bool) -> dict:
@@ -63,5 +65,8 @@ def train_step(s, cfg, step: int, micro_batches: list[tuple[torch.Tensor, torch.
     load.apply(s.raw, s.dist, stepped)
     seq_len = micro_batches[0][0].shape[1]  # padded length (equal on every rank)
     tokens = sum(x.numel() for x, _ in micro_batches) * s.dist.world_size
+    fpt = flops_per_token(s.model, seq_len)
+    # step_flops (the ledger's) counts every position a batch holds, padding too: a device-independent
+    # budget (a GPU computes the padding). Throughput and MFU count the real tokens' FLOPs only.
     return dict(m, lr=lr, grad_norm=grad_norm, moe_max_over_mean=balance, stepped=stepped, step_tokens=tokens,
-                step_flops=flops_per_token(s.model, seq_len) * tokens)
+                step_flops=fpt * tokens, step_real_tokens=m["real_tokens"], step_real_flops=fpt * m["real_tokens"])
