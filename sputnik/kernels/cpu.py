@@ -312,12 +312,17 @@ def sample_rows(logits_BV: torch.Tensor, u_B1: torch.Tensor | None, temperature:
 LINEAR_MAX_ROWS = 64
 
 
-def _linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., I] (at most LINEAR_MAX_ROWS rows) times weight [O, I]ᵀ plus bias [O]: F.linear's values
-    up to rounding, fp32 CPU tensors."""
+def _linear_library():
     lib = _library(LINEAR_SOURCE)
     if lib is None:
         raise RuntimeError("the CPU linear kernel is not available on this machine (see the warning above)")
+    return lib
+
+
+def _linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., I] (at most LINEAR_MAX_ROWS rows) times weight [O, I]ᵀ plus bias [O]: F.linear's values
+    up to rounding, fp32 CPU tensors."""
+    lib = _linear_library()
     O, I = weight.shape
     x2 = x.reshape(-1, I).contiguous()
     N = x2.shape[0]
@@ -349,15 +354,14 @@ linear_rows = torch.ops.sputnik.linear_rows
 def pack_linear(w_OI: torch.Tensor, cols: int | None = None) -> torch.Tensor:
     """A linear layer's weight [O, I] -> [ceil(O / C), I, C] strips (zero past O), C = cols or the
     packed kernels' column count."""
-    C = cols or _linear_library().linear_packed_cols()
+    C = cols or _packed_cols()
     return pack_strips(w_OI.detach().float().t()[None], cols=C)[0]
 
 
-def _linear_library():
-    lib = _library(LINEAR_SOURCE)
-    if lib is None:
-        raise RuntimeError("the CPU linear kernel is not available on this machine (see the warning above)")
-    return lib
+@functools.cache
+def _packed_cols() -> int:
+    """Columns per strip of linear_packed (what the built kernel was compiled for)."""
+    return _linear_library().linear_packed_cols()
 
 
 def _linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -366,7 +370,7 @@ def _linear_packed(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> 
     lib = _linear_library()
     S, I, C = packed.shape
     if not (x.is_cpu and packed.is_cpu and x.dtype == packed.dtype == torch.float32 and x.shape[-1] == I
-            and packed.is_contiguous() and C == lib.linear_packed_cols() and (S - 1) * C < out_features <= S * C):
+            and packed.is_contiguous() and C == _packed_cols() and (S - 1) * C < out_features <= S * C):
         raise ValueError(f"linear_packed: fp32 CPU x [..., {I}] and a weight packed by pack_linear, "
                          f"{out_features} outputs in {S} strips of {C}")
     x2 = x.reshape(-1, I).contiguous()

@@ -22,8 +22,8 @@ def forward_backward(s, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], 
     world_size because DDP/FSDP average gradients over ranks. Right padding (after each row's last
     real token, data.right_padding_mask) is not expert load, nor computed on a CPU. Returns global
     token-weighted means of loss, ce, mtp, aux, the global scored-token count (loss_tokens) and
-    real-token count (real_tokens); `load` gets each micro-batch's expert load. document_mask: attention stays within
-    each document of a packed window (model/documents.py)."""
+    real-token count (real_tokens); `load` gets each micro-batch's expert load. document_mask:
+    attention stays within each document of a packed window (model/documents.py)."""
     n_local = [int((y != -100).sum()) for _, y in micro_batches]
     (n_global,) = dist_lib.all_reduce_sum([sum(n_local)], s.dist, s.device)
     sums = torch.zeros(5, dtype=torch.float64)
