@@ -211,7 +211,8 @@ def test_a_compile_that_fails_falls_back_to_eager_decoding(monkeypatch, caplog):
 
     monkeypatch.setattr(decoders, "compiled_step", compiled_step)
     monkeypatch.setattr(graphs, "compiled_step", compiled_step)
-    eng = Engine(model, compile=True)
+    with kernels_off():  # with the kernels on, compile=True takes the faster C step (below)
+        eng = Engine(model, compile=True)
     runner = eng.decoder
     assert isinstance(runner, GraphDecoder) and runner.fn is no_compiler and runner.sampled_fn is no_compiler
     with caplog.at_level("WARNING"):
@@ -247,8 +248,9 @@ def test_graphs_need_cuda_to_capture():
 
 
 def test_the_engine_chooses_its_decoder_once():
-    """Eager on a CPU by default; the static-shape compiled step with compile on a CPU (the graph
-    decoder without capture), for DeepSeek-V3 and the dense families alike."""
+    """Eager on a CPU by default; with compile on a CPU the one-call C step where it runs, else the
+    static-shape compiled step (the graph decoder without capture), for DeepSeek-V3 and the dense
+    families alike."""
     from sputnik.model import build_model
     from sputnik.model.config import tiny_dense
 
@@ -260,7 +262,12 @@ def test_the_engine_chooses_its_decoder_once():
     assert chosen.name == "eager (deepseek_v3)" and chosen.step_fn is None
     eng.generate(_prompts([3, 5]), SamplingParams(max_new_tokens=4, temperature=0), num_samples=2)
     assert eng.decoder is chosen  # kept across waves
-    fast = Engine(model, compile=True).decoder
+    # compile on a CPU: the one-call C step where it runs (faster), the compiled static step where it does not
+    c_step = Engine(model, compile=True).decoder
+    assert isinstance(c_step, EagerDecoder) and c_step.step_fn is None and c_step.cm.step_weights()["c_step"] is not None
+    with kernels_off():
+        fast = Engine(model, compile=True).decoder
+        assert fast.cm.step_weights()["c_step"] is None
     assert isinstance(fast, GraphDecoder) and not fast.capture
     assert fast.fn is compiled_step("static") and fast.sampled_fn is compiled_step("static_sampled")
     assert fast.name == "compiled static-shape step (deepseek_v3)"

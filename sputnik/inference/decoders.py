@@ -57,6 +57,12 @@ def compiled_step(kind: str, arch: str = "deepseek_v3"):
     return _compiled[(kind, arch)]
 
 
+def _has_c_step(cm) -> bool:
+    """Whether `cm` (one of our cached models) decodes through its one-call C step here."""
+    weights = cm.step_weights()
+    return (weights.get("c_step") if isinstance(weights, dict) else weights) is not None
+
+
 def cached_model(model):
     """The cached-model contract for `model` (module docstring): ours by type, any transformers model
     through its own KV cache, or the model itself when it implements the contract (tests' mocks)."""
@@ -128,7 +134,8 @@ def choose_decoder(model, *, dtype: torch.dtype, device: torch.device, compile: 
     with the sampling inside; compile elsewhere compiles one dynamic-shape step. transformers models
     decode eagerly. compile costs 10-60 s on 2 CPU cores per batch bucket, so it pays only over many
     generate() calls (bench_generate.py). The dense families in fp32 on a CPU decode through their
-    one-call C step (llama_decode.py) whether or not compile is asked: it is the faster of the two."""
+    one-call C step (llama_decode.py), our DeepSeek-V3 through its own (deepseek_decode.py), whether or
+    not compile is asked: it is the faster of the two."""
     from sputnik.inference.deepseek import DeepSeekCachedModel
     from sputnik.inference.graphs import GraphDecoder
     from sputnik.inference.llama import LlamaCachedModel
@@ -138,10 +145,11 @@ def choose_decoder(model, *, dtype: torch.dtype, device: torch.device, compile: 
         if device.type == "cuda" and cuda_graphs:
             return GraphDecoder(cm, dtype, compiled=compile, capture=True)
         if compile and device.type == "cpu":
-            if isinstance(cm, LlamaCachedModel) and dtype == torch.float32 and cm.step_weights() is not None:
-                # The dense family's one-call C step beats its compiled step at every batch it takes
-                # (bench_families.py, SmolLM2 shape: 1.13x vs 1.86x the floor at batch 1, 1.71x vs 2.19x at 32).
-                log.info("compile: the dense model decodes through its C step, faster than a compiled one on a CPU")
+            if dtype == torch.float32 and _has_c_step(cm):
+                # The one-call C steps beat the compiled steps at every batch measured: the dense family
+                # (bench_families.py, SmolLM2 shape: 1.13x vs 1.86x the floor at batch 1, 1.71x vs 2.19x at
+                # 32) and our DeepSeek-V3 (tiny, LOG.md stop 33: 0.32 vs ~1.0 ms a step at batch 1, 2.1 vs 3.8 at 32).
+                log.info("compile: the model decodes through its C step, faster than a compiled one on a CPU")
                 return EagerDecoder(cm, dtype, device)
             return GraphDecoder(cm, dtype, compiled=True, capture=False)
         if compile:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from sputnik.inference import deepseek_decode
 from sputnik.kernels.cpu import linear_packed, linear_rows_available, pack_linear
 from sputnik.inference.mla_decode import DecodeStep, MLACache, mla_decode, mla_decode_weights, rms_norm_rows
 from sputnik.inference.moe_decode import FEW_TOKENS, ffn_decode_weights, mlp_rows, moe_few_tokens
 from sputnik.inference.weights import cached_weights
 from sputnik.model.block import Block
 from sputnik.model.moe import MoE
+from sputnik.model.routing_replay import tape_active
 from sputnik.model.transformer import Transformer
 
 
@@ -103,6 +105,12 @@ class DeepSeekCachedModel:
         logits_at_B[b] of each row, [B, V] (a prefill needs just each prompt's last position)."""
         B, T = input_ids_BT.shape
         m = self.model
+        table = None if return_hidden else self._c_table(cache)
+        if table is not None:  # the whole prefill in C calls (deepseek_decode.py)
+            if int(cache_seqlens_B.max()) + T > cache.max_len:
+                raise ValueError(f"cache overflow: a row needs {int(cache_seqlens_B.max()) + T} positions, "
+                                 f"cache holds {cache.max_len}")
+            return deepseek_decode.fused_prefill(table, input_ids_BT, cache, cache_seqlens_B, logits_at_B)
         step = self._decode_step(cache, cache_seqlens_B, T)
         h_ND = embed_rows(m, input_ids_BT, cache, cache_seqlens_B)  # token rows, N = B·T
         for layer in m.model.layers:
@@ -134,15 +142,19 @@ class DeepSeekCachedModel:
 
     def step_weights(self) -> dict:
         """Every parameter-derived tensor a decode step reads, as current copies (weights.py): per
-        layer the attention's and the FFN's, the LM head (lm_head()) and the RoPE tables. Fetched once per
-        wave (re-fetching them each step was ~15% of a batch-1 step)."""
+        layer the attention's and the FFN's, the LM head (lm_head()) and the RoPE tables, and the C
+        step's table over them ("c_step", None where it cannot run). Fetched once per wave (re-fetching
+        them each step was ~15% of a batch-1 step)."""
         layers = [(mla_decode_weights(layer.self_attn), ffn_decode_weights(layer.mlp)) for layer in self.model.model.layers]
-        return {"layers": layers, "lm_head": self.lm_head(), "rope": self._rope_tables()}
+        head, rope = self.lm_head(), self._rope_tables()
+        return {"layers": layers, "lm_head": head, "rope": rope,
+                "c_step": deepseek_decode.decode_table(self.model, head, rope)}
 
     @torch.no_grad()
     def step(self, tok_B: torch.Tensor, cache: MLACache, cache_seqlens_B: torch.Tensor, weights: dict | None = None,
              step_fn=None) -> torch.Tensor:
-        """logits_BV of one token per row = forward_cached(tok_B[:, None], …)[:, -1]. Eagerly it reads
+        """logits_BV of one token per row = forward_cached(tok_B[:, None], …)[:, -1]. With the C step's
+        table (fp32 on a CPU; deepseek_decode.py) the whole step is one C call. Else eagerly it reads
         the written prefix only (the static shape buys nothing without a compiler; RL waves at batch
         256 read ~half the buffer on average); `step_fn`, a compiled static_step, reads the whole
         buffer. `weights`: step_weights(), fetched by a caller who answers for their being current."""
@@ -150,6 +162,10 @@ class DeepSeekCachedModel:
         if longest >= cache.max_len:
             raise ValueError(f"cache overflow: a row needs {longest + 1} positions, cache holds {cache.max_len}")
         weights = self.step_weights() if weights is None else weights
+        table = weights.get("c_step")
+        if (table is not None and step_fn is None and not tape_active()
+                and deepseek_decode.cache_readable(cache, table)):
+            return deepseek_decode.fused_step(table, tok_B, cache, cache_seqlens_B)
         if step_fn is not None:
             return step_fn(self.model, tok_B, cache, cache_seqlens_B, weights)
         return static_step(self.model, tok_B, cache, cache_seqlens_B, weights, kv_len=longest + 1)
@@ -162,6 +178,13 @@ class DeepSeekCachedModel:
         if w.is_cpu and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and linear_rows_available():
             return cached_weights(self.model.lm_head, "lm_head_packed", [w], lambda: pack_linear(w), cast=False)
         return cached_weights(self.model.lm_head, "lm_head_t", [w], lambda: w.t().contiguous())
+
+    def _c_table(self, cache: MLACache):
+        """The C step's table when it can run this forward (no routing tape, a cache it can write), else None."""
+        if tape_active() or not deepseek_decode.supported(self.model):
+            return None
+        table = deepseek_decode.decode_table(self.model, self.lm_head(), self._rope_tables())
+        return table if table is not None and deepseek_decode.cache_readable(cache, table) else None
 
     def _logits(self, x_ND: torch.Tensor) -> torch.Tensor:
         return lm_head_logits(x_ND, self.lm_head(), self.model.lm_head.weight.shape[0])

@@ -1,6 +1,6 @@
 """Hand-written CPU kernels, built on first use with the machine's C compiler and loaded with ctypes.
 
-Four kernels, one C file (and one library) each, plain C with OpenMP and no torch headers, so each
+Five kernels, one C file (and one library) each, plain C with OpenMP and no torch headers, so each
 builds in about a second with `cc -O3 -march=native` and needs only what torch.compile on CPU needs
 already (a C compiler):
   - routed_ffn.c: the routed experts of a MoE layer for a few tokens (decode steps), which inductor
@@ -13,7 +13,9 @@ already (a C compiler):
     linear_packed, any number of rows against a weight packed once into strips (llama_step.c's
     product), which our DeepSeek-V3's decode LM head uses;
   - llama_step.c: a whole decode step of the dense Llama family in one call (inference/llama_decode.py
-    builds its weight table), the same loops as linear_rows.c (rows_gemm.h) without ~200 ATen ops.
+    builds its weight table), the same loops as linear_rows.c (rows_gemm.h) without ~200 ATen ops;
+  - deepseek_step.c: the same for our DeepSeek-V3 (absorbed MLA over the latent cache, the router, the
+    shared and routed experts: routed_experts.h, the loops of routed_ffn.c; inference/deepseek_decode.py).
 A library is cached under
 $SPUTNIK_KERNEL_CACHE (default ~/.cache/sputnik/kernels), keyed by the source and the headers it
 includes, the compiler, the flags and the CPU's feature flags (it is built for this CPU), and written to a temporary file, then
@@ -48,6 +50,7 @@ SOURCE = Path(__file__).with_name("routed_ffn.c")
 SOFTMAX_SOURCE = Path(__file__).with_name("softmax_rows.c")
 LINEAR_SOURCE = Path(__file__).with_name("linear_rows.c")
 LLAMA_STEP_SOURCE = Path(__file__).with_name("llama_step.c")
+DEEPSEEK_STEP_SOURCE = Path(__file__).with_name("deepseek_step.c")
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # each library's functions: (argument types, return type), set once on load
 _SIGNATURES = {
@@ -59,6 +62,8 @@ _SIGNATURES = {
                     "linear_packed": ([_P] * 5 + [_I64] * 3 + [_I32], _I32), "linear_packed_cols": ([], _I32)},
     LLAMA_STEP_SOURCE: {"llama_forward": ([_P] * 4 + [_I64] + [_P] * 2 + [_I64, _I64, _P, _I64, _P, _I32], _I32),
                         "llama_step_pack_cols": ([], _I32)},
+    DEEPSEEK_STEP_SOURCE: {"deepseek_forward": ([_P] * 4 + [_I64] + [_P] + [_I64, _I64, _P, _I64, _P, _I32], _I32),
+                           "deepseek_step_pack_cols": ([], _I32), "deepseek_step_expert_cols": ([], _I32)},
 }
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 if platform.machine().lower() in ("x86_64", "amd64"):
@@ -180,6 +185,11 @@ def linear_rows_available() -> bool:
 def llama_step_library():
     """The loaded llama_step.c library, or None when the kernels are off or it cannot be built."""
     return _library(LLAMA_STEP_SOURCE) if _enabled else None
+
+
+def deepseek_step_library():
+    """The loaded deepseek_step.c library, or None when the kernels are off or it cannot be built."""
+    return _library(DEEPSEEK_STEP_SOURCE) if _enabled else None
 
 
 def _checked_library():
