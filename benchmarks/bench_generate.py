@@ -334,8 +334,9 @@ def print_table(res, args):
               f"{r['engine_step_ms']:14.2f} | {r['decode_step_ms']:11.2f} | {r['bandwidth_floor_ms']:11.3f}")
         if r.get("decoder", "").startswith("eager") and r["compile_s"] is not None:
             print(f"      batch {B}: the fast engine fell back to {r['decoder']} (see the warning above)")
-    print("ours = the compiled decode step (unless --no-compile; on CPU static shapes, one graph per batch bucket) "
-          "and, on CUDA, CUDA graphs (unless --no-cuda-graphs); "
+    print("ours = Engine(compile=True) (unless --no-compile): on a CPU in fp32 the one-call C step (deepseek_step.c, "
+          "which the eager engine takes too), else the compiled decode step (static shapes, one graph per batch "
+          "bucket); on CUDA, CUDA graphs (unless --no-cuda-graphs); "
           "eager = Engine(compile=False, cuda_graphs=False); HF static = cache_implementation='static'; 1st call s = "
           "wall of the fast engine's first generate() at that batch (compile, graph capture), paid once per "
           "process and Engine, not in tok/s")

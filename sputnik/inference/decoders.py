@@ -150,7 +150,7 @@ def choose_decoder(model, *, dtype: torch.dtype, device: torch.device, compile: 
                 # (bench_families.py, SmolLM2 shape: 1.13x vs 1.86x the floor at batch 1, 1.71x vs 2.19x at
                 # 32) and our DeepSeek-V3 (tiny, LOG.md stop 33: 0.32 vs ~1.0 ms a step at batch 1, 2.1 vs 3.8 at 32).
                 log.info("compile: the model decodes through its C step, faster than a compiled one on a CPU")
-                return EagerDecoder(cm, dtype, device)
+                return EagerDecoder(cm, dtype, device, name="C step")
             return GraphDecoder(cm, dtype, compiled=True, capture=False)
         if compile:
             return EagerDecoder(cm, dtype, device, step_fn=compiled_step("dynamic", cm.name), name="compiled")

@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fast_exp.h"
 #include "routed_experts.h"
 #include "rows_gemm.h"
 
@@ -82,28 +83,37 @@ static void linear(const float *x, float *xp, const float *w, float *y, int64_t 
     gemm_packed(xp, w, NULL, y, N, O, I, acc);
 }
 
-/* z[C] = sum_s softmax_s(q . row_s * scale) row_s[0:C] over slots 0..hi of one cache row (rows X floats
-   apart), in one pass: the running maximum m, the running sum l, the accumulator rescaled when m grows. */
-static void attend_latent(const float *restrict q, const float *restrict kv, float *restrict z, int64_t hi,
-                          int64_t X, int64_t C, float scale, float *restrict acc) {
-    float m = -INFINITY, l = 0.f;
-    for (int64_t c = 0; c < C; c++) acc[c] = 0.f;
-    for (int64_t s = 0; s <= hi; s++) {
+/* z_h[C] = sum_s softmax_s(q_h . row_s * scale) row_s[0:C] for the H heads of one token over slots 0..hi
+   of its cache row (rows X floats apart, heads' queries q_stride apart): every head reads the same
+   latent rows (MLA is multi-query over them), so each row is read once for all heads. Two passes: the
+   scores into p [H, hi + 1], then each head's softmax and the weighted sum. */
+static void attend_latent(const float *restrict q, int64_t q_stride, const float *restrict kv, float *restrict z,
+                          int64_t H, int64_t hi, int64_t X, int64_t C, float scale, float *restrict p) {
+    const int64_t n = hi + 1;
+    for (int64_t s = 0; s < n; s++) {
         const float *row = kv + s * X;
-        const float score = dot(q, row, X) * scale;
-        if (score > m) {
-            const float shrink = expf(m - score); /* 0 at the first slot (m = -inf) */
-            l *= shrink;
-#pragma omp simd
-            for (int64_t c = 0; c < C; c++) acc[c] *= shrink;
-            m = score;
-        }
-        const float p = expf(score - m);
-        l += p;
-#pragma omp simd
-        for (int64_t c = 0; c < C; c++) acc[c] += p * row[c];
+        for (int64_t h = 0; h < H; h++) p[h * n + s] = dot(q + h * q_stride, row, X) * scale;
     }
-    for (int64_t c = 0; c < C; c++) z[c] = acc[c] / l;
+    for (int64_t h = 0; h < H; h++) {
+        float *ph = p + h * n, top = -INFINITY, sum = 0.f;
+        for (int64_t s = 0; s < n; s++) top = ph[s] > top ? ph[s] : top;
+#pragma omp simd
+        for (int64_t s = 0; s < n; s++) ph[s] = exp_any(ph[s] - top);
+        for (int64_t s = 0; s < n; s++) sum += ph[s];
+        const float inv = 1.f / sum;
+        for (int64_t s = 0; s < n; s++) ph[s] *= inv;
+        float *zh = z + h * C;
+        for (int64_t c = 0; c < C; c++) zh[c] = 0.f;
+    }
+    for (int64_t s = 0; s < n; s++) {
+        const float *row = kv + s * X;
+        for (int64_t h = 0; h < H; h++) {
+            const float w = p[h * n + s];
+            float *zh = z + h * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) zh[c] += w * row[c];
+        }
+    }
 }
 
 /* Router.route for one token: logits [E] -> idx [K], weights [K]. choice: scratch [E]. */
@@ -179,7 +189,7 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
     int64_t width = 0; /* the widest input of a product: xp holds it regrouped */
     for (int i = 0; i < 5; i++) width = inputs[i] > width ? inputs[i] : width;
     const int64_t wide = 2 * F > RS ? 2 * F : RS, hidden = F > Is ? F : Is, slots = N * K;
-    const int64_t per_thread = TILE_ROWS * 2 * I + C; /* an expert tile's hidden, attention's accumulator */
+    const int64_t per_thread = TILE_ROWS * 2 * I + H * S; /* an expert tile's hidden; attention's probabilities */
     float *x = malloc(sizeof(float) * N * D), *h = malloc(sizeof(float) * N * D);
     float *xp = malloc(sizeof(float) * N * width), *a = malloc(sizeof(float) * N * A);
     float *qin = malloc(sizeof(float) * N * (Q ? Q : 1)), *qz = malloc(sizeof(float) * N * Z);
@@ -197,7 +207,7 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
 
 #pragma omp parallel num_threads(nthreads)
     {
-        float *acc = scratch + (int64_t)omp_get_thread_num() * per_thread + TILE_ROWS * 2 * I;
+        float *probs = scratch + (int64_t)omp_get_thread_num() * per_thread + TILE_ROWS * 2 * I;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) memcpy(x + n * D, m->embed + tok[n] * D, sizeof(float) * D);
         for (int64_t l = 0; l < m->L; l++) {
@@ -217,13 +227,15 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
                 for (int64_t r = 0; r < Rd; r++) dst[C + r] = kr[r] * cs[r] + ks[r] * sn[r];
             }
             linear(Q ? qin : h, xp, w->wq, qz, N, Z, QI, 0);
-#pragma omp for schedule(dynamic, 4) /* a prefill's tokens attend over different lengths */
-            for (int64_t nh = 0; nh < N * H; nh++) {
-                const int64_t n = nh / H, j = nh % H;
-                float *qh = qz + n * Z + j * X, *qr = qh + C;
-                const float *swap = qz + n * Z + H * X + j * Rd, *cs = m->cos + pos[n] * Rd, *sn = m->sin + pos[n] * Rd;
-                for (int64_t r = 0; r < Rd; r++) qr[r] = qr[r] * cs[r] + swap[r] * sn[r];
-                attend_latent(qh, kv + row[n] * S * X, zb + nh * C, pos[n], X, C, m->scale, acc);
+#pragma omp for schedule(dynamic, 2) /* a prefill's tokens attend over different lengths */
+            for (int64_t n = 0; n < N; n++) {
+                const float *cs = m->cos + pos[n] * Rd, *sn = m->sin + pos[n] * Rd;
+                for (int64_t j = 0; j < H; j++) { /* each head's q_R rotated: x cos + swap(x) sin */
+                    float *qr = qz + n * Z + j * X + C;
+                    const float *swap = qz + n * Z + H * X + j * Rd;
+                    for (int64_t r = 0; r < Rd; r++) qr[r] = qr[r] * cs[r] + swap[r] * sn[r];
+                }
+                attend_latent(qz + n * Z, X, kv + row[n] * S * X, zb + n * HC, H, pos[n], X, C, m->scale, probs);
             }
             linear(zb, xp, w->wo, x, N, D, HC, 1);
             /* --- feed-forward */
@@ -235,7 +247,7 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
                 for (int64_t n = 0; n < N; n++)
                     for (int64_t i = 0; i < F; i++) {
                         const float gi = g[n * 2 * F + i];
-                        u[n * F + i] = gi / (1.0f + expf(-gi)) * g[n * 2 * F + F + i]; /* SiLU(g) * u */
+                        u[n * F + i] = gi / (1.0f + exp_any(-gi)) * g[n * 2 * F + F + i]; /* SiLU(g) * u */
                     }
                 linear(u, xp, w->wd, x, N, D, F, 1);
                 continue;
@@ -246,7 +258,7 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
                 const float *gn = g + n * RS;
                 route(m, w->bias, gn, choice + n * E, idx + n * K, wgt + n * K);
                 for (int64_t i = 0; i < Is; i++)
-                    u[n * Is + i] = gn[E + i] / (1.0f + expf(-gn[E + i])) * gn[E + Is + i];
+                    u[n * Is + i] = gn[E + i] / (1.0f + exp_any(-gn[E + i])) * gn[E + Is + i];
             }
             if (Is) linear(u, xp, w->wsd, x, N, D, Is, 1);
 #pragma omp single
