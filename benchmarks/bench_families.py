@@ -22,7 +22,9 @@ after the run, the faster of each used; and, since this VM's memory bandwidth mo
 ~50 GB/s within a minute and every decode step follows it, also measured right before and after each
 of our timed runs: `ours_over_adjacent_floor`, the median over repeats):
   batch 1: every decode step reads all weights once (embedding rows aside) at the measured read
-           bandwidth, plus the prefill's FLOPs at the measured GEMM rate;
+           bandwidth, plus the prefill's FLOPs at the measured GEMM rate; with sparse layers (Qwen3-MoE)
+           the experts the step's rows chose: E·(1 − (1 − k/E)^B) per layer for B rows, routing taken
+           as uniform (random init), and FLOPs of the k chosen experts a token;
   batch B: the FLOPs of prefill + decode (2 · matmul params · tokens, plus attention) at the
            measured GEMM rate (a large square fp32 matmul), or the batch-1 bytes if larger.
 """
@@ -57,6 +59,15 @@ SHAPES = {
                                  max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True,
                                  bos_token_id=151643, eos_token_id=151645,
                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # Qwen/Qwen3-30B-A3B: every layer sparse, 128 experts, 8 chosen a token (run it with --layers 1-2: one
+    # layer's experts are 2.4 GB in fp32, held by both sides and once more packed for our C step)
+    "qwen3-30b-a3b": ("qwen3_moe", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                                        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                                        max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                        bos_token_id=151643, eos_token_id=151645,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 
 
@@ -131,6 +142,13 @@ def floors(model, batch: int, prompt_len: int, new_tokens: int, gflops: float, g
     head = c.vocab_size * c.hidden_size
     matmul_params = params - embed + head  # a tied head is counted once in params, as the embedding
     read_bytes = elt * matmul_params
+    sparse = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    if sparse:  # a token multiplies by its k chosen experts; a step reads the experts its rows chose
+        E, k, expert = c.n_routed_experts, c.num_experts_per_tok, 3 * c.hidden_size * c.moe_intermediate_size
+        dense = matmul_params - sparse * E * expert
+        matmul_params = dense + sparse * k * expert
+        distinct = E * (1 - (1 - k / E) ** batch)  # expected experts read per layer, routing ~ uniform
+        read_bytes = elt * (dense + sparse * distinct * expert)
     L, H, C = c.num_hidden_layers, c.num_attention_heads, c.attention_head_dim
     prefill_flops = batch * (2 * (matmul_params - head) * prompt_len + 2 * head  # logits of the last token only
                              + 4 * L * H * C * prompt_len * (prompt_len + 1) / 2)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,8 +67,16 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 
 def teardown() -> None:
-    """Leave the process group if this process joined one (safe to call in any case)."""
+    """Leave the process group if this process joined one (safe to call in any case).
+
+    The pause first: gloo's worker thread may still be destroying the last collective's work, whose
+    tensors have Python objects, so it needs the GIL. The process group's destructor joins that thread
+    while holding the GIL (it runs when its last holder, DDP's Reducer, is freed after this), and a
+    worker still waiting for the GIL then waits forever (torch issue 56297; seen once in the tests, a
+    rank hung in ~ProcessGroupGloo after writing its model). Sleeping releases the GIL: the worker
+    finishes and the join later finds it idle."""
     if dist.is_available() and dist.is_initialized():
+        time.sleep(0.05)
         dist.destroy_process_group()
 
 

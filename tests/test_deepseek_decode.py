@@ -1,9 +1,9 @@
 """Our DeepSeek-V3's decode step and prefill in one C call (kernels/deepseek_step.c via
 inference/deepseek_decode.py): values against the torch path for each router rule and layout switch
 (V3's biased sigmoid with node-limited groups, V2's softmax, gates renormalised or not, scaled, shared
-experts or none, a dense first layer, no query low-rank), ragged rows, thread-count independence,
-in-place weight updates, when it steps aside (kernels off, bf16, Abacus, unabsorbed MLA, a routing
-tape), and bad input."""
+experts or none, a dense first layer or every FFN dense, no query low-rank), ragged rows, thread-count
+independence, in-place weight updates, when it steps aside (kernels off, bf16, Abacus, unabsorbed MLA,
+a routing tape), and bad input."""
 import pytest
 import torch
 
@@ -29,6 +29,7 @@ VARIANTS = {
     "no-shared-expert": dict(n_shared_experts=0),
     "two-shared-no-dense-layer": dict(n_shared_experts=2, first_k_dense_replace=0),
     "no-query-low-rank": dict(q_lora_rank=0),
+    "every-ffn-dense": dict(first_k_dense_replace=3),  # moe_vs_dense's MLA twin
 }
 
 

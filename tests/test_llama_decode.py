@@ -1,7 +1,8 @@
 """The dense family's decode step in one C call (kernels/llama_step.c via inference/llama_decode.py):
 values against the torch step for every family switch (biases, q/k norm, sliding window, GQA/MQA,
 tied and untied heads), ragged rows, thread-count independence, in-place weight updates and LoRA's
-merged weights, when it steps aside (bf16, kernels off, Qwen3-MoE, more rows than it takes), and
+merged weights, Qwen3-MoE's sparse layers (prefill too), when it steps aside (bf16, kernels off, a routing
+tape, more rows than it takes), and
 bad input."""
 import pytest
 import torch
@@ -23,6 +24,10 @@ FAMILIES = {
     "qwen3-qk-norm": dict(family="qwen3", qk_norm=True, head_dim=24),
     "mistral-window": dict(family="mistral", sliding_window=5),
     "llama-o-bias": dict(o_proj_bias=True, qkv_bias=True),
+    "qwen3-moe": dict(family="qwen3_moe", qk_norm=True, head_dim=24, n_routed_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=16, mlp_only_layers=(1,)),
+    "qwen3-moe-unnormalised": dict(family="qwen3_moe", qk_norm=True, n_routed_experts=8, num_experts_per_tok=3,
+                                   moe_intermediate_size=16, norm_topk_prob=False),
 }
 
 
@@ -56,17 +61,20 @@ def prefilled(model, lens, max_len=24, seed=1):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_step_equals_the_torch_step(family):
     """Ragged rows decoded for 12 steps (past the sliding window), every step's logits and the cache
-    entries it writes equal to the torch step's."""
+    entries it writes equal to the torch step's (prefill and steps with the kernels off)."""
     model = dense(**FAMILIES[family])
     lens = torch.tensor([7, 3, 10])
-    cm, ours, ref = prefilled(model, lens.tolist())
+    cm, ours, _ = prefilled(model, lens.tolist())
+    with cpu_kernels.kernels_off():
+        _, ref, _ = prefilled(model, lens.tolist())
     weights = cm.step_weights()
     assert weights is not None
     g = torch.Generator().manual_seed(2)
     for t in range(12):
         tok = torch.randint(0, model.config.vocab_size, (3,), generator=g)
         got = cm.step(tok, ours, lens + t, weights)
-        want = cm.step(tok, ref, lens + t, None)
+        with cpu_kernels.kernels_off():
+            want = cm.step(tok, ref, lens + t, None)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
         assert want.std() > 0.1
     torch.testing.assert_close(ours.k_LBKSC, ref.k_LBKSC, atol=1e-5, rtol=1e-5)
@@ -140,8 +148,6 @@ def test_engine_generates_the_same_tokens_with_the_kernel_and_without():
 def test_the_fused_step_steps_aside():
     model = dense()
     assert decode_weights(model.to(torch.bfloat16)) is None
-    assert decode_weights(dense(family="qwen3_moe", qk_norm=True, head_dim=24, n_routed_experts=4,
-                                num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=(1,))) is None
     with cpu_kernels.kernels_off():
         assert decode_weights(dense()) is None
     # more rows than the kernel takes: the torch step, same values
@@ -245,3 +251,30 @@ def test_a_view_of_a_cache_decodes_through_torch():
     torch.testing.assert_close(cm.step(tok, view, lens, cm.step_weights()), cm.step(tok, ref, lens, cm.step_weights()),
                                atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(big.k_LBKSC[:, :2, :, :6], ref.k_LBKSC[:, :, :, :6], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen3-moe", "qwen3-moe-unnormalised"])
+def test_qwen3_moe_prefill_equals_torch_and_a_routing_tape_takes_the_torch_path(family):
+    """Qwen3-MoE through the C forward: a ragged prefill's logits at every position equal the torch
+    path's (kernels off), and with a routing tape recording (RL's routing replay) the step goes through
+    torch, where the tape sees the router."""
+    from sputnik.model.routing_replay import recording
+
+    model = dense(**FAMILIES[family])
+    cm = LlamaCachedModel(model)
+    assert decode_weights(model) is not None
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=g)
+    seq0 = torch.tensor([0, 2, 5])
+    got = cm.forward_cached(ids, cm.new_cache(3, 24), seq0)
+    with cpu_kernels.kernels_off():
+        want = cm.forward_cached(ids, cm.new_cache(3, 24), seq0)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    cache = cm.new_cache(3, 24)
+    cm.forward_cached(ids, cache, seq0)
+    with recording(model) as tape:
+        step = cm.step(ids[:, 0], cache, seq0 + 9, cm.step_weights())
+        assert tape.take() is not None  # the router ran in Python: the torch path
+    assert step.shape == (3, model.config.vocab_size)

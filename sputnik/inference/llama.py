@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from sputnik.inference.llama_decode import MAX_ROWS, decode_weights, fused_prefill, fused_step
 from sputnik.model.llama import LlamaModel
+from sputnik.model.routing_replay import tape_active
 
 
 def visible_slots(pos_BT: torch.Tensor, num_slots: int, window: int) -> torch.Tensor:
@@ -105,9 +106,11 @@ def static_step(model: LlamaModel, tok_B: torch.Tensor, cache: KVCache, cache_se
 
 def _c_readable(cache: KVCache) -> bool:
     """Whether llama_step.c can write this cache in place: fp32, contiguous (a view of a static cache's
-    first rows is not; those decode through torch)."""
+    first rows is not; those decode through torch), and no routing tape active (RL's routing replay
+    records or replays a sparse layer's experts through the router's Python call)."""
     k, v = cache.k_LBKSC, cache.v_LBKSC
-    return k.dtype == v.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous() and k.is_cpu
+    return (k.dtype == v.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous() and k.is_cpu
+            and not tape_active())
 
 
 class LlamaCachedModel:

@@ -13,10 +13,14 @@ projections and the head packed in column strips (rows_gemm.h's register-blocked
 row-major tiles at 32 rows): built on the first such call and kept until a parameter changes
 (weights.py), so a model decoded in batches holds its matmul weights twice (SmolLM2-135M: +0.5 GB).
 
+Qwen3-MoE's sparse layers run there too: the router (a linear layer like the others), its softmax
+top-k in C, and the chosen experts through routed_experts.h (routed_ffn.c's loops) over a copy of the
+experts packed in its strips, built once and rebuilt when they change.
+
 Used by LlamaCachedModel.step (batches of at most MAX_ROWS rows) and forward_cached (prefill) when the
-table exists — fp32 weights and cache on a CPU, the C kernels on and built, no Qwen3-MoE sparse layer
-(those decode through torch) — and the cache is contiguous. The values equal the torch path's up to
-rounding (tests/test_llama_decode.py).
+table exists — fp32 weights and cache on a CPU, the C kernels on and built — and the cache is
+contiguous, with no routing tape active. The values equal the torch path's up to rounding
+(tests/test_llama_decode.py).
 
 Shape legend: B rows, L layers, K key/value heads, S cache slots, C head dim, V vocab.
 """
@@ -28,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from sputnik.inference.weights import cached_weights
-from sputnik.kernels.cpu import llama_step_library, pack_linear
+from sputnik.kernels.cpu import llama_step_library, pack_linear, pack_strips, routed_ffn_available
+from sputnik.model.llama import SoftmaxMoE
 
 MAX_ROWS = 64  # past this the torch path's MKL GEMMs are as fast
 PACKED_MIN_ROWS = 8  # from here the packed copy's register blocks beat the row-major tiles
@@ -36,19 +41,24 @@ PREFILL_TOKENS = 2048  # tokens per C call in a prefill (scratch ~ tokens x 2 x 
 MAX_HEAD_DIM = 512  # llama_step.c's per-thread accumulator
 _ERRORS = {-1: "a token id is outside the vocabulary", -2: "a position is outside the cache or the RoPE tables",
            -3: f"head dim over {MAX_HEAD_DIM}", -4: "out of memory", -5: "an output index is outside the tokens"}
-_LAYER_FIELDS = ("ln1", "ln2", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "qn", "kn", "wg", "wu", "wd")
-_MATRICES = ("wq", "wk", "wv", "wo", "wg", "wu", "wd")
+_LAYER_FIELDS = ("ln1", "ln2", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "qn", "kn", "wg", "wu", "wd", "router",
+                 "experts_gu", "experts_down")
+_MATRICES = ("wq", "wk", "wv", "wo", "wg", "wu", "wd", "router")  # packed for the batched step (absent: None)
 
 
 class _Layer(ctypes.Structure):  # llama_step.c's Layer, field for field
     _fields_ = [(name, ctypes.c_void_p) for name in _LAYER_FIELDS]
 
 
+_SPARSE = ("E", "topk", "I", "norm_topk")  # the sparse layers' sizes (Qwen3-MoE; 0 without)
+
+
 class _Model(ctypes.Structure):  # llama_step.c's Model
     _fields_ = ([(name, ctypes.c_int64) for name in ("L", "D", "H", "K", "C", "F", "V", "P", "window", "packed")]
                 + [("eps", ctypes.c_float)]
                 + [(name, ctypes.c_void_p) for name in ("embed", "norm", "head", "cos", "sin")]
-                + [("layers", ctypes.POINTER(_Layer))])
+                + [("layers", ctypes.POINTER(_Layer))]
+                + [(name, ctypes.c_int64) for name in _SPARSE])
 
 
 @dataclass
@@ -64,11 +74,14 @@ class DecodeWeights:
 
     def packed(self) -> _Model:
         if self._packed is None:
-            sources = [v[k] for v in self.values for k in _MATRICES] + [self.globals["head"]]
+            names = [(i, k) for i, v in enumerate(self.values) for k in _MATRICES if v[k] is not None]
+            sources = [self.values[i][k] for i, k in names] + [self.globals["head"]]
             strips = cached_weights(self.owner, "llama_step_packed", sources,
                                     lambda: [pack_rows(t) for t in sources], cast=False)
-            it = iter(strips)
-            values = [dict(v, **{k: next(it) for k in _MATRICES}) for v in self.values]
+            values = [dict(v) for v in self.values]
+            for (i, k), packed in zip(names, strips):
+                values[i][k] = packed
+            it = iter(strips[len(names):])
             self._packed = _table(self.rows, values, dict(self.globals, head=next(it)), self.kept, packed=True)
         return self._packed
 
@@ -99,34 +112,53 @@ def _table(like: _Model, values: list[dict], globals_: dict, kept: list, packed:
         for name in _LAYER_FIELDS:
             setattr(row, name, ptr(v[name]))
     kept.append(layers)
-    sizes = {name: getattr(like, name) for name in ("L", "D", "H", "K", "C", "F", "V", "P", "window", "eps")}
+    sizes = {name: getattr(like, name) for name in ("L", "D", "H", "K", "C", "F", "V", "P", "window", "eps") + _SPARSE}
     return _Model(**sizes, packed=int(packed), **{k: ptr(t) for k, t in globals_.items()}, layers=layers)
 
 
 def decode_weights(model) -> DecodeWeights | None:
     """The tables for `model` (a LlamaModel) as its parameters are now, or None when the C step cannot
-    run it (not fp32 on a CPU, kernels off or unbuilt, a Qwen3-MoE layer, an unsupported head dim)."""
+    run it (not fp32 on a CPU, kernels off or unbuilt, an unsupported head dim or top-k)."""
     c = model.config
+    sparse = any(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     if (model.lm_head.weight.device.type != "cpu" or model.lm_head.weight.dtype != torch.float32
-            or any(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) or c.attention_head_dim > MAX_HEAD_DIM):
+            or c.attention_head_dim > MAX_HEAD_DIM or (sparse and not 1 <= c.num_experts_per_tok <= c.n_routed_experts)):
         return None
-    if llama_step_library() is None:
+    if llama_step_library() is None or (sparse and not routed_ffn_available()):
         return None
     values = []
     for layer in model.model.layers:
         a, mlp = layer.self_attn, layer.mlp
-        values.append(dict(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                           wq=_weight(a.q_proj), bq=a.q_proj.bias, wk=_weight(a.k_proj), bk=a.k_proj.bias,
-                           wv=_weight(a.v_proj), bv=a.v_proj.bias, wo=_weight(a.o_proj), bo=a.o_proj.bias,
-                           qn=a.q_norm.weight if a.qk_norm else None, kn=a.k_norm.weight if a.qk_norm else None,
-                           wg=_weight(mlp.gate_proj), wu=_weight(mlp.up_proj), wd=_weight(mlp.down_proj)))
+        v = dict(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                 wq=_weight(a.q_proj), bq=a.q_proj.bias, wk=_weight(a.k_proj), bk=a.k_proj.bias,
+                 wv=_weight(a.v_proj), bv=a.v_proj.bias, wo=_weight(a.o_proj), bo=a.o_proj.bias,
+                 qn=a.q_norm.weight if a.qk_norm else None, kn=a.k_norm.weight if a.qk_norm else None)
+        if isinstance(mlp, SoftmaxMoE):
+            v.update(wg=None, wu=None, wd=None, router=_weight(mlp.gate), **_packed_experts(mlp))
+        else:
+            v.update(wg=_weight(mlp.gate_proj), wu=_weight(mlp.up_proj), wd=_weight(mlp.down_proj), router=None,
+                     experts_gu=None, experts_down=None)
+        values.append(v)
     globals_ = dict(embed=model.model.embed_tokens.weight, norm=model.model.norm.weight, head=model.lm_head.weight,
                     cos=model.rotary.cos_PC, sin=model.rotary.sin_PC)
     sizes = _Model(L=c.num_hidden_layers, D=c.hidden_size, H=c.num_attention_heads, K=c.kv_heads,
                    C=c.attention_head_dim, F=c.intermediate_size, V=c.vocab_size, P=model.rotary.cos_PC.shape[0],
-                   window=c.sliding_window, eps=model.model.norm.eps)
+                   window=c.sliding_window, eps=model.model.norm.eps, E=c.n_routed_experts if sparse else 0,
+                   topk=c.num_experts_per_tok if sparse else 0, I=c.moe_intermediate_size if sparse else 0,
+                   norm_topk=int(bool(c.norm_topk_prob)) if sparse else 0)
     kept: list = []
     return DecodeWeights(model, _table(sizes, values, globals_, kept, packed=False), values, globals_, kept)
+
+
+def _packed_experts(moe) -> dict:
+    """A sparse layer's experts in routed_experts.h's strips (routed_ffn.c's width), rebuilt when they change."""
+    experts = moe.experts
+
+    def build():
+        return {"experts_gu": pack_strips(experts.gate_up_proj.detach().transpose(1, 2).float()),
+                "experts_down": pack_strips(experts.down_proj.detach().transpose(1, 2).float())}
+
+    return cached_weights(moe, "llama_step_experts", [experts.gate_up_proj, experts.down_proj], build, cast=False)
 
 
 def forward_tokens(weights: DecodeWeights, tok_N: torch.Tensor, row_N: torch.Tensor, pos_N: torch.Tensor,

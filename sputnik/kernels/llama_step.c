@@ -9,6 +9,9 @@
                     visible slots s (s <= pos, and s > pos - window with Mistral's sliding window);
                     query head h reads key/value head h / (H/K) (GQA)
                     x += Wo o + bo;   h = rmsnorm(x) * ln2;   x += Wd (silu(Wg h) * (Wu h))
+                    (Qwen3-MoE's sparse layers instead: p = softmax(W_router h), the top-k experts,
+                    gates p_e, renormalised over them with norm_topk_prob; x += sum_k p_k FFN_k(h)
+                    through routed_experts.h)
    logits = W_head rmsnorm(x) * norm
 
    Why one call: a decode step through torch is ~200 ATen ops and ~60 kernel calls, a few
@@ -26,6 +29,7 @@
 #include <stdlib.h>
 
 #include "fast_exp.h"
+#include "routed_experts.h"
 #include "rows_gemm.h"
 
 #define MAX_HEAD_DIM 512
@@ -37,8 +41,10 @@ typedef struct {            /* one decoder layer's weights; a NULL bias or q/k n
     const float *wv, *bv;   /* [K*C, D], [K*C] */
     const float *wo, *bo;   /* [D, H*C], [D] */
     const float *qn, *kn;   /* [C] (Qwen3) */
-    const float *wg, *wu;   /* [F, D] */
+    const float *wg, *wu;   /* [F, D] (NULL in a sparse layer) */
     const float *wd;        /* [D, F] */
+    const float *router;    /* [E, D]: a sparse layer (Qwen3-MoE) when set, else NULL */
+    const float *experts_gu, *experts_down; /* routed_experts.h's packed layouts */
 } Layer;
 
 typedef struct {
@@ -50,6 +56,7 @@ typedef struct {
     const float *head;      /* [V, D] (the embedding when tied), or its packed strips */
     const float *cos, *sin; /* [P, C] */
     const Layer *layers;    /* [L] */
+    int64_t E, topk, I, norm_topk; /* sparse layers: experts, chosen per token, expert width, renormalise */
 } Model;
 
 int llama_step_pack_cols(void) { return PACK_COLS; }
@@ -112,13 +119,35 @@ static void attend(const float *restrict q, const float *restrict k, const float
     for (int64_t c = 0; c < C; c++) o[c] = acc[c] / l;
 }
 
+/* Qwen3-MoE's router for one token (model/llama.py SoftmaxMoE): p = softmax(logits), the k largest
+   (ties: the lowest index), gates p_e or p_e / sum over the chosen. */
+static void route_softmax(const float *logits, int64_t E, int64_t k_top, int norm, float *p, int64_t *idx,
+                          float *wgt) {
+    float top = -INFINITY, sum = 0.f, chosen = 0.f;
+    for (int64_t e = 0; e < E; e++) top = logits[e] > top ? logits[e] : top;
+    for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(logits[e] - top));
+    for (int64_t e = 0; e < E; e++) p[e] /= sum;
+    for (int64_t k = 0; k < k_top; k++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t j = 0; j < k; j++) taken |= idx[j] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        idx[k] = best;
+        chosen += (wgt[k] = p[best]);
+    }
+    if (norm)
+        for (int64_t k = 0; k < k_top; k++) wgt[k] /= chosen;
+}
+
 /* N tokens, each into its own cache row and position: tok[n], row[n] in [0, R), pos[n] = the slot it
    writes; a token attends to its row's slots up to its position, those written by the tokens before
    it in this call included (a decode step: one token per row; a prefill: a row's prompt, all at once).
    k_cache, v_cache: [L, R, K, S, C]; logits [M, V] of the tokens out[0..M) (the last prompt token of
    each row, or every token).
    Returns 0; -1 for a token outside [0, V), -2 for a row or position outside the cache or the RoPE
-   tables, -3 for a head dimension over MAX_HEAD_DIM, -4 out of memory, -5 for an output index outside
+   tables, -3 for a head dimension over MAX_HEAD_DIM (or a top-k outside [1, E]), -4 out of memory, -5 for an output index outside
    [0, N). Nothing is written before the checks pass. */
 int llama_forward(const Model *m, const int64_t *tok, const int64_t *row, const int64_t *pos, int64_t N,
                   float *k_cache, float *v_cache, int64_t R, int64_t S, const int64_t *out, int64_t M,
@@ -133,13 +162,21 @@ int llama_forward(const Model *m, const int64_t *tok, const int64_t *row, const 
         if (out[j] < 0 || out[j] >= N) return -5;
     int64_t width = D > F ? D : F; /* h holds a normed x [N, D], the attention output [N, H*C] or silu(g)*u [N, F] */
     width = width > H * C ? width : H * C;
+    if (m->E && (m->topk < 1 || m->topk > m->E)) return -3;
+    const int64_t slots = N * m->topk, expert_scratch = TILE_ROWS * 2 * m->I; /* sparse layers only */
     float *x = malloc(sizeof(float) * N * D), *h = malloc(sizeof(float) * N * width);
     float *q = malloc(sizeof(float) * N * H * C), *kv = malloc(sizeof(float) * 2 * N * K * C);
-    float *g = malloc(sizeof(float) * 2 * N * F), *xp = m->packed ? malloc(sizeof(float) * N * width) : NULL;
-    if (!x || !h || !q || !kv || !g || (m->packed && !xp)) {
-        free(x); free(h); free(q); free(kv); free(g); free(xp);
+    float *g = malloc(sizeof(float) * N * (2 * F > 2 * m->E ? 2 * F : 2 * m->E));
+    float *xp = m->packed ? malloc(sizeof(float) * N * width) : NULL;
+    float *moe_f = m->E ? malloc(sizeof(float) * (slots + nthreads * expert_scratch + slots * D)) : NULL;
+    int64_t *moe_i = m->E ? malloc(sizeof(int64_t) * (slots + 2 * (m->E + 1) + 2 * slots + m->E + 1)) : NULL;
+    if (!x || !h || !q || !kv || !g || (m->packed && !xp) || (m->E && (!moe_f || !moe_i))) {
+        free(x); free(h); free(q); free(kv); free(g); free(xp); free(moe_f); free(moe_i);
         return -4;
     }
+    float *wgt = moe_f, *expert_h = m->E ? moe_f + slots : NULL, *slot_out = m->E ? expert_h + nthreads * expert_scratch : NULL;
+    int64_t *idx = moe_i, *plan = m->E ? moe_i + slots : NULL, *order = NULL, *tile_start = NULL, *start = NULL;
+    int64_t num_tiles = 0;
     float *kn = kv, *vn = kv + N * K * C, *up = g + N * F, *att = h; /* att and h are never live together */
     const float scale = 1.0f / sqrtf((float)C);
     const int64_t layer_stride = R * K * S * C;
@@ -186,6 +223,19 @@ int llama_forward(const Model *m, const int64_t *tok, const int64_t *row, const 
 #pragma omp for schedule(static)
             for (int64_t n = 0; n < N; n++) rmsnorm(x + n * D, w->ln2, h + n * D, D, m->eps);
             in = linear_input(m, h, xp, N, D);
+            if (w->router) { /* a sparse layer: router, then the chosen experts over the normed rows h */
+                float *logits = g, *probs = g + N * m->E;
+                linear(m, in, w->router, NULL, logits, N, m->E, D, 0);
+#pragma omp for schedule(static)
+                for (int64_t n = 0; n < N; n++)
+                    route_softmax(logits + n * m->E, m->E, m->topk, (int)m->norm_topk, probs + n * m->E,
+                                  idx + n * m->topk, wgt + n * m->topk);
+#pragma omp single
+                num_tiles = routed_experts_plan(idx, slots, m->E, plan, &order, &tile_start, &start);
+                routed_experts_tiles(h, D, idx, wgt, w->experts_gu, w->experts_down, x, 1, N, m->topk, D, m->I, order,
+                                     tile_start, start, num_tiles, expert_h, slot_out, expert_scratch);
+                continue;
+            }
             linear(m, in, w->wg, NULL, g, N, F, D, 0);
             linear(m, in, w->wu, NULL, up, N, F, D, 0);
 #pragma omp for simd schedule(static)
@@ -196,6 +246,6 @@ int llama_forward(const Model *m, const int64_t *tok, const int64_t *row, const 
         for (int64_t j = 0; j < M; j++) rmsnorm(x + out[j] * D, m->norm, h + j * D, D, m->eps);
         linear(m, linear_input(m, h, xp, M, D), m->head, NULL, logits, M, m->V, D, 0);
     }
-    free(x); free(h); free(q); free(kv); free(g); free(xp);
+    free(x); free(h); free(q); free(kv); free(g); free(xp); free(moe_f); free(moe_i);
     return 0;
 }
