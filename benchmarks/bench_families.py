@@ -140,7 +140,7 @@ def floors(model, batch: int, prompt_len: int, new_tokens: int, gflops: float, g
     embed = model.model.embed_tokens.weight.numel()
     params = sum(p.numel() for p in model.parameters())
     head = c.vocab_size * c.hidden_size
-    matmul_params = params - embed + head  # a tied head is counted once in params, as the embedding
+    matmul_params = params - embed + (head if c.tie_word_embeddings else 0)  # a tied head is in params once
     read_bytes = elt * matmul_params
     sparse = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     if sparse:  # a token multiplies by its k chosen experts; a step reads the experts its rows chose
