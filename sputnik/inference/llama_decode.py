@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sputnik.inference.c_prefill import chunked_prefill
 from sputnik.inference.weights import cached_weights
 from sputnik.kernels.cpu import llama_step_library, pack_linear, pack_strips, routed_ffn_available
 from sputnik.model.llama import SoftmaxMoE
@@ -195,29 +196,11 @@ def fused_step(weights: DecodeWeights, tok_B: torch.Tensor, k_LBKSC: torch.Tenso
 def fused_prefill(weights: DecodeWeights, ids_BT: torch.Tensor, k_LBKSC: torch.Tensor, v_LBKSC: torch.Tensor,
                   seqlens_B: torch.Tensor, logits_at_B: torch.Tensor | None) -> torch.Tensor:
     """LlamaCachedModel.forward_cached's values: T new tokens per row at positions seqlens_B[b] + t,
-    logits [B, T, V] or, with logits_at_B, [B, V] of token logits_at_B[b] of each row. In chunks of
-    whole time steps of at most PREFILL_TOKENS tokens (bounded scratch; exact, since a chunk attends
-    to the slots the ones before it wrote)."""
-    B, T = ids_BT.shape
+    logits [B, T, V] or, with logits_at_B, [B, V] of token logits_at_B[b] of each row; in chunks of at
+    most PREFILL_TOKENS tokens (c_prefill.py)."""
+    B = ids_BT.shape[0]
     if k_LBKSC.shape[1] != B:
         raise ValueError(f"llama_step: cache {tuple(k_LBKSC.shape)} does not fit the {B} rows")
-    step = max(1, PREFILL_TOKENS // B)
-    rows_B, parts = torch.arange(B), []
-    for t0 in range(0, T, step):
-        t1 = min(T, t0 + step)
-        tok_N = ids_BT[:, t0:t1].reshape(-1)
-        row_N = rows_B.repeat_interleave(t1 - t0)
-        pos_N = (seqlens_B.to(torch.int64)[:, None] + torch.arange(t0, t1)).reshape(-1)
-        if logits_at_B is None:
-            out_M = torch.arange(tok_N.shape[0])
-        else:  # the rows whose wanted token falls in this chunk
-            want_B = (logits_at_B >= t0) & (logits_at_B < t1)
-            out_M = (rows_B * (t1 - t0) + logits_at_B - t0)[want_B]
-        logits_MV = forward_tokens(weights, tok_N, row_N, pos_N, k_LBKSC, v_LBKSC, out_M)
-        parts.append(logits_MV.view(B, t1 - t0, -1) if logits_at_B is None else (want_B, logits_MV))
-    if logits_at_B is None:
-        return torch.cat(parts, dim=1)
-    out_BV = torch.empty(B, weights.rows.V)
-    for want_B, logits_MV in parts:
-        out_BV[want_B] = logits_MV
-    return out_BV
+    return chunked_prefill(lambda tok_N, row_N, pos_N, out_M: forward_tokens(weights, tok_N, row_N, pos_N, k_LBKSC,
+                                                                                v_LBKSC, out_M),
+                           ids_BT, seqlens_B, logits_at_B, weights.rows.V, PREFILL_TOKENS)

@@ -69,14 +69,6 @@ typedef struct {
 int deepseek_step_pack_cols(void) { return PACK_COLS; }
 int deepseek_step_expert_cols(void) { return COLS; }
 
-static void rmsnorm(const float *x, const float *restrict w, float *y, int64_t n, float eps) { /* y may be x */
-    float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
-    const float r = 1.0f / sqrtf(ss / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
-}
-
 /* y [N, O] (+)= x [N, I] W^T, W packed; xp is scratch for x regrouped (see interleave_rows). */
 static void linear(const float *x, float *xp, const float *w, float *y, int64_t N, int64_t O, int64_t I, int acc) {
     interleave_rows(x, xp, N, I);
@@ -150,17 +142,8 @@ static void route(const Model *m, const float *bias, const float *logits, float 
         }
     }
     float total = 0.f;
-    for (int64_t k = 0; k < K; k++) { /* the K largest choices, the lowest index on ties */
-        int64_t best = -1;
-        for (int64_t e = 0; e < E; e++) {
-            int taken = 0;
-            for (int64_t j = 0; j < k; j++) taken |= idx[j] == e;
-            if (!taken && (best < 0 || choice[e] > choice[best])) best = e;
-        }
-        idx[k] = best;
-        wgt[k] = scores[best];
-        total += scores[best];
-    }
+    top_k(choice, E, K, idx);
+    for (int64_t k = 0; k < K; k++) total += (wgt[k] = scores[idx[k]]);
     const float norm = !m->softmax && m->norm_topk ? 1.f / (total + 1e-20f) : 1.f;
     for (int64_t k = 0; k < K; k++) wgt[k] = (m->softmax ? wgt[k] : wgt[k] * norm) * m->route_scale;
 }

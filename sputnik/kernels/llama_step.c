@@ -76,14 +76,6 @@ static void linear(const Model *m, const float *in, const float *w, const float 
         gemm_rows(in, w, bias, y, N, O, I, accumulate);
 }
 
-static void rmsnorm(const float *x, const float *restrict w, float *y, int64_t n, float eps) { /* y may be x */
-    float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
-    const float r = 1.0f / sqrtf(ss / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
-}
-
 /* in place: (x_j, x_{j+C/2}) -> (x_j cos_j - x_{j+C/2} sin_j, x_{j+C/2} cos_{j+C/2} + x_j sin_{j+C/2}) */
 static void rope(float *restrict x, const float *restrict cos, const float *restrict sin, int64_t C) {
     const int64_t F = C / 2;
@@ -127,16 +119,8 @@ static void route_softmax(const float *logits, int64_t E, int64_t k_top, int nor
     for (int64_t e = 0; e < E; e++) top = logits[e] > top ? logits[e] : top;
     for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(logits[e] - top));
     for (int64_t e = 0; e < E; e++) p[e] /= sum;
-    for (int64_t k = 0; k < k_top; k++) {
-        int64_t best = -1;
-        for (int64_t e = 0; e < E; e++) {
-            int taken = 0;
-            for (int64_t j = 0; j < k; j++) taken |= idx[j] == e;
-            if (!taken && (best < 0 || p[e] > p[best])) best = e;
-        }
-        idx[k] = best;
-        chosen += (wgt[k] = p[best]);
-    }
+    top_k(p, E, k_top, idx);
+    for (int64_t k = 0; k < k_top; k++) chosen += (wgt[k] = p[idx[k]]);
     if (norm)
         for (int64_t k = 0; k < k_top; k++) wgt[k] /= chosen;
 }

@@ -62,6 +62,20 @@ static void rows_times(int nr, const float *const *a, int64_t kdim, const float 
 
 static int64_t expert_strips(int64_t n) { return (n + COLS - 1) / COLS; }
 
+/* idx[0..K) = the indices of the K largest of v[0..E), largest first (ties: the lowest index): a
+   router's choice, K passes over E (both small). */
+static void top_k(const float *v, int64_t E, int64_t K, int64_t *idx) {
+    for (int64_t k = 0; k < K; k++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            int taken = 0;
+            for (int64_t j = 0; j < k; j++) taken |= idx[j] == e;
+            if (!taken && (best < 0 || v[e] > v[best])) best = e;
+        }
+        idx[k] = best;
+    }
+}
+
 /* The slots grouped by expert: order[] (stable), tile_start[] (runs of <= TILE_ROWS slots of one expert).
    ints: 2 * (E + 1) + 2 * S + E + 1 int64s. Returns the tile count, or -1 for an expert index outside [0, E). */
 static int64_t routed_experts_plan(const int64_t *idx, int64_t S, int64_t E, int64_t *ints, int64_t **order_out,

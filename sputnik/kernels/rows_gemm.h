@@ -21,6 +21,7 @@
    share the outputs among the region's threads; outside one they run on the calling thread. */
 #ifndef SPUTNIK_ROWS_GEMM_H
 #define SPUTNIK_ROWS_GEMM_H
+#include <math.h>
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -33,6 +34,15 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
 }
 
 static inline void store(float *y, float v, int accumulate) { *y = accumulate ? *y + v : v; }
+
+/* y = w * x / rms(x) over one row of n (RMSNorm; the one-call decode steps' norms); y may be x. */
+static void rmsnorm(const float *x, const float *restrict w, float *y, int64_t n, float eps) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
 
 static void gemm_rows(const float *restrict x, const float *restrict w, const float *restrict bias, float *restrict y,
                       int64_t N, int64_t O, int64_t I, int accumulate) {
