@@ -4,7 +4,7 @@ few-token MoE path and its C expert kernel) and the torch.compile'd static-shape
 
     .venv/bin/python benchmarks/bench_decode_step.py [--threads 2] [--batches 1,8,32,64,256] [--no-compile]
 
-Model: the tiny preset (random init), fp32, a 32-token prompt per row, then single-token steps at
+Model: the tiny preset (or --config; random init), fp32, a 32-token prompt per row, then single-token steps at
 position 32 (every round rewrites the same cache slots); each figure is the median over `--repeats`
 interleaved rounds of the median step time of one round. The prefill (all rows' prompts, logits of
 the last token) through the C call and through torch with the C kernels off. The C step's logits are
@@ -37,6 +37,7 @@ def timed(fn, steps: int) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--config", default="tiny", help="model preset (tiny: MLA absorbed; small: W_UK/W_UV per token)")
     ap.add_argument("--batches", default="1,8,32,64,256")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
@@ -45,10 +46,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(PRESETS["tiny"]()).eval()
+    model = build_model(PRESETS[args.config]()).eval()
     cm = cached_model(model)
     P, S = args.prompt_len, args.prompt_len + args.steps * (args.repeats + 1) + 2
-    print(f"threads={torch.get_num_threads()} tiny DeepSeek-V3 fp32, {P}-token prompts, cache of {S} positions")
+    print(f"threads={torch.get_num_threads()} {args.config} DeepSeek-V3 fp32, {P}-token prompts, cache of {S} positions")
     print(f"{'batch':>5} | {'C step ms':>9} | {'eager ms':>8} | {'compiled ms':>11} | {'eager/C':>7} | "
           f"{'compiled/C':>10} | {'prefill C ms':>12} | {'prefill torch ms':>16} | max |Δ logits|")
     for B in [int(b) for b in args.batches.split(",")]:

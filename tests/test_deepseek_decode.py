@@ -1,9 +1,9 @@
 """Our DeepSeek-V3's decode step and prefill in one C call (kernels/deepseek_step.c via
 inference/deepseek_decode.py): values against the torch path for each router rule and layout switch
 (V3's biased sigmoid with node-limited groups, V2's softmax, gates renormalised or not, scaled, shared
-experts or none, a dense first layer or every FFN dense, no query low-rank), ragged rows, thread-count
-independence, in-place weight updates, when it steps aside (kernels off, bf16, Abacus, unabsorbed MLA,
-a routing tape), and bad input."""
+experts or none, a dense first layer or every FFN dense, no query low-rank, W_UK/W_UV folded in or
+applied per token), ragged rows, thread-count independence, in-place weight updates, when it steps
+aside (kernels off, bf16, Abacus, a routing tape), and bad input."""
 import pytest
 import torch
 
@@ -30,11 +30,14 @@ VARIANTS = {
     "two-shared-no-dense-layer": dict(n_shared_experts=2, first_k_dense_replace=0),
     "no-query-low-rank": dict(q_lora_rank=0),
     "every-ffn-dense": dict(first_k_dense_replace=3),  # moe_vs_dense's MLA twin
+    # C·Q = 2048 > 2(N·Q + N·C) = 1536 and D·C > 2(D·V + V·C): W_UK and W_UV stay out of W_q and W_o
+    "unabsorbed": dict(kv_lora_rank=64),
+    "unabsorbed-v2-lite-like": dict(kv_lora_rank=64, q_lora_rank=0, topk_method="greedy", n_shared_experts=2),
 }
 
 
 def v3(**kw):
-    """A small model whose MLA is absorbed (C·Q ≤ 2(N·Q + N·C)), with norms, biases and the router's
+    """A small model whose MLA is absorbed by default (C·Q ≤ 2(N·Q + N·C)), with norms, biases and the router's
     selection bias moved off their initial values so that a skipped one changes the logits."""
     torch.manual_seed(0)
     cfg = dict(vocab_size=96, hidden_size=48, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=80,
@@ -140,15 +143,13 @@ def test_in_place_weight_updates_are_seen():
 
 @needs_kernel
 def test_it_steps_aside_where_it_cannot_run(monkeypatch):
-    """Kernels off, bf16 weights, Abacus places, an unabsorbed MLA (V3's ratios): no table. A routing
+    """Kernels off, bf16 weights, Abacus places: no table. A routing
     tape (RL's routing replay hooks the router's Python call): the torch path, same values."""
     with kernels_off():
         assert DeepSeekCachedModel(v3()).step_weights()["c_step"] is None
     assert DeepSeekCachedModel(v3().to(torch.bfloat16)).step_weights()["c_step"] is None
     abacus = v3(abacus_max_index=8, abacus_digit_ids=list(range(10, 20)))
     assert DeepSeekCachedModel(abacus).step_weights()["c_step"] is None
-    unabsorbed = v3(kv_lora_rank=64)  # C·Q = 2048 > 2(N·Q + N·C) = 1536
-    assert DeepSeekCachedModel(unabsorbed).step_weights()["c_step"] is None
 
     model = v3()
     cm = DeepSeekCachedModel(model)

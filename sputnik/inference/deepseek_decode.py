@@ -12,10 +12,11 @@ the packed LM head (DeepSeekCachedModel.lm_head), each packed again here for the
 rebuilt when a parameter changes (weights.cached_weights). `decode_table` builds the ctypes table of
 their addresses (once per wave, as the cached model's step_weights) and keeps the tensors alive.
 
-Used by DeepSeekCachedModel.step and forward_cached when the table exists — fp32 weights on a CPU, the
-C kernels on and built, W_UK and W_UV absorbed (where that keeps the products small: the tiny preset,
-not V3-671B), no Abacus positions — and the cache is fp32 and contiguous, with no
-routing tape recording or replaying (the tape hooks the router's Python call). Values equal the torch
+W_UK and W_UV are folded into the query and output products where that keeps them small (the tiny
+preset); where it would grow them (the small preset, V2-Lite, V3) the C step applies them per token and
+head, as mla_decode does. Used by DeepSeekCachedModel.step and forward_cached when the table exists —
+fp32 weights on a CPU, the C kernels on and built, no Abacus positions — and the cache is fp32 and
+contiguous, with no routing tape recording or replaying (the tape hooks the router's Python call). Values equal the torch
 path's up to rounding (tests/test_deepseek_decode.py).
 
 Shape legend: B rows, L layers, S cache slots, X = kv_lora_rank + rope dim (one latent row), V vocab.
@@ -41,19 +42,21 @@ _ERRORS = {-1: "a token id is outside the vocabulary", -2: "a position is outsid
            -5: "an output index is outside the tokens"}
 _LAYER_POINTERS = ("ln1", "ln2", "wa", "qa_norm", "kv_norm", "wq", "wo")
 _FFN_POINTERS = ("wgu", "wd", "wrs", "bias", "wsd", "experts_gu", "experts_down")
+_UNABSORBED = ("w_uk", "w_uv")  # W_UK [H, Nq, C] and W_UV [H, Vd, C] where they are not folded in
 _SIZES = ("L", "D", "H", "C", "R", "Q", "V", "P", "F", "E", "K", "I", "Is", "G", "TG", "softmax", "norm_topk")
 
 
 class _Layer(ctypes.Structure):  # deepseek_step.c's Layer, field for field
     _fields_ = ([(name, ctypes.c_void_p) for name in _LAYER_POINTERS] + [("moe", ctypes.c_int64)]
-                + [(name, ctypes.c_void_p) for name in _FFN_POINTERS])
+                + [(name, ctypes.c_void_p) for name in _FFN_POINTERS + _UNABSORBED])
 
 
 class _Model(ctypes.Structure):  # deepseek_step.c's Model
     _fields_ = ([(name, ctypes.c_int64) for name in _SIZES]
                 + [(name, ctypes.c_float) for name in ("eps", "scale", "route_scale")]
                 + [(name, ctypes.c_void_p) for name in ("embed", "norm", "head", "cos", "sin")]
-                + [("layers", ctypes.POINTER(_Layer))])
+                + [("layers", ctypes.POINTER(_Layer))]
+                + [(name, ctypes.c_int64) for name in ("Nq", "Vd", "absorb_q", "absorb_o")])
 
 
 @dataclass
@@ -67,8 +70,8 @@ class DecodeTable:
 
 
 def supported(model) -> bool:
-    """Whether the C step can run `model` (a Transformer) at all: fp32 on a CPU, the kernels built, the
-    absorbed MLA form, no Abacus positions, router sizes within the kernel's buffers."""
+    """Whether the C step can run `model` (a Transformer) at all: fp32 on a CPU, the kernels built, no
+    Abacus positions, router sizes within the kernel's buffers."""
     c, w = model.config, model.lm_head.weight
     if w.device.type != "cpu" or w.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
@@ -77,11 +80,7 @@ def supported(model) -> bool:
     if deepseek_step_library() is None or not routed_ffn_available():
         return False
     lib = deepseek_step_library()
-    if lib.deepseek_step_expert_cols() != strip_width():  # the experts are packed for routed_ffn.c
-        return False
-    attn = model.model.layers[0].self_attn
-    w_attn = mla_decode_weights(attn)
-    return bool(w_attn["absorb_q"] and w_attn["absorb_o"])
+    return lib.deepseek_step_expert_cols() == strip_width()  # the experts are packed for routed_ffn.c
 
 
 def _pack(w_IO: torch.Tensor) -> torch.Tensor:
@@ -98,7 +97,7 @@ def _derived(model) -> list[dict]:
         v = dict(ln1=block.input_layernorm.weight, ln2=block.post_attention_layernorm.weight,
                  qa_norm=attn.q_a_layernorm.weight if attn.q_lora_rank > 0 else None,
                  kv_norm=attn.kv_a_layernorm.weight)
-        sources = [w_attn["a"], w_attn["q"], w_attn["o"]]
+        sources = [w_attn["a"], w_attn["q"], w_attn["o"], attn.kv_b_proj.weight]
         if isinstance(ffn, MoE):
             v.update(moe=1, wgu=None, wd=None, experts_gu=w_ffn["gate_up_packed"], experts_down=w_ffn["down_packed"],
                      bias=None if ffn.gate.softmax else ffn.gate.e_score_correction_bias)
@@ -110,7 +109,9 @@ def _derived(model) -> list[dict]:
             sources += list(w_ffn)
 
         def build(block=block, w_attn=w_attn, w_ffn=w_ffn):
-            out = dict(wa=_pack(w_attn["a"]), wq=_pack(w_attn["q"]), wo=_pack(w_attn["o"]))
+            out = dict(wa=_pack(w_attn["a"]), wq=_pack(w_attn["q"]), wo=_pack(w_attn["o"]),
+                       w_uk=None if w_attn["absorb_q"] else w_attn["w_uk_HNC"].float().contiguous(),
+                       w_uv=None if w_attn["absorb_o"] else w_attn["w_uv_HVC"].float().contiguous())
             ffn = block.mlp
             if isinstance(ffn, MoE):
                 s = ffn.shared_experts
@@ -145,7 +146,7 @@ def decode_table(model, lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.T
     values = _derived(model)
     layers = (_Layer * len(values))()
     for row, v in zip(layers, values):
-        for name in _LAYER_POINTERS + _FFN_POINTERS:
+        for name in _LAYER_POINTERS + _FFN_POINTERS + _UNABSORBED:
             setattr(row, name, ptr(v[name]))
         row.moe = v["moe"]
     kept.append(layers)
@@ -159,7 +160,9 @@ def decode_table(model, lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.T
                  Is=c.moe_intermediate_size * c.n_shared_experts if gate and first_moe.shared_experts else 0,
                  G=gate.n_group if gate else 1, TG=gate.topk_group if gate else 1,
                  softmax=int(gate.softmax) if gate else 0, norm_topk=int(gate.norm_topk_prob) if gate else 0)
-    table = _Model(**sizes, eps=model.model.norm.eps, scale=attn.scale,
+    w_attn = mla_decode_weights(attn)
+    table = _Model(**sizes, Nq=c.qk_nope_head_dim, Vd=c.v_head_dim, absorb_q=int(w_attn["absorb_q"]),
+                   absorb_o=int(w_attn["absorb_o"]), eps=model.model.norm.eps, scale=attn.scale,
                    route_scale=gate.routed_scaling_factor if gate else 1.0,
                    embed=ptr(model.model.embed_tokens.weight), norm=ptr(model.model.norm.weight), head=ptr(lm_head),
                    cos=ptr(cos2_PR), sin=ptr(sin2_PR), layers=layers)

@@ -4,12 +4,14 @@
 
    for each layer:  h = rmsnorm(x) * ln1
                     [q_in | c | k_R | swap(k_R)] = W_a h;   q_in = rmsnorm(q_in) * qa_norm (q_lora_rank > 0)
-                    [q~_h | swap(q_R,h)] = W_q q_in    (per head: W_UK folded in, q~_h = [W_UK,h^T q_C,h ; q_R,h])
+                    [q~_h | swap(q_R,h)] = W_q q_in    (per head: W_UK folded in, q~_h = [W_UK,h^T q_C,h ; q_R,h];
+                    where folding would grow W_q, as at V2-Lite's or V3's sizes, W_q gives q_nope and q~ is
+                    computed per token)
                     q_R,h and k_R rotated by RoPE at the row's position (x cos + swap(x) sin: the pair split
                     is a permutation of weight rows, done when the weights were derived, mla_decode.py)
                     [rmsnorm(c) * kv_norm | k_R] written into the row's cache slot (one latent row per token)
                     z_h = sum_s softmax_s(scale q~_h . row_s) c_s over the visible slots s <= pos
-                    x += W_o [z_1 .. z_H]   (W_UV folded into W_o)
+                    x += W_o [z_1 .. z_H]   (W_UV folded into W_o; else x += W_o [W_UV,1 z_1 .. W_UV,H z_H])
                     h = rmsnorm(x) * ln2
                     dense layer: x += W_d (silu(W_g h) * (W_u h))
                     MoE layer:   [logits | g_s | u_s] = W_rs h  (router and shared expert in one product)
@@ -52,6 +54,7 @@ typedef struct {                   /* one layer's weights, packed in strips unle
     const float *wsd;              /* D from Is, NULL without shared experts */
     const float *experts_gu;       /* [E, strips, D, COLS] routed_experts.h's layout */
     const float *experts_down;     /* [E, strips, I, COLS] */
+    const float *w_uk, *w_uv;      /* [H, Nq, C], [H, Vd, C]: W_UK and W_UV where they are not folded in */
 } Layer;
 
 typedef struct {
@@ -64,6 +67,7 @@ typedef struct {
     const float *head;                  /* V outputs from D */
     const float *cos, *sin;             /* [P, R]: [cos; cos] and [-sin; sin] (mla_decode's rotation) */
     const Layer *layers;
+    int64_t Nq, Vd, absorb_q, absorb_o; /* nope and value head dims; W_UK / W_UV folded into W_q / W_o */
 } Model;
 
 int deepseek_step_pack_cols(void) { return PACK_COLS; }
@@ -158,8 +162,9 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
                      float *const *caches, int64_t R, int64_t S, const int64_t *out, int64_t M, float *logits,
                      int nthreads) {
     const int64_t D = m->D, H = m->H, C = m->C, Rd = m->R, X = C + Rd, Q = m->Q, E = m->E, K = m->K, I = m->I;
-    const int64_t A = Q + C + 2 * Rd, Z = H * X + H * Rd, HC = H * C, Is = m->Is, RS = E + 2 * Is, F = m->F;
-    const int64_t QI = Q ? Q : D; /* the q projection's input width */
+    const int64_t Y = m->absorb_q ? X : m->Nq + Rd; /* a head's query from W_q: [q~ | q_R], or [q_nope | q_R] */
+    const int64_t A = Q + C + 2 * Rd, Z = H * Y + H * Rd, HC = H * C, Is = m->Is, RS = E + 2 * Is, F = m->F;
+    const int64_t QI = Q ? Q : D, HV = m->absorb_o ? HC : H * m->Vd; /* W_q's and W_o's input widths */
     if (E > MAX_EXPERTS || K > MAX_TOPK || K > E || m->G < 1 || E % m->G || m->TG > m->G || m->TG < 1) return -3;
     for (int64_t n = 0; n < N; n++) {
         if (tok[n] < 0 || tok[n] >= m->V) return -1;
@@ -168,21 +173,24 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
     for (int64_t j = 0; j < M; j++)
         if (out[j] < 0 || out[j] >= N) return -5;
     if (nthreads < 1) nthreads = 1;
-    const int64_t inputs[] = {D, Q, HC, F, Is};
+    const int64_t inputs[] = {D, Q, HC, HV, F, Is};
     int64_t width = 0; /* the widest input of a product: xp holds it regrouped */
-    for (int i = 0; i < 5; i++) width = inputs[i] > width ? inputs[i] : width;
+    for (int i = 0; i < 6; i++) width = inputs[i] > width ? inputs[i] : width;
     const int64_t wide = 2 * F > RS ? 2 * F : RS, hidden = F > Is ? F : Is, slots = N * K;
-    const int64_t per_thread = TILE_ROWS * 2 * I + H * S; /* an expert tile's hidden; attention's probabilities */
+    /* per thread: an expert tile's hidden; attention's probabilities; the queries with W_UK applied */
+    const int64_t per_thread = TILE_ROWS * 2 * I + H * S + H * X;
     float *x = malloc(sizeof(float) * N * D), *h = malloc(sizeof(float) * N * D);
     float *xp = malloc(sizeof(float) * N * width), *a = malloc(sizeof(float) * N * A);
     float *qin = malloc(sizeof(float) * N * (Q ? Q : 1)), *qz = malloc(sizeof(float) * N * Z);
     float *zb = malloc(sizeof(float) * N * HC), *g = malloc(sizeof(float) * N * wide);
+    float *ob = m->absorb_o ? zb : malloc(sizeof(float) * N * HV); /* W_o's input */
     float *u = malloc(sizeof(float) * N * (hidden ? hidden : 1));
     float *fl = malloc(sizeof(float) * (slots + N * E + nthreads * per_thread + (E ? slots * D : 0)));
     int64_t *idx = malloc(sizeof(int64_t) * (slots ? slots : 1));
     int64_t *ints = malloc(sizeof(int64_t) * (2 * (E + 1) + 2 * slots + E + 1));
-    if (!x || !h || !xp || !a || !qin || !qz || !zb || !g || !u || !fl || !idx || !ints) {
+    if (!x || !h || !xp || !a || !qin || !qz || !zb || !ob || !g || !u || !fl || !idx || !ints) {
         free(x); free(h); free(xp); free(a); free(qin); free(qz); free(zb); free(g); free(u); free(fl); free(idx); free(ints);
+        if (ob != zb) free(ob);
         return -4;
     }
     float *wgt = fl, *choice = wgt + slots, *scratch = choice + N * E, *slot_out = scratch + nthreads * per_thread;
@@ -190,7 +198,7 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
 
 #pragma omp parallel num_threads(nthreads)
     {
-        float *probs = scratch + (int64_t)omp_get_thread_num() * per_thread + TILE_ROWS * 2 * I;
+        float *probs = scratch + (int64_t)omp_get_thread_num() * per_thread + TILE_ROWS * 2 * I, *qt = probs + H * S;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) memcpy(x + n * D, m->embed + tok[n] * D, sizeof(float) * D);
         for (int64_t l = 0; l < m->L; l++) {
@@ -214,13 +222,32 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
             for (int64_t n = 0; n < N; n++) {
                 const float *cs = m->cos + pos[n] * Rd, *sn = m->sin + pos[n] * Rd;
                 for (int64_t j = 0; j < H; j++) { /* each head's q_R rotated: x cos + swap(x) sin */
-                    float *qr = qz + n * Z + j * X + C;
-                    const float *swap = qz + n * Z + H * X + j * Rd;
+                    float *qr = qz + n * Z + j * Y + Y - Rd;
+                    const float *swap = qz + n * Z + H * Y + j * Rd;
                     for (int64_t r = 0; r < Rd; r++) qr[r] = qr[r] * cs[r] + swap[r] * sn[r];
                 }
-                attend_latent(qz + n * Z, X, kv + row[n] * S * X, zb + n * HC, H, pos[n], X, C, m->scale, probs);
+                const float *q = qz + n * Z;
+                if (!m->absorb_q) { /* q~_h = W_UK,h^T q_nope,h, then q_R,h: the absorbed query, per token */
+                    for (int64_t j = 0; j < H; j++) {
+                        const float *qn = q + j * Y, *wk = w->w_uk + j * m->Nq * C;
+                        float *qh = qt + j * X;
+                        for (int64_t c = 0; c < C; c++) qh[c] = 0.f;
+                        for (int64_t i = 0; i < m->Nq; i++) {
+                            const float v = qn[i], *wi = wk + i * C;
+#pragma omp simd
+                            for (int64_t c = 0; c < C; c++) qh[c] += v * wi[c];
+                        }
+                        memcpy(qh + C, qn + m->Nq, sizeof(float) * Rd);
+                    }
+                    q = qt;
+                }
+                attend_latent(q, X, kv + row[n] * S * X, zb + n * HC, H, pos[n], X, C, m->scale, probs);
+                if (!m->absorb_o) /* o_h = W_UV,h z_h, W_o's input */
+                    for (int64_t j = 0; j < H; j++)
+                        for (int64_t v = 0; v < m->Vd; v++)
+                            ob[n * HV + j * m->Vd + v] = dot(w->w_uv + (j * m->Vd + v) * C, zb + n * HC + j * C, C);
             }
-            linear(zb, xp, w->wo, x, N, D, HC, 1);
+            linear(ob, xp, w->wo, x, N, D, HV, 1);
             /* --- feed-forward */
 #pragma omp for schedule(static)
             for (int64_t n = 0; n < N; n++) rmsnorm(x + n * D, w->ln2, h + n * D, D, m->eps);
@@ -254,5 +281,6 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
         linear(h, xp, m->head, logits, M, m->V, D, 0);
     }
     free(x); free(h); free(xp); free(a); free(qin); free(qz); free(zb); free(g); free(u); free(fl); free(idx); free(ints);
+    if (ob != zb) free(ob);
     return 0;
 }
