@@ -3,7 +3,7 @@ inference/deepseek_decode.py): values against the torch path for each router rul
 (V3's biased sigmoid with node-limited groups, V2's softmax, gates renormalised or not, scaled, shared
 experts or none, a dense first layer or every FFN dense, no query low-rank, W_UK/W_UV folded in or
 applied per token), ragged rows, thread-count independence, in-place weight updates, when it steps
-aside (kernels off, bf16, Abacus, a routing tape), and bad input."""
+aside (kernels off, bf16, Abacus, a replaying routing tape), what a recording tape gets, and bad input."""
 import pytest
 import torch
 
@@ -16,7 +16,7 @@ from sputnik.kernels.cpu import kernels_off
 from sputnik.model import build_model
 from sputnik.model.config import tiny
 from sputnik.model.moe import MoE
-from sputnik.model.routing_replay import recording
+from sputnik.model.routing_replay import recording, replaying
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.deepseek_step_library() is None or not cpu_kernels.routed_ffn_available(),
                                   reason="no C compiler for the CPU kernels")
@@ -143,8 +143,8 @@ def test_in_place_weight_updates_are_seen():
 
 @needs_kernel
 def test_it_steps_aside_where_it_cannot_run(monkeypatch):
-    """Kernels off, bf16 weights, Abacus places: no table. A routing
-    tape (RL's routing replay hooks the router's Python call): the torch path, same values."""
+    """Kernels off, bf16 weights, Abacus places: no table. A replaying routing tape (the RL update's
+    forward hooks the router's Python call): the torch path, same values."""
     with kernels_off():
         assert DeepSeekCachedModel(v3()).step_weights()["c_step"] is None
     assert DeepSeekCachedModel(v3().to(torch.bfloat16)).step_weights()["c_step"] is None
@@ -162,12 +162,37 @@ def test_it_steps_aside_where_it_cannot_run(monkeypatch):
         want = cm.forward_cached(ids, cache, torch.zeros(2, dtype=torch.long))
         assert calls  # the C prefill ran
         calls.clear()
-        with recording(model) as tape:
+        replay = torch.full((8, 2, 3), -1, dtype=torch.long)  # every token keeps its own experts
+        with replaying(model, replay) as tape:
             got = cm.forward_cached(ids, cm.new_cache(2, 8), torch.zeros(2, dtype=torch.long))
-            step = cm.step(ids[:, 0], cache, torch.full((2,), 4), cm.step_weights())
-        assert not calls and tape.take() is not None  # the tape saw the router: the torch path ran
+        assert not calls and tape.compared == 0  # the routers ran in Python: the torch path
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-    assert step.shape == (2, 96)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_a_recording_tape_gets_the_experts_the_c_call_chose():
+    """RL rollouts with routing replay record each token's experts: through the C prefill and steps
+    they are the ones the torch path records for the same tokens (as sets), row-major over [B, T]."""
+    model = v3(n_group=4, topk_group=2)
+    cm = DeepSeekCachedModel(model)
+    ids = prompts(model, [6, 6, 6])
+    steps = prompts(model, [3, 3, 3], seed=4)
+    recorded = {}
+    for kernels in (True, False):
+        with (kernels_off() if not kernels else torch.no_grad()):
+            cache = cm.new_cache(3, 16)
+            with recording(model) as tape:
+                cm.forward_cached(ids, cache, torch.zeros(3, dtype=torch.long))
+                prefill = tape.take()
+                w = cm.step_weights()
+                for t in range(3):
+                    cm.step(steps[:, t], cache, torch.full((3,), 6 + t), w)
+                recorded[kernels] = (prefill, tape.take())
+    (p1, s1), (p0, s0) = recorded[True], recorded[False]
+    assert p1.shape == p0.shape == (18, 2, 3) and s1.shape == s0.shape == (9, 2, 3) and p1.dtype == torch.int16
+    assert torch.equal(p1.sort(-1).values, p0.sort(-1).values)
+    assert torch.equal(s1.sort(-1).values, s0.sort(-1).values)
 
 
 @needs_kernel

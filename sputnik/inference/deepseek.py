@@ -23,7 +23,7 @@ from sputnik.inference.moe_decode import FEW_TOKENS, ffn_decode_weights, mlp_row
 from sputnik.inference.weights import cached_weights
 from sputnik.model.block import Block
 from sputnik.model.moe import MoE
-from sputnik.model.routing_replay import tape_active
+from sputnik.model.routing_replay import active_tape
 from sputnik.model.transformer import Transformer
 
 
@@ -110,7 +110,12 @@ class DeepSeekCachedModel:
             if int(cache_seqlens_B.max()) + T > cache.max_len:
                 raise ValueError(f"cache overflow: a row needs {int(cache_seqlens_B.max()) + T} positions, "
                                  f"cache holds {cache.max_len}")
-            return deepseek_decode.fused_prefill(table, input_ids_BT, cache, cache_seqlens_B, logits_at_B)
+            tape = active_tape()  # recording (see _c_table): the experts of every token, row-major as the router's
+            routes = None if tape is None else torch.empty(B, T, table.moe_layers, table.top_k, dtype=torch.int64)
+            logits = deepseek_decode.fused_prefill(table, input_ids_BT, cache, cache_seqlens_B, logits_at_B, routes)
+            if tape is not None:
+                tape.record_rows(routes.view(B * T, table.moe_layers, table.top_k))
+            return logits
         step = self._decode_step(cache, cache_seqlens_B, T)
         h_ND = embed_rows(m, input_ids_BT, cache, cache_seqlens_B)  # token rows, N = B·T
         for layer in m.model.layers:
@@ -162,10 +167,15 @@ class DeepSeekCachedModel:
         if longest >= cache.max_len:
             raise ValueError(f"cache overflow: a row needs {longest + 1} positions, cache holds {cache.max_len}")
         weights = self.step_weights() if weights is None else weights
-        table = weights.get("c_step")
-        if (table is not None and step_fn is None and not tape_active()
+        table, tape = weights.get("c_step"), active_tape()
+        if (table is not None and step_fn is None and (tape is None or tape.replay is None)
                 and deepseek_decode.cache_readable(cache, table)):
-            return deepseek_decode.fused_step(table, tok_B, cache, cache_seqlens_B)
+            if tape is None:
+                return deepseek_decode.fused_step(table, tok_B, cache, cache_seqlens_B)
+            routes = torch.empty(tok_B.shape[0], table.moe_layers, table.top_k, dtype=torch.int64)
+            logits = deepseek_decode.fused_step(table, tok_B, cache, cache_seqlens_B, routes)
+            tape.record_rows(routes)  # a recording tape (RL rollouts): the experts the C call chose
+            return logits
         if step_fn is not None:
             return step_fn(self.model, tok_B, cache, cache_seqlens_B, weights)
         return static_step(self.model, tok_B, cache, cache_seqlens_B, weights, kv_len=longest + 1)
@@ -180,8 +190,10 @@ class DeepSeekCachedModel:
         return cached_weights(self.model.lm_head, "lm_head_t", [w], lambda: w.t().contiguous())
 
     def _c_table(self, cache: MLACache):
-        """The C step's table when it can run this forward (no routing tape, a cache it can write), else None."""
-        if tape_active() or not deepseek_decode.supported(self.model):
+        """The C step's table when it can run this forward (no replaying routing tape, a cache it can
+        write), else None."""
+        tape = active_tape()
+        if (tape is not None and tape.replay is not None) or not deepseek_decode.supported(self.model):
             return None
         table = deepseek_decode.decode_table(self.model, self.lm_head(), self._rope_tables())
         return table if table is not None and deepseek_decode.cache_readable(cache, table) else None

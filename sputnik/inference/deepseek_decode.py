@@ -16,7 +16,8 @@ W_UK and W_UV are folded into the query and output products where that keeps the
 preset); where it would grow them (the small preset, V2-Lite, V3) the C step applies them per token and
 head, as mla_decode does. Used by DeepSeekCachedModel.step and forward_cached when the table exists —
 fp32 weights on a CPU, the C kernels on and built, no Abacus positions — and the cache is fp32 and
-contiguous, with no routing tape recording or replaying (the tape hooks the router's Python call). Values equal the torch
+contiguous, with no routing tape replaying (a recording tape gets the experts the C call chose:
+RL rollouts with routing replay stay on it). Values equal the torch
 path's up to rounding (tests/test_deepseek_decode.py).
 
 Shape legend: B rows, L layers, S cache slots, X = kv_lora_rank + rope dim (one latent row), V vocab.
@@ -67,6 +68,8 @@ class DecodeTable:
     num_layers: int
     row_width: int  # X: one latent cache row
     vocab: int
+    moe_layers: int  # routed layers and experts a token (the routes a recording writes)
+    top_k: int
 
 
 def supported(model) -> bool:
@@ -166,7 +169,9 @@ def decode_table(model, lm_head: torch.Tensor, rope: tuple[torch.Tensor, torch.T
                    route_scale=gate.routed_scaling_factor if gate else 1.0,
                    embed=ptr(model.model.embed_tokens.weight), norm=ptr(model.model.norm.weight), head=ptr(lm_head),
                    cos=ptr(cos2_PR), sin=ptr(sin2_PR), layers=layers)
-    return DecodeTable(table, kept, c.num_hidden_layers, c.kv_lora_rank + c.qk_rope_head_dim, c.vocab_size)
+    moe_layers = sum(v["moe"] for v in values)
+    return DecodeTable(table, kept, c.num_hidden_layers, c.kv_lora_rank + c.qk_rope_head_dim, c.vocab_size,
+                       moe_layers, c.num_experts_per_tok if moe_layers else 0)
 
 
 def cache_readable(cache, table: DecodeTable) -> bool:
@@ -180,40 +185,54 @@ def cache_readable(cache, table: DecodeTable) -> bool:
 
 
 def forward_tokens(table: DecodeTable, tok_N: torch.Tensor, row_N: torch.Tensor, pos_N: torch.Tensor, cache,
-                   out_M: torch.Tensor) -> torch.Tensor:
+                   out_M: torch.Tensor, routes_NLK: torch.Tensor | None = None) -> torch.Tensor:
     """logits_MV of tokens out_M after one forward over N tokens, token n written into cache row row_N[n]
-    at slot pos_N[n] and attending to that row's slots ≤ pos_N[n] (deepseek_step.c's deepseek_forward)."""
+    at slot pos_N[n] and attending to that row's slots ≤ pos_N[n] (deepseek_step.c's deepseek_forward).
+    routes_NLK (int64 [N, MoE layers, K], or None): filled with the experts each token was routed to."""
     R, S, _ = cache.kv_BSX[0].shape
     pointers = (ctypes.c_void_p * table.num_layers)(*[b.data_ptr() for b in cache.kv_BSX[: table.num_layers]])
     tok_N, row_N, pos_N, out_M = (t.to(torch.int64).contiguous() for t in (tok_N, row_N, pos_N, out_M))
     logits_MV = torch.empty(out_M.shape[0], table.vocab, dtype=torch.float32)
     if tok_N.shape[0] == 0:
         return logits_MV
+    if routes_NLK is not None and not (routes_NLK.dtype == torch.int64 and routes_NLK.is_contiguous()
+                                       and routes_NLK.shape == (tok_N.shape[0], table.moe_layers, table.top_k)):
+        raise ValueError(f"deepseek_step: routes must be int64 [{tok_N.shape[0]}, {table.moe_layers}, {table.top_k}]")
     rc = deepseek_step_library().deepseek_forward(
         ctypes.addressof(table.model), tok_N.data_ptr(), row_N.data_ptr(), pos_N.data_ptr(), tok_N.shape[0],
-        pointers, R, S, out_M.data_ptr(), out_M.shape[0], logits_MV.data_ptr(), torch.get_num_threads())
+        pointers, R, S, out_M.data_ptr(), out_M.shape[0], logits_MV.data_ptr(), torch.get_num_threads(),
+        None if routes_NLK is None else routes_NLK.data_ptr())
     if rc != 0:
         raise ValueError(f"deepseek_step: {_ERRORS.get(rc, f'error {rc}')}")
     return logits_MV
 
 
-def fused_step(table: DecodeTable, tok_B: torch.Tensor, cache, pos_B: torch.Tensor) -> torch.Tensor:
+def fused_step(table: DecodeTable, tok_B: torch.Tensor, cache, pos_B: torch.Tensor,
+               routes_BLK: torch.Tensor | None = None) -> torch.Tensor:
     """logits_BV of one new token per row at position pos_B[b] (= the cache slot it writes):
-    DeepSeekCachedModel.step's values."""
+    DeepSeekCachedModel.step's values (and the experts each row was routed to, into routes_BLK)."""
     B = tok_B.shape[0]
     if cache.kv_BSX[0].shape[0] != B:
         raise ValueError(f"deepseek_step: cache of {cache.kv_BSX[0].shape[0]} rows for {B} tokens")
     rows_B = torch.arange(B)
-    return forward_tokens(table, tok_B, rows_B, pos_B, cache, rows_B)
+    return forward_tokens(table, tok_B, rows_B, pos_B, cache, rows_B, routes_BLK)
 
 
 def fused_prefill(table: DecodeTable, ids_BT: torch.Tensor, cache, seqlens_B: torch.Tensor,
-                  logits_at_B: torch.Tensor | None) -> torch.Tensor:
+                  logits_at_B: torch.Tensor | None, routes_BTLK: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeekCachedModel.forward_cached's values (without return_hidden): T new tokens per row at
     positions seqlens_B[b] + t, logits [B, T, V] or, with logits_at_B, [B, V] of token logits_at_B[b] of
-    each row; in chunks of at most PREFILL_TOKENS tokens (c_prefill.py)."""
+    each row; in chunks of at most PREFILL_TOKENS tokens (c_prefill.py). routes_BTLK (int64, or None):
+    filled with the experts each token was routed to."""
     B = ids_BT.shape[0]
     if cache.kv_BSX[0].shape[0] != B:
         raise ValueError(f"deepseek_step: cache of {cache.kv_BSX[0].shape[0]} rows for {B} rows of tokens")
-    return chunked_prefill(lambda tok_N, row_N, pos_N, out_M: forward_tokens(table, tok_N, row_N, pos_N, cache, out_M),
-                           ids_BT, seqlens_B, logits_at_B, table.vocab, PREFILL_TOKENS)
+    def forward(tok_N, row_N, pos_N, out_M):
+        if routes_BTLK is None:
+            return forward_tokens(table, tok_N, row_N, pos_N, cache, out_M)
+        routes_NLK = torch.empty(tok_N.shape[0], table.moe_layers, table.top_k, dtype=torch.int64)
+        logits_MV = forward_tokens(table, tok_N, row_N, pos_N, cache, out_M, routes_NLK)
+        routes_BTLK[row_N, pos_N - seqlens_B.to(torch.int64)[row_N]] = routes_NLK  # this chunk's time steps
+        return logits_MV
+
+    return chunked_prefill(forward, ids_BT, seqlens_B, logits_at_B, table.vocab, PREFILL_TOKENS)

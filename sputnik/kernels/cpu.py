@@ -62,7 +62,7 @@ _SIGNATURES = {
                     "linear_packed": ([_P] * 5 + [_I64] * 3 + [_I32], _I32), "linear_packed_cols": ([], _I32)},
     LLAMA_STEP_SOURCE: {"llama_forward": ([_P] * 4 + [_I64] + [_P] * 2 + [_I64, _I64, _P, _I64, _P, _I32], _I32),
                         "llama_step_pack_cols": ([], _I32)},
-    DEEPSEEK_STEP_SOURCE: {"deepseek_forward": ([_P] * 4 + [_I64] + [_P] + [_I64, _I64, _P, _I64, _P, _I32], _I32),
+    DEEPSEEK_STEP_SOURCE: {"deepseek_forward": ([_P] * 4 + [_I64] + [_P] + [_I64, _I64, _P, _I64, _P, _I32, _P], _I32),
                            "deepseek_step_pack_cols": ([], _I32), "deepseek_step_expert_cols": ([], _I32)},
 }
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]

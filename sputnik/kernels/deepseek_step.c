@@ -155,12 +155,13 @@ static void route(const Model *m, const float *bias, const float *logits, float 
 /* N tokens, each into its own cache row and position: tok[n], row[n] in [0, R), pos[n] = the slot it
    writes; a token attends to its row's slots up to its position, those written by the tokens before it
    in this call included. caches: L pointers to [R, S, C + R] buffers (MLACache.kv_BSX); logits [M, V] of
-   the tokens out[0..M). Returns 0; -1 for a token outside [0, V), -2 for a row or position outside the
+   the tokens out[0..M); routes (NULL: none) [N, MoE layers, K] the experts each token was routed to,
+   layer after layer (RL's routing replay records them). Returns 0; -1 for a token outside [0, V), -2 for a row or position outside the
    cache or the RoPE tables, -3 for sizes the fixed buffers cannot hold, -4 out of memory, -5 for an output
    index outside [0, N). Nothing is written before the checks pass. */
 int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, const int64_t *pos, int64_t N,
                      float *const *caches, int64_t R, int64_t S, const int64_t *out, int64_t M, float *logits,
-                     int nthreads) {
+                     int nthreads, int64_t *routes) {
     const int64_t D = m->D, H = m->H, C = m->C, Rd = m->R, X = C + Rd, Q = m->Q, E = m->E, K = m->K, I = m->I;
     const int64_t Y = m->absorb_q ? X : m->Nq + Rd; /* a head's query from W_q: [q~ | q_R], or [q_nope | q_R] */
     const int64_t A = Q + C + 2 * Rd, Z = H * Y + H * Rd, HC = H * C, Is = m->Is, RS = E + 2 * Is, F = m->F;
@@ -194,10 +195,12 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
         return -4;
     }
     float *wgt = fl, *choice = wgt + slots, *scratch = choice + N * E, *slot_out = scratch + nthreads * per_thread;
-    int64_t *order = NULL, *tile_start = NULL, *start = NULL, num_tiles = 0;
+    int64_t *order = NULL, *tile_start = NULL, *start = NULL, num_tiles = 0, moe_layers = 0;
+    for (int64_t l = 0; l < m->L; l++) moe_layers += m->layers[l].moe != 0;
 
 #pragma omp parallel num_threads(nthreads)
     {
+        int64_t moe_index = 0; /* this MoE layer's place among them (routes) */
         float *probs = scratch + (int64_t)omp_get_thread_num() * per_thread + TILE_ROWS * 2 * I, *qt = probs + H * S;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) memcpy(x + n * D, m->embed + tok[n] * D, sizeof(float) * D);
@@ -267,6 +270,7 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
             for (int64_t n = 0; n < N; n++) { /* the router's choice; the shared expert's hidden */
                 const float *gn = g + n * RS;
                 route(m, w->bias, gn, choice + n * E, idx + n * K, wgt + n * K);
+                if (routes) memcpy(routes + (n * moe_layers + moe_index) * K, idx + n * K, sizeof(int64_t) * K);
                 for (int64_t i = 0; i < Is; i++)
                     u[n * Is + i] = gn[E + i] / (1.0f + exp_any(-gn[E + i])) * gn[E + Is + i];
             }
@@ -275,6 +279,7 @@ int deepseek_forward(const Model *m, const int64_t *tok, const int64_t *row, con
             num_tiles = routed_experts_plan(idx, slots, E, ints, &order, &tile_start, &start);
             routed_experts_tiles(h, D, idx, wgt, w->experts_gu, w->experts_down, x, 1, N, K, D, I, order, tile_start,
                                  start, num_tiles, scratch, slot_out, per_thread);
+            moe_index++;
         }
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < M; j++) rmsnorm(x + out[j] * D, m->norm, h + j * D, D, m->eps);

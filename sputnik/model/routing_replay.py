@@ -13,7 +13,8 @@ A `RoutingTape` is active inside `recording(model)` or `replaying(model, idx)`; 
 model (DeepSeekMoE's `Router.route`, Qwen3-MoE's `SoftmaxMoE`) passes its own top-k choice through
 `choose`, which records it or returns the replayed choice instead. Outside those contexts `choose`
 is one global read. Recording needs an eager decoder (a compiled or captured step cannot append to
-a Python list); the engine swaps one in while it records.
+a Python list); the engine swaps one in while it records. Our DeepSeek model's one-call C step
+routes outside Python and hands the tape every layer's choices at once (`record_rows`).
 
 Shape legend: N token rows of one router call, K experts per token, L routed layers.
 """
@@ -77,6 +78,15 @@ class RoutingTape:
             return own_NK
         return torch.where(known_N[:, None], replay_NK, own_NK)
 
+    def record_rows(self, routes_NLK: torch.Tensor) -> None:
+        """Record mode: the choices of a forward that routed outside the routers' Python calls (the C
+        decode step), every routed layer at once, [N, L, K]."""
+        if self.replay is not None or routes_NLK.shape[1] != len(self.index):
+            raise ValueError(f"record_rows: a recording tape over {len(self.index)} layers, got "
+                             f"{tuple(routes_NLK.shape)}{' while replaying' if self.replay is not None else ''}")
+        for layer, calls in enumerate(self.calls):
+            calls.append(routes_NLK[:, layer].to(torch.int16))
+
     def take(self) -> torch.Tensor | None:
         """The choices recorded since the last take, [N, L, K] int16 (None if nothing routed), where
         each layer was called once over the same N rows."""
@@ -94,6 +104,10 @@ class RoutingTape:
 
 def tape_active() -> bool:
     return _TAPE is not None
+
+
+def active_tape() -> "RoutingTape | None":
+    return _TAPE
 
 
 def choose(router, own_NK: torch.Tensor) -> torch.Tensor:
