@@ -9,6 +9,12 @@ bias is then restored. The weights are identical on both sides, only the routing
 bf16 sampler and an fp32 trainer disagree near score ties. Rows: the share of (token, layer) pairs
 whose own experts differ from the sampler's, and the mean |log p_trainer − log p_sampler| per
 completion token, without and with replay, in the plain and the shared-prompt forward.
+
+    .venv/bin/python benchmarks/bench_routing_replay.py --rollout-speed [--threads 2]
+
+instead times what recording costs the rollouts: the tiny preset, 8 prompts x 8 samples x 64 tokens,
+Engine.generate without recording, recording through our C decode step, and recording through the
+torch step (the C step turned away), interleaved, medians of 3.
 """
 from __future__ import annotations
 
@@ -29,7 +35,11 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=0.05)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--rollout-speed", action="store_true", help="time what recording costs the rollouts instead")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.rollout_speed:
+        return rollout_speed(args.threads)
     torch.manual_seed(0)
     model = build_model(tiny(vocab_size=64, hidden_size=32, num_hidden_layers=args.layers, first_k_dense_replace=1,
                              num_attention_heads=2, intermediate_size=64, moe_intermediate_size=16,
@@ -59,6 +69,40 @@ def main() -> None:
             with replaying(model, replay_layout(batch, shared)):
                 replayed, _, _ = logprobs(model, batch, shared=shared)
         print(f"{'shared-prompt' if shared else 'plain':14} {measured.mismatch:18.1%}   {gap(free):20.2e}   {gap(replayed):18.2e}")
+
+
+def rollout_speed(threads: int) -> None:
+    import statistics
+    import time
+
+    from sputnik.inference import deepseek_decode
+    from sputnik.model.config import PRESETS
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(PRESETS["tiny"]()).eval()
+    prompts = torch.randint(0, model.config.vocab_size, (8, 10)).tolist()
+    params, engine, supported = SamplingParams(max_new_tokens=64, temperature=1.0, seed=0), Engine(model), deepseek_decode.supported
+    arms = {"no recording (C step)": (False, True), "recording through the C step": (True, True),
+            "recording through the torch step": (True, False)}
+
+    def run(record: bool, c_step: bool) -> float:
+        deepseek_decode.supported = supported if c_step else (lambda m: False)
+        try:
+            t0 = time.perf_counter()
+            engine.generate(prompts, params, num_samples=8, record_routing=record)
+            return time.perf_counter() - t0
+        finally:
+            deepseek_decode.supported = supported
+
+    times = {name: [] for name in arms}
+    for r in range(4):  # the first round warms up
+        for name, arm in arms.items():
+            t = run(*arm)
+            if r:
+                times[name].append(t)
+    for name, t in times.items():
+        print(f"{name:34s} {statistics.median(t):.3f} s (64 rows x 64 tokens)")
 
 
 if __name__ == "__main__":
