@@ -193,7 +193,7 @@ class DeepSeekCachedModel:
         """The C step's table when it can run this forward (no replaying routing tape, a cache it can
         write), else None."""
         tape = active_tape()
-        if (tape is not None and tape.replay is not None) or not deepseek_decode.supported(self.model):
+        if tape is not None and tape.replay is not None:
             return None
         table = deepseek_decode.decode_table(self.model, self.lm_head(), self._rope_tables())
         return table if table is not None and deepseek_decode.cache_readable(cache, table) else None

@@ -16,9 +16,9 @@ W_UK and W_UV are folded into the query and output products where that keeps the
 preset); where it would grow them (the small preset, V2-Lite, V3) the C step applies them per token and
 head, as mla_decode does. Used by DeepSeekCachedModel.step and forward_cached when the table exists —
 fp32 weights on a CPU, the C kernels on and built, no Abacus positions — and the cache is fp32 and
-contiguous, with no routing tape replaying (a recording tape gets the experts the C call chose:
-RL rollouts with routing replay stay on it). Values equal the torch
-path's up to rounding (tests/test_deepseek_decode.py).
+contiguous, with no routing tape replaying (a recording tape gets the experts the C call chose: RL
+rollouts with routing replay stay on it). Values equal the torch path's up to rounding
+(tests/test_deepseek_decode.py).
 
 Shape legend: B rows, L layers, S cache slots, X = kv_lora_rank + rope dim (one latent row), V vocab.
 """
@@ -104,9 +104,7 @@ def _derived(model) -> list[dict]:
         if isinstance(ffn, MoE):
             v.update(moe=1, wgu=None, wd=None, experts_gu=w_ffn["gate_up_packed"], experts_down=w_ffn["down_packed"],
                      bias=None if ffn.gate.softmax else ffn.gate.e_score_correction_bias)
-            shared = ffn.shared_experts
-            router_shared = [ffn.gate.weight] + ([shared.gate_proj.weight, shared.up_proj.weight] if shared else [])
-            sources += router_shared + ([shared.down_proj.weight] if shared else [])
+            sources += [ffn.gate.weight] + [w_ffn[k] for k in ("router_shared", "shared_down") if k in w_ffn]
         else:
             v.update(moe=0, wrs=None, bias=None, wsd=None, experts_gu=None, experts_down=None)
             sources += list(w_ffn)
@@ -115,12 +113,10 @@ def _derived(model) -> list[dict]:
             out = dict(wa=_pack(w_attn["a"]), wq=_pack(w_attn["q"]), wo=_pack(w_attn["o"]),
                        w_uk=None if w_attn["absorb_q"] else w_attn["w_uk_HNC"].float().contiguous(),
                        w_uv=None if w_attn["absorb_o"] else w_attn["w_uv_HVC"].float().contiguous())
-            ffn = block.mlp
-            if isinstance(ffn, MoE):
-                s = ffn.shared_experts
-                parts = [ffn.gate.weight.float()] + ([s.gate_proj.weight, s.up_proj.weight] if s else [])
-                out["wrs"] = _pack(torch.cat(parts).t())
-                out["wsd"] = _pack(s.down_proj.weight.t()) if s else None
+            if isinstance(block.mlp, MoE):  # moe_decode's [router | shared gate | shared up] copy when shared
+                out["wrs"] = _pack(w_ffn["router_shared"] if "router_shared" in w_ffn
+                                   else block.mlp.gate.weight.float().t())
+                out["wsd"] = _pack(w_ffn["shared_down"]) if "shared_down" in w_ffn else None
             else:
                 out["wgu"], out["wd"] = _pack(w_ffn[0]), _pack(w_ffn[1])
             return out

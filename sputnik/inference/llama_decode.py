@@ -33,7 +33,7 @@ import torch
 
 from sputnik.inference.c_prefill import chunked_prefill
 from sputnik.inference.weights import cached_weights
-from sputnik.kernels.cpu import llama_step_library, pack_linear, pack_strips, routed_ffn_available
+from sputnik.kernels.cpu import llama_step_library, pack_experts, pack_linear, routed_ffn_available
 from sputnik.model.llama import SoftmaxMoE
 
 MAX_ROWS = 64  # past this the torch path's MKL GEMMs are as fast
@@ -135,7 +135,10 @@ def decode_weights(model) -> DecodeWeights | None:
                  wv=_weight(a.v_proj), bv=a.v_proj.bias, wo=_weight(a.o_proj), bo=a.o_proj.bias,
                  qn=a.q_norm.weight if a.qk_norm else None, kn=a.k_norm.weight if a.qk_norm else None)
         if isinstance(mlp, SoftmaxMoE):
-            v.update(wg=None, wu=None, wd=None, router=_weight(mlp.gate), **_packed_experts(mlp))
+            packed = cached_weights(mlp, "llama_step_experts", [mlp.experts.gate_up_proj, mlp.experts.down_proj],
+                                    lambda mlp=mlp: pack_experts(mlp.experts), cast=False)
+            v.update(wg=None, wu=None, wd=None, router=_weight(mlp.gate), experts_gu=packed["gate_up_packed"],
+                     experts_down=packed["down_packed"])
         else:
             v.update(wg=_weight(mlp.gate_proj), wu=_weight(mlp.up_proj), wd=_weight(mlp.down_proj), router=None,
                      experts_gu=None, experts_down=None)
@@ -149,17 +152,6 @@ def decode_weights(model) -> DecodeWeights | None:
                    norm_topk=int(bool(c.norm_topk_prob)) if sparse else 0)
     kept: list = []
     return DecodeWeights(model, _table(sizes, values, globals_, kept, packed=False), values, globals_, kept)
-
-
-def _packed_experts(moe) -> dict:
-    """A sparse layer's experts in routed_experts.h's strips (routed_ffn.c's width), rebuilt when they change."""
-    experts = moe.experts
-
-    def build():
-        return {"experts_gu": pack_strips(experts.gate_up_proj.detach().transpose(1, 2).float()),
-                "experts_down": pack_strips(experts.down_proj.detach().transpose(1, 2).float())}
-
-    return cached_weights(moe, "llama_step_experts", [experts.gate_up_proj, experts.down_proj], build, cast=False)
 
 
 def forward_tokens(weights: DecodeWeights, tok_N: torch.Tensor, row_N: torch.Tensor, pos_N: torch.Tensor,

@@ -193,7 +193,7 @@ def _build_few_token_weights(moe: MoE, fused: bool) -> dict:
     kernel = (gate_up_ED2I.device.type == "cpu" and gate_up_ED2I.dtype == torch.float32
               and not torch.is_autocast_enabled("cpu") and cpu_kernels.routed_ffn_available())
     if kernel:  # fp32 on a CPU with a C compiler: routed_ffn.c, with its packed copies
-        w = {"gate_up_packed": cpu_kernels.pack_strips(gate_up_ED2I), "down_packed": cpu_kernels.pack_strips(down_EID)}
+        w = cpu_kernels.pack_experts(moe.experts)
     else:
         w = {"gate_up_ED2I": gate_up_ED2I.contiguous(), "down_EID": down_EID.contiguous()}
     if fused:

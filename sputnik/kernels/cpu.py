@@ -215,6 +215,13 @@ def pack_strips(w_EKN: torch.Tensor, cols: int | None = None) -> torch.Tensor:
     return padded.view(E, K, S, C).permute(0, 2, 1, 3).contiguous()
 
 
+def pack_experts(experts) -> dict:
+    """A MoE's experts (moe.Experts: gate_up [E, 2I, D], down [E, D, I]) in routed_ffn.c's packed
+    strips: {"gate_up_packed", "down_packed"} (the decode steps' expert kernels read these)."""
+    return {"gate_up_packed": pack_strips(experts.gate_up_proj.transpose(1, 2)),
+            "down_packed": pack_strips(experts.down_proj.transpose(1, 2))}
+
+
 def _routed_ffn_rows(x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, weight_NK: torch.Tensor,
                      gate_up_packed: torch.Tensor, down_packed: torch.Tensor) -> torch.Tensor:
     """Σ_k w_{n,k} FFN_{idx_{n,k}}(x_n) through routed_ffn.c, fp32 CPU tensors; the weights are
