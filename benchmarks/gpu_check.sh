@@ -9,12 +9,15 @@
 # run by hand), so a step that fails or runs long costs only itself. Order = what the issues need
 # most: the GPU tests (CUDA-graph decode of our DeepSeek-V3 and the dense layout, bf16 grouped GEMM),
 # generation vs transformers (inference issue), the GRPO step vs TRL (RL issue), the training step vs
-# transformers, eager (model issue), generation on a user's layout (own-model issue).
+# transformers, eager (model issue), generation on a user's layout and LoRA with bf16 bases vs full
+# fine-tuning (own-model issue). BUDGET (default 570 s) caps the whole script: a step gets at most
+# what is left of it and is skipped under 20 s, so the device call's 600 s limit is never the one hit.
 # At most 8 files come back from $OUT: summary.txt, steps.log (every step's output) and one JSON per step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs the same steps here, as a smoke test of this script
+BUDGET=${BUDGET:-570}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -31,6 +34,12 @@ fi
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the log, note the outcome
     local name=$1 limit=$2 t0=$SECONDS
     shift 2
+    local left=$((BUDGET - SECONDS))
+    if ((left < 20)); then
+        echo "$name: skipped (BUDGET=$BUDGET s spent)" >> "$OUT/summary.txt"
+        return
+    fi
+    ((limit > left)) && limit=$left
     echo "=== $name" >> "$OUT/steps.log"
     timeout "$limit" "$@" > "$OUT/$name.tmp" 2>&1
     local rc=$?
@@ -48,4 +57,6 @@ step grpo 150 python3 benchmarks/bench_grpo_step.py --device "$DEVICE" --sides "
 step train 80 python3 benchmarks/bench_train.py --device "$DEVICE" --repeats 3 --out "$OUT/train.json"
 step families 60 python3 benchmarks/bench_families.py --device "$DEVICE" --shapes smollm2-135m --layers 8 \
     --repeats 2 --hf-static --out "$OUT/families.json"
+step lora 60 python3 benchmarks/bench_lora.py --device "$DEVICE" --shape qwen2.5-0.5b --layers 8 --repeats 1 \
+    --out "$OUT/lora.json"
 cat "$OUT/summary.txt"
