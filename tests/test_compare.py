@@ -95,7 +95,7 @@ def test_stage_curve_reads_cumulative_flops_and_falls_back_to_the_ledger(tmp_pat
 def test_compare_config_refuses_bad_settings():
     with pytest.raises(ValueError, match="force"):
         build(compare.CompareConfig, {"force": ["dense_sft", "pretrain"]})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="eval_points=0"):
         build(compare.CompareConfig, {"eval_points": 0})
     assert build(compare.CompareConfig, {"force": ["all"]}).force == ["all"]
 

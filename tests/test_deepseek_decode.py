@@ -205,8 +205,8 @@ def test_the_engine_generates_the_same_through_the_c_step():
     fast = Engine(model).generate(rows, params, num_samples=2)
     with kernels_off():
         plain = Engine(model).generate(rows, params, num_samples=2)
-    for a_row, b_row in zip(fast, plain):
-        for a, b in zip(a_row, b_row):
+    for a_row, b_row in zip(fast, plain, strict=True):
+        for a, b in zip(a_row, b_row, strict=True):
             assert a.token_ids == b.token_ids and len(a.token_ids) == 12
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
 

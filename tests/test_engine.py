@@ -315,9 +315,11 @@ def test_cached_weights_follow_optimizer_updates():
 def test_static_decode_step_equals_forward_cached_and_follows_updates():
     """The one-token step, eagerly over the written prefix (cm.step) and over the whole buffer under a
     −inf bias (deepseek.static_step: no host sync, the shape the compiled step has) == forward_cached's
-    last row, for ragged rows, before and after an SGD step."""
+    last row, for ragged rows, before and after an SGD step. All through torch (kernels off): the C
+    step and C prefill, which would otherwise serve both sides, are checked in test_deepseek_decode.py."""
     from sputnik.inference.decoders import cached_model
     from sputnik.inference.deepseek import static_step
+    from sputnik.kernels import cpu as cpu_kernels
 
     model = _v3(n_group=2, topk_group=1)
     cm = cached_model(model)
@@ -325,7 +327,7 @@ def test_static_decode_step_equals_forward_cached_and_follows_updates():
     seqlens_B = torch.tensor([5, 3, 4])
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(2):
-        with torch.no_grad():
+        with torch.no_grad(), cpu_kernels.kernels_off():
             a, b, c = cm.new_cache(3, 12), cm.new_cache(3, 12), cm.new_cache(3, 12)
             for cache in (a, b, c):
                 cm.forward_cached(ids, cache, torch.zeros(3, dtype=torch.long))

@@ -4,6 +4,7 @@ random-init transformers model of the real layout at reduced size. Per family: p
 every cached decode step equal transformers' (its own KV cache), batch == one by one, export round
 trip into the same model_type, sharded safetensors, the GQA cache size; unsupported families fall
 back to transformers with a notice; malformed configs are errors naming the key."""
+import contextlib
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from transformers import (AutoModelForCausalLM, DynamicCache, LlamaConfig, Mistr
                           Qwen3MoeConfig)
 
 from sputnik.inference.decoders import cached_model
+from sputnik.kernels import cpu as cpu_kernels
 from sputnik.kernels.cpu import llama_step_library
 from sputnik.model.accounting import param_counts
 from sputnik.model.config import ModelConfig
@@ -85,17 +87,20 @@ def test_prefill_and_every_cached_step_match_transformers(family_pair):
         assert (ours(prompt).logits - hf_logits).abs().max() <= 1e-4
         cm = cached_model(ours)
         cache = cm.new_cache(2, 23, torch.float32, "cpu")
-        ours_logits = cm.forward_cached(prompt, cache, torch.zeros(2, dtype=torch.long))
+        with cpu_kernels.kernels_off():  # the torch cache path (on a CPU the C prefill and step serve by default)
+            ours_logits = cm.forward_cached(prompt, cache, torch.zeros(2, dtype=torch.long))
         assert (ours_logits - hf_logits).abs().max() <= 1e-4
-        # the same steps through the one-call C step (llama_decode.py; Qwen3-MoE's sparse layers too)
+        # the same steps through the C prefill and the one-call C step (llama_decode.py; Qwen3-MoE's sparse layers too)
         weights = cm.step_weights()
         assert weights is None if llama_step_library() is None else weights is not None
         fused_cache = cm.new_cache(2, 23, torch.float32, "cpu") if weights is not None else None
         if fused_cache is not None:
-            cm.forward_cached(prompt, fused_cache, torch.zeros(2, dtype=torch.long))
+            fused_logits = cm.forward_cached(prompt, fused_cache, torch.zeros(2, dtype=torch.long))
+            assert (fused_logits - hf_logits).abs().max() <= 1e-4
         for t in range(steps.shape[1]):  # past the sliding window (8) and llama3's 32-token context bands
             hf_step = hf(steps[:, t:t + 1], cache=hf_cache, use_cache=True).logits[:, -1]
-            ours_step = cm.step(steps[:, t], cache, torch.full((2,), 11 + t))
+            with cpu_kernels.kernels_off():
+                ours_step = cm.step(steps[:, t], cache, torch.full((2,), 11 + t))
             assert (ours_step - hf_step).abs().max() <= 1e-4, f"decode step {t}"
             if fused_cache is not None:
                 fused_step = cm.step(steps[:, t], fused_cache, torch.full((2,), 11 + t), weights)
@@ -103,7 +108,8 @@ def test_prefill_and_every_cached_step_match_transformers(family_pair):
         assert hf_step.std() > 0.1  # not trivially equal because both are ~0
 
 
-def test_batch_equals_one_by_one(family_pair):
+@pytest.mark.parametrize("kernels", [True, False], ids=["c", "torch"])
+def test_batch_equals_one_by_one(family_pair, kernels):
     _, _, ours, _ = family_pair
     cm = cached_model(ours)
     lens = [9, 4, 13]
@@ -112,7 +118,7 @@ def test_batch_equals_one_by_one(family_pair):
     for b, n in enumerate(lens):
         ids[b, :n] = seqs[b][:n]
     cache = cm.new_cache(3, 16, torch.float32, "cpu")
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.nullcontext() if kernels else cpu_kernels.kernels_off():
         last = cm.forward_cached(ids, cache, torch.zeros(3, dtype=torch.long), logits_at_B=torch.tensor(lens) - 1)
         nxt = cm.step(torch.stack([s[n] for s, n in zip(seqs, lens)]), cache, torch.tensor(lens))
         for b, n in enumerate(lens):
@@ -133,7 +139,7 @@ def test_export_round_trip_same_model_type(family_pair):
         assert (back(ids).logits - ours(ids).logits).abs().max() <= 1e-4
     again = load_hf_llama(tmp_path / "export")
     assert again.config == ours.config
-    for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
 
 

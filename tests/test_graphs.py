@@ -33,8 +33,8 @@ def graph_engine(model, **engine_kw) -> tuple[Engine, GraphDecoder]:
 
 
 def _same(a, b, tol=1e-4):
-    for row_a, row_b in zip(a, b):
-        for ca, cb in zip(row_a, row_b):
+    for row_a, row_b in zip(a, b, strict=True):
+        for ca, cb in zip(row_a, row_b, strict=True):
             assert ca.token_ids == cb.token_ids
             assert ca.finish_reason == cb.finish_reason
             assert max((abs(x - y) for x, y in zip(ca.logprobs, cb.logprobs)), default=0.0) < tol

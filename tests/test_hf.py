@@ -116,7 +116,7 @@ def test_round_trip_is_exact_including_mtp(tmp_path):
     save_hf(src, tmp_path / "ckpt")
     back = load_hf(tmp_path / "ckpt")
     assert back.lm_head.weight is back.model.embed_tokens.weight  # re-tied
-    for (k, a), (k2, b) in zip(src.state_dict().items(), back.state_dict().items()):
+    for (k, a), (k2, b) in zip(src.state_dict().items(), back.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b), k
     assert back.config == src.config
 

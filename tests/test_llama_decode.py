@@ -4,6 +4,8 @@ tied and untied heads), ragged rows, thread-count independence, in-place weight 
 merged weights, Qwen3-MoE's sparse layers (prefill too), when it steps aside (bf16, kernels off, a routing
 tape, more rows than it takes), and
 bad input."""
+import contextlib
+
 import pytest
 import torch
 
@@ -43,17 +45,25 @@ def dense(**kw):
     return model
 
 
-def prefilled(model, lens, max_len=24, seed=1):
-    """Two caches holding the same ragged prompts (lens tokens per row) -> (cm, cache_a, cache_b)."""
+def prefilled(model, lens, max_len=24, seed=1, torch_b=False):
+    """Two caches holding the same ragged prompts (lens tokens per row) -> (cm, cache_a, cache_b).
+    torch_b: cache_b prefilled by the torch path (kernels off), the reference of a C-vs-torch test."""
     cm = LlamaCachedModel(model)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (len(lens), max(lens)), generator=g)
     caches = []
-    for _ in range(2):
+    for i in range(2):
         cache = cm.new_cache(len(lens), max_len)
-        cm.forward_cached(ids, cache, torch.zeros(len(lens), dtype=torch.long))
+        with cpu_kernels.kernels_off() if torch_b and i == 1 else contextlib.nullcontext():
+            cm.forward_cached(ids, cache, torch.zeros(len(lens), dtype=torch.long))
         caches.append(cache)
     return cm, *caches
+
+
+def torch_step(cm, tok, cache, lens):
+    """The reference: the eager torch step (kernels off: neither the C step nor the C prefill)."""
+    with cpu_kernels.kernels_off():
+        return cm.step(tok, cache, lens, None)
 
 
 @needs_kernel
@@ -105,12 +115,12 @@ def test_table_reads_the_parameters_in_place():
     """An optimizer step updates parameters in place: the next step sees it through the same table."""
     model = dense()
     lens = torch.tensor([6])
-    cm, a, b = prefilled(model, lens.tolist())
+    cm, a, b = prefilled(model, lens.tolist(), torch_b=True)
     weights = cm.step_weights()
     model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
     model.model.norm.weight.add_(0.3)
     tok = torch.tensor([4])
-    torch.testing.assert_close(cm.step(tok, a, lens, weights), cm.step(tok, b, lens, None), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(cm.step(tok, a, lens, weights), torch_step(cm, tok, b, lens), atol=2e-5, rtol=1e-5)
 
 
 @needs_kernel
@@ -124,10 +134,11 @@ def test_lora_layers_decode_through_their_merged_weight():
     for m in lora_modules(model).values():
         m.lora_B.normal_(0, 0.1)
     lens = torch.tensor([6, 2])
-    cm, a, b = prefilled(model, lens.tolist())
+    cm, a, b = prefilled(model, lens.tolist(), torch_b=True)
     tok = torch.tensor([4, 9])
     got = cm.step(tok, a, lens, cm.step_weights())
-    torch.testing.assert_close(got, cm.step(tok, b, lens, None), atol=2e-5, rtol=1e-5)
+    # the reference: LoRALinear's own forward (x W^T + s x A^T B^T, unmerged), through the torch step
+    torch.testing.assert_close(got, torch_step(cm, tok, b, lens), atol=2e-5, rtol=1e-5)
 
 
 @needs_kernel
@@ -138,8 +149,8 @@ def test_engine_generates_the_same_tokens_with_the_kernel_and_without():
     fused = Engine(model).generate(prompts, params, num_samples=2)
     with cpu_kernels.kernels_off():
         plain = Engine(model).generate(prompts, params, num_samples=2)
-    for row_a, row_b in zip(fused, plain):
-        for a, b in zip(row_a, row_b):
+    for row_a, row_b in zip(fused, plain, strict=True):
+        for a, b in zip(row_a, row_b, strict=True):
             assert a.token_ids == b.token_ids
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
 
@@ -150,13 +161,24 @@ def test_the_fused_step_steps_aside():
     assert decode_weights(model.to(torch.bfloat16)) is None
     with cpu_kernels.kernels_off():
         assert decode_weights(dense()) is None
-    # more rows than the kernel takes: the torch step, same values
+    # more rows than the kernel takes: the step does not call it, and equals the torch step
+    import sputnik.inference.llama as llama_inference
+
     model = dense()
     lens = torch.full((MAX_ROWS + 1,), 3)
-    cm, a, b = prefilled(model, lens.tolist(), max_len=8)
+    cm, a, b = prefilled(model, lens.tolist(), max_len=8, torch_b=True)
     tok = torch.arange(MAX_ROWS + 1) % 90
+    calls = []
+    real = llama_inference.fused_step
+    try:
+        llama_inference.fused_step = lambda *args: calls.append(args[1].shape[0]) or real(*args)
+        with torch.no_grad():
+            got = cm.step(tok, a, lens, cm.step_weights())
+    finally:
+        llama_inference.fused_step = real
+    assert calls == []
     with torch.no_grad():
-        assert torch.equal(cm.step(tok, a, lens, cm.step_weights()), cm.step(tok, b, lens, None))
+        torch.testing.assert_close(got, torch_step(cm, tok, b, lens), atol=2e-5, rtol=1e-5)
 
 
 @needs_kernel
@@ -188,11 +210,11 @@ def test_packed_weights_from_eight_rows(rows):
     assert rows >= PACKED_MIN_ROWS
     model = dense(family="qwen2", qkv_bias=True)
     lens = torch.arange(rows) % 9 + 2
-    cm, ours, ref = prefilled(model, lens.tolist())
+    cm, ours, ref = prefilled(model, lens.tolist(), torch_b=True)
     g = torch.Generator().manual_seed(3)
     for t in range(3):
         tok = torch.randint(0, model.config.vocab_size, (rows,), generator=g)
-        torch.testing.assert_close(cm.step(tok, ours, lens + t, cm.step_weights()), cm.step(tok, ref, lens + t, None),
+        torch.testing.assert_close(cm.step(tok, ours, lens + t, cm.step_weights()), torch_step(cm, tok, ref, lens + t),
                                    atol=2e-5, rtol=1e-5)
         model.model.layers[0].mlp.up_proj.weight.mul_(1.25)  # an optimizer step before the next wave
         model.lm_head.weight.add_(0.01)

@@ -13,7 +13,7 @@ def test_pass_at_k_matches_combinatorial_definition(n, c, k):
 
 def test_pass_at_1_is_fraction_correct_and_bad_args():
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="c <= n"):
         pass_at_k(3, 4, 1)
 
 

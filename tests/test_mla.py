@@ -94,17 +94,24 @@ def test_mla_matches_hf_attention(extra):
     torch.testing.assert_close(ours(x_BTD, cos, sin), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_padded_v_sdpa_equals_unpadded():
+def test_padded_v_sdpa_equals_unpadded(monkeypatch):
+    """SDPA with V zero-padded to the q/k head dim == SDPA on the plain V == the CPU's blocked attention
+    (training on a CPU takes the blocked matmuls, which never read pad_v: switched off to test SDPA)."""
+    from sputnik.model import layers
+
     cfg = small_cfg()
     attn = MLA(cfg, 0)
     x_BTD = torch.randn(2, 7, 64)
     cos, sin = RotaryTables(cfg)(7, torch.float32)
+    blocked = attn(x_BTD, cos, sin)
+    monkeypatch.setattr(layers, "BLOCK_ATTENTION_MAX", 0)
     attn.pad_v = False
     plain = attn(x_BTD, cos, sin)
     attn.pad_v = True
     padded = attn(x_BTD, cos, sin)
     torch.testing.assert_close(padded, plain, atol=1e-6, rtol=1e-6)
-    assert plain.shape == (2, 7, 64)
+    torch.testing.assert_close(plain, blocked, atol=1e-5, rtol=1e-5)
+    assert plain.shape == (2, 7, 64) and plain.std() > 0.01
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,10 +50,12 @@ def mlp_rows(mlp: MLP, x_ND: torch.Tensor, w: tuple | None = None) -> torch.Tens
 
 
 def moe_decode_weights(moe: MoE) -> dict:
-    """The few-token path's [in, out] weight copies (rebuilt after a weight update, see cached_weights)."""
+    """The few-token path's [in, out] weight copies (rebuilt after a weight update, see cached_weights).
+    Cached per state of the kernel switch: the C kernel's packed copies are not the torch path's, and
+    a copy built while the kernels were on must not route a kernels-off caller into C."""
     fused = moe.gate.weight.dtype == torch.float32 and moe.shared_experts is not None
-    return cached_weights(moe, "moe_decode", [p for p in moe.parameters()],
-                          lambda: _build_few_token_weights(moe, fused))
+    name = "moe_decode" if cpu_kernels.cpu_kernels_enabled() else "moe_decode:torch"
+    return cached_weights(moe, name, [p for p in moe.parameters()], lambda: _build_few_token_weights(moe, fused))
 
 
 def moe_few_tokens(moe: MoE, x_ND: torch.Tensor, w: dict | None = None) -> torch.Tensor:
