@@ -19,7 +19,15 @@ at K = 256 (LOG.md 2026-12-06): 120 steps (7.5 passes) gave greedy 0.13 / pass@1
 overfitted); so `cold_start_epochs` passes over the K traces, 150 to 1000 steps. GRPO's learning rate
 was chosen on the same seed: 1e-3 collapsed the traces into bare answers within 60 steps, 2e-4 did not.
 
+Those 20 passes leave the cold start short of what SFT can draw from its K traces: SFT alone, with
+GRPO's compute spent on more passes, kept improving (K = 256: 0.41 -> 0.50), so the default setting
+compares GRPO with the rest of an unfinished SFT. R1's cold start is a finished SFT on its few
+traces. `--cold_start_epochs 60 --rl_steps 400` asks that question: a cold start trained to its
+plateau on the K traces (train loss ~1e-3; more passes no longer help SFT alone), then ~8
+CPU-minutes of GRPO (docs/benchmarks.md has both tables).
+
     sputnik study cold_start                         # the published setting (three seeds)
+    sputnik study cold_start --traces 64,256 --cold_start_epochs 60 --rl_steps 400   # cold starts at their plateau
     sputnik study cold_start --scale 0.1 --seeds 0   # a smoke run
 """
 from __future__ import annotations
@@ -109,7 +117,12 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
             gains.append(dict(traces=t, vs_sft_alone=_greedy_points(r.rows, t, "SFT alone"),
                               vs_cold_start=_greedy_points(r.rows, t, "cold start")))
     n = cfg.eval_problems
+    steps = ", ".join(f"K = {t}: {cold_start_steps(cfg, t)}" for t in cfg.traces)
     lines = ["# Study: cold_start", "",
+             f"Cold start: {cfg.cold_start_epochs:g} passes over the K traces, {cfg.min_cold_start_steps}-"
+             f"{cfg.max_cold_start_steps} steps of 16 ({steps}); GRPO: {max(1, round(cfg.rl_steps * cfg.scale))} steps of "
+             f"{cfg.rl_prompts_per_step} prompts x {cfg.rl_group_size} samples at T = {cfg.rl_temperature:g}, lr {cfg.rl_lr:g}; "
+             f"SFT alone: the same K traces for the cold start's and GRPO's FLOPs together.", "",
              f"Task `{cfg.task}`; held-out: {n} test-split problems (greedy), the first {cfg.sampled_problems} of them "
              f"for pass@1 / pass@{k} / maj@{k} ({k} samples at T = {cfg.temperature}; lenient parsing: any answer the task's parser accepts; strict: also the exact <think>/<answer> format). Seeds {cfg.seeds}. Each cell: mean "
              f"over seeds [95% t-interval over seeds] (each seed). FLOPs and wall-clock: training only, from the ledger "
