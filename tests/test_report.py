@@ -136,7 +136,8 @@ def test_report_states_each_study_headline_or_how_to_run_it(project):
     pub = published_headlines()["distill_vs_rl"]
     assert "paired by seed" in pub["headline"] and "[" in pub["headline"]  # its interval
     assert (f"- **distill_vs_rl**: not run in this project; measured {pub['measured']} (docs/benchmarks.md): "
-            f"{pub['headline']} (`sputnik study distill_vs_rl --project {project}` runs it here)") in md
+            f"{pub['headline']} (`{pub['command']} --project {project}` runs it here)") in md
+    assert pub["command"].startswith("sputnik study distill_vs_rl")
     assert set(published_headlines()) == {"beyond_the_data", "distill_vs_rl", "moe_vs_dense", "mtp", "cold_start"}
     # a variant of a study (another option, its own directory) follows it; a variant not run is not listed
     variant = project / "studies" / "beyond_the_data_abacus_lsb_none"

@@ -109,7 +109,7 @@ def test_cold_start_study_end_to_end(tmp_path):
     md = (tmp_path / "studies" / "cold_start" / "study.md").read_text()
     assert "| 16 | cold start + GRPO |" in md and "8 test-split problems" in md
     assert "Cold start: 20 passes over the K traces, 200-1000 steps of 16 (K = 16: 4); GRPO: 2 steps of 4 prompts x 2" in md
-    assert "(K = 16 traces, 2 seeds, 8 held-out)" in summary["headline"] and "equal FLOPs [" in summary["headline"]
+    assert "(K = 16 traces, 20-pass cold start, 2 GRPO steps, 2 seeds, 8 held-out)" in summary["headline"] and "equal FLOPs [" in summary["headline"]
     from sputnik.accounting import ledger
 
     commands = [r["command"] for r in ledger.load(tmp_path)]

@@ -143,8 +143,9 @@ def studies_section(project: Path, out: Path) -> list[str]:
                     pub = published.get(name)
                     measured = (f"; measured {pub['measured']} (docs/benchmarks.md): {pub['headline']}"
                                 if pub else "")
+                    command = (pub or {}).get("command") or f"sputnik study {name}"  # the published setting's
                     lines.append(f"- **{name}**: not run in this project{measured} "
-                                 f"(`sputnik study {name} --project {project}` runs it here)")
+                                 f"(`{command} --project {project}` runs it here)")
                 continue
             rel = Path("..") / path.parent.relative_to(project) / "study.md" if out == project / "report" else path.with_name("study.md")
             lines.append(f"- **{label}**: {summary.get('headline') or 'no headline (incomplete study)'} ([table]({rel}))")

@@ -143,7 +143,9 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
         g = next((x for x in gains if x["traces"] == 256), gains[0])
         d = g["vs_sft_alone"]
         interval = "" if math.isnan(d["low"]) else f" [{d['low']:+.1f}, {d['high']:+.1f}]"  # one seed: none
-        headline = (f"cold_start (K = {g['traces']} traces, {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}, {n} held-out): cold start + GRPO "
+        headline = (f"cold_start (K = {g['traces']} traces, {cfg.cold_start_epochs:g}-pass cold start, "
+                    f"{max(1, round(cfg.rl_steps * cfg.scale))} GRPO steps, {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}, "
+                    f"{n} held-out): cold start + GRPO "
                     f"{d['mean']:+.1f} points over SFT alone at equal FLOPs{interval}, "
                     f"{g['vs_cold_start']['mean']:+.1f} over its cold start")
         lines[1:1] = ["", f"**{headline}**"]
