@@ -24,10 +24,11 @@ GRPO's compute spent on more passes, kept improving (K = 256: 0.41 -> 0.50), so 
 compares GRPO with the rest of an unfinished SFT. R1's cold start is a finished SFT on its few
 traces. `--cold_start_epochs 60 --rl_steps 400` asks that question: a cold start trained to its
 plateau on the K traces (train loss ~1e-3; more passes no longer help SFT alone), then ~8
-CPU-minutes of GRPO (docs/benchmarks.md has both tables).
+CPU-minutes of GRPO. There GRPO beats more SFT at every K (docs/benchmarks.md has both tables).
 
-    sputnik study cold_start                         # the published setting (three seeds)
-    sputnik study cold_start --traces 64,256 --cold_start_epochs 60 --rl_steps 400   # cold starts at their plateau
+    sputnik study cold_start                         # the default: 20-pass cold starts, 80 GRPO steps, 4 K
+    # cold starts at their plateau (the published headline):
+    sputnik study cold_start --traces 64,256,1024 --cold_start_epochs 60 --max_cold_start_steps 4000 --rl_steps 400
     sputnik study cold_start --scale 0.1 --seeds 0   # a smoke run
 """
 from __future__ import annotations
