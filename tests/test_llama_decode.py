@@ -156,7 +156,7 @@ def test_engine_generates_the_same_tokens_with_the_kernel_and_without():
 
 
 @needs_kernel
-def test_the_fused_step_steps_aside():
+def test_the_fused_step_steps_aside(monkeypatch):
     model = dense()
     assert decode_weights(model.to(torch.bfloat16)) is None
     with cpu_kernels.kernels_off():
@@ -170,12 +170,9 @@ def test_the_fused_step_steps_aside():
     tok = torch.arange(MAX_ROWS + 1) % 90
     calls = []
     real = llama_inference.fused_step
-    try:
-        llama_inference.fused_step = lambda *args: calls.append(args[1].shape[0]) or real(*args)
-        with torch.no_grad():
-            got = cm.step(tok, a, lens, cm.step_weights())
-    finally:
-        llama_inference.fused_step = real
+    monkeypatch.setattr(llama_inference, "fused_step", lambda *args: calls.append(args[1].shape[0]) or real(*args))
+    with torch.no_grad():
+        got = cm.step(tok, a, lens, cm.step_weights())
     assert calls == []
     with torch.no_grad():
         torch.testing.assert_close(got, torch_step(cm, tok, b, lens), atol=2e-5, rtol=1e-5)

@@ -70,6 +70,10 @@ def cold_start_steps(cfg: Config, k: int) -> int:
     return max(1, round(min(cfg.max_cold_start_steps, max(cfg.min_cold_start_steps, steps)) * cfg.scale))
 
 
+def grpo_steps(cfg: Config) -> int:
+    return max(1, round(cfg.rl_steps * cfg.scale))
+
+
 def run(cfg: Config) -> dict:
     r = cfg.runner("cold_start")
     speedrun, base_ids = cfg.base()
@@ -79,7 +83,7 @@ def run(cfg: Config) -> dict:
     sft.pop("model", None)  # the base's architecture comes with init
     rl = dict(R.own_settings(speedrun["rl"]), tasks=[cfg.task], prompts_per_step=cfg.rl_prompts_per_step,
               group_size=cfg.rl_group_size, temperature=cfg.rl_temperature, max_new_tokens=cfg.max_new_tokens,
-              steps=max(1, round(cfg.rl_steps * cfg.scale)), eval_every=0, eval_examples=50,
+              steps=grpo_steps(cfg), eval_every=0, eval_examples=50,
               optim=dict(speedrun["rl"]["optim"], lr=cfg.rl_lr))
     rl["health"] = dict(stop_on_pathology=False)  # a study reports what happens; it does not stop an arm
     evaluate = dict(problems=cfg.sampled_problems, samples=cfg.samples, temperature=cfg.temperature,
@@ -121,7 +125,7 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     steps = ", ".join(f"K = {t}: {cold_start_steps(cfg, t)}" for t in cfg.traces)
     lines = ["# Study: cold_start", "",
              f"Cold start: {cfg.cold_start_epochs:g} passes over the K traces, {cfg.min_cold_start_steps}-"
-             f"{cfg.max_cold_start_steps} steps of 16 ({steps}); GRPO: {max(1, round(cfg.rl_steps * cfg.scale))} steps of "
+             f"{cfg.max_cold_start_steps} steps of 16 ({steps}); GRPO: {grpo_steps(cfg)} steps of "
              f"{cfg.rl_prompts_per_step} prompts x {cfg.rl_group_size} samples at T = {cfg.rl_temperature:g}, lr {cfg.rl_lr:g}; "
              f"SFT alone: the same K traces for the cold start's and GRPO's FLOPs together.", "",
              f"Task `{cfg.task}`; held-out: {n} test-split problems (greedy), the first {cfg.sampled_problems} of them "
@@ -145,7 +149,7 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
         d = g["vs_sft_alone"]
         interval = "" if math.isnan(d["low"]) else f" [{d['low']:+.1f}, {d['high']:+.1f}]"  # one seed: none
         headline = (f"cold_start (K = {g['traces']} traces, {cfg.cold_start_epochs:g}-pass cold start, "
-                    f"{max(1, round(cfg.rl_steps * cfg.scale))} GRPO steps, {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}, "
+                    f"{grpo_steps(cfg)} GRPO steps, {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)}, "
                     f"{n} held-out): cold start + GRPO "
                     f"{d['mean']:+.1f} points over SFT alone at equal FLOPs{interval}, "
                     f"{g['vs_cold_start']['mean']:+.1f} over its cold start")
