@@ -257,6 +257,27 @@ def test_heldout_problems_are_disjoint_from_every_training_split():
         assert held and all(split_of(k) == "test" for k in held) and not set(held) & train
 
 
+def test_beyond_the_data_index_hints_variant_writes_hinted_tasks_to_its_own_directory():
+    from sputnik.studies import beyond_the_data
+    from sputnik.tasks import parse_task
+
+    cfg = beyond_the_data.Config(digit_order="lsb", index_hints=True)
+    assert cfg.name == "beyond_the_data_rope_lsb_columns_hints"
+    ex = parse_task(cfg.task(6)).generate(1, split="test")[0]
+    assert ex.prompt.startswith("What is (") and len(ex.answer) == 2 * 7  # six digits and the padding place, lettered
+    assert beyond_the_data.Config().name == "beyond_the_data"
+    assert beyond_the_data.Config(digit_order="lsb", index_hints=True, position_gaps=8).name == \
+        "beyond_the_data_rope_lsb_columns_hints_gaps8"
+    assert beyond_the_data.Config(digit_order="lsb", index_hints=True, rl_reward="places").name == \
+        "beyond_the_data_rope_lsb_columns_hints_places"
+    with pytest.raises(ValueError, match="index_hints true"):
+        beyond_the_data.Config(rl_reward="places")
+    with pytest.raises(ValueError, match="digit_order lsb"):
+        beyond_the_data.Config(index_hints=True)
+    with pytest.raises(ValueError, match="addition's knobs"):
+        beyond_the_data.Config(family="word_problems", index_hints=True)
+
+
 def test_a_finished_run_is_reused_only_with_the_same_recipe(tmp_path, monkeypatch):
     """Same settings: the finished run is reused (threads may differ); other settings: the old
     output is set aside and the run made anew; an unfinished run of the same settings resumes in place."""

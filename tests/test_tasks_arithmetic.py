@@ -115,3 +115,64 @@ def test_least_significant_first_writes_every_number_reversed_and_checks_digits_
     assert not task.verify(ex, "<think></think><answer>1000</answer>").correct
     sub = parse_task("subtraction:min_digits=2:max_digits=2:digit_order=lsb").build_example("52-17", (52, 17), "train")
     assert sub.answer == "53" and sub.prompt.startswith("What is 25 - 71?")
+
+
+def test_index_hints_tag_every_digit_with_its_place_letter():
+    from sputnik.tasks import parse_task
+    from sputnik.tasks.arithmetic import hinted, hinted_addition_trace, hint_places
+
+    assert hinted(5218, "bdfhk") == "b8d1f2h5k0"
+    assert hinted_addition_trace(4821, 397, "abcde") == [
+        "a: 1+7=8, write=a8",
+        "b: 2+9=11, write=b1 carry 1",
+        "c: 8+3+1=12, write=c2 carry 1",
+        "d: 4+0+1=5, write=d5",
+        "e: 0+0=0, write=e0",
+    ]
+    assert hinted_addition_trace(95, 7, "xyz")[-1] == "z: 0+0+1=1, write=z1"  # the padding place takes the carry
+    task = parse_task("addition:min_digits=4:max_digits=4:digit_order=lsb:index_hints=true")
+    plain = parse_task("addition:min_digits=4:max_digits=4").generate(20, seed=3)
+    seen = set()
+    for m, e in zip(plain, task.generate(20, seed=3), strict=True):
+        a, b = map(int, m.meta["key"].split("+"))
+        assert e.meta == m.meta  # same problems, same split as the plain format
+        letters = hint_places(m.meta["key"], 5)
+        assert letters == "".join(sorted(letters)) and len(set(letters)) == 5
+        assert e.prompt == f"What is ({hinted(a, letters)}) + ({hinted(b, letters).upper()})?"
+        assert e.answer == hinted(a + b, letters)
+        assert task.verify(e, format_completion(e)).correct
+        seen |= set(letters)
+    assert len(seen) > 15  # letters are drawn across the alphabet, not always "abcde"
+    e = task.build_example("4821+3970", (4821, 3970), "test")
+    assert e.answer == hinted(8791, hint_places("4821+3970", 5))
+    assert not task.verify(e, f"<answer>{e.answer[:-2]}</answer>").correct  # the padding digit is part of the answer
+    assert not task.verify(e, "<answer>19780</answer>").correct
+    assert task.build_example("4821+3970", (4821, 3970), "train").prompt == e.prompt  # hints depend on the problem only
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("addition:index_hints=true", "digit_order=lsb"),
+    ("subtraction:digit_order=lsb:index_hints=true", "addition only"),
+    ("addition:digit_order=lsb:index_hints=true:max_digits=26", "max_digits"),
+])
+def test_index_hints_refuse_what_they_cannot_write(spec, message):
+    from sputnik.tasks import parse_task
+    with pytest.raises(ValueError, match=message):
+        parse_task(spec)
+
+
+def test_place_credit_scores_the_share_of_hinted_places_right():
+    from sputnik.rl.rewards import import_by_path
+    from sputnik.tasks.arithmetic import place_credit
+
+    credit = import_by_path("sputnik.tasks.arithmetic:place_credit")  # how `sputnik rl --reward_fn` loads it
+    assert credit is place_credit
+    answer = "c2e7i7m6"
+    assert place_credit("", f"<think>x</think><answer>{answer}</answer>", answer) == 1.0
+    assert place_credit("", "<think>x</think><answer>c2e7i0m6</answer>", answer) == 0.75
+    assert place_credit("", "<think>x</think><answer>c2e7</answer>", answer) == 0.5  # missing places score 0
+    assert place_credit("", "<think>x</think><answer>c2e7i7m6q0r0t0v0</answer>", answer) == 0.5  # extra places cost
+    assert place_credit("", "<think>x</think><answer>e7c2m6i7</answer>", answer) == 1.0  # by letter, not by order
+    assert place_credit("", "no answer at all", answer) == 0.0
+    with pytest.raises(ValueError, match="index-hinted"):
+        place_credit("", "<answer>12</answer>", "12")

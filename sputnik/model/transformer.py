@@ -133,19 +133,21 @@ class Transformer(nn.Module):
         return ModelOutput(hidden=h_BTD, expert_load={k: r.load_E for k, r in routing.items()})
 
     def forward(self, input_ids_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                valid_BT: torch.Tensor | None = None, documents_BT: torch.Tensor | None = None) -> ModelOutput:
+                valid_BT: torch.Tensor | None = None, documents_BT: torch.Tensor | None = None,
+                positions_BT: torch.Tensor | None = None) -> ModelOutput:
         """targets_BT is already shifted (targets[b, t] = ids[b, t+1]; −100 = ignored). valid_BT: the
         real tokens of a right-padded batch (bool [B, T]), so that padding is not expert load (on a
         CPU the blocks skip the padding rows, whose hidden states are then 0).
         documents_BT: each token's document in a packed window (documents.py): attention, the MTP
-        modules' too, stays within it."""
+        modules' too, stays within it. positions_BT: RoPE positions (default 0..T−1; SFT's line gaps,
+        train/position_gaps.py)."""
         offset_B = None
         if targets_BT is not None and self.training and self.config.abacus_train_offset:
             # one random offset per sequence (torch's RNG: checkpointed, so a resumed run draws the same)
             offset_B = torch.randint(0, self.config.abacus_train_offset + 1, (input_ids_BT.shape[0],),
                                      device=input_ids_BT.device)
         attend = None if documents_BT is None else document_attention(documents_BT)
-        emb_BTD, h_BTD, cos, sin, routing = self._trunk(input_ids_BT, valid_BT, None, attend, offset_B)
+        emb_BTD, h_BTD, cos, sin, routing = self._trunk(input_ids_BT, valid_BT, positions_BT, attend, offset_B)
         if targets_BT is None:
             return ModelOutput(logits=self.lm_head(h_BTD), expert_load={k: r.load_E for k, r in routing.items()})
         D, W_VD = self.config.hidden_size, self.lm_head.weight
@@ -170,7 +172,9 @@ class Transformer(nn.Module):
             if T - k < 1:
                 break
             attend = None if documents_BT is None else document_attention(documents_BT[:, : T - k])
-            h_prev_BTD, r = module(h_prev_BTD[:, : T - k], emb_BTD[:, k:], cos[: T - k], sin[: T - k],
+            # cos/sin are [T, 1, F], or [B, T, 1, F] with per-row positions
+            cos_k, sin_k = (cos[:, : T - k], sin[:, : T - k]) if cos.dim() == 4 else (cos[: T - k], sin[: T - k])
+            h_prev_BTD, r = module(h_prev_BTD[:, : T - k], emb_BTD[:, k:], cos_k, sin_k,
                                    None if valid_BT is None else valid_BT[:, k:], attend)
             if r is not None:
                 routing[f"mtp.{k - 1}.mlp"] = r

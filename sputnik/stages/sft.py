@@ -11,6 +11,7 @@ judged by the task verifier (never eval()).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ class Config(TrainConfig):
     max_len: int = knob(384, "longest rendered conversation (tokens); longer ones are dropped and counted", min=8)
     max_new_tokens: int = knob(160, "greedy decoding budget per held-out problem", min=1)
     eval_batch_size: int = knob(32, "rows per greedy decoding batch", min=1)
+    position_gaps: int = knob(0, "training only: RoPE positions skip a random 0..N after each line end, so that "
+                                 "lookups across lines go by content (train/position_gaps.py; our DeepSeek-V3 "
+                                 "model; 0 = off)", min=0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -113,6 +117,9 @@ def run(cfg: Config, parents=(), command: str = "sft") -> dict:
     directory, this run's id). `parents`: the ledger runs that produced init; `command`: the run's
     name in the ledger (distillation trains its student as "distill-sft")."""
     with open_session(cfg, model_cfg=cfg.model, optim=cfg.optim, parallel=cfg.parallel) as s:
+        if cfg.position_gaps and "positions_BT" not in inspect.signature(s.raw.forward).parameters:
+            raise ValueError(f"position_gaps={cfg.position_gaps}: {type(s.raw).__name__} takes no positions "
+                             "(line gaps are implemented for our DeepSeek-V3 model)")
         train, held, eval_examples = load_data(cfg, s.tokenizer, s.dist)
         s.restore_loader(train)
         with s.recording(command, parents) as run:

@@ -24,10 +24,19 @@ embeddings (a zero table, trained from the SFT stage on with random offsets); it
 `--digit_order lsb` (every number least significant digit first, so the i-th digit of each operand and
 of the answer share a place) and `--trace none` (the answer's digits are one run, so each answer digit
 knows its place; a column trace's lines do not). A variant writes to its own study directory
-(beyond_the_data_<positions>_<order>_<trace>), so the arms of different options never mix.
+(beyond_the_data_<positions>_<order>_<trace>[_hints]), so the arms of different options never mix.
+
+The format option `--index_hints true` (with `--digit_order lsb`) tags every digit with a place letter
+(index hints, Zhou et al., 2023; tasks/arithmetic.py): each trace line can find its digits by letter,
+so no lookup needs to depend on how long the numbers are, and a longer problem only has more lines.
+`--position_gaps N` trains SFT with random RoPE gaps after each line end (train/position_gaps.py), so
+that the lookups the model learns go by those letters rather than by distance. `--rl_reward places`
+adds the share of answer places right to GRPO's reward (tasks/arithmetic.place_credit): a sample that
+gets one more place of a longer sum right is reinforced before any sample is exactly right.
 
     sputnik study beyond_the_data
     sputnik study beyond_the_data --positions abacus --digit_order lsb --trace none
+    sputnik study beyond_the_data --digit_order lsb --index_hints true --position_gaps 8 --rl_reward places
     sputnik study beyond_the_data --scale 0.1 --seeds 0   # a smoke run
 """
 from __future__ import annotations
@@ -67,6 +76,13 @@ class Config(R.StudyConfig):
                             choices=("msb", "lsb"))
     trace: str = knob("columns", "addition: columns (a worked line per column) or none (the answer alone)",
                       choices=("columns", "none"))
+    index_hints: bool = knob(False, "addition: every digit tagged with a place letter (index hints; needs "
+                                    "--digit_order lsb)")
+    position_gaps: int = knob(0, "SFT: RoPE positions skip a random 0..N after each line end "
+                                 "(train/position_gaps.py; 0 = off)", min=0)
+    rl_reward: str = knob("exact", "GRPO's reward: exact (the verifier: 1 for an exact answer, + the format bonus) or "
+                                   "places (that, plus the share of answer places right: index hints only)",
+                          choices=("exact", "places"))
 
     def __post_init__(self):
         if not self.rl_lengths or not self.eval_lengths:
@@ -74,8 +90,12 @@ class Config(R.StudyConfig):
         if min(self.rl_lengths) <= self.trained_length:
             raise ValueError(f"rl_lengths={self.rl_lengths}: GRPO's lengths must exceed trained_length={self.trained_length} "
                              "(the study is about lengths no trace showed)")
-        if self.family != "addition" and (self.digit_order, self.trace) != ("msb", "columns"):
-            raise ValueError(f"digit_order / trace are addition's knobs (family={self.family!r})")
+        if self.family != "addition" and ((self.digit_order, self.trace) != ("msb", "columns") or self.index_hints):
+            raise ValueError(f"digit_order / trace / index_hints are addition's knobs (family={self.family!r})")
+        if self.rl_reward == "places" and not self.index_hints:
+            raise ValueError("rl_reward=places scores place letters: add --index_hints true")
+        if self.index_hints and self.digit_order != "lsb":
+            raise ValueError("index_hints writes digits least significant first: add --digit_order lsb")
         if self.positions == "abacus" and self.abacus_train_offset >= self.abacus_max_index:
             raise ValueError(f"abacus_train_offset={self.abacus_train_offset} must be < abacus_max_index={self.abacus_max_index}")
 
@@ -83,14 +103,18 @@ class Config(R.StudyConfig):
         spec = FAMILIES[self.family][0].format(n=n)
         if (self.digit_order, self.trace) != ("msb", "columns"):
             spec += f":digit_order={self.digit_order}:trace={self.trace}"
+        if self.index_hints:
+            spec += ":index_hints=true"
         return spec
 
     @property
     def name(self) -> str:
         """The study directory: the published default, or one per positional option and format."""
-        if (self.positions, self.digit_order, self.trace) == ("rope", "msb", "columns"):
+        if (self.positions, self.digit_order, self.trace, self.index_hints, self.position_gaps, self.rl_reward) == (
+                "rope", "msb", "columns", False, 0, "exact"):
             return "beyond_the_data"
-        return f"beyond_the_data_{self.positions}_{self.digit_order}_{self.trace}"
+        return (f"beyond_the_data_{self.positions}_{self.digit_order}_{self.trace}" + "_hints" * self.index_hints
+                + (f"_gaps{self.position_gaps}" if self.position_gaps else "") + "_places" * (self.rl_reward == "places"))
 
 
 def run(cfg: Config) -> dict:
@@ -99,7 +123,8 @@ def run(cfg: Config) -> dict:
     save_config(cfg, r.out / "study_config.json")
     base = speedrun["sft"]["init"]
     sft = dict(R.own_settings(speedrun["sft"]), init=base, tasks=[cfg.task(n) for n in range(1, cfg.trained_length + 1)],
-               num_examples=cfg.sft_examples, max_len=256, max_new_tokens=cfg.max_new_tokens, eval_examples=0, eval_every=0)
+               num_examples=cfg.sft_examples, max_len=256, max_new_tokens=cfg.max_new_tokens, eval_examples=0, eval_every=0,
+               position_gaps=cfg.position_gaps)
     sft.pop("model", None)
     if cfg.positions == "abacus":  # added to the loaded base (a zero table), then trained by SFT
         sft["model"] = dict(abacus_max_index=cfg.abacus_max_index, abacus_train_offset=cfg.abacus_train_offset)
@@ -107,6 +132,8 @@ def run(cfg: Config) -> dict:
               prompts_per_step=cfg.rl_prompts_per_step, group_size=cfg.rl_group_size, temperature=cfg.rl_temperature,
               max_new_tokens=cfg.max_new_tokens, steps=max(1, round(cfg.rl_steps * cfg.scale)), eval_every=0,
               eval_examples=50, optim=dict(speedrun["rl"]["optim"], lr=cfg.rl_lr), health=dict(stop_on_pathology=False))
+    if cfg.rl_reward == "places":  # a dense reward from the verifier alone: still no trace of these lengths
+        rl["reward_fn"] = "sputnik.tasks.arithmetic:place_credit"
     steps = max(1, round(cfg.sft_steps * cfg.scale))
     for seed in cfg.seeds:
         name = f"seed{seed}"
@@ -136,7 +163,10 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     option = "" if cfg.name == "beyond_the_data" else (
         f"Positions: {'Abacus place embeddings added to the base (max place ' + str(cfg.abacus_max_index) + ', training offset 0..' + str(cfg.abacus_train_offset) + ')' if cfg.positions == 'abacus' else 'the base model as it is (RoPE)'}; "
         f"digits {'least significant first' if cfg.digit_order == 'lsb' else 'as usual'}; "
-        f"{'answer only (no trace)' if cfg.trace == 'none' else 'a worked line per column'}. ")
+        f"{'answer only (no trace)' if cfg.trace == 'none' else 'a worked line per column'}"
+        f"{'; index hints (a place letter before every digit)' if cfg.index_hints else ''}"
+        f"{f'; SFT with RoPE gaps of 0..{cfg.position_gaps} after each line end' if cfg.position_gaps else ''}"
+        f"{'; GRPO rewards the share of answer places right besides the exact answer' if cfg.rl_reward == 'places' else ''}. ")
     lines = [f"# Study: {cfg.name}", "",
              f"{option}Family `{cfg.task('n')}`. SFT traces: 1–{cfg.trained_length} {unit}; GRPO prompts: {cfg.rl_lengths} {unit}, "
              f"answers only. Held-out: {n} test-split problems of exactly each length (greedy exact match). Seeds {cfg.seeds}. "
@@ -159,7 +189,10 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     lines += ["", "![accuracy against compute](beyond_the_data.png)"]
     R.plot(r.out / "beyond_the_data.png", [(arm, [by[arm]]) for arm in ARMS if arm in by], f"length_{target}",
            f"held-out accuracy, {target} {unit} (greedy)")
-    summary = dict(study=cfg.name, positions=cfg.positions, digit_order=cfg.digit_order, trace=cfg.trace, family=cfg.family, heldout_problems=n, table=table, headline=headline)
+    summary = dict(study=cfg.name, positions=cfg.positions, digit_order=cfg.digit_order, trace=cfg.trace,
+                   index_hints=cfg.index_hints, position_gaps=cfg.position_gaps, rl_reward=cfg.rl_reward,
+                   family=cfg.family, heldout_problems=n,
+                   table=table, headline=headline)
     path = R.write(r, summary, "\n".join(lines) + "\n")
     print0("\n".join(lines))
     print0(f"study {cfg.name}: {path}")

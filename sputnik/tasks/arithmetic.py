@@ -143,6 +143,40 @@ def long_multiplication_trace(a: int, b: int) -> list[str]:
     return lines
 
 
+HINT_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def hint_places(key: str, places: int) -> str:
+    """The place letters of one problem: `places` letters of the alphabet in order, a random subset
+    drawn from the problem's key (so a problem always has the same hints, and every letter is
+    trained as a place even when only short numbers are)."""
+    return "".join(sorted(random.Random(f"hints|{key}").sample(HINT_LETTERS, places)))
+
+
+def hinted(n: int, letters: str) -> str:
+    """n's digits least significant first, each after its place letter, zero-padded to every place:
+    hinted(5218, "bdfhk") = "b8d1f2h5k0"."""
+    digits = str(n)[::-1].ljust(len(letters), "0")
+    assert len(digits) == len(letters), f"{n} has more digits than places {letters!r}"
+    return "".join(p + d for p, d in zip(letters, digits))
+
+
+def hinted_addition_trace(a: int, b: int, letters: str) -> list[str]:
+    """One line per place, named by its letter, the written digit tagged with it again:
+    "c: 8+3+1=12, write=c2 carry 1". Every digit a line needs is found by its letter (the digit
+    after c in the first operand, after C in the second), never by counting positions."""
+    columns = _columns(a, b)
+    assert len(columns) < len(letters), f"{a}+{b} needs a padding place beyond {letters!r}"
+    lines, carry = [], 0
+    for p, (x, y) in zip(letters, columns + [(0, 0)] * (len(letters) - len(columns)), strict=True):
+        total = x + y + carry
+        lhs = f"{x}+{y}" + ("+1" if carry else "")
+        carry = total // 10
+        lines.append(f"{p}: {lhs}={total}, write={p}{total % 10}" + (" carry 1" if carry else ""))
+    assert carry == 0, "the top place of a hinted addition is padding: it never carries out"
+    return lines
+
+
 def _digits_knob(default: int, what: str):
     return knob(default, f"{what} (digits)", min=1, max=30)
 
@@ -155,6 +189,14 @@ class Addition(Task):
     first ("4821 + 397" is asked as "1284 + 793", answered "8125"), the format in which the i-th digit
     of each operand and of the answer is the same place (with Abacus positions: the same index). Its
     answers are digit strings, checked exactly (a leading zero is a digit). trace="none": answer only.
+
+    index_hints=True (with digit_order="lsb") tags every digit with a place letter, the index hints of
+    Zhou et al. (2023), "What Algorithms can Transformers Learn?": 4821 + 397 is asked as
+    "What is (a1b2c8d4e0) + (A7B9C3D0E0)?" (the top place is padding, so the sum never needs a new
+    one), each trace line names its place ("c: 8+3+1=12, write=c2 carry 1") and the answer is
+    "a8b1c2d5e0", checked exactly. A problem's letters are an ordered random subset of the alphabet,
+    drawn from its key: every letter is seen as a place in training, so an (n+1)-digit problem needs
+    no new token, and each lookup is by letter, not by counting positions.
     """
     name: ClassVar[str] = "addition"
     description: ClassVar[str] = "multi-digit addition, digit by digit with carries"
@@ -163,11 +205,20 @@ class Addition(Task):
     digit_order: str = knob("msb", "msb: numbers as usual; lsb: every number written least significant digit first",
                             choices=("msb", "lsb"))
     trace: str = knob("columns", "columns: one line per column; none: the answer alone", choices=("columns", "none"))
+    index_hints: bool = knob(False, "tag every digit with a place letter (needs digit_order=lsb; addition only)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.min_digits > self.max_digits:
             raise ValueError(f"{self.name}: min_digits={self.min_digits} > max_digits={self.max_digits}")
+        if self.index_hints:
+            if self.name != "addition":
+                raise ValueError(f"{self.name}: index_hints is written for addition only")
+            if self.digit_order != "lsb":
+                raise ValueError(f"{self.name}: index_hints=true writes digits least significant first: set digit_order=lsb")
+            if self.max_digits + 1 > len(HINT_LETTERS):
+                raise ValueError(f"{self.name}: index_hints needs max_digits + 1 <= {len(HINT_LETTERS)} places "
+                                 f"(one letter each), got max_digits={self.max_digits}")
 
     def sample_problem(self, rng):
         a, b = sample_int(rng, self.min_digits, self.max_digits), sample_int(rng, self.min_digits, self.max_digits)
@@ -175,6 +226,11 @@ class Addition(Task):
 
     def build_example(self, key, problem, split):
         a, b = problem
+        if self.index_hints:
+            letters = hint_places(key, len(str(max(a, b))) + 1)
+            prompt = f"What is ({hinted(a, letters)}) + ({hinted(b, letters).upper()})?"
+            trace = "" if self.trace == "none" else "\n".join(hinted_addition_trace(a, b, letters))
+            return Example(self.name, prompt, hinted(a + b, letters), trace, {"key": key, "split": split})
         return self._example(key, split, a, "+", b, a + b, addition_trace(a, b))
 
     def _example(self, key, split, a: int, op: str, b: int, result: int, lines: list[str]) -> Example:
@@ -187,7 +243,7 @@ class Addition(Task):
                        {"key": key, "split": split})
 
     def check_answer(self, example, answer):
-        if self.digit_order == "msb":
+        if self.digit_order == "msb":  # (index hints are lsb: their answers are checked exactly below)
             return super().check_answer(example, answer)
         got = answer.strip()
         return got == example.answer, f"digits {got!r} {'==' if got == example.answer else '!='} {example.answer!r}"
@@ -239,3 +295,22 @@ class Multiplication(Task):
         trace = long_multiplication_trace(a, b) if self.trace == "digits" else multiplication_trace(a, b)
         return Example(self.name, f"What is {a} * {b}?", str(a * b), "\n".join(trace),
                        {"key": key, "split": split})
+
+
+_PLACE = re.compile(r"([a-z])(\d)")
+
+
+def place_credit(prompt: str, completion: str, answer: str, **meta) -> float:
+    """Partial credit for an index-hinted answer: the share of its places (letter, digit) that the
+    completion's answer gets right, over the larger of the two place counts (so extra places cost).
+    A dense reward for RL where exact matches are rare (`sputnik rl --reward_fn
+    sputnik.tasks.arithmetic:place_credit`): a sample that gets one more place right scores higher."""
+    from sputnik.tasks.numbers import extract_answer
+
+    want = dict(_PLACE.findall(answer))
+    if not want:
+        raise ValueError(f"place_credit scores index-hinted answers (letter, digit pairs), got {answer!r}")
+    got_pairs = _PLACE.findall(extract_answer(completion).text or "")
+    got = dict(got_pairs)
+    right = sum(got.get(letter) == digit for letter, digit in want.items())
+    return right / max(len(want), len(got_pairs))

@@ -1,0 +1,90 @@
+"""SFT's line gaps (train/position_gaps.py): positions skip a random 0..G after each line end, stay
+consecutive within a line, never pass the table; the model takes per-row positions (MTP too); an SFT
+run with gaps trains, resumes bit for bit and differs from one without; a model without positions is
+refused."""
+import os
+
+import pytest
+import torch
+
+from sputnik.model import build_model
+from sputnik.model.config import tiny
+from sputnik.stages import sft
+from sputnik.train.position_gaps import gapped_positions, line_end_ids
+
+from test_stages import assert_same_tensors, ckpt_tensors, pretrained, sft_cfg, ws  # noqa: F401
+
+ENDS = torch.tensor([3, 9])
+
+
+def test_gaps_open_after_line_ends_only_and_stay_within_the_table():
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 3, 6, 7, 9, 8, 8, 9, 4, 4]] * 200)
+    pos = gapped_positions(ids, ENDS, 4, 64)
+    step = pos[:, 1:] - pos[:, :-1]
+    after_end = torch.isin(ids[:, :-1], ENDS)
+    assert (step[~after_end] == 1).all()  # within a line: consecutive
+    assert step[after_end].min() == 1 and step[after_end].max() == 5  # 1 + a gap of 0..4, both ends drawn
+    assert pos[:, :2].tolist() == [[0, 1]] * 200  # nothing moves before the first line end has passed
+    assert len({tuple(p) for p in pos.tolist()}) > 50  # each row its own draw
+    assert gapped_positions(ids, ENDS, 0, 64).tolist() == [list(range(10))] * 200
+    capped = gapped_positions(ids, ENDS, 100, 12)
+    assert capped.max() <= 11 and (capped[:, 1:] >= capped[:, :-1]).all()
+    with pytest.raises(ValueError, match="max_position_embeddings=8"):
+        gapped_positions(ids, ENDS, 2, 8)
+
+
+def test_line_ends_of_a_tokenizer(ws):  # noqa: F811
+    from sputnik.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(ws / "tok")
+    ends = line_end_ids(tok)
+    assert tok.render_prompt("")[-1] in ends
+    assert all("\n" in tok.decode([i]) or i in (tok.assistant_id, tok.token_to_id("</think>")) for i in ends)
+    assert set(tok.encode("a\nb")) & set(ends)
+
+
+def test_model_with_given_positions():
+    """positions 0..T−1 given per row equal the default; gaps change the logits after the gap only; the
+    MTP loss runs with per-row positions."""
+    torch.manual_seed(0)
+    model = build_model(tiny(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4, q_lora_rank=16,
+                             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                             num_nextn_predict_layers=1, max_position_embeddings=64)).eval()
+    ids = torch.randint(4, 64, (2, 12))
+    targets = torch.randint(4, 64, (2, 12))
+    with torch.no_grad():
+        plain = model(ids, targets)
+        same = model(ids, targets, positions_BT=torch.arange(12).expand(2, 12))
+        assert torch.equal(plain.loss, same.loss) and torch.equal(plain.mtp_loss, same.mtp_loss)
+        shifted = torch.arange(12).expand(2, 12) + torch.tensor([0] * 5 + [7] * 7)
+        a, b = model(ids).logits, model(ids, positions_BT=shifted).logits
+        assert torch.equal(a[:, :5], b[:, :5]) and not torch.allclose(a[:, 5:], b[:, 5:], atol=1e-4)
+        gapped = model(ids, targets, positions_BT=shifted)
+        assert gapped.mtp_loss != plain.mtp_loss and torch.isfinite(gapped.loss)
+
+
+def test_sft_with_line_gaps_trains_resumes_bit_for_bit_and_differs(pretrained, tmp_path):  # noqa: F811
+    out = pretrained[0]
+    kw = dict(eval_every=0, keep_last=5, position_gaps=6)
+    full = sft.run(sft_cfg(tmp_path / "full", out / "model", **kw))
+    part = tmp_path / "part"
+    part.mkdir()
+    os.system(f"cp -r {tmp_path / 'full'}/checkpoints {tmp_path / 'full'}/metrics.jsonl {part}/")
+    os.system(f"rm -rf {part}/checkpoints/ckpt-000006")
+    sft.run(sft_cfg(part, out / "model", resume="auto", **kw))
+    assert_same_tensors(ckpt_tensors(tmp_path / "full" / "checkpoints" / "ckpt-000006"),
+                        ckpt_tensors(part / "checkpoints" / "ckpt-000006"))
+    plain = sft.run(sft_cfg(tmp_path / "plain", out / "model", eval_every=0))
+    assert full["final_train_loss"] != plain["final_train_loss"]
+
+
+def test_position_gaps_refused_for_a_model_without_positions(ws, tmp_path):  # noqa: F811
+    from test_stages import TINY_DENSE, pre_cfg
+
+    from sputnik.stages import pretrain
+
+    pretrain.run(pre_cfg(ws, tmp_path / "pre", steps=2, model=TINY_DENSE))
+    with pytest.raises(ValueError, match="position_gaps=4: .* takes no positions"):
+        sft.run(sft_cfg(tmp_path / "sft", tmp_path / "pre" / "model", position_gaps=4))
