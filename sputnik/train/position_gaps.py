@@ -15,8 +15,8 @@ distance from a line to the prompt or to an earlier line changes from sequence t
 lookup by content (index hints' place letters, a line's label) fits every draw. Gaps of 0 everywhere
 are what decoding sees, one draw among the trained ones. Each gap is drawn from torch's RNG (a
 checkpointed state: a resumed run draws the same), and the accumulated gap is capped so that no
-position passes the model's table. In the beyond_the_data study, 8 gaps took the index-hinted model
-from wrong at the first line of 5-digit sums to right on the first three or four lines (LOG.md).
+position passes the model's table. What it buys on index-hinted additions is measured in
+docs/benchmarks.md (beyond_the_data with index hints).
 """
 from __future__ import annotations
 
