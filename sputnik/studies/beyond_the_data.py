@@ -24,7 +24,7 @@ embeddings (a zero table, trained from the SFT stage on with random offsets); it
 `--digit_order lsb` (every number least significant digit first, so the i-th digit of each operand and
 of the answer share a place) and `--trace none` (the answer's digits are one run, so each answer digit
 knows its place; a column trace's lines do not). A variant writes to its own study directory
-(beyond_the_data_<positions>_<order>_<trace>[_hints]), so the arms of different options never mix.
+(beyond_the_data_<positions>_<order>_<trace>[_hints][_gaps<N>][_places]), so the arms of different options never mix.
 
 The format option `--index_hints true` (with `--digit_order lsb`) tags every digit with a place letter
 (index hints, Zhou et al., 2023; tasks/arithmetic.py): each trace line can find its digits by letter,

@@ -64,14 +64,20 @@ def _columns(a: int, b: int) -> list[tuple[int, int]]:
     return [(int(sa[i]) if i < len(sa) else 0, int(sb[i]) if i < len(sb) else 0) for i in range(width)]
 
 
-def addition_trace(a: int, b: int) -> list[str]:
-    lines, carry = [], 0
-    for x, y in _columns(a, b):
+def _column_sums(columns: list[tuple[int, int]]) -> list[tuple[str, int, int]]:
+    """(left-hand side "x+y[+1]", its total, the carry out) of each column, carrying from the last."""
+    sums, carry = [], 0
+    for x, y in columns:
         total = x + y + carry
-        lhs = f"{x}+{y}" + ("+1" if carry else "")
+        sums.append((f"{x}+{y}" + ("+1" if carry else ""), total, total // 10))
         carry = total // 10
-        lines.append(f"{lhs}={total}, write {total % 10}" + (" carry 1" if carry else ""))
-    if carry:
+    return sums
+
+
+def addition_trace(a: int, b: int) -> list[str]:
+    sums = _column_sums(_columns(a, b))
+    lines = [f"{lhs}={total}, write {total % 10}" + (" carry 1" if carry else "") for lhs, total, carry in sums]
+    if sums[-1][2]:
         lines.append("write the carry 1")
     return lines + [f"{a}+{b}={a + b}"]
 
@@ -144,6 +150,7 @@ def long_multiplication_trace(a: int, b: int) -> list[str]:
 
 
 HINT_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_PLACE = re.compile(r"([a-z])(\d)")  # a (letter, digit) place of a hinted number
 
 
 def hint_places(key: str, places: int) -> str:
@@ -167,14 +174,10 @@ def hinted_addition_trace(a: int, b: int, letters: str) -> list[str]:
     after c in the first operand, after C in the second), never by counting positions."""
     columns = _columns(a, b)
     assert len(columns) < len(letters), f"{a}+{b} needs a padding place beyond {letters!r}"
-    lines, carry = [], 0
-    for p, (x, y) in zip(letters, columns + [(0, 0)] * (len(letters) - len(columns)), strict=True):
-        total = x + y + carry
-        lhs = f"{x}+{y}" + ("+1" if carry else "")
-        carry = total // 10
-        lines.append(f"{p}: {lhs}={total}, write={p}{total % 10}" + (" carry 1" if carry else ""))
-    assert carry == 0, "the top place of a hinted addition is padding: it never carries out"
-    return lines
+    sums = _column_sums(columns + [(0, 0)] * (len(letters) - len(columns)))
+    assert sums[-1][2] == 0, "the top place of a hinted addition is padding: it never carries out"
+    return [f"{p}: {lhs}={total}, write={p}{total % 10}" + (" carry 1" if carry else "")
+            for p, (lhs, total, carry) in zip(letters, sums, strict=True)]
 
 
 def _digits_knob(default: int, what: str):
@@ -295,9 +298,6 @@ class Multiplication(Task):
         trace = long_multiplication_trace(a, b) if self.trace == "digits" else multiplication_trace(a, b)
         return Example(self.name, f"What is {a} * {b}?", str(a * b), "\n".join(trace),
                        {"key": key, "split": split})
-
-
-_PLACE = re.compile(r"([a-z])(\d)")
 
 
 def place_credit(prompt: str, completion: str, answer: str, **meta) -> float:
