@@ -278,6 +278,49 @@ def test_beyond_the_data_index_hints_variant_writes_hinted_tasks_to_its_own_dire
         beyond_the_data.Config(family="word_problems", index_hints=True)
 
 
+def test_beyond_the_data_replay_round_follows_the_first_and_sft_alone_pays_for_both(tmp_path, monkeypatch):
+    """--rl_replay_steps: a second GRPO stage from the first one's model, its prompts split evenly over
+    the longest trained length and the GRPO lengths; SFT alone is given all three stages' FLOPs; the
+    table has the first round's row beside the final one."""
+    from sputnik import pipeline
+    from sputnik.accounting import report
+    from sputnik.config import build
+    from sputnik.studies import beyond_the_data
+
+    speedrun = pipeline.stage_settings(build(pipeline.SpeedrunConfig, dict(project=str(tmp_path))))
+    monkeypatch.setattr(beyond_the_data.Config, "base", lambda self: (speedrun, ["base-run"]))
+    stages, flops = {}, {"seed0/sft": 1e12, "seed0/grpo": 2e12, "seed0/grpo_replay": 0.5e12}
+
+    def stage(self, name, kind, settings, parents=()):
+        stages[name] = dict(settings, parents=list(parents))
+        return R.StageRun(name, str(tmp_path / name), {"steps": settings["steps"]}, [name], flops[name], 1.0)
+
+    def stage_at_flops(self, name, kind, settings, target, per_step, parents=()):
+        stages[name] = dict(settings, target=target)
+        return R.StageRun(name, str(tmp_path / name), {"steps": 1}, [name], target, 1.0), 1.0
+
+    monkeypatch.setattr(R.Runner, "stage", stage)
+    monkeypatch.setattr(R.Runner, "stage_at_flops", stage_at_flops)
+    monkeypatch.setattr(R.Runner, "evaluate", lambda self, run, task, **kw: {"greedy": 0.5})
+    monkeypatch.setattr(report, "build", lambda project: None)  # no ledger here: the stages are faked
+    cfg = beyond_the_data.Config(project=str(tmp_path), seeds=[0], digit_order="lsb", index_hints=True,
+                                 rl_reward="places", rl_steps=40, rl_replay_steps=30, trained_length=4,
+                                 rl_lengths=[5, 6], eval_lengths=[4, 6])
+    assert cfg.name == "beyond_the_data_rope_lsb_columns_hints_places_replay30"
+    summary = beyond_the_data.run(cfg)
+    first, replay = stages["seed0/grpo"], stages["seed0/grpo_replay"]
+    assert first["task_sampling"] == "learnability" and first["tasks"] == [cfg.task(5), cfg.task(6)]
+    assert replay["tasks"] == [cfg.task(4), cfg.task(5), cfg.task(6)] and replay["task_sampling"] == "round_robin"
+    assert replay["init"] == str(tmp_path / "seed0/grpo" / "model") and replay["parents"] == ["seed0/grpo"]
+    assert replay["steps"] == 30 and replay["reward_fn"] == first["reward_fn"] == "sputnik.tasks.arithmetic:place_credit"
+    assert stages["seed0/sft_alone"]["target"] == pytest.approx(3.5e12)
+    table = {e["arm"]: e for e in summary["table"]}
+    assert list(table) == ["SFT", beyond_the_data.ROUND_1, "SFT + GRPO", "SFT alone"]
+    assert table[beyond_the_data.ROUND_1]["flops"]["mean"] == pytest.approx(3e12)
+    assert table["SFT + GRPO"]["flops"]["mean"] == pytest.approx(3.5e12)
+    assert "replays 4 digits" in (tmp_path / "studies" / cfg.name / "study.md").read_text()
+
+
 def test_a_finished_run_is_reused_only_with_the_same_recipe(tmp_path, monkeypatch):
     """Same settings: the finished run is reused (threads may differ); other settings: the old
     output is set aside and the run made anew; an unfinished run of the same settings resumes in place."""

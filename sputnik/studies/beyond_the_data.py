@@ -34,9 +34,18 @@ that the lookups the model learns go by those letters rather than by distance. `
 adds the share of answer places right to GRPO's reward (tasks/arithmetic.place_credit): a sample that
 gets one more place of a longer sum right is reinforced before any sample is exactly right.
 
+`--rl_replay_steps N` adds a second GRPO round (self-improvement in two rounds): the first round's prompts
+are all longer than the traces, so it may learn the longer sum by moving its line count up by one and
+lose the trained length; the second round splits its prompts evenly over the longest trained length and
+the GRPO lengths (still answers only), so the two counts must coexist and the count has to come from
+the problem. Its rows: "SFT + GRPO, round 1" and "SFT + GRPO" (after both); SFT alone gets both rounds'
+FLOPs.
+
     sputnik study beyond_the_data
     sputnik study beyond_the_data --positions abacus --digit_order lsb --trace none
     sputnik study beyond_the_data --digit_order lsb --index_hints true --position_gaps 8 --rl_reward places
+    sputnik study beyond_the_data --digit_order lsb --index_hints true --position_gaps 8 --rl_reward places \
+        --rl_replay_steps 300
     sputnik study beyond_the_data --scale 0.1 --seeds 0   # a smoke run
 """
 from __future__ import annotations
@@ -48,6 +57,7 @@ from sputnik.config import add_config_args, config_from_args, knob, save_config
 from sputnik.studies import runner as R
 
 ARMS = ("SFT", "SFT + GRPO", "SFT alone")
+ROUND_1 = "SFT + GRPO, round 1"  # with --rl_replay_steps: the first round's model, before the replay round
 # a task spec with the length n in it, and what n counts
 FAMILIES = {"addition": ("addition:min_digits={n}:max_digits={n}", "digits"),
             "word_problems": ("word_problems:steps={n}", "steps")}
@@ -83,6 +93,8 @@ class Config(R.StudyConfig):
     rl_reward: str = knob("exact", "GRPO's reward: exact (the verifier: 1 for an exact answer, + the format bonus) or "
                                    "places (that, plus the share of answer places right: index hints only)",
                           choices=("exact", "places"))
+    rl_replay_steps: int = knob(0, "a second GRPO round of N steps, prompts split evenly over trained_length and "
+                                   "rl_lengths (the trained length replayed; 0 = one round)", min=0)
 
     def __post_init__(self):
         if not self.rl_lengths or not self.eval_lengths:
@@ -110,11 +122,15 @@ class Config(R.StudyConfig):
     @property
     def name(self) -> str:
         """The study directory: the published default, or one per positional option and format."""
-        if (self.positions, self.digit_order, self.trace, self.index_hints, self.position_gaps, self.rl_reward) == (
-                "rope", "msb", "columns", False, 0, "exact"):
+        if (self.positions, self.digit_order, self.trace, self.index_hints, self.position_gaps, self.rl_reward,
+                self.rl_replay_steps) == ("rope", "msb", "columns", False, 0, "exact", 0):
             return "beyond_the_data"
         return (f"beyond_the_data_{self.positions}_{self.digit_order}_{self.trace}" + "_hints" * self.index_hints
-                + (f"_gaps{self.position_gaps}" if self.position_gaps else "") + "_places" * (self.rl_reward == "places"))
+                + (f"_gaps{self.position_gaps}" if self.position_gaps else "") + "_places" * (self.rl_reward == "places")
+                + (f"_replay{self.rl_replay_steps}" if self.rl_replay_steps else ""))
+
+    def arms(self) -> tuple[str, ...]:
+        return ARMS if not self.rl_replay_steps else ("SFT", ROUND_1, "SFT + GRPO", "SFT alone")
 
 
 def run(cfg: Config) -> dict:
@@ -140,12 +156,20 @@ def run(cfg: Config) -> dict:
         short = r.stage(f"{name}/sft", "sft", dict(sft, steps=steps, seed=seed, checkpoint_every=steps), base_ids)
         grpo = r.stage(f"{name}/grpo", "rl", dict(rl, init=short.model, seed=seed, checkpoint_every=rl["steps"]),
                        short.run_ids)
-        budget = short.flops + grpo.flops
-        alone, ratio = r.stage_at_flops(f"{name}/sft_alone", "sft", dict(sft, seed=seed), budget, short.flops / steps,
+        arms = [("SFT", short, short.flops, short.wall_s)]
+        last, flops, wall = grpo, short.flops + grpo.flops, short.wall_s + grpo.wall_s
+        if cfg.rl_replay_steps:
+            replay_steps = max(1, round(cfg.rl_replay_steps * cfg.scale))
+            replay = dict(rl, tasks=[cfg.task(n) for n in [cfg.trained_length, *cfg.rl_lengths]], task_sampling="round_robin",
+                          steps=replay_steps, init=grpo.model, seed=seed, checkpoint_every=replay_steps)
+            arms.append((ROUND_1, grpo, flops, wall))
+            last = r.stage(f"{name}/grpo_replay", "rl", replay, grpo.run_ids)
+            flops, wall = flops + last.flops, wall + last.wall_s
+        arms.append(("SFT + GRPO", last, flops, wall))
+        alone, ratio = r.stage_at_flops(f"{name}/sft_alone", "sft", dict(sft, seed=seed), flops, short.flops / steps,
                                         base_ids)
-        for arm, run, flops, wall in (("SFT", short, short.flops, short.wall_s),
-                                      ("SFT + GRPO", grpo, budget, short.wall_s + grpo.wall_s),
-                                      ("SFT alone", alone, alone.flops, alone.wall_s)):
+        arms.append(("SFT alone", alone, alone.flops, alone.wall_s))
+        for arm, run, flops, wall in arms:
             row = dict(arm=arm, seed=seed, flops=flops, wall_s=wall, compute_ratio=ratio if arm == "SFT alone" else 1.0)
             for n in cfg.eval_lengths:
                 ev = r.evaluate(run, cfg.task(n), problems=cfg.sampled_problems, samples=1, temperature=cfg.temperature,
@@ -166,7 +190,8 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
         f"{'answer only (no trace)' if cfg.trace == 'none' else 'a worked line per column'}"
         f"{'; index hints (a place letter before every digit)' if cfg.index_hints else ''}"
         f"{f'; SFT with RoPE gaps of 0..{cfg.position_gaps} after each line end' if cfg.position_gaps else ''}"
-        f"{'; GRPO rewards the share of answer places right besides the exact answer' if cfg.rl_reward == 'places' else ''}. ")
+        f"{'; GRPO rewards the share of answer places right besides the exact answer' if cfg.rl_reward == 'places' else ''}"
+        f"{f'; a second GRPO round of {cfg.rl_replay_steps} steps replays {cfg.trained_length} {FAMILIES[cfg.family][1]} beside the GRPO lengths' if cfg.rl_replay_steps else ''}. ")
     lines = [f"# Study: {cfg.name}", "",
              f"{option}Family `{cfg.task('n')}`. SFT traces: 1–{cfg.trained_length} {unit}; GRPO prompts: {cfg.rl_lengths} {unit}, "
              f"answers only. Held-out: {n} test-split problems of exactly each length (greedy exact match). Seeds {cfg.seeds}. "
@@ -187,10 +212,11 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
                     f"SFT alone at equal FLOPs {a['mean']:.2f}")
         lines[1:1] = ["", f"**{headline}**"]
     lines += ["", "![accuracy against compute](beyond_the_data.png)"]
-    R.plot(r.out / "beyond_the_data.png", [(arm, [by[arm]]) for arm in ARMS if arm in by], f"length_{target}",
+    R.plot(r.out / "beyond_the_data.png", [(arm, [by[arm]]) for arm in cfg.arms() if arm in by], f"length_{target}",
            f"held-out accuracy, {target} {unit} (greedy)")
     summary = dict(study=cfg.name, positions=cfg.positions, digit_order=cfg.digit_order, trace=cfg.trace,
                    index_hints=cfg.index_hints, position_gaps=cfg.position_gaps, rl_reward=cfg.rl_reward,
+                   rl_replay_steps=cfg.rl_replay_steps,
                    family=cfg.family, heldout_problems=n,
                    table=table, headline=headline)
     path = R.write(r, summary, "\n".join(lines) + "\n")
