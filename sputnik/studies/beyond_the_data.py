@@ -130,7 +130,7 @@ class Config(R.StudyConfig):
                 + (f"_replay{self.rl_replay_steps}" if self.rl_replay_steps else ""))
 
     def arms(self) -> tuple[str, ...]:
-        return ARMS if not self.rl_replay_steps else ("SFT", ROUND_1, "SFT + GRPO", "SFT alone")
+        return ARMS if not self.rl_replay_steps else (ARMS[0], ROUND_1, *ARMS[1:])
 
 
 def run(cfg: Config) -> dict:
@@ -157,16 +157,16 @@ def run(cfg: Config) -> dict:
         grpo = r.stage(f"{name}/grpo", "rl", dict(rl, init=short.model, seed=seed, checkpoint_every=rl["steps"]),
                        short.run_ids)
         arms = [("SFT", short, short.flops, short.wall_s)]
-        last, flops, wall = grpo, short.flops + grpo.flops, short.wall_s + grpo.wall_s
+        last, budget, wall = grpo, short.flops + grpo.flops, short.wall_s + grpo.wall_s
         if cfg.rl_replay_steps:
             replay_steps = max(1, round(cfg.rl_replay_steps * cfg.scale))
             replay = dict(rl, tasks=[cfg.task(n) for n in [cfg.trained_length, *cfg.rl_lengths]], task_sampling="round_robin",
                           steps=replay_steps, init=grpo.model, seed=seed, checkpoint_every=replay_steps)
-            arms.append((ROUND_1, grpo, flops, wall))
+            arms.append((ROUND_1, grpo, budget, wall))
             last = r.stage(f"{name}/grpo_replay", "rl", replay, grpo.run_ids)
-            flops, wall = flops + last.flops, wall + last.wall_s
-        arms.append(("SFT + GRPO", last, flops, wall))
-        alone, ratio = r.stage_at_flops(f"{name}/sft_alone", "sft", dict(sft, seed=seed), flops, short.flops / steps,
+            budget, wall = budget + last.flops, wall + last.wall_s
+        arms.append(("SFT + GRPO", last, budget, wall))
+        alone, ratio = r.stage_at_flops(f"{name}/sft_alone", "sft", dict(sft, seed=seed), budget, short.flops / steps,
                                         base_ids)
         arms.append(("SFT alone", alone, alone.flops, alone.wall_s))
         for arm, run, flops, wall in arms:
