@@ -270,8 +270,15 @@ def test_beyond_the_data_index_hints_variant_writes_hinted_tasks_to_its_own_dire
         "beyond_the_data_rope_lsb_columns_hints_gaps8"
     assert beyond_the_data.Config(digit_order="lsb", index_hints=True, rl_reward="places").name == \
         "beyond_the_data_rope_lsb_columns_hints_places"
+    padded = beyond_the_data.Config(digit_order="lsb", index_hints=True, pad_places=8, position_gaps=8)
+    assert padded.name == "beyond_the_data_rope_lsb_columns_hints_pad8_gaps8"
+    assert parse_task(padded.task(4)).generate(1)[0].answer.count("0") >= 3  # four digits, eight places
+    with pytest.raises(ValueError, match="must exceed every GRPO and evaluated length"):
+        beyond_the_data.Config(digit_order="lsb", index_hints=True, pad_places=7)
     with pytest.raises(ValueError, match="index_hints true"):
         beyond_the_data.Config(rl_reward="places")
+    with pytest.raises(ValueError, match="index_hints true"):
+        beyond_the_data.Config(pad_places=8)
     with pytest.raises(ValueError, match="digit_order lsb"):
         beyond_the_data.Config(index_hints=True)
     with pytest.raises(ValueError, match="addition's knobs"):

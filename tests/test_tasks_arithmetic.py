@@ -150,8 +150,27 @@ def test_index_hints_tag_every_digit_with_its_place_letter():
     assert task.build_example("4821+3970", (4821, 3970), "train").prompt == e.prompt  # hints depend on the problem only
 
 
+def test_pad_places_write_every_problem_with_the_same_places():
+    from sputnik.tasks import parse_task
+    from sputnik.tasks.arithmetic import hinted, hint_places
+
+    task = parse_task("addition:min_digits=1:max_digits=4:digit_order=lsb:index_hints=true:pad_places=8")
+    plain = parse_task("addition:min_digits=1:max_digits=4:digit_order=lsb:index_hints=true")
+    for e, p in zip(task.generate(30, seed=1), plain.generate(30, seed=1), strict=True):
+        a, b = map(int, e.meta["key"].split("+"))
+        letters = hint_places(e.meta["key"], 8)
+        assert e.meta == p.meta and len(e.solution.split("\n")) == 8  # the same problems, eight lines each
+        assert e.prompt == f"What is ({hinted(a, letters)}) + ({hinted(b, letters).upper()})?"
+        assert e.answer == hinted(a + b, letters) and task.verify(e, format_completion(e)).correct
+    e = task.build_example("12+5", (12, 5), "test")
+    assert e.solution.split("\n")[2:] == [f"{p}: 0+0=0, write={p}0" for p in hint_places("12+5", 8)[2:]]
+    long = parse_task("addition:min_digits=9:max_digits=9:digit_order=lsb:index_hints=true:pad_places=8")
+    assert len(long.generate(1)[0].solution.split("\n")) == 10  # a longer problem keeps its own places
+
+
 @pytest.mark.parametrize("spec, message", [
     ("addition:index_hints=true", "digit_order=lsb"),
+    ("addition:digit_order=lsb:pad_places=8", "index_hints=true"),
     ("subtraction:digit_order=lsb:index_hints=true", "addition only"),
     ("addition:digit_order=lsb:index_hints=true:max_digits=26", "max_digits"),
 ])

@@ -46,6 +46,9 @@ class Config(TrainConfig):
     position_gaps: int = knob(0, "training only: RoPE positions skip a random 0..N after each line end, so that "
                                  "lookups across lines go by content (train/position_gaps.py; our DeepSeek-V3 "
                                  "model; 0 = off)", min=0)
+    prompt_gaps: int = knob(0, "training only: RoPE positions also skip a random 0..N after every digit of the "
+                               "prompt, so that a number's places are found by content, not by their distance "
+                               "from its bracket (train/position_gaps.py; 0 = off)", min=0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,9 +120,13 @@ def run(cfg: Config, parents=(), command: str = "sft") -> dict:
     directory, this run's id). `parents`: the ledger runs that produced init; `command`: the run's
     name in the ledger (distillation trains its student as "distill-sft")."""
     with open_session(cfg, model_cfg=cfg.model, optim=cfg.optim, parallel=cfg.parallel) as s:
-        if cfg.position_gaps and "positions_BT" not in inspect.signature(s.raw.forward).parameters:
-            raise ValueError(f"position_gaps={cfg.position_gaps}: {type(s.raw).__name__} takes no positions "
-                             "(line gaps are implemented for our DeepSeek-V3 model)")
+        gaps = {k: v for k in ("position_gaps", "prompt_gaps") if (v := getattr(cfg, k))}
+        if gaps and "positions_BT" not in inspect.signature(s.raw.forward).parameters:
+            raise ValueError(f"{', '.join(f'{k}={v}' for k, v in gaps.items())}: {type(s.raw).__name__} takes no "
+                             "positions (position gaps are implemented for our DeepSeek-V3 model)")
+        if cfg.prompt_gaps and (s.tokenizer.user_id is None or s.tokenizer.assistant_id is None):
+            raise ValueError(f"prompt_gaps={cfg.prompt_gaps}: the tokenizer has no user/assistant marker tokens "
+                             "to find a prompt by")
         train, held, eval_examples = load_data(cfg, s.tokenizer, s.dist)
         s.restore_loader(train)
         with s.recording(command, parents) as run:

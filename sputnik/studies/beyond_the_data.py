@@ -24,13 +24,15 @@ embeddings (a zero table, trained from the SFT stage on with random offsets); it
 `--digit_order lsb` (every number least significant digit first, so the i-th digit of each operand and
 of the answer share a place) and `--trace none` (the answer's digits are one run, so each answer digit
 knows its place; a column trace's lines do not). A variant writes to its own study directory
-(beyond_the_data_<positions>_<order>_<trace>[_hints][_gaps<N>][_places]), so the arms of different options never mix.
+(beyond_the_data_<positions>_<order>_<trace>[_hints][_pad<N>][_gaps<N>][_promptgaps<N>][_places]), so the arms of different options never mix.
 
 The format option `--index_hints true` (with `--digit_order lsb`) tags every digit with a place letter
 (index hints, Zhou et al., 2023; tasks/arithmetic.py): each trace line can find its digits by letter,
 so no lookup needs to depend on how long the numbers are, and a longer problem only has more lines.
 `--position_gaps N` trains SFT with random RoPE gaps after each line end (train/position_gaps.py), so
-that the lookups the model learns go by those letters rather than by distance. `--rl_reward places`
+that the lookups the model learns go by those letters rather than by distance; `--prompt_gaps N` also
+opens gaps between the prompt's places, so that neither "the k-th place from the bracket" nor "the
+place two tokens on" fits every draw. `--rl_reward places`
 adds the share of answer places right to GRPO's reward (tasks/arithmetic.place_credit): a sample that
 gets one more place of a longer sum right is reinforced before any sample is exactly right.
 
@@ -90,6 +92,11 @@ class Config(R.StudyConfig):
                                     "--digit_order lsb)")
     position_gaps: int = knob(0, "SFT: RoPE positions skip a random 0..N after each line end "
                                  "(train/position_gaps.py; 0 = off)", min=0)
+    pad_places: int = knob(0, "addition with index hints: every number written with at least N places, zeros on "
+                              "top (N > trained_length + 1: every trace has N lines; 0 = off)", min=0, max=26)
+    prompt_gaps: int = knob(0, "SFT: RoPE positions also skip a random 0..N after every digit of the prompt, "
+                               "so places are found by letter, not by distance (train/position_gaps.py; 0 = off)",
+                            min=0)
     rl_reward: str = knob("exact", "GRPO's reward: exact (the verifier: 1 for an exact answer, + the format bonus) or "
                                    "places (that, plus the share of answer places right: index hints only)",
                           choices=("exact", "places"))
@@ -106,6 +113,11 @@ class Config(R.StudyConfig):
             raise ValueError(f"digit_order / trace / index_hints are addition's knobs (family={self.family!r})")
         if self.rl_reward == "places" and not self.index_hints:
             raise ValueError("rl_reward=places scores place letters: add --index_hints true")
+        if self.pad_places and not self.index_hints:
+            raise ValueError("pad_places pads index-hinted numbers: add --index_hints true")
+        if self.pad_places and self.pad_places <= max(self.eval_lengths + self.rl_lengths):
+            raise ValueError(f"pad_places={self.pad_places} must exceed every GRPO and evaluated length "
+                             f"(max {max(self.eval_lengths + self.rl_lengths)}): each problem then has the same places")
         if self.index_hints and self.digit_order != "lsb":
             raise ValueError("index_hints writes digits least significant first: add --digit_order lsb")
         if self.positions == "abacus" and self.abacus_train_offset >= self.abacus_max_index:
@@ -117,16 +129,20 @@ class Config(R.StudyConfig):
             spec += f":digit_order={self.digit_order}:trace={self.trace}"
         if self.index_hints:
             spec += ":index_hints=true"
+        if self.pad_places:
+            spec += f":pad_places={self.pad_places}"
         return spec
 
     @property
     def name(self) -> str:
         """The study directory: the published default, or one per positional option and format."""
-        if (self.positions, self.digit_order, self.trace, self.index_hints, self.position_gaps, self.rl_reward,
-                self.rl_replay_steps) == ("rope", "msb", "columns", False, 0, "exact", 0):
+        if (self.positions, self.digit_order, self.trace, self.index_hints, self.pad_places, self.position_gaps,
+                self.prompt_gaps, self.rl_reward, self.rl_replay_steps) == ("rope", "msb", "columns", False, 0, 0, 0, "exact", 0):
             return "beyond_the_data"
         return (f"beyond_the_data_{self.positions}_{self.digit_order}_{self.trace}" + "_hints" * self.index_hints
-                + (f"_gaps{self.position_gaps}" if self.position_gaps else "") + "_places" * (self.rl_reward == "places")
+                + (f"_pad{self.pad_places}" if self.pad_places else "")
+                + (f"_gaps{self.position_gaps}" if self.position_gaps else "")
+                + (f"_promptgaps{self.prompt_gaps}" if self.prompt_gaps else "") + "_places" * (self.rl_reward == "places")
                 + (f"_replay{self.rl_replay_steps}" if self.rl_replay_steps else ""))
 
     def arms(self) -> tuple[str, ...]:
@@ -140,7 +156,7 @@ def run(cfg: Config) -> dict:
     base = speedrun["sft"]["init"]
     sft = dict(R.own_settings(speedrun["sft"]), init=base, tasks=[cfg.task(n) for n in range(1, cfg.trained_length + 1)],
                num_examples=cfg.sft_examples, max_len=256, max_new_tokens=cfg.max_new_tokens, eval_examples=0, eval_every=0,
-               position_gaps=cfg.position_gaps)
+               position_gaps=cfg.position_gaps, prompt_gaps=cfg.prompt_gaps)
     sft.pop("model", None)
     if cfg.positions == "abacus":  # added to the loaded base (a zero table), then trained by SFT
         sft["model"] = dict(abacus_max_index=cfg.abacus_max_index, abacus_train_offset=cfg.abacus_train_offset)
@@ -189,7 +205,9 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
         f"digits {'least significant first' if cfg.digit_order == 'lsb' else 'as usual'}; "
         f"{'answer only (no trace)' if cfg.trace == 'none' else 'a worked line per column'}"
         f"{'; index hints (a place letter before every digit)' if cfg.index_hints else ''}"
+        f"{f'; every number padded with zeros to {cfg.pad_places} places (every trace {cfg.pad_places} lines)' if cfg.pad_places else ''}"
         f"{f'; SFT with RoPE gaps of 0..{cfg.position_gaps} after each line end' if cfg.position_gaps else ''}"
+        f"{f'; SFT with RoPE gaps of 0..{cfg.prompt_gaps} after every digit of the prompt' if cfg.prompt_gaps else ''}"
         f"{'; GRPO rewards the share of answer places right besides the exact answer' if cfg.rl_reward == 'places' else ''}"
         f"{f'; a second GRPO round of {cfg.rl_replay_steps} steps replays {cfg.trained_length} {FAMILIES[cfg.family][1]} beside the GRPO lengths' if cfg.rl_replay_steps else ''}. ")
     lines = [f"# Study: {cfg.name}", "",
@@ -215,7 +233,7 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     R.plot(r.out / "beyond_the_data.png", [(arm, [by[arm]]) for arm in cfg.arms() if arm in by], f"length_{target}",
            f"held-out accuracy, {target} {unit} (greedy)")
     summary = dict(study=cfg.name, positions=cfg.positions, digit_order=cfg.digit_order, trace=cfg.trace,
-                   index_hints=cfg.index_hints, position_gaps=cfg.position_gaps, rl_reward=cfg.rl_reward,
+                   index_hints=cfg.index_hints, pad_places=cfg.pad_places, position_gaps=cfg.position_gaps, prompt_gaps=cfg.prompt_gaps, rl_reward=cfg.rl_reward,
                    rl_replay_steps=cfg.rl_replay_steps,
                    family=cfg.family, heldout_problems=n,
                    table=table, headline=headline)

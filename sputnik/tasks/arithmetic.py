@@ -199,7 +199,9 @@ class Addition(Task):
     one), each trace line names its place ("c: 8+3+1=12, write=c2 carry 1") and the answer is
     "a8b1c2d5e0", checked exactly. A problem's letters are an ordered random subset of the alphabet,
     drawn from its key: every letter is seen as a place in training, so an (n+1)-digit problem needs
-    no new token, and each lookup is by letter, not by counting positions.
+    no new token, and each lookup is by letter, not by counting positions. pad_places=N writes at least
+    N places (zeros on top): with N above the longest trained length + 1, a trace's line count is N for
+    every trained length, and a longer problem differs only in the digits of its top places.
     """
     name: ClassVar[str] = "addition"
     description: ClassVar[str] = "multi-digit addition, digit by digit with carries"
@@ -209,6 +211,8 @@ class Addition(Task):
                             choices=("msb", "lsb"))
     trace: str = knob("columns", "columns: one line per column; none: the answer alone", choices=("columns", "none"))
     index_hints: bool = knob(False, "tag every digit with a place letter (needs digit_order=lsb; addition only)")
+    pad_places: int = knob(0, "index hints: write every number with at least N places, zeros on top (a problem's "
+                              "places: max(its digits + 1, N); 0 = its digits + 1)", min=0, max=len(HINT_LETTERS))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -222,6 +226,8 @@ class Addition(Task):
             if self.max_digits + 1 > len(HINT_LETTERS):
                 raise ValueError(f"{self.name}: index_hints needs max_digits + 1 <= {len(HINT_LETTERS)} places "
                                  f"(one letter each), got max_digits={self.max_digits}")
+        elif self.pad_places:
+            raise ValueError(f"{self.name}: pad_places={self.pad_places} pads index-hinted numbers: set index_hints=true")
 
     def sample_problem(self, rng):
         a, b = sample_int(rng, self.min_digits, self.max_digits), sample_int(rng, self.min_digits, self.max_digits)
@@ -230,7 +236,7 @@ class Addition(Task):
     def build_example(self, key, problem, split):
         a, b = problem
         if self.index_hints:
-            letters = hint_places(key, len(str(max(a, b))) + 1)
+            letters = hint_places(key, max(len(str(max(a, b))) + 1, self.pad_places))
             prompt = f"What is ({hinted(a, letters)}) + ({hinted(b, letters).upper()})?"
             trace = "" if self.trace == "none" else "\n".join(hinted_addition_trace(a, b, letters))
             return Example(self.name, prompt, hinted(a + b, letters), trace, {"key": key, "split": split})

@@ -1,5 +1,5 @@
-"""Line gaps: an SFT option that makes RoPE distances across lines unreliable, so that lookups go by
-content (a length-generalisation aid; decoding is unchanged).
+"""Position gaps: SFT options that make RoPE distances unreliable, so that lookups go by content (a
+length-generalisation aid; decoding is unchanged).
 
 Shape legend: B batch, T time.
 
@@ -12,10 +12,18 @@ random 0..G after every line end (a token containing a newline, the end of the p
 
 Within a line the positions stay consecutive (a line's own structure reads as before), while the
 distance from a line to the prompt or to an earlier line changes from sequence to sequence: only a
-lookup by content (index hints' place letters, a line's label) fits every draw. Gaps of 0 everywhere
-are what decoding sees, one draw among the trained ones. Each gap is drawn from torch's RNG (a
-checkpointed state: a resumed run draws the same), and the accumulated gap is capped so that no
-position passes the model's table. What it buys on index-hinted additions is measured in
+lookup by content (index hints' place letters, a line's label) fits every draw.
+
+Line gaps leave the prompt itself rigid: a model can still find "the 4th place" as 8 tokens after the
+bracket or "the next place" as the one 2 tokens on, lookups that fit every trained length and fail
+past it (an index-hinted model trained on 4 digits writes the places of 6 as four from the start and
+two from the end). `prompt_gaps G` also opens a gap of 0..G after every token ending in a digit inside
+the prompt, between one place and the next: a place's distance from the bracket, the end or the
+previous place then changes from draw to draw, and only its letter finds it.
+
+Gaps of 0 everywhere are what decoding sees, one draw among the trained ones. Each gap is drawn from
+torch's RNG (a checkpointed state: a resumed run draws the same), and the accumulated gap is capped so
+that no position passes the model's table. What they buy on index-hinted additions is measured in
 docs/benchmarks.md (beyond_the_data with index hints).
 """
 from __future__ import annotations
@@ -37,12 +45,33 @@ def line_end_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def gapped_positions(ids_BT: torch.Tensor, line_ends: torch.Tensor, max_gap: int, num_positions: int) -> torch.Tensor:
-    """positions [B, T] (int64): t plus the gaps opened after the line ends before t. A gap g ~ U{0..max_gap}
-    follows each line end; the running total is capped at num_positions − T (the table's last row)."""
-    B, T = ids_BT.shape
+@functools.lru_cache(maxsize=4)
+def digit_end_ids(tokenizer) -> tuple[int, ...]:
+    """The tokens after which a prompt gap may open: every vocabulary entry whose text ends in a digit."""
+    return tuple(i for i in range(tokenizer.vocab_size) if tokenizer.decode([i])[-1:].isdigit())
+
+
+def line_gaps(ids_BT: torch.Tensor, line_ends: torch.Tensor, max_gap: int) -> torch.Tensor:
+    """gap_BT (int64): a gap g ~ U{0..max_gap} after each line end, 0 elsewhere."""
+    return torch.randint(0, max_gap + 1, ids_BT.shape, device=ids_BT.device) * torch.isin(ids_BT, line_ends)
+
+
+def prompt_digit_gaps(ids_BT: torch.Tensor, digit_ends: torch.Tensor, user_id: int, assistant_id: int,
+                      max_gap: int) -> torch.Tensor:
+    """gap_BT (int64): a gap g ~ U{0..max_gap} after each token ending in a digit inside a prompt (after a
+    user marker, before its assistant marker), 0 elsewhere: a number's k-th digit then sits at no fixed
+    distance from its bracket, nor from the numbers' end."""
+    in_prompt_BT = torch.cumsum((ids_BT == user_id).long() - (ids_BT == assistant_id).long(), 1) > 0
+    opens_BT = torch.isin(ids_BT, digit_ends) & in_prompt_BT
+    return torch.randint(0, max_gap + 1, ids_BT.shape, device=ids_BT.device) * opens_BT
+
+
+def gapped_positions(gap_BT: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """positions [B, T] (int64): t plus the gaps opened before t (a gap moves the tokens after its
+    opening token, not the token itself); the running total is capped at num_positions − T (the
+    table's last row)."""
+    B, T = gap_BT.shape
     if T > num_positions:
         raise ValueError(f"sequence length {T} > max_position_embeddings={num_positions}")
-    gap_BT = torch.randint(0, max_gap + 1, (B, T), device=ids_BT.device) * torch.isin(ids_BT, line_ends)
-    shift_BT = torch.cumsum(gap_BT, 1) - gap_BT  # a gap moves the tokens after its line end, not the end itself
-    return torch.arange(T, device=ids_BT.device) + shift_BT.clamp(max=num_positions - T)
+    shift_BT = torch.cumsum(gap_BT, 1) - gap_BT
+    return torch.arange(T, device=gap_BT.device) + shift_BT.clamp(max=num_positions - T)
