@@ -10,7 +10,8 @@ import torch
 from sputnik.model import build_model
 from sputnik.model.config import tiny
 from sputnik.stages import sft
-from sputnik.train.position_gaps import digit_end_ids, gapped_positions, line_end_ids, line_gaps, prompt_digit_gaps
+from sputnik.train.position_gaps import (digit_end_ids, gapped_positions, gapped_rows, line_end_ids, line_gaps,
+                                         prompt_digit_gaps)
 
 from test_stages import assert_same_tensors, ckpt_tensors, pretrained, sft_cfg, ws  # noqa: F401
 
@@ -45,6 +46,18 @@ def test_prompt_gaps_open_after_prompt_digits_only():
     assert gap[:, opens].min() == 0 and gap[:, opens].max() == 3
     pos = gapped_positions(gap, 64)
     assert (pos[:, 3] - pos[:, 2] - 1 == gap[:, 2]).all() and (pos[:, 5] - pos[:, 4] - 1 == gap[:, 4]).all()
+
+
+def test_gapped_rows_keep_a_share_of_the_rows_consecutive():
+    torch.manual_seed(0)
+    gap = line_gaps(torch.tensor([[5, 3, 6, 9, 8, 3, 4]] * 400), ENDS, 4) + 1  # every position gapped, for the count
+    state = torch.get_rng_state()
+    assert gapped_rows(gap, 1.0) is gap and torch.equal(torch.get_rng_state(), state)  # no draw: old runs unchanged
+    assert not gapped_rows(gap, 0.0).any()
+    half = gapped_rows(gap, 0.5)
+    kept = half.any(1)
+    assert torch.equal(half[kept], gap[kept]) and not half[~kept].any()  # whole rows, kept or zeroed
+    assert 150 < int(kept.sum()) < 250
 
 
 def test_line_ends_of_a_tokenizer(ws):  # noqa: F811
@@ -82,7 +95,7 @@ def test_model_with_given_positions():
 
 def test_sft_with_line_and_prompt_gaps_trains_resumes_bit_for_bit_and_differs(pretrained, tmp_path):  # noqa: F811
     out = pretrained[0]
-    kw = dict(eval_every=0, keep_last=5, position_gaps=6, prompt_gaps=3)
+    kw = dict(eval_every=0, keep_last=5, position_gaps=6, prompt_gaps=3, gapped_rows=0.5)
     full = sft.run(sft_cfg(tmp_path / "full", out / "model", **kw))
     part = tmp_path / "part"
     part.mkdir()

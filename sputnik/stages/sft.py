@@ -49,6 +49,8 @@ class Config(TrainConfig):
     prompt_gaps: int = knob(0, "training only: RoPE positions also skip a random 0..N after every digit of the "
                                "prompt, so that a number's places are found by content, not by their distance "
                                "from its bracket (train/position_gaps.py; 0 = off)", min=0)
+    gapped_rows: float = knob(1.0, "training only: the share of rows that get position/prompt gaps (the others keep "
+                                   "decoding's consecutive positions)", min=0.0, max=1.0)
 
     def __post_init__(self):
         super().__post_init__()

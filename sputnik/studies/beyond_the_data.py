@@ -24,7 +24,7 @@ embeddings (a zero table, trained from the SFT stage on with random offsets); it
 `--digit_order lsb` (every number least significant digit first, so the i-th digit of each operand and
 of the answer share a place) and `--trace none` (the answer's digits are one run, so each answer digit
 knows its place; a column trace's lines do not). A variant writes to its own study directory
-(beyond_the_data_<positions>_<order>_<trace>[_hints][_pad<N>][_gaps<N>][_promptgaps<N>][_places]), so the arms of different options never mix.
+(beyond_the_data_<positions>_<order>_<trace>[_hints][_pad<N>][_gaps<N>][_promptgaps<N>][_rows<P>][_places]), so the arms of different options never mix.
 
 The format option `--index_hints true` (with `--digit_order lsb`) tags every digit with a place letter
 (index hints, Zhou et al., 2023; tasks/arithmetic.py): each trace line can find its digits by letter,
@@ -97,6 +97,8 @@ class Config(R.StudyConfig):
     prompt_gaps: int = knob(0, "SFT: RoPE positions also skip a random 0..N after every digit of the prompt, "
                                "so places are found by letter, not by distance (train/position_gaps.py; 0 = off)",
                             min=0)
+    gapped_rows: float = knob(1.0, "SFT: the share of rows with position/prompt gaps (the rest keep decoding's "
+                                   "consecutive positions)", min=0.0, max=1.0)
     rl_reward: str = knob("exact", "GRPO's reward: exact (the verifier: 1 for an exact answer, + the format bonus) or "
                                    "places (that, plus the share of answer places right: index hints only)",
                           choices=("exact", "places"))
@@ -137,12 +139,14 @@ class Config(R.StudyConfig):
     def name(self) -> str:
         """The study directory: the published default, or one per positional option and format."""
         if (self.positions, self.digit_order, self.trace, self.index_hints, self.pad_places, self.position_gaps,
-                self.prompt_gaps, self.rl_reward, self.rl_replay_steps) == ("rope", "msb", "columns", False, 0, 0, 0, "exact", 0):
+                self.prompt_gaps, self.gapped_rows, self.rl_reward, self.rl_replay_steps) == \
+                ("rope", "msb", "columns", False, 0, 0, 0, 1.0, "exact", 0):
             return "beyond_the_data"
         return (f"beyond_the_data_{self.positions}_{self.digit_order}_{self.trace}" + "_hints" * self.index_hints
                 + (f"_pad{self.pad_places}" if self.pad_places else "")
                 + (f"_gaps{self.position_gaps}" if self.position_gaps else "")
-                + (f"_promptgaps{self.prompt_gaps}" if self.prompt_gaps else "") + "_places" * (self.rl_reward == "places")
+                + (f"_promptgaps{self.prompt_gaps}" if self.prompt_gaps else "")
+                + (f"_rows{self.gapped_rows:g}" if self.gapped_rows < 1 else "") + "_places" * (self.rl_reward == "places")
                 + (f"_replay{self.rl_replay_steps}" if self.rl_replay_steps else ""))
 
     def arms(self) -> tuple[str, ...]:
@@ -156,7 +160,7 @@ def run(cfg: Config) -> dict:
     base = speedrun["sft"]["init"]
     sft = dict(R.own_settings(speedrun["sft"]), init=base, tasks=[cfg.task(n) for n in range(1, cfg.trained_length + 1)],
                num_examples=cfg.sft_examples, max_len=256, max_new_tokens=cfg.max_new_tokens, eval_examples=0, eval_every=0,
-               position_gaps=cfg.position_gaps, prompt_gaps=cfg.prompt_gaps)
+               position_gaps=cfg.position_gaps, prompt_gaps=cfg.prompt_gaps, gapped_rows=cfg.gapped_rows)
     sft.pop("model", None)
     if cfg.positions == "abacus":  # added to the loaded base (a zero table), then trained by SFT
         sft["model"] = dict(abacus_max_index=cfg.abacus_max_index, abacus_train_offset=cfg.abacus_train_offset)
@@ -208,6 +212,7 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
         f"{f'; every number padded with zeros to {cfg.pad_places} places (every trace {cfg.pad_places} lines)' if cfg.pad_places else ''}"
         f"{f'; SFT with RoPE gaps of 0..{cfg.position_gaps} after each line end' if cfg.position_gaps else ''}"
         f"{f'; SFT with RoPE gaps of 0..{cfg.prompt_gaps} after every digit of the prompt' if cfg.prompt_gaps else ''}"
+        f"{f' (gaps in a share {cfg.gapped_rows:g} of the rows)' if cfg.gapped_rows < 1 else ''}"
         f"{'; GRPO rewards the share of answer places right besides the exact answer' if cfg.rl_reward == 'places' else ''}"
         f"{f'; a second GRPO round of {cfg.rl_replay_steps} steps replays {cfg.trained_length} {FAMILIES[cfg.family][1]} beside the GRPO lengths' if cfg.rl_replay_steps else ''}. ")
     lines = [f"# Study: {cfg.name}", "",
@@ -233,7 +238,7 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     R.plot(r.out / "beyond_the_data.png", [(arm, [by[arm]]) for arm in cfg.arms() if arm in by], f"length_{target}",
            f"held-out accuracy, {target} {unit} (greedy)")
     summary = dict(study=cfg.name, positions=cfg.positions, digit_order=cfg.digit_order, trace=cfg.trace,
-                   index_hints=cfg.index_hints, pad_places=cfg.pad_places, position_gaps=cfg.position_gaps, prompt_gaps=cfg.prompt_gaps, rl_reward=cfg.rl_reward,
+                   index_hints=cfg.index_hints, pad_places=cfg.pad_places, position_gaps=cfg.position_gaps, prompt_gaps=cfg.prompt_gaps, gapped_rows=cfg.gapped_rows, rl_reward=cfg.rl_reward,
                    rl_replay_steps=cfg.rl_replay_steps,
                    family=cfg.family, heldout_problems=n,
                    table=table, headline=headline)

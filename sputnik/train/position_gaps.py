@@ -21,7 +21,11 @@ two from the end). `prompt_gaps G` also opens a gap of 0..G after every token en
 the prompt, between one place and the next: a place's distance from the bracket, the end or the
 previous place then changes from draw to draw, and only its letter finds it.
 
-Gaps of 0 everywhere are what decoding sees, one draw among the trained ones. Each gap is drawn from
+Gaps of 0 everywhere are what decoding sees, one draw among the trained ones, and a rare one once a
+sequence has many openings: at 8 places of up to 8 each, the all-zero draw has odds (1/9)^8, and a model
+that reads every gapped sequence right may still misread the consecutive one (measured in
+docs/benchmarks.md). `gapped_rows P` gaps only a share P of the rows, so that consecutive positions
+stay a trained case. Each gap is drawn from
 torch's RNG (a checkpointed state: a resumed run draws the same), and the accumulated gap is capped so
 that no position passes the model's table. What they buy on index-hinted additions is measured in
 docs/benchmarks.md (beyond_the_data with index hints).
@@ -29,8 +33,21 @@ docs/benchmarks.md (beyond_the_data with index hints).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Gaps:
+    """What SFT's position gaps open: up to `lines` after each line end, up to `prompt` after each digit of
+    a prompt, in a share `rows` of the batch's rows (the others keep decoding's consecutive positions)."""
+    lines: int = 0
+    prompt: int = 0
+    rows: float = 1.0
+
+    def __bool__(self) -> bool:
+        return bool(self.lines or self.prompt)
 
 
 @functools.lru_cache(maxsize=4)  # once per tokenizer: a large vocabulary takes a while to scan
@@ -64,6 +81,13 @@ def prompt_digit_gaps(ids_BT: torch.Tensor, digit_ends: torch.Tensor, user_id: i
     in_prompt_BT = torch.cumsum((ids_BT == user_id).long() - (ids_BT == assistant_id).long(), 1) > 0
     opens_BT = torch.isin(ids_BT, digit_ends) & in_prompt_BT
     return torch.randint(0, max_gap + 1, ids_BT.shape, device=ids_BT.device) * opens_BT
+
+
+def gapped_rows(gap_BT: torch.Tensor, share: float) -> torch.Tensor:
+    """gap_BT with each row's gaps kept with probability `share`, zeroed otherwise (no draw at share 1)."""
+    if share >= 1.0:
+        return gap_BT
+    return gap_BT * (torch.rand(gap_BT.shape[0], 1, device=gap_BT.device) < share)
 
 
 def gapped_positions(gap_BT: torch.Tensor, num_positions: int) -> torch.Tensor:

@@ -13,21 +13,20 @@ from sputnik.model.documents import document_ids
 from sputnik.train.balance import ExpertLoad
 from sputnik.train.loading import flops_per_token
 from sputnik.train.optim import clip_grad_norm, guarded_step, lr_multiplier, set_lr
-from sputnik.train.position_gaps import digit_end_ids, gapped_positions, line_end_ids, line_gaps, prompt_digit_gaps
+from sputnik.train.position_gaps import (Gaps, digit_end_ids, gapped_positions, gapped_rows, line_end_ids, line_gaps,
+                                         prompt_digit_gaps)
 
 
 def forward_backward(s, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], load: ExpertLoad,
-                     poison: bool = False, document_mask: bool = False, position_gaps: int = 0,
-                     prompt_gaps: int = 0) -> dict[str, float]:
+                     poison: bool = False, document_mask: bool = False, gaps: Gaps = Gaps()) -> dict[str, float]:
     """Backward of the token-mean loss over the global batch (all micro-batches, all ranks).
     Micro-batch i is weighted n_i / N (n_i its non-ignored targets, N their global sum), times
     world_size because DDP/FSDP average gradients over ranks. Right padding (after each row's last
     real token, data.right_padding_mask) is not expert load, nor computed on a CPU. Returns global
     token-weighted means of loss, ce, mtp, aux, the global scored-token count (loss_tokens) and
     real-token count (real_tokens); `load` gets each micro-batch's expert load. document_mask:
-    attention stays within each document of a packed window (model/documents.py). position_gaps:
-    RoPE positions skip a random 0..G after each line end; prompt_gaps: also after each digit of a
-    prompt (train/position_gaps.py)."""
+    attention stays within each document of a packed window (model/documents.py). gaps: RoPE positions
+    skip random gaps after line ends and a prompt's digits (train/position_gaps.py)."""
     n_local = [int((y != -100).sum()) for _, y in micro_batches]
     (n_global,) = dist_lib.all_reduce_sum([sum(n_local)], s.dist, s.device)
     sums = torch.zeros(5, dtype=torch.float64)
@@ -38,7 +37,7 @@ def forward_backward(s, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], 
         valid_BT = right_padding_mask(x_BT, pad_id, y_BT) if pad_id is not None else None
         real = x_BT.numel() if valid_BT is None else valid_BT.sum()
         with dist_lib.maybe_no_sync(s.model, i == len(micro_batches) - 1), s.amp():
-            out = s.model(x_BT, y_BT, valid_BT, **documents(s, x_BT, document_mask), **gapped(s, x_BT, position_gaps, prompt_gaps))
+            out = s.model(x_BT, y_BT, valid_BT, **documents(s, x_BT, document_mask), **gapped(s, x_BT, gaps))
         load.add(out.expert_load)
         loss = out.loss * (weight * s.dist.world_size)
         if poison:
@@ -56,18 +55,18 @@ def documents(s, x_BT: torch.Tensor, document_mask: bool) -> dict:
     return {"documents_BT": document_ids(x_BT, s.tokenizer.eot_id)} if document_mask else {}
 
 
-def gapped(s, x_BT: torch.Tensor, position_gaps: int, prompt_gaps: int = 0) -> dict:
-    """The model's positions_BT keyword with line gaps and prompt gaps (empty without either)."""
-    if not (position_gaps or prompt_gaps):
+def gapped(s, x_BT: torch.Tensor, gaps: Gaps) -> dict:
+    """The model's positions_BT keyword with line and prompt gaps (empty without either)."""
+    if not gaps:
         return {}
     gap_BT = torch.zeros_like(x_BT)
-    if position_gaps:  # drawn first: a run without prompt gaps draws what it always drew
-        gap_BT += line_gaps(x_BT, torch.tensor(line_end_ids(s.tokenizer), device=x_BT.device), position_gaps)
-    if prompt_gaps:
+    if gaps.lines:  # drawn first: a run without prompt gaps draws what it always drew
+        gap_BT += line_gaps(x_BT, torch.tensor(line_end_ids(s.tokenizer), device=x_BT.device), gaps.lines)
+    if gaps.prompt:
         tok = s.tokenizer
         digits = torch.tensor(digit_end_ids(tok), device=x_BT.device)
-        gap_BT += prompt_digit_gaps(x_BT, digits, tok.user_id, tok.assistant_id, prompt_gaps)
-    return {"positions_BT": gapped_positions(gap_BT, s.raw.config.max_position_embeddings)}
+        gap_BT += prompt_digit_gaps(x_BT, digits, tok.user_id, tok.assistant_id, gaps.prompt)
+    return {"positions_BT": gapped_positions(gapped_rows(gap_BT, gaps.rows), s.raw.config.max_position_embeddings)}
 
 
 def train_step(s, cfg, step: int, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -78,7 +77,8 @@ def train_step(s, cfg, step: int, micro_batches: list[tuple[torch.Tensor, torch.
     load = ExpertLoad()
     m = forward_backward(s, micro_batches, load, poison=step in cfg.poison_steps,
                          document_mask=getattr(cfg, "document_mask", False),
-                         position_gaps=getattr(cfg, "position_gaps", 0), prompt_gaps=getattr(cfg, "prompt_gaps", 0))
+                         gaps=Gaps(getattr(cfg, "position_gaps", 0), getattr(cfg, "prompt_gaps", 0),
+                                   getattr(cfg, "gapped_rows", 1.0)))
     grad_norm = clip_grad_norm(s.model, cfg.optim.grad_clip)
     balance = load.max_over_mean()  # this rank's counts, before apply() sums and consumes them
     stepped = guarded_step(s.optimizer, m["loss"], grad_norm)
