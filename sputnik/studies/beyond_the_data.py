@@ -24,7 +24,8 @@ embeddings (a zero table, trained from the SFT stage on with random offsets); it
 `--digit_order lsb` (every number least significant digit first, so the i-th digit of each operand and
 of the answer share a place) and `--trace none` (the answer's digits are one run, so each answer digit
 knows its place; a column trace's lines do not). A variant writes to its own study directory
-(beyond_the_data_<positions>_<order>_<trace>[_hints][_pad<N>][_gaps<N>][_promptgaps<N>][_rows<P>][_places]), so the arms of different options never mix.
+(beyond_the_data_<positions>_<order>_<trace>[_hints][_pad<N>][_gaps<N>][_promptgaps<N>][_rows<P>][_places]
+[_replay<N>]), so the arms of different options never mix.
 
 The format option `--index_hints true` (with `--digit_order lsb`) tags every digit with a place letter
 (index hints, Zhou et al., 2023; tasks/arithmetic.py): each trace line can find its digits by letter,
@@ -32,9 +33,11 @@ so no lookup needs to depend on how long the numbers are, and a longer problem o
 `--position_gaps N` trains SFT with random RoPE gaps after each line end (train/position_gaps.py), so
 that the lookups the model learns go by those letters rather than by distance; `--prompt_gaps N` also
 opens gaps between the prompt's places, so that neither "the k-th place from the bracket" nor "the
-place two tokens on" fits every draw. `--rl_reward places`
-adds the share of answer places right to GRPO's reward (tasks/arithmetic.place_credit): a sample that
-gets one more place of a longer sum right is reinforced before any sample is exactly right.
+place two tokens on" fits every draw, and `--gapped_rows P` gaps only a share of the rows (decoding's
+consecutive positions stay a trained case). `--pad_places N` writes every number with N places, zeros on
+top, so every trace has N lines. What these buy (so far, not a 6-digit sum) is in docs/benchmarks.md.
+`--rl_reward places` adds the share of answer places right to GRPO's reward (tasks/arithmetic.place_credit):
+a sample that gets one more place of a longer sum right is reinforced before any sample is exactly right.
 
 `--rl_replay_steps N` adds a second GRPO round (self-improvement in two rounds): the first round's prompts
 are all longer than the traces, so it may learn the longer sum by moving its line count up by one and
@@ -146,7 +149,8 @@ class Config(R.StudyConfig):
                 + (f"_pad{self.pad_places}" if self.pad_places else "")
                 + (f"_gaps{self.position_gaps}" if self.position_gaps else "")
                 + (f"_promptgaps{self.prompt_gaps}" if self.prompt_gaps else "")
-                + (f"_rows{self.gapped_rows:g}" if self.gapped_rows < 1 else "") + "_places" * (self.rl_reward == "places")
+                + (f"_rows{self.gapped_rows:g}" if self.gapped_rows < 1 else "")
+                + "_places" * (self.rl_reward == "places")
                 + (f"_replay{self.rl_replay_steps}" if self.rl_replay_steps else ""))
 
     def arms(self) -> tuple[str, ...]:
@@ -209,7 +213,7 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
         f"digits {'least significant first' if cfg.digit_order == 'lsb' else 'as usual'}; "
         f"{'answer only (no trace)' if cfg.trace == 'none' else 'a worked line per column'}"
         f"{'; index hints (a place letter before every digit)' if cfg.index_hints else ''}"
-        f"{f'; every number padded with zeros to {cfg.pad_places} places (every trace {cfg.pad_places} lines)' if cfg.pad_places else ''}"
+        f"{f'; every number padded with zeros to {cfg.pad_places} places' if cfg.pad_places else ''}"
         f"{f'; SFT with RoPE gaps of 0..{cfg.position_gaps} after each line end' if cfg.position_gaps else ''}"
         f"{f'; SFT with RoPE gaps of 0..{cfg.prompt_gaps} after every digit of the prompt' if cfg.prompt_gaps else ''}"
         f"{f' (gaps in a share {cfg.gapped_rows:g} of the rows)' if cfg.gapped_rows < 1 else ''}"
@@ -238,9 +242,9 @@ def summarize(cfg: Config, r: R.Runner) -> dict:
     R.plot(r.out / "beyond_the_data.png", [(arm, [by[arm]]) for arm in cfg.arms() if arm in by], f"length_{target}",
            f"held-out accuracy, {target} {unit} (greedy)")
     summary = dict(study=cfg.name, positions=cfg.positions, digit_order=cfg.digit_order, trace=cfg.trace,
-                   index_hints=cfg.index_hints, pad_places=cfg.pad_places, position_gaps=cfg.position_gaps, prompt_gaps=cfg.prompt_gaps, gapped_rows=cfg.gapped_rows, rl_reward=cfg.rl_reward,
-                   rl_replay_steps=cfg.rl_replay_steps,
-                   family=cfg.family, heldout_problems=n,
+                   index_hints=cfg.index_hints, pad_places=cfg.pad_places, position_gaps=cfg.position_gaps,
+                   prompt_gaps=cfg.prompt_gaps, gapped_rows=cfg.gapped_rows, rl_reward=cfg.rl_reward,
+                   rl_replay_steps=cfg.rl_replay_steps, family=cfg.family, heldout_problems=n,
                    table=table, headline=headline)
     path = R.write(r, summary, "\n".join(lines) + "\n")
     print0("\n".join(lines))

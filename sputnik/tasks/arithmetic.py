@@ -227,7 +227,8 @@ class Addition(Task):
                 raise ValueError(f"{self.name}: index_hints needs max_digits + 1 <= {len(HINT_LETTERS)} places "
                                  f"(one letter each), got max_digits={self.max_digits}")
         elif self.pad_places:
-            raise ValueError(f"{self.name}: pad_places={self.pad_places} pads index-hinted numbers: set index_hints=true")
+            raise ValueError(f"{self.name}: pad_places={self.pad_places} pads index-hinted numbers: "
+                             "set index_hints=true")
 
     def sample_problem(self, rng):
         a, b = sample_int(rng, self.min_digits, self.max_digits), sample_int(rng, self.min_digits, self.max_digits)
