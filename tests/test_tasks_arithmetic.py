@@ -1,4 +1,6 @@
 """Addition, subtraction, multiplication: exact traces, every target completion verifies."""
+import re
+
 import pytest
 
 from sputnik.tasks import format_completion, get_task
@@ -168,8 +170,27 @@ def test_pad_places_write_every_problem_with_the_same_places():
     assert len(long.generate(1)[0].solution.split("\n")) == 10  # a longer problem keeps its own places
 
 
+def test_shuffled_places_keep_each_digit_with_its_letter_and_the_trace_in_place_order():
+    from sputnik.tasks import parse_task
+
+    spec = "addition:min_digits=3:max_digits=4:digit_order=lsb:index_hints=true"
+    shuffled, plain = parse_task(spec + ":shuffle_places=true"), parse_task(spec)
+    moved = 0
+    for e, p in zip(shuffled.generate(40, seed=2), plain.generate(40, seed=2), strict=True):
+        assert (e.meta, e.answer, e.solution) == (p.meta, p.answer, p.solution)  # only the prompt changes
+        for got, want in zip(re.findall(r"\((\w+)\)", e.prompt), re.findall(r"\((\w+)\)", p.prompt), strict=True):
+            pairs = [got[i:i + 2] for i in range(0, len(got), 2)]
+            assert sorted(pairs) == sorted(want[i:i + 2] for i in range(0, len(want), 2))  # the same places
+            moved += pairs != sorted(pairs, key=str.lower)
+        assert shuffled.verify(e, format_completion(e)).correct
+    assert moved > 60  # of 80 numbers: most are out of place order
+    e = shuffled.build_example("123+45", (123, 45), "test")
+    assert e.prompt == shuffled.build_example("123+45", (123, 45), "train").prompt  # drawn from the problem
+
+
 @pytest.mark.parametrize("spec, message", [
     ("addition:index_hints=true", "digit_order=lsb"),
+    ("addition:digit_order=lsb:shuffle_places=true", "index_hints=true"),
     ("addition:digit_order=lsb:pad_places=8", "index_hints=true"),
     ("subtraction:digit_order=lsb:index_hints=true", "addition only"),
     ("addition:digit_order=lsb:index_hints=true:max_digits=26", "max_digits"),

@@ -168,6 +168,10 @@ def hinted(n: int, letters: str) -> str:
     return "".join(p + d for p, d in zip(letters, digits))
 
 
+def _pairs(text: str) -> list[str]:
+    return [text[i:i + 2] for i in range(0, len(text), 2)]
+
+
 def hinted_addition_trace(a: int, b: int, letters: str) -> list[str]:
     """One line per place, named by its letter, the written digit tagged with it again:
     "c: 8+3+1=12, write=c2 carry 1". Every digit a line needs is found by its letter (the digit
@@ -211,6 +215,8 @@ class Addition(Task):
                             choices=("msb", "lsb"))
     trace: str = knob("columns", "columns: one line per column; none: the answer alone", choices=("columns", "none"))
     index_hints: bool = knob(False, "tag every digit with a place letter (needs digit_order=lsb; addition only)")
+    shuffle_places: bool = knob(False, "index hints: the prompt lists each number's places in a random order (the "
+                                       "trace and answer keep place order): a digit is found by its letter only")
     pad_places: int = knob(0, "index hints: write every number with at least N places, zeros on top (a problem's "
                               "places: max(its digits + 1, N); 0 = its digits + 1)", min=0, max=len(HINT_LETTERS))
 
@@ -226,9 +232,8 @@ class Addition(Task):
             if self.max_digits + 1 > len(HINT_LETTERS):
                 raise ValueError(f"{self.name}: index_hints needs max_digits + 1 <= {len(HINT_LETTERS)} places "
                                  f"(one letter each), got max_digits={self.max_digits}")
-        elif self.pad_places:
-            raise ValueError(f"{self.name}: pad_places={self.pad_places} pads index-hinted numbers: "
-                             "set index_hints=true")
+        elif self.pad_places or self.shuffle_places:
+            raise ValueError(f"{self.name}: pad_places / shuffle_places write index-hinted numbers: set index_hints=true")
 
     def sample_problem(self, rng):
         a, b = sample_int(rng, self.min_digits, self.max_digits), sample_int(rng, self.min_digits, self.max_digits)
@@ -238,7 +243,11 @@ class Addition(Task):
         a, b = problem
         if self.index_hints:
             letters = hint_places(key, max(len(str(max(a, b))) + 1, self.pad_places))
-            prompt = f"What is ({hinted(a, letters)}) + ({hinted(b, letters).upper()})?"
+            a_text, b_text = hinted(a, letters), hinted(b, letters).upper()
+            if self.shuffle_places:  # each number's (letter, digit) pairs in an order drawn from the problem
+                order = random.Random(f"shuffle|{key}")
+                a_text, b_text = ("".join(order.sample(_pairs(t), len(letters))) for t in (a_text, b_text))
+            prompt = f"What is ({a_text}) + ({b_text})?"
             trace = "" if self.trace == "none" else "\n".join(hinted_addition_trace(a, b, letters))
             return Example(self.name, prompt, hinted(a + b, letters), trace, {"key": key, "split": split})
         return self._example(key, split, a, "+", b, a + b, addition_trace(a, b))
