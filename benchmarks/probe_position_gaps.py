@@ -20,23 +20,15 @@ import torch
 
 from sputnik.tasks import format_completion, parse_task
 from sputnik.train.loading import load_model, load_tokenizer
-from sputnik.train.position_gaps import digit_end_ids, gapped_positions, line_end_ids, line_gaps, prompt_digit_gaps
+from sputnik.train.position_gaps import Gaps, draw_positions
 
 
-def teacher_forced(model, tok, examples, position_gaps: int, prompt_gaps: int) -> dict:
-    ends, digits = torch.tensor(line_end_ids(tok)), torch.tensor(digit_end_ids(tok))
+def teacher_forced(model, tok, examples, gaps: Gaps) -> dict:
     sequences = tokens = tokens_right = 0
     for ex in examples:
         ids, mask = tok.render_chat(ex.prompt, format_completion(ex))
         x_BT = torch.tensor([ids])
-        kw = {}
-        if position_gaps or prompt_gaps:
-            gap_BT = torch.zeros_like(x_BT)
-            if position_gaps:
-                gap_BT += line_gaps(x_BT, ends, position_gaps)
-            if prompt_gaps:
-                gap_BT += prompt_digit_gaps(x_BT, digits, tok.user_id, tok.assistant_id, prompt_gaps)
-            kw["positions_BT"] = gapped_positions(gap_BT, model.config.max_position_embeddings)
+        kw = {"positions_BT": draw_positions(x_BT, tok, gaps, model.config.max_position_embeddings)} if gaps else {}
         with torch.no_grad():
             predicted = model(x_BT, **kw).logits[0, :-1].argmax(-1)
         scored = torch.tensor(mask[1:], dtype=torch.bool)
@@ -64,8 +56,8 @@ def main() -> None:
     model, tok = load_model(args.model).eval(), load_tokenizer(args.tokenizer)
     examples = parse_task(args.task).generate(args.problems, split="test", seed=args.seed)
     result = {"task": args.task, "problems": len(examples),
-              "consecutive": teacher_forced(model, tok, examples, 0, 0),
-              "gapped": teacher_forced(model, tok, examples, args.position_gaps, args.prompt_gaps)}
+              "consecutive": teacher_forced(model, tok, examples, Gaps()),
+              "gapped": teacher_forced(model, tok, examples, Gaps(args.position_gaps, args.prompt_gaps))}
     print(json.dumps(result))
 
 

@@ -94,8 +94,20 @@ def gapped_positions(gap_BT: torch.Tensor, num_positions: int) -> torch.Tensor:
     """positions [B, T] (int64): t plus the gaps opened before t (a gap moves the tokens after its
     opening token, not the token itself); the running total is capped at num_positions − T (the
     table's last row)."""
-    B, T = gap_BT.shape
+    T = gap_BT.shape[1]
     if T > num_positions:
         raise ValueError(f"sequence length {T} > max_position_embeddings={num_positions}")
     shift_BT = torch.cumsum(gap_BT, 1) - gap_BT
     return torch.arange(T, device=gap_BT.device) + shift_BT.clamp(max=num_positions - T)
+
+
+def draw_positions(ids_BT: torch.Tensor, tokenizer, gaps: Gaps, num_positions: int) -> torch.Tensor:
+    """positions [B, T] for a batch under `gaps`: line gaps drawn first (a run without prompt gaps draws
+    what it always drew), then prompt gaps, then the rows that keep them."""
+    gap_BT = torch.zeros_like(ids_BT)
+    if gaps.lines:
+        gap_BT += line_gaps(ids_BT, torch.tensor(line_end_ids(tokenizer), device=ids_BT.device), gaps.lines)
+    if gaps.prompt:
+        digits = torch.tensor(digit_end_ids(tokenizer), device=ids_BT.device)
+        gap_BT += prompt_digit_gaps(ids_BT, digits, tokenizer.user_id, tokenizer.assistant_id, gaps.prompt)
+    return gapped_positions(gapped_rows(gap_BT, gaps.rows), num_positions)

@@ -13,8 +13,7 @@ from sputnik.model.documents import document_ids
 from sputnik.train.balance import ExpertLoad
 from sputnik.train.loading import flops_per_token
 from sputnik.train.optim import clip_grad_norm, guarded_step, lr_multiplier, set_lr
-from sputnik.train.position_gaps import (Gaps, digit_end_ids, gapped_positions, gapped_rows, line_end_ids, line_gaps,
-                                         prompt_digit_gaps)
+from sputnik.train.position_gaps import Gaps, draw_positions
 
 
 def forward_backward(s, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], load: ExpertLoad,
@@ -59,14 +58,7 @@ def gapped(s, x_BT: torch.Tensor, gaps: Gaps) -> dict:
     """The model's positions_BT keyword with line and prompt gaps (empty without either)."""
     if not gaps:
         return {}
-    gap_BT = torch.zeros_like(x_BT)
-    if gaps.lines:  # drawn first: a run without prompt gaps draws what it always drew
-        gap_BT += line_gaps(x_BT, torch.tensor(line_end_ids(s.tokenizer), device=x_BT.device), gaps.lines)
-    if gaps.prompt:
-        tok = s.tokenizer
-        digits = torch.tensor(digit_end_ids(tok), device=x_BT.device)
-        gap_BT += prompt_digit_gaps(x_BT, digits, tok.user_id, tok.assistant_id, gaps.prompt)
-    return {"positions_BT": gapped_positions(gapped_rows(gap_BT, gaps.rows), s.raw.config.max_position_embeddings)}
+    return {"positions_BT": draw_positions(x_BT, s.tokenizer, gaps, s.raw.config.max_position_embeddings)}
 
 
 def train_step(s, cfg, step: int, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
